@@ -24,13 +24,16 @@ as_root() {
 
 # Installs Debian/Ubuntu packages that are not installed yet. Packages are given as
 # "test:package" pairs, where test is a command name or an absolute path that the package
-# provides; only the missing ones are installed, without recommends.
+# provides, or empty (":package") to ask dpkg whether the package itself is installed; only the
+# missing ones are installed, without recommends.
 install_missing() {
     local want=() pair test pkg
     for pair in "$@"; do
         test=${pair%%:*}
         pkg=${pair#*:}
-        if [ "${test#/}" != "$test" ]; then
+        if [ -z "$test" ]; then
+            dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' && continue
+        elif [ "${test#/}" != "$test" ]; then
             [ -e "$test" ] && continue
         elif command -v "$test" >/dev/null 2>&1; then
             continue

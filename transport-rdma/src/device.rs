@@ -36,11 +36,7 @@ impl DeviceSelection {
             std::env::var(name).ok().filter(|v| !v.is_empty())
         }
         fn number<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, DeviceError> {
-            var(name)
-                .map(|v| {
-                    v.parse().map_err(|_| DeviceError::BadVariable { name, value: v.clone() })
-                })
-                .transpose()
+            var(name).map(|v| v.parse().map_err(|_| DeviceError::BadVariable { name, value: v.clone() })).transpose()
         }
         Ok(Self { name: var("RDMEM_DEVICE"), port: number("RDMEM_PORT")?, gid_index: number("RDMEM_GID_INDEX")? })
     }
@@ -178,10 +174,10 @@ impl Device {
         let names: Vec<String> = list.iter().map(|d| d.name()).collect();
         let port = selection.port.unwrap_or(1);
         let chosen = match &selection.name {
-            Some(name) => names.iter().position(|n| n == name).ok_or_else(|| DeviceError::NotFound {
-                name: name.clone(),
-                present: names.join(", "),
-            })?,
+            Some(name) => names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| DeviceError::NotFound { name: name.clone(), present: names.join(", ") })?,
             None if names.len() == 1 => 0,
             // Several devices: the first whose port is active, else the first (which then fails
             // with a message about its port).
@@ -196,9 +192,8 @@ impl Device {
         };
         let name = names[chosen].clone();
         let device = list.get(chosen).ok_or(DeviceError::NoDevice)?;
-        let context = device
-            .open()
-            .map_err(|e| DeviceError::Open { device: name.clone(), source: io::Error::other(e.0) })?;
+        let context =
+            device.open().map_err(|e| DeviceError::Open { device: name.clone(), source: io::Error::other(e.0) })?;
         Self::with_context(context, name, port, selection.gid_index)
     }
 

@@ -60,7 +60,8 @@ fn write_then_read_on_loopback_rc_queue_pair() {
 
     // WRITE the pattern into the remote buffer, then check it landed there.
     post_and_wait(&mut qp, &cq, 1, |guard| {
-        let wr = guard.construct_wr(1, WorkRequestFlags::Signaled).setup_write(remote_mr.rkey(), remote.as_ptr() as u64);
+        let wr =
+            guard.construct_wr(1, WorkRequestFlags::Signaled).setup_write(remote_mr.rkey(), remote.as_ptr() as u64);
         // SAFETY: `source` is registered by `source_mr` and stays untouched until the completion.
         unsafe { wr.setup_sge(source_mr.lkey(), source.as_ptr() as u64, LEN as u32) };
     });
