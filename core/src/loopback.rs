@@ -1,0 +1,270 @@
+//! The loopback transport: the [`Transport`] traits over in-process pools, for fast tests.
+//!
+//! Each "memory node" is a pool of `AtomicU64` words, so remote atomics are real atomics and any
+//! number of threads can hammer the same words, exactly as on RDMA. READ and WRITE move bytes
+//! word by word: a word is never torn (RDMA gives the same guarantee for aligned 8-byte words
+//! only in practice; do not rely on more), and a WRITE that covers part of a word merges its
+//! bytes into it atomically. Byte order is little-endian, as on x86 RDMA.
+//!
+//! It behaves like the RDMA transport where upper layers can tell: the same validation errors;
+//! operations of a batch run in order; a failing operation stops its batch and breaks the
+//! endpoint's connection to that node ([`Error::Broken`] afterwards, until a new endpoint).
+//! [`LoopbackOptions`] adds latency to every batch and injects faults, and
+//! [`LoopbackTransport::set_node_down`] makes a node unreachable, to test failure handling.
+//!
+//! No unsafe code: the pools are atomics, local buffers are plain vectors.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::addr::NodeId;
+use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport};
+use crate::error::{Error, Result};
+
+/// The longest single transfer, as on RDMA (2 GiB).
+const MAX_TRANSFER: u64 = 1 << 31;
+
+/// Failure and latency injection for a [`LoopbackTransport`].
+#[derive(Debug, Clone, Default)]
+pub struct LoopbackOptions {
+    /// Slept once per executed batch (one simulated round trip).
+    pub latency: Duration,
+    /// When set, every `n`-th operation (counted over the whole transport, from 1) fails with
+    /// [`Error::Injected`] without taking effect.
+    pub fail_every: Option<u64>,
+}
+
+struct Pool {
+    info: NodeInfo,
+    words: Box<[AtomicU64]>,
+    down: AtomicBool,
+}
+
+struct Shared {
+    pools: Vec<Pool>,
+    nodes: Vec<NodeInfo>,
+    options: LoopbackOptions,
+    ops: AtomicU64,
+}
+
+/// In-process memory nodes behind the [`Transport`] traits. Cheap to clone (shared pools).
+#[derive(Clone)]
+pub struct LoopbackTransport {
+    shared: Arc<Shared>,
+}
+
+impl LoopbackTransport {
+    /// Memory nodes `0, 1, ...` with pools of the given sizes in bytes (rounded up to 8),
+    /// zero-filled.
+    pub fn new(pool_sizes: &[u64]) -> Self {
+        Self::with_options(pool_sizes, LoopbackOptions::default())
+    }
+
+    /// Like [`LoopbackTransport::new`], with latency and fault injection.
+    pub fn with_options(pool_sizes: &[u64], options: LoopbackOptions) -> Self {
+        let pools: Vec<Pool> = pool_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let words = size.div_ceil(8) as usize;
+                let id = NodeId(u16::try_from(i).expect("at most 65536 loopback nodes"));
+                Pool {
+                    info: NodeInfo { id, pool_size: words as u64 * 8 },
+                    words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                    down: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        let nodes = pools.iter().map(|p| p.info).collect();
+        Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0) }) }
+    }
+
+    /// Makes `node` unreachable (`down = true`): every operation on it then fails, as when a
+    /// memory node dies. `false` brings it back for new endpoints; its memory is kept.
+    pub fn set_node_down(&self, node: NodeId, down: bool) {
+        if let Some(pool) = self.shared.pools.get(node.0 as usize) {
+            pool.down.store(down, Ordering::SeqCst);
+        }
+    }
+
+    /// The number of operations executed so far by all endpoints (counts network operations in
+    /// tests of the layers above).
+    pub fn operations(&self) -> u64 {
+        self.shared.ops.load(Ordering::Relaxed)
+    }
+}
+
+impl Transport for LoopbackTransport {
+    type Endpoint = LoopbackEndpoint;
+
+    fn endpoint(&self) -> Result<LoopbackEndpoint> {
+        Ok(LoopbackEndpoint { shared: Arc::clone(&self.shared), broken: vec![false; self.shared.pools.len()] })
+    }
+
+    fn nodes(&self) -> &[NodeInfo] {
+        &self.shared.nodes
+    }
+}
+
+/// A thread's endpoint on a [`LoopbackTransport`].
+pub struct LoopbackEndpoint {
+    shared: Arc<Shared>,
+    /// Per node: an earlier failure broke the "connection", as a QP in the error state.
+    broken: Vec<bool>,
+}
+
+/// "Registered" memory of the loopback transport: a plain vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopbackBuffer(Vec<u8>);
+
+impl Deref for LoopbackBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl DerefMut for LoopbackBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl LocalBuffer for LoopbackBuffer {
+    fn key(&self) -> u32 {
+        0
+    }
+}
+
+impl Endpoint for LoopbackEndpoint {
+    type Buffer = LoopbackBuffer;
+
+    fn buffer(&mut self, len: usize) -> Result<LoopbackBuffer> {
+        Ok(LoopbackBuffer(vec![0; len]))
+    }
+
+    fn nodes(&self) -> &[NodeInfo] {
+        &self.shared.nodes
+    }
+
+    fn execute(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
+        for op in ops.iter() {
+            op.validate(&self.shared.nodes, MAX_TRANSFER)?;
+        }
+        if !self.shared.options.latency.is_zero() {
+            std::thread::sleep(self.shared.options.latency);
+        }
+        for op in ops.iter_mut() {
+            let node = op.remote().node().0 as usize;
+            if self.broken[node] {
+                return Err(Error::Broken { node: op.remote().node() });
+            }
+            let pool = &self.shared.pools[node];
+            let count = self.shared.ops.fetch_add(1, Ordering::Relaxed) + 1;
+            let injected = self.shared.options.fail_every.is_some_and(|n| n > 0 && count % n == 0);
+            if injected || pool.down.load(Ordering::SeqCst) {
+                self.broken[node] = true;
+                let (op, addr) = (op.kind(), op.remote());
+                return Err(if injected {
+                    Error::Injected { op, addr }
+                } else {
+                    Error::Completion { op, addr, status: "memory node unreachable (loopback node down)".into() }
+                });
+            }
+            apply(&pool.words, op);
+        }
+        Ok(())
+    }
+}
+
+/// Performs one validated operation on a pool.
+fn apply(words: &[AtomicU64], op: &mut Op<'_>) {
+    match op {
+        Op::Read { remote, local, .. } => read_bytes(words, remote.offset(), local),
+        Op::Write { remote, local, .. } => write_bytes(words, remote.offset(), local),
+        Op::CompareSwap { remote, expected, new, old } => {
+            let word = &words[(remote.offset() / 8) as usize];
+            **old = match word.compare_exchange(*expected, *new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            };
+        }
+        Op::FetchAdd { remote, add, old } => {
+            **old = words[(remote.offset() / 8) as usize].fetch_add(*add, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Copies pool bytes `offset..offset + dst.len()` into `dst`, one atomic load per word.
+fn read_bytes(words: &[AtomicU64], offset: u64, dst: &mut [u8]) {
+    let mut pos = offset as usize;
+    for chunk in chunks(offset, dst.len()) {
+        let bytes = words[pos / 8].load(Ordering::SeqCst).to_le_bytes();
+        let at = pos % 8;
+        dst[chunk.clone()].copy_from_slice(&bytes[at..at + chunk.len()]);
+        pos += chunk.len();
+    }
+}
+
+/// Copies `src` into pool bytes `offset..offset + src.len()`: whole words are stored, partial
+/// words merged with a compare-and-swap loop so concurrent atomics on them are never lost.
+fn write_bytes(words: &[AtomicU64], offset: u64, src: &[u8]) {
+    let mut pos = offset as usize;
+    for chunk in chunks(offset, src.len()) {
+        let word = &words[pos / 8];
+        let part = &src[chunk.clone()];
+        if part.len() == 8 {
+            word.store(u64::from_le_bytes(part.try_into().expect("8 bytes")), Ordering::SeqCst);
+        } else {
+            let at = pos % 8;
+            let merge = |w: u64| {
+                let mut bytes = w.to_le_bytes();
+                bytes[at..at + part.len()].copy_from_slice(part);
+                Some(u64::from_le_bytes(bytes))
+            };
+            let _ = word.fetch_update(Ordering::SeqCst, Ordering::SeqCst, merge);
+        }
+        pos += chunk.len();
+    }
+}
+
+/// Splits local range `0..len`, which starts at pool offset `offset`, at pool word boundaries.
+fn chunks(offset: u64, len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let mut start = 0usize;
+    std::iter::from_fn(move || {
+        if start >= len {
+            return None;
+        }
+        let pos = offset as usize + start;
+        let end = (start + 8 - pos % 8).min(len);
+        let range = start..end;
+        start = end;
+        Some(range)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_follow_word_boundaries() {
+        let got: Vec<_> = chunks(5, 20).collect();
+        // pool bytes 5..25: [5, 8) [8, 16) [16, 24) [24, 25)
+        assert_eq!(got, vec![0..3, 3..11, 11..19, 19..20]);
+        assert_eq!(chunks(8, 16).collect::<Vec<_>>(), vec![0..8, 8..16]);
+        assert_eq!(chunks(3, 0).count(), 0);
+    }
+
+    #[test]
+    fn unaligned_write_merges_into_neighbouring_bytes() {
+        let words: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(u64::MAX)).collect();
+        write_bytes(&words, 6, &[1, 2, 3, 4, 5]);
+        let mut all = [0u8; 24];
+        read_bytes(&words, 0, &mut all);
+        let mut want = [0xff; 24];
+        want[6..11].copy_from_slice(&[1, 2, 3, 4, 5]);
+        assert_eq!(all, want);
+    }
+}
