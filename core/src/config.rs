@@ -142,16 +142,13 @@ fn with_default_port(addr: &str) -> Result<String> {
     if addr.is_empty() {
         return Err(Error::Config("empty memory node address".into()));
     }
+    // A port follows the last ':' unless that ':' is inside an IPv6 literal.
     let has_port = match addr.rsplit_once(':') {
-        Some((host, port)) => {
-            if !host.is_empty() && (!host.contains(':') || host.ends_with(']')) {
-                port.parse::<u16>().map_err(|_| Error::Config(format!("bad port in memory node address {addr:?}")))?;
-                true
-            } else {
-                false
-            }
+        Some((host, port)) if !host.is_empty() && (!host.contains(':') || host.ends_with(']')) => {
+            port.parse::<u16>().map_err(|_| Error::Config(format!("bad port in memory node address {addr:?}")))?;
+            true
         }
-        None => false,
+        _ => false,
     };
     Ok(if has_port { addr.to_owned() } else { format!("{addr}:{DEFAULT_PORT}") })
 }

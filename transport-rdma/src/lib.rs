@@ -1,11 +1,28 @@
 //! rdmem's RDMA transport: the only crate that touches verbs, through [`sideway`].
 //!
-//! What is here today:
 //! - [`device`]: open the right device, port and GID on Soft-RoCE, RoCE or InfiniBand, with an
 //!   error that says what to do when there is none.
+//! - [`memory`]: huge-page memory regions, registered with a protection domain.
+//! - [`wire`]: the connection handshake (protocol version, token, queue pair info, pool).
+//! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
+//!   one per memory node per thread; batches posted with one doorbell per node.
+//! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it).
 //!
-//! The data path (queue pairs connected with RDMA-CM, READ/WRITE/CAS/FAA singly and in batches),
-//! huge-page memory regions and the `rdmem-memnode` daemon build on this module.
+//! # Quick start (needs an RDMA device: run it with `soft-roce-setup/vm-run`)
+//! ```no_run
+//! use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
+//! use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
+//!
+//! let transport = RdmaTransport::connect(RdmaOptions {
+//!     memnodes: vec!["10.77.0.1:7471".into()],
+//!     token: "secret".into(),
+//!     device: Default::default(), // or RDMEM_DEVICE / RDMEM_GID_INDEX
+//! })?;
+//! let mut ep = transport.endpoint()?; // one per thread
+//! let word = GlobalAddr::new(NodeId(0), 4096).unwrap();
+//! let before = ep.faa(word, 1)?; // one-sided fetch-and-add on the memory node
+//! # Ok::<(), rdmem_core::Error>(())
+//! ```
 //!
 //! # Device tests
 //! Tests that need a device are `#[ignore]`d, so plain `cargo test` skips them. They run inside
@@ -13,5 +30,15 @@
 //! device is present.
 
 pub mod device;
+pub mod error;
+pub mod memnode;
+pub mod memory;
+mod queue_pair;
+pub mod transport;
+pub mod wire;
 
 pub use device::{Device, DeviceError, DeviceSelection};
+pub use error::RdmaError;
+pub use memnode::{Memnode, MemnodeConfig, PoolDescriptor};
+pub use memory::{PageSize, Region};
+pub use transport::{RdmaBuffer, RdmaEndpoint, RdmaOptions, RdmaTransport};
