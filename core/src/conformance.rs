@@ -9,7 +9,7 @@
 use std::sync::Barrier;
 
 use crate::addr::{GlobalAddr, NodeId};
-use crate::endpoint::{Endpoint, Transport};
+use crate::endpoint::{Endpoint, LocalBuffer, Transport};
 use crate::error::{Error, OpKind};
 
 /// Bytes of scratch space each check needs.
@@ -115,6 +115,24 @@ pub fn batch_mixing_all_ops<T: Transport>(transport: &T, base: GlobalAddr) {
     batch.submit().expect("batch of 64 READs");
     assert_eq!(words, values, "batch of 64 READs");
     assert!(ep.batch().submit().is_ok(), "an empty batch is a no-op");
+
+    // One registered buffer split among the operations of one batch, in place both ways.
+    let mut buf = ep.buffer(64 * 8).expect("buffer");
+    let mut batch = ep.batch();
+    for (i, piece) in buf.reg_slice_mut().chunks(8).enumerate() {
+        batch.read_into_slice(at(base, 1024 + 8 * i as u64), piece);
+    }
+    batch.submit().expect("batch of READs into one buffer");
+    assert_eq!(&buf[..], &values[..], "READs into slices of one registered buffer");
+    buf.iter_mut().for_each(|b| *b = b.wrapping_add(1));
+    let mut batch = ep.batch();
+    for (i, piece) in buf.reg_slice().chunks(8).enumerate() {
+        batch.write_from_slice(at(base, 1024 + 8 * i as u64), piece);
+    }
+    batch.submit().expect("batch of WRITEs from one buffer");
+    let mut back = vec![0u8; 64 * 8];
+    ep.read(at(base, 1024), &mut back).expect("READ back");
+    assert_eq!(&back[..], &buf[..], "WRITEs from slices of one registered buffer");
 }
 
 /// Bad arguments are refused with their own errors and nothing is posted; the endpoint stays

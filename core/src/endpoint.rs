@@ -44,6 +44,70 @@ pub struct NodeInfo {
 pub trait LocalBuffer: DerefMut<Target = [u8]> + Send {
     /// The key the transport needs to use this memory (the lkey on RDMA). Opaque to callers.
     fn key(&self) -> u32;
+
+    /// The whole buffer as a registered slice, to split among the operations of one batch.
+    fn reg_slice_mut(&mut self) -> RegSliceMut<'_> {
+        let key = self.key();
+        RegSliceMut { bytes: &mut self[..], key }
+    }
+
+    /// The whole buffer as a read-only registered slice.
+    fn reg_slice(&self) -> RegSlice<'_> {
+        RegSlice { bytes: &self[..], key: self.key() }
+    }
+}
+
+/// Part of a [`LocalBuffer`], mutable: a READ target. Only buffers make them, so the key always
+/// matches the bytes; split it to give one batch many disjoint targets.
+#[derive(Debug)]
+pub struct RegSliceMut<'b> {
+    bytes: &'b mut [u8],
+    key: u32,
+}
+
+impl<'b> RegSliceMut<'b> {
+    /// Splits at `mid` (panics past the end, like `split_at_mut`).
+    pub fn split_at(self, mid: usize) -> (RegSliceMut<'b>, RegSliceMut<'b>) {
+        let (a, b) = self.bytes.split_at_mut(mid);
+        (RegSliceMut { bytes: a, key: self.key }, RegSliceMut { bytes: b, key: self.key })
+    }
+
+    /// Consecutive pieces of `size` bytes (the last may be shorter).
+    pub fn chunks(self, size: usize) -> impl Iterator<Item = RegSliceMut<'b>> {
+        let key = self.key;
+        self.bytes.chunks_mut(size).map(move |bytes| RegSliceMut { bytes, key })
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+/// Part of a [`LocalBuffer`], read-only: a WRITE source. See [`RegSliceMut`].
+#[derive(Debug, Clone, Copy)]
+pub struct RegSlice<'b> {
+    bytes: &'b [u8],
+    key: u32,
+}
+
+impl<'b> RegSlice<'b> {
+    /// Splits at `mid` (panics past the end, like `split_at`).
+    pub fn split_at(self, mid: usize) -> (RegSlice<'b>, RegSlice<'b>) {
+        let (a, b) = self.bytes.split_at(mid);
+        (RegSlice { bytes: a, key: self.key }, RegSlice { bytes: b, key: self.key })
+    }
+
+    /// Consecutive pieces of `size` bytes (the last may be shorter).
+    pub fn chunks(self, size: usize) -> impl Iterator<Item = RegSlice<'b>> {
+        let key = self.key;
+        self.bytes.chunks(size).map(move |bytes| RegSlice { bytes, key })
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &'b [u8] {
+        self.bytes
+    }
 }
 
 /// One one-sided operation, borrowing the local memory it uses.
@@ -301,6 +365,18 @@ impl<'b, E: Endpoint> Batch<'_, 'b, E> {
             Ok(local) => self.ops.push(Op::Write { remote: dst, local, key: Some(buf.key()) }),
             Err(e) => self.fail(e),
         }
+        self
+    }
+
+    /// Adds a READ at `src` into a registered slice, in place.
+    pub fn read_into_slice(&mut self, src: GlobalAddr, dst: RegSliceMut<'b>) -> &mut Self {
+        self.ops.push(Op::Read { remote: src, local: dst.bytes, key: Some(dst.key) });
+        self
+    }
+
+    /// Adds a WRITE of a registered slice to `dst`, from where it is.
+    pub fn write_from_slice(&mut self, dst: GlobalAddr, src: RegSlice<'b>) -> &mut Self {
+        self.ops.push(Op::Write { remote: dst, local: src.bytes, key: Some(src.key) });
         self
     }
 

@@ -1,0 +1,163 @@
+//! Result rows: one JSON object per line (`--json`) or a human table, and latency summaries
+//! from an hdrhistogram.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// One result: a latency row (p50/p99/p999) or a throughput row (Mops, GB/s).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    pub bench: &'static str,
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub op: &'static str,
+    pub size: usize,
+    pub threads: usize,
+    pub batch: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p999_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
+    /// Operations measured.
+    pub ops: u64,
+    /// rdmem / perftest for the matching perftest row of the same run (median latency, or
+    /// throughput), when one was run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_vs_perftest: Option<f64>,
+    /// How the figures compare, when that needs saying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Row {
+    /// A latency row from a histogram of nanoseconds.
+    pub(crate) fn latency(
+        implementation: &'static str,
+        op: &'static str,
+        size: usize,
+        threads: usize,
+        batch: usize,
+        hist: &Histogram<u64>,
+    ) -> Self {
+        let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Row {
+            bench: "verbs",
+            implementation,
+            op,
+            size,
+            threads,
+            batch,
+            p50_us: Some(us(0.5)),
+            p99_us: Some(us(0.99)),
+            p999_us: Some(us(0.999)),
+            mops: None,
+            gbps: None,
+            ops: hist.len(),
+            ratio_vs_perftest: None,
+            note: None,
+        }
+    }
+
+    /// A throughput row.
+    pub(crate) fn throughput(
+        implementation: &'static str,
+        op: &'static str,
+        size: usize,
+        threads: usize,
+        batch: usize,
+        ops: u64,
+        seconds: f64,
+    ) -> Self {
+        Row {
+            bench: "verbs",
+            implementation,
+            op,
+            size,
+            threads,
+            batch,
+            p50_us: None,
+            p99_us: None,
+            p999_us: None,
+            mops: Some(ops as f64 / seconds / 1e6),
+            gbps: Some(ops as f64 * size as f64 / seconds / 1e9),
+            ops,
+            ratio_vs_perftest: None,
+            note: None,
+        }
+    }
+
+    /// True for latency rows.
+    pub(crate) fn is_latency(&self) -> bool {
+        self.p50_us.is_some()
+    }
+}
+
+/// Prints rows as they come: JSON lines, or a table with a header before the first row of
+/// each kind.
+pub(crate) struct Printer {
+    json: bool,
+    last_kind: Option<bool>,
+}
+
+impl Printer {
+    pub(crate) fn new(json: bool) -> Self {
+        Printer { json, last_kind: None }
+    }
+
+    pub(crate) fn print(&mut self, row: &Row) {
+        if self.json {
+            println!("{}", serde_json::to_string(row).expect("rows serialize"));
+            return;
+        }
+        let latency = row.is_latency();
+        if self.last_kind != Some(latency) {
+            if latency {
+                println!(
+                    "\n{:<9} {:<6} {:>8} {:>3} {:>5} {:>10} {:>10} {:>10} {:>8}  note",
+                    "impl", "op", "size", "thr", "batch", "p50 us", "p99 us", "p999 us", "ratio"
+                );
+            } else {
+                println!(
+                    "\n{:<9} {:<6} {:>8} {:>3} {:>5} {:>10} {:>10} {:>10} {:>8}  note",
+                    "impl", "op", "size", "thr", "batch", "Mops", "GB/s", "ops", "ratio"
+                );
+            }
+            self.last_kind = Some(latency);
+        }
+        let ratio = row.ratio_vs_perftest.map_or(String::from("-"), |r| format!("{r:.3}"));
+        let note = row.note.as_deref().unwrap_or("");
+        if latency {
+            println!(
+                "{:<9} {:<6} {:>8} {:>3} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>8}  {note}",
+                row.implementation,
+                row.op,
+                row.size,
+                row.threads,
+                row.batch,
+                row.p50_us.unwrap_or(0.0),
+                row.p99_us.unwrap_or(0.0),
+                row.p999_us.unwrap_or(0.0),
+                ratio
+            );
+        } else {
+            println!(
+                "{:<9} {:<6} {:>8} {:>3} {:>5} {:>10.4} {:>10.4} {:>10} {:>8}  {note}",
+                row.implementation,
+                row.op,
+                row.size,
+                row.threads,
+                row.batch,
+                row.mops.unwrap_or(0.0),
+                row.gbps.unwrap_or(0.0),
+                row.ops,
+                ratio
+            );
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! `rdmem-bench verbs`: latency and throughput of READ, WRITE, CAS and FAA through rdmem's RDMA
+//! endpoint, optionally next to perftest on the same device in the same run.
+//!
+//! Latency: one operation outstanding, one thread, each operation timed with the TSC (see
+//! [`crate::tsc`]: `Instant::now()` costs about 0.75 us in the VM), p50/p99/p999 from an
+//! hdrhistogram. READ and WRITE use a registered buffer (in place, no copy), like perftest.
+//! With `--rounds N` every point is measured N times, alternating rdmem and perftest, and the
+//! medians of the rounds' medians are compared (single runs in the VM vary by about 5%).
+//! Throughput: each thread posts batches of `batch` operations with one doorbell and waits for
+//! the batch; Mops and GB/s over the whole run, timed once around it.
+//!
+//! Comparing like with like: `ib_read_lat` and `ib_atomic_lat` time a full round trip per
+//! operation, as we do, and their `t_typical` is a median. `ib_write_lat` times a ping-pong
+//! and reports half a round trip, while our WRITE waits for its acknowledgement (a full round
+//! trip); the ratio for WRITE divides by twice perftest's figure, and the row says so.
+//! `ib_read_bw -l N` posts N READs per doorbell, our batch of N.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Barrier;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use rdmem_core::{ClusterConfig, Endpoint, GlobalAddr, LocalBuffer, Transport};
+use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
+
+use crate::perftest::{self, LatencyTest, Target};
+use crate::report::{Printer, Row};
+use crate::tsc::Tsc;
+
+/// Options of `rdmem-bench verbs`.
+#[derive(Args, Debug)]
+pub(crate) struct VerbsArgs {
+    /// Memory node `host:port` (repeatable; default: RDMEM_MEMNODES or the config file, else a
+    /// memory node started in this process on the same device).
+    #[arg(long = "memnode")]
+    memnodes: Vec<String>,
+    /// Operations to measure.
+    #[arg(long, value_delimiter = ',', default_value = "read,write,cas,faa")]
+    ops: Vec<OpName>,
+    /// Transfer sizes in bytes for READ and WRITE latency (atomics are always 8 bytes).
+    #[arg(long, value_delimiter = ',', default_value = "8,64,512,4096,65536,1048576")]
+    sizes: Vec<usize>,
+    /// Operations per doorbell for the throughput runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    batches: Vec<usize>,
+    /// Thread counts for the throughput runs (each thread has its own queue pair).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Timed operations per latency point (sizes of 64 KiB and more use a tenth).
+    #[arg(long, default_value_t = 2000)]
+    iters: u64,
+    /// Operations per thread per throughput point.
+    #[arg(long, default_value_t = 16384)]
+    throughput_ops: u64,
+    /// Sizes for the throughput runs of READ and WRITE.
+    #[arg(long, value_delimiter = ',', default_value = "8,4096")]
+    throughput_sizes: Vec<usize>,
+    /// Latency rounds per point, alternating rdmem and perftest; the p50 reported is the median
+    /// of the rounds' p50s.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Run the matching perftest tools on the same device in the same run and print ratios.
+    #[arg(long)]
+    compare_perftest: bool,
+    /// TCP port perftest's server uses.
+    #[arg(long, default_value_t = 18515)]
+    perftest_port: u16,
+    /// Print one JSON object per result instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OpName {
+    Read,
+    Write,
+    Cas,
+    Faa,
+}
+
+impl OpName {
+    fn name(self) -> &'static str {
+        match self {
+            OpName::Read => "read",
+            OpName::Write => "write",
+            OpName::Cas => "cas",
+            OpName::Faa => "faa",
+        }
+    }
+
+    fn is_atomic(self) -> bool {
+        matches!(self, OpName::Cas | OpName::Faa)
+    }
+
+    fn perftest(self) -> LatencyTest {
+        match self {
+            OpName::Read => LatencyTest::Read,
+            OpName::Write => LatencyTest::Write,
+            OpName::Cas => LatencyTest::CompareSwap,
+            OpName::Faa => LatencyTest::FetchAdd,
+        }
+    }
+}
+
+/// Each thread works in its own part of the pool, this far apart.
+const THREAD_STRIDE: u64 = 64 << 20;
+const WARMUP: u64 = 200;
+
+pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let max_threads = args.threads.iter().copied().max().unwrap_or(1).max(1);
+    let max_size = args.sizes.iter().chain(&args.throughput_sizes).copied().max().unwrap_or(8);
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1).max(1);
+    let need = THREAD_STRIDE * max_threads as u64;
+    if max_size * max_batch > THREAD_STRIDE as usize {
+        return Err(format!("size x batch must stay under {THREAD_STRIDE} bytes").into());
+    }
+    let mut config = ClusterConfig::load(None)?;
+    if !args.memnodes.is_empty() {
+        config.memnodes = args.memnodes.clone();
+    }
+    // No memory node given: start one, on the same device.
+    let local = if config.memnodes.is_empty() { Some(LocalMemnode::start(&config, need)?) } else { None };
+    if let Some(node) = &local {
+        config.memnodes = vec![node.addr.clone()];
+        config.token = Some(node.token.clone());
+        config.token_file = None;
+    }
+    let transport = RdmaTransport::connect(RdmaOptions::from_config(&config)?)?;
+    let node = transport.nodes()[0];
+    if node.pool_size < need {
+        return Err(format!("{} has {} bytes; this run needs {need}", node.id, node.pool_size).into());
+    }
+    let device = transport.device();
+    let target = Target {
+        device: device.name().to_owned(),
+        gid_index: Some(device.gid_index()),
+        ip: std::env::var("RDMEM_IP").unwrap_or_else(|_| "127.0.0.1".into()),
+        port: args.perftest_port,
+    };
+    if args.compare_perftest && std::env::var("RDMEM_IP").is_err() {
+        eprintln!("rdmem-bench: RDMEM_IP is not set; perftest's server is reached at 127.0.0.1");
+    }
+    let mut out = Printer::new(args.json);
+    let tsc = Tsc::calibrate();
+    let base = GlobalAddr::new(node.id, 0).expect("offset 0");
+
+    for &op in &args.ops {
+        let sizes: &[usize] = if op.is_atomic() { &[8] } else { &args.sizes };
+        for &size in sizes {
+            let iters = if size >= 65536 { (args.iters / 10).max(100) } else { args.iters };
+            // Alternate rdmem and perftest, round after round, so drifts in the VM hit both.
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let mut merged = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+            for _ in 0..args.rounds.max(1) {
+                let hist = latency(&transport, &tsc, base, op, size, iters)?;
+                ours.push(hist.value_at_quantile(0.5) as f64 / 1000.0);
+                merged.add(&hist)?;
+                if args.compare_perftest {
+                    theirs.push(perftest::run_latency(&target, op.perftest(), size, iters)?);
+                }
+            }
+            let mut row = Row::latency("rdmem", op.name(), size, 1, 1, &merged);
+            row.p50_us = Some(median(&ours));
+            if let Some(last) = theirs.last() {
+                let typical = median(&theirs.iter().map(|t| t.typical_us).collect::<Vec<_>>());
+                // ib_write_lat reports half a round trip: compare our round trip with twice it.
+                let factor = if last.half_round_trip { 2.0 } else { 1.0 };
+                row.ratio_vs_perftest = Some(median(&ours) / (typical * factor));
+                if last.half_round_trip {
+                    row.note = Some("ratio vs 2 x ib_write_lat (it reports half a round trip)".into());
+                }
+                out.print(&row);
+                out.print(&Row {
+                    implementation: "perftest",
+                    p50_us: Some(typical),
+                    p99_us: Some(median(&theirs.iter().map(|t| t.p99_us).collect::<Vec<_>>())),
+                    p999_us: Some(median(&theirs.iter().map(|t| t.p999_us).collect::<Vec<_>>())),
+                    ops: theirs.iter().map(|t| t.iterations).sum(),
+                    ratio_vs_perftest: None,
+                    note: last.half_round_trip.then(|| "half round trip".to_owned()),
+                    ..row.clone()
+                });
+            } else {
+                out.print(&row);
+            }
+        }
+    }
+
+    for &op in &args.ops {
+        let sizes: &[usize] = if op.is_atomic() { &[8] } else { &args.throughput_sizes };
+        for &size in sizes {
+            for &batch in &args.batches {
+                for &threads in &args.threads {
+                    let (ops, seconds) = throughput(&transport, base, op, size, batch, threads, args.throughput_ops)?;
+                    let mut row = Row::throughput("rdmem", op.name(), size, threads, batch, ops, seconds);
+                    // perftest's ib_read_bw is one thread; compare the one-thread READ rows.
+                    let compare = args.compare_perftest && op == OpName::Read && threads == 1;
+                    if compare {
+                        let iters = args.throughput_ops.div_ceil(batch as u64) * batch as u64;
+                        let theirs = perftest::run_read_bandwidth(&target, size, batch as u32, iters)?;
+                        row.ratio_vs_perftest = Some(row.mops.unwrap_or(0.0) / theirs.msg_rate_mpps);
+                        out.print(&row);
+                        out.print(&Row {
+                            implementation: "perftest",
+                            mops: Some(theirs.msg_rate_mpps),
+                            gbps: Some(theirs.bw_avg_gbps),
+                            ops: theirs.iterations,
+                            ratio_vs_perftest: None,
+                            note: Some(format!("ib_read_bw -l {batch}")),
+                            ..row.clone()
+                        });
+                    } else {
+                        out.print(&row);
+                    }
+                }
+            }
+        }
+    }
+    drop(transport);
+    if let Some(node) = local {
+        node.stop();
+    }
+    Ok(())
+}
+
+/// One operation at a time, each timed.
+fn latency(
+    transport: &RdmaTransport,
+    tsc: &Tsc,
+    base: GlobalAddr,
+    op: OpName,
+    size: usize,
+    iters: u64,
+) -> Result<Histogram<u64>, Box<dyn std::error::Error>> {
+    let mut ep = transport.endpoint()?;
+    let mut buf = ep.buffer(size)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+    let word = base.checked_add(4096).expect("in range");
+    let mut expected = ep.read_u64(word)?;
+    for i in 0..WARMUP + iters {
+        let start = tsc.now();
+        match op {
+            OpName::Read => ep.read_into(base, &mut buf, 0..size)?,
+            OpName::Write => ep.write_from(base, &buf, 0..size)?,
+            OpName::Cas => {
+                // Always the current value: every CAS succeeds, as in ib_atomic_lat.
+                let old = ep.cas(word, expected, expected.wrapping_add(1))?;
+                expected = if old == expected { expected.wrapping_add(1) } else { old };
+            }
+            OpName::Faa => {
+                ep.faa(word, 1)?;
+            }
+        }
+        let end = tsc.now();
+        if i >= WARMUP {
+            hist.record(tsc.nanos(start, end).max(1))?;
+        }
+    }
+    Ok(hist)
+}
+
+/// `threads` threads, each posting `ops_per_thread` operations in batches of `batch`.
+fn throughput(
+    transport: &RdmaTransport,
+    base: GlobalAddr,
+    op: OpName,
+    size: usize,
+    batch: usize,
+    threads: usize,
+    ops_per_thread: u64,
+) -> Result<(u64, f64), Box<dyn std::error::Error>> {
+    let rounds = ops_per_thread.div_ceil(batch as u64);
+    let start = Barrier::new(threads + 1);
+    let finished = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                s.spawn(move || -> Result<(), rdmem_core::Error> {
+                    let mut ep = transport.endpoint()?;
+                    let mut buf = ep.buffer(size * batch)?;
+                    let region = base.checked_add(THREAD_STRIDE * t as u64).expect("in range");
+                    let mut olds = vec![0u64; batch];
+                    start.wait();
+                    for _ in 0..rounds {
+                        let mut b = ep.batch();
+                        match op {
+                            OpName::Read => {
+                                for (i, piece) in buf.reg_slice_mut().chunks(size).enumerate() {
+                                    b.read_into_slice(region.checked_add((i * size) as u64).expect("in range"), piece);
+                                }
+                            }
+                            OpName::Write => {
+                                for (i, piece) in buf.reg_slice().chunks(size).enumerate() {
+                                    b.write_from_slice(region.checked_add((i * size) as u64).expect("in range"), piece);
+                                }
+                            }
+                            OpName::Cas => {
+                                for (i, old) in olds.iter_mut().enumerate() {
+                                    b.cas(region.checked_add(8 * i as u64).expect("in range"), 0, 0, old);
+                                }
+                            }
+                            OpName::Faa => {
+                                for (i, old) in olds.iter_mut().enumerate() {
+                                    b.faa(region.checked_add(8 * i as u64).expect("in range"), 1, old);
+                                }
+                            }
+                        }
+                        b.submit()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        let results: Vec<_> = workers.into_iter().map(|w| w.join().expect("bench thread")).collect();
+        (began.elapsed(), results)
+    });
+    let (elapsed, results) = finished;
+    for r in results {
+        r?;
+    }
+    Ok((rounds * batch as u64 * threads as u64, elapsed.as_secs_f64()))
+}
+
+/// A memory node the benchmark starts itself: the real `rdmem-memnode` daemon, as a child
+/// process on the same device (found next to this executable, else on PATH). A node in the
+/// benchmark's own process measured 5-10% slower READs in the VM than a separate one; a
+/// separate process is also what deployments run.
+struct LocalMemnode {
+    addr: String,
+    token: String,
+    child: Child,
+}
+
+impl LocalMemnode {
+    fn start(config: &ClusterConfig, pool_size: u64) -> Result<Self, Box<dyn std::error::Error>> {
+        let exe = std::env::current_exe()?.with_file_name("rdmem-memnode");
+        let program = if exe.exists() { exe } else { PathBuf::from("rdmem-memnode") };
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let token = format!("bench-{}-{nanos}", std::process::id());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut command = Command::new(&program);
+        command
+            .args(["--listen", &addr, "--pool-size", &pool_size.to_string(), "--page-size", "2M"])
+            .env("RDMEM_TOKEN", &token)
+            .env_remove("RDMEM_TOKEN_FILE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(name) = &config.device.name {
+            command.args(["--device", name]);
+        }
+        if let Some(index) = config.device.gid_index {
+            command.args(["--gid-index", &index.to_string()]);
+        }
+        let mut child = command.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        // Wait for its "serving" line; pass on its warnings and errors.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("serving node") {
+                    let _ = ready_tx.send(());
+                } else if line.contains("WARN") || line.contains("ERROR") || line.contains("error") {
+                    eprintln!("rdmem-memnode: {line}");
+                }
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            let status = child.wait()?;
+            return Err(format!("the memory node {} did not start ({status})", program.display()).into());
+        }
+        Ok(LocalMemnode { addr, token, child })
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The median of a non-empty list (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+}
