@@ -12,7 +12,8 @@
 //! Comparing like with like: `ib_read_lat` and `ib_atomic_lat` time a full round trip per
 //! operation, as we do, and their `t_typical` is a median. `ib_write_lat` times a ping-pong
 //! and reports half a round trip, while our WRITE waits for its acknowledgement (a full round
-//! trip); the ratio for WRITE divides by twice perftest's figure, and the row says so.
+//! trip); the ratio for WRITE divides by twice perftest's figure, and the row says so. That is
+//! fair for small writes only: perftest's round trip carries the payload both ways.
 //! `ib_read_bw -l N` posts N READs per doorbell, our batch of N.
 
 use std::io::{BufRead, BufReader};
@@ -171,7 +172,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
                 let factor = if last.half_round_trip { 2.0 } else { 1.0 };
                 row.ratio_vs_perftest = Some(median(&ours) / (typical * factor));
                 if last.half_round_trip {
-                    row.note = Some("ratio vs 2 x ib_write_lat (it reports half a round trip)".into());
+                    row.note = Some("ratio vs 2 x ib_write_lat (half a round trip); fair for small sizes".into());
                 }
                 out.print(&row);
                 out.print(&Row {
