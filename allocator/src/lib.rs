@@ -1,3 +1,63 @@
-//! rdmem's remote memory allocator: allocation and free done entirely from the client with
-//! one-sided verbs (no memory-node CPU). Built on `rdmem-core`'s transport traits.
+//! rdmem's remote memory allocator: allocation and free done entirely from the client, with
+//! one-sided verbs only. The memory node's CPU is never involved, and the memory node knows
+//! nothing about this format: the first client formats a fresh (zeroed) pool.
+//!
+//! # Quick start
+//! ```
+//! use std::sync::Arc;
+//! use rdmem_allocator::{Allocator, AllocatorOptions, RemoteBox};
+//! use rdmem_core::LoopbackTransport;
+//!
+//! let transport = Arc::new(LoopbackTransport::new(&[64 << 20, 64 << 20])); // or RdmaTransport
+//! let allocator = Allocator::new(transport, AllocatorOptions::default())?;
+//! let alloc = allocator.thread()?; // one per thread
+//!
+//! let addr = alloc.alloc(std::alloc::Layout::from_size_align(100, 8).unwrap())?;
+//! alloc.free(addr)?;
+//!
+//! let counter = RemoteBox::new(&alloc, 41u64)?; // freed when dropped
+//! counter.write(&(counter.read()? + 1))?;
+//! assert_eq!(counter.read()?, 42);
+//! # Ok::<(), rdmem_allocator::AllocError>(())
+//! ```
+//!
+//! # Model
+//! - Level 1, on the pool ([`layout`]): a header, a bitmap of fixed-size chunks claimed and
+//!   released with remote CAS, and a descriptor per chunk (owner, size class, remote free list).
+//! - Level 2, per thread ([`ThreadAlloc`]): each size class (powers of two from 16 bytes to half
+//!   a chunk) carves blocks from a chunk the thread owns, mimalloc-style: allocating and freeing
+//!   its own blocks costs no network operation; a refill claims a chunk with one CAS (plus
+//!   writing its descriptor and bumping the usage counter). Blocks are aligned to their class,
+//!   so alignments up to the chunk size hold. Larger requests take contiguous chunks.
+//! - Frees of blocks another thread or client owns go on that chunk's remote free list (a
+//!   lock-free stack in the descriptor); the owner takes the list back when it runs short and on
+//!   [`ThreadAlloc::flush`].
+//! - Several memory nodes: [`Placement`] (round-robin, least-loaded by the pools' usage
+//!   counters, or one node) and [`Mode`]: stealing from other nodes when one is full, or strict,
+//!   with an optional per-arena quota per node, failing with `OutOfMemory` naming the node.
+//!
+//! # Errors, not corruption
+//! Zero-size and over-aligned or oversized requests, exhausted pools, addresses on unknown
+//! nodes, outside the data area, inside a block or a free chunk, and double frees are errors.
+//! A double free of one's own block or of a large allocation is caught at once; a block freed
+//! twice through remote free lists is caught (and logged) when its owner takes the list back.
+//!
+//! # Dead clients
+//! Every claimed chunk records its owner (`client id << 16 | arena`, client ids from a counter
+//! in the first node's header). Chunks of a client that died stay claimed. The plan for taking
+//! them back: clients renew a lease word per client id (a heartbeat epoch) in a client table
+//! in the pool; a reclaimer that sees a lease unchanged for two lease periods CASes the dead
+//! client's chunk descriptors' owner to its own and then releases them like empty chunks. The
+//! owner field and the CAS on it (as for large frees) are what makes that safe to add.
 #![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod boxed;
+pub mod error;
+pub mod layout;
+pub mod pool;
+
+pub use alloc::{Allocator, AllocatorOptions, Mode, Placement, ThreadAlloc};
+pub use boxed::RemoteBox;
+pub use error::{AllocError, Result};
+pub use pool::NodeUsage;

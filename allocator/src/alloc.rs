@@ -1,0 +1,600 @@
+//! The allocator: a process-wide [`Allocator`] and per-thread [`ThreadAlloc`]s.
+//!
+//! Fast path (no network): a size class's current chunk has a free block, from its local free
+//! list or past its bump pointer. Slow path, only when it has none: take back blocks other
+//! threads and clients freed into this arena's chunks (their remote free lists), else claim a
+//! new chunk (one CAS, plus the descriptor WRITE and the usage FAA).
+//!
+//! Per chunk, locally: `free.len() + live + (blocks - bump) == blocks`, and a block is in
+//! `allocated` exactly when it was handed out and not freed. A chunk whose last live block is
+//! freed goes back to the pool (unless it is its class's current chunk), so usage returns to
+//! where it started once everything is freed and [`ThreadAlloc::flush`] took back remote frees.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rdmem_core::{GlobalAddr, NodeId, Transport};
+
+use crate::error::{AllocError, Result};
+use crate::layout::{self, Geometry, desc};
+use crate::pool::{self, Bitmap, Net, NodeUsage, at};
+
+/// Where new blocks go when there are several memory nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Each allocation of a thread on the next node in turn.
+    RoundRobin,
+    /// On the node with the smallest share of its chunks in use, by reading the nodes' usage
+    /// counters (one READ per node) whenever a chunk is needed.
+    LeastLoaded,
+    /// Always this node.
+    Node(NodeId),
+}
+
+/// What happens when the chosen node cannot serve a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Take memory from the other nodes (Barrelfish's stealing servers).
+    Stealing,
+    /// Fail with [`AllocError::OutOfMemory`] naming the node. `chunks_per_node` limits the
+    /// chunks each thread's arena may hold on one node (`None`: the node's capacity).
+    Strict {
+        /// Chunks one arena may hold per node.
+        chunks_per_node: Option<u64>,
+    },
+}
+
+/// How an [`Allocator`] formats pools and places blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct AllocatorOptions {
+    /// Chunk size used when this client formats a fresh pool (a power of two, at least 4 KiB).
+    /// A pool already formatted keeps its own.
+    pub chunk_size: u64,
+    /// Which node new blocks go to.
+    pub placement: Placement,
+    /// Stealing or strict.
+    pub mode: Mode,
+}
+
+impl Default for AllocatorOptions {
+    fn default() -> Self {
+        AllocatorOptions { chunk_size: 1 << 20, placement: Placement::RoundRobin, mode: Mode::Stealing }
+    }
+}
+
+struct NodeState {
+    id: NodeId,
+    geo: Geometry,
+}
+
+struct Shared<T> {
+    transport: Arc<T>,
+    nodes: Vec<NodeState>,
+    client: u64,
+    options: AllocatorOptions,
+    next_arena: AtomicU16,
+    /// Chunks of thread allocators that were dropped with live blocks (node index, chunk),
+    /// adopted by the next `flush` of any thread of this client (mimalloc's abandoned segments).
+    orphans: Mutex<Vec<(usize, u64, OwnedChunk)>>,
+}
+
+/// A client's allocator over all memory nodes of a transport. Cheap to clone; give each thread
+/// its own [`ThreadAlloc`] with [`Allocator::thread`].
+pub struct Allocator<T: Transport> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T: Transport> Clone for Allocator<T> {
+    fn clone(&self) -> Self {
+        Allocator { shared: Arc::clone(&self.shared) }
+    }
+}
+
+impl<T: Transport> Allocator<T> {
+    /// Opens every node's pool (formatting the ones nobody formatted yet) and takes a client id.
+    pub fn new(transport: Arc<T>, options: AllocatorOptions) -> Result<Self> {
+        let mut net = Net { ep: transport.endpoint()?, ops: 0 };
+        let token = formatting_token();
+        let mut nodes = Vec::new();
+        for info in transport.nodes() {
+            let geo = pool::open_or_format(&mut net, *info, options.chunk_size, token)?;
+            nodes.push(NodeState { id: info.id, geo });
+        }
+        let first = nodes.first().ok_or(AllocError::Transport(rdmem_core::Error::Config("no memory nodes".into())))?;
+        // Client ids come from the first node's counter: unique across the cluster, never 0.
+        let client = net.faa(at(first.id, layout::header::NEXT_CLIENT), 1)? + 1;
+        if let Placement::Node(id) = options.placement {
+            if !nodes.iter().any(|n| n.id == id) {
+                return Err(AllocError::InvalidAddress {
+                    addr: GlobalAddr::new(id, 0).expect("offset 0"),
+                    reason: format!("placement names {id}, which is not in this cluster"),
+                });
+            }
+        }
+        let shared =
+            Shared { transport, nodes, client, options, next_arena: AtomicU16::new(0), orphans: Mutex::default() };
+        Ok(Allocator { shared: Arc::new(shared) })
+    }
+
+    /// A thread's allocator: its own endpoint, arenas and bitmap caches. Up to 65535 per client.
+    pub fn thread(&self) -> Result<ThreadAlloc<T>> {
+        let arena = self.shared.next_arena.fetch_add(1, Ordering::Relaxed).checked_add(1).ok_or_else(|| {
+            AllocError::Transport(rdmem_core::Error::Config("more than 65535 thread allocators".into()))
+        })?;
+        let nodes = self
+            .shared
+            .nodes
+            .iter()
+            .map(|n| NodeArena::new(&n.geo, (self.shared.client as usize).wrapping_mul(7) + arena as usize))
+            .collect();
+        let inner = Inner {
+            net: Net { ep: self.shared.transport.endpoint()?, ops: 0 },
+            owner: self.shared.client << 16 | arena as u64,
+            nodes,
+            next_node: arena as usize,
+            preferred: 0,
+        };
+        Ok(ThreadAlloc { shared: Arc::clone(&self.shared), inner: RefCell::new(inner) })
+    }
+
+    /// This client's id (the owner recorded in the chunks it claims, with the arena).
+    pub fn client_id(&self) -> u64 {
+        self.shared.client
+    }
+
+    /// The chunk size of `node`'s pool.
+    pub fn chunk_size(&self, node: NodeId) -> Option<u64> {
+        self.shared.nodes.iter().find(|n| n.id == node).map(|n| n.geo.chunk_size)
+    }
+}
+
+fn formatting_token() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    ((nanos ^ (std::process::id() as u64) << 32) & ((1 << 48) - 1)) | 1
+}
+
+/// One chunk this arena owns, carved into blocks of one size class.
+struct OwnedChunk {
+    block: u64,
+    blocks: u64,
+    bump: u64,
+    free: Vec<u32>,
+    allocated: Vec<u64>,
+    live: u64,
+}
+
+impl OwnedChunk {
+    fn new(block: u64, chunk_size: u64) -> Self {
+        let blocks = chunk_size / block;
+        OwnedChunk {
+            block,
+            blocks,
+            bump: 0,
+            free: Vec::new(),
+            allocated: vec![0; blocks.div_ceil(64) as usize],
+            live: 0,
+        }
+    }
+
+    fn has_free(&self) -> bool {
+        !self.free.is_empty() || self.bump < self.blocks
+    }
+
+    /// Pops a free block: the free list first (warm memory), else the bump pointer.
+    fn take(&mut self) -> Option<u64> {
+        let b = match self.free.pop() {
+            Some(b) => b as u64,
+            None if self.bump < self.blocks => {
+                self.bump += 1;
+                self.bump - 1
+            }
+            None => return None,
+        };
+        self.allocated[(b / 64) as usize] |= 1 << (b % 64);
+        self.live += 1;
+        Some(b)
+    }
+
+    /// Marks block `b` free; false if it was not allocated (a double free).
+    fn give_back(&mut self, b: u64) -> bool {
+        let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+        if self.allocated[word] & bit == 0 {
+            return false;
+        }
+        self.allocated[word] &= !bit;
+        self.free.push(b as u32);
+        self.live -= 1;
+        true
+    }
+}
+
+/// A thread's state on one node.
+struct NodeArena {
+    bitmap: Bitmap,
+    /// Per size class: the chunk allocations come from.
+    current: Vec<Option<u64>>,
+    chunks: HashMap<u64, OwnedChunk>,
+    /// Large allocations of this arena: first chunk -> span.
+    large: HashMap<u64, u64>,
+    /// Chunks this arena holds (small and large), for strict quotas.
+    held: u64,
+}
+
+impl NodeArena {
+    fn new(geo: &Geometry, start: usize) -> Self {
+        let classes = layout::class_index(geo.max_small()) + 1;
+        NodeArena {
+            bitmap: Bitmap::new(geo, start),
+            current: vec![None; classes],
+            chunks: HashMap::new(),
+            large: HashMap::new(),
+            held: 0,
+        }
+    }
+}
+
+struct Inner<E> {
+    net: Net<E>,
+    owner: u64,
+    nodes: Vec<NodeArena>,
+    next_node: usize,
+    preferred: usize,
+}
+
+/// One thread's allocator: alloc and free with no network operation on the fast path.
+/// Not `Sync`; create one per thread with [`Allocator::thread`].
+pub struct ThreadAlloc<T: Transport> {
+    shared: Arc<Shared<T>>,
+    inner: RefCell<Inner<T::Endpoint>>,
+}
+
+/// Outcome of trying one node.
+enum Attempt {
+    Done(GlobalAddr),
+    Full(String),
+}
+
+impl<T: Transport> ThreadAlloc<T> {
+    /// Allocates `layout.size()` bytes aligned to `layout.align()` on the node the placement
+    /// picks (and, in stealing mode, on another one when that node is full).
+    pub fn alloc(&self, layout: std::alloc::Layout) -> Result<GlobalAddr> {
+        let (size, align) = (layout.size() as u64, layout.align() as u64);
+        if size == 0 {
+            return Err(AllocError::ZeroSize);
+        }
+        let chunk_size = self.shared.nodes[0].geo.chunk_size;
+        if align > chunk_size {
+            return Err(AllocError::BadAlignment { align, chunk_size });
+        }
+        let max = self.shared.nodes.iter().map(|n| n.geo.chunk_count * n.geo.chunk_size).max().unwrap_or(0);
+        if size > max {
+            return Err(AllocError::TooLarge { size, max });
+        }
+        let inner = &mut *self.inner.borrow_mut();
+        let n = self.shared.nodes.len();
+        let first = match self.shared.options.placement {
+            Placement::Node(id) => self.node_index(id).expect("checked in Allocator::new"),
+            Placement::RoundRobin => {
+                inner.next_node = (inner.next_node + 1) % n;
+                inner.next_node
+            }
+            Placement::LeastLoaded => {
+                let class = layout::class_for(size, align);
+                if !self.has_local_block(inner, inner.preferred, class) {
+                    inner.preferred = self.least_loaded(inner)?;
+                }
+                inner.preferred
+            }
+        };
+        let stealing = self.shared.options.mode == Mode::Stealing;
+        let mut first_reason = None;
+        for k in 0..if stealing { n } else { 1 } {
+            let idx = (first + k) % n;
+            match self.alloc_on(inner, idx, size, align)? {
+                Attempt::Done(addr) => return Ok(addr),
+                Attempt::Full(reason) => {
+                    first_reason.get_or_insert(reason);
+                }
+            }
+        }
+        let reason = first_reason.unwrap_or_default();
+        let reason = if stealing && n > 1 { format!("{reason}, and so are the other nodes") } else { reason };
+        Err(AllocError::OutOfMemory { node: self.shared.nodes[first].id, reason })
+    }
+
+    /// Frees a block from any thread or client of this cluster. Own blocks are freed locally;
+    /// others go to their chunk's remote free list (one READ, one WRITE, one or more CAS).
+    pub fn free(&self, addr: GlobalAddr) -> Result<()> {
+        let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
+        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
+        let geo = self.shared.nodes[idx].geo;
+        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
+        let rel = addr.offset() - geo.chunk_offset(chunk);
+        let inner = &mut *self.inner.borrow_mut();
+        let arena = &mut inner.nodes[idx];
+        // Our own small block: no network unless the chunk becomes empty.
+        if let Some(owned) = arena.chunks.get_mut(&chunk) {
+            if rel % owned.block != 0 || rel / owned.block >= owned.blocks {
+                return Err(invalid("not the start of a block"));
+            }
+            if !owned.give_back(rel / owned.block) {
+                return Err(AllocError::DoubleFree { addr });
+            }
+            if owned.live == 0 && arena.current[layout::class_index(owned.block)] != Some(chunk) {
+                self.release_chunk(inner, idx, chunk)?;
+            }
+            return Ok(());
+        }
+        // Someone else's block, or a large one: the descriptor says which.
+        let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
+        if owner == 0 {
+            return Err(invalid("its chunk is free: never allocated, or already freed"));
+        }
+        if class & layout::LARGE != 0 {
+            if rel != 0 {
+                return Err(invalid("inside a large allocation, not at its start"));
+            }
+            return self.free_large(inner, idx, chunk, owner, class & !layout::LARGE, addr);
+        }
+        if class == layout::CONTINUATION || class == 0 || rel % class != 0 {
+            return Err(invalid("not the start of a block"));
+        }
+        // Push on the chunk's remote free list: link the block to the head, then CAS the head.
+        let head_addr = pool::desc_word(addr.node(), &geo, chunk, desc::REMOTE_FREE);
+        let mut head = inner.net.read_u64(head_addr)?;
+        loop {
+            inner.net.write_u64(addr, head)?;
+            let old = inner.net.cas(head_addr, head, addr.to_raw())?;
+            if old == head {
+                return Ok(());
+            }
+            head = old;
+        }
+    }
+
+    /// Takes back blocks other threads and clients freed into this arena's chunks, and returns
+    /// every chunk with no live block to the pool. Usage then reflects only live blocks.
+    /// Also adopts the chunks of this client's dropped thread allocators that still had live
+    /// blocks, so their later frees are taken back too.
+    pub fn flush(&self) -> Result<()> {
+        let inner = &mut *self.inner.borrow_mut();
+        let orphans = std::mem::take(&mut *self.shared.orphans.lock().unwrap_or_else(|p| p.into_inner()));
+        for (idx, chunk, owned) in orphans {
+            inner.nodes[idx].chunks.insert(chunk, owned);
+            inner.nodes[idx].held += 1;
+        }
+        for idx in 0..inner.nodes.len() {
+            let chunks: Vec<u64> = inner.nodes[idx].chunks.keys().copied().collect();
+            for chunk in chunks {
+                self.reclaim_remote(inner, idx, chunk)?;
+                if inner.nodes[idx].chunks[&chunk].live == 0 {
+                    self.release_chunk(inner, idx, chunk)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Usage of every node, read from the pool headers (one READ per node).
+    pub fn usage(&self) -> Result<Vec<NodeUsage>> {
+        let inner = &mut *self.inner.borrow_mut();
+        self.shared.nodes.iter().map(|n| pool::usage(&mut inner.net, n.id, &n.geo)).collect()
+    }
+
+    /// Network operations this thread allocator has issued so far.
+    pub fn network_ops(&self) -> u64 {
+        self.inner.borrow().net.ops
+    }
+
+    /// Runs `f` with this thread's endpoint, to read and write allocated memory.
+    pub fn with_endpoint<R>(&self, f: impl FnOnce(&mut T::Endpoint) -> R) -> R {
+        f(&mut self.inner.borrow_mut().net.ep)
+    }
+
+    /// The allocator this thread allocator belongs to.
+    pub fn allocator(&self) -> Allocator<T> {
+        Allocator { shared: Arc::clone(&self.shared) }
+    }
+
+    fn node_index(&self, id: NodeId) -> Option<usize> {
+        self.shared.nodes.iter().position(|n| n.id == id)
+    }
+
+    fn has_local_block(&self, inner: &Inner<T::Endpoint>, idx: usize, class: u64) -> bool {
+        let arena = &inner.nodes[idx];
+        class <= self.shared.nodes[idx].geo.max_small()
+            && arena.current[layout::class_index(class)].is_some_and(|c| arena.chunks[&c].has_free())
+    }
+
+    /// The node with the smallest share of used chunks (one READ per node).
+    fn least_loaded(&self, inner: &mut Inner<T::Endpoint>) -> Result<usize> {
+        let mut best = (f64::MAX, 0);
+        for (i, n) in self.shared.nodes.iter().enumerate() {
+            let u = pool::usage(&mut inner.net, n.id, &n.geo)?;
+            let share = u.chunks_used as f64 / u.chunks_total.max(1) as f64;
+            if share < best.0 {
+                best = (share, i);
+            }
+        }
+        Ok(best.1)
+    }
+
+    fn quota_left(&self, inner: &Inner<T::Endpoint>, idx: usize, span: u64) -> Option<String> {
+        match self.shared.options.mode {
+            Mode::Strict { chunks_per_node: Some(limit) } if inner.nodes[idx].held + span > limit => {
+                Some(format!("this arena's quota of {limit} chunks is used up"))
+            }
+            _ => None,
+        }
+    }
+
+    fn alloc_on(&self, inner: &mut Inner<T::Endpoint>, idx: usize, size: u64, align: u64) -> Result<Attempt> {
+        let node = &self.shared.nodes[idx];
+        let geo = node.geo;
+        let class = layout::class_for(size, align);
+        if class > geo.max_small() {
+            return self.alloc_large(inner, idx, size.div_ceil(geo.chunk_size));
+        }
+        let ci = layout::class_index(class);
+        // Fast path: the current chunk has a block.
+        if let Some(chunk) = inner.nodes[idx].current[ci] {
+            if let Some(b) = inner.nodes[idx].chunks.get_mut(&chunk).and_then(OwnedChunk::take) {
+                return Ok(Attempt::Done(at(node.id, geo.chunk_offset(chunk) + b * class)));
+            }
+        }
+        self.refill(inner, idx, class)
+    }
+
+    /// Slow path: another owned chunk of this class with free blocks (after taking back its
+    /// remote frees), else a new chunk.
+    #[cold]
+    fn refill(&self, inner: &mut Inner<T::Endpoint>, idx: usize, class: u64) -> Result<Attempt> {
+        let node = &self.shared.nodes[idx];
+        let geo = node.geo;
+        let ci = layout::class_index(class);
+        let mine: Vec<u64> =
+            inner.nodes[idx].chunks.iter().filter(|(_, c)| c.block == class).map(|(&k, _)| k).collect();
+        for &chunk in &mine {
+            if !inner.nodes[idx].chunks[&chunk].has_free() {
+                self.reclaim_remote(inner, idx, chunk)?;
+            }
+        }
+        let chunk = match mine.into_iter().find(|c| inner.nodes[idx].chunks[c].has_free()) {
+            Some(chunk) => chunk,
+            None => {
+                if let Some(reason) = self.quota_left(inner, idx, 1) {
+                    return Ok(Attempt::Full(reason));
+                }
+                let arena = &mut inner.nodes[idx];
+                let Some(chunk) = arena.bitmap.claim(&mut inner.net, node.id, &geo, 1)? else {
+                    return Ok(Attempt::Full(format!("all {} chunks are in use", geo.chunk_count)));
+                };
+                pool::write_descriptors(&mut inner.net, node.id, &geo, chunk, &[(inner.owner, class)])?;
+                let arena = &mut inner.nodes[idx];
+                arena.chunks.insert(chunk, OwnedChunk::new(class, geo.chunk_size));
+                arena.held += 1;
+                chunk
+            }
+        };
+        let arena = &mut inner.nodes[idx];
+        arena.current[ci] = Some(chunk);
+        let b = arena.chunks.get_mut(&chunk).and_then(OwnedChunk::take).expect("chunk with a free block");
+        Ok(Attempt::Done(at(node.id, geo.chunk_offset(chunk) + b * class)))
+    }
+
+    fn alloc_large(&self, inner: &mut Inner<T::Endpoint>, idx: usize, span: u64) -> Result<Attempt> {
+        let node = &self.shared.nodes[idx];
+        let geo = node.geo;
+        if span > geo.chunk_count {
+            return Ok(Attempt::Full(format!("{span} chunks are more than the pool's {}", geo.chunk_count)));
+        }
+        if let Some(reason) = self.quota_left(inner, idx, span) {
+            return Ok(Attempt::Full(reason));
+        }
+        let Some(first) = inner.nodes[idx].bitmap.claim(&mut inner.net, node.id, &geo, span)? else {
+            return Ok(Attempt::Full(format!("no run of {span} free chunks")));
+        };
+        let mut descs = vec![(inner.owner, layout::CONTINUATION); span as usize];
+        descs[0].1 = layout::LARGE | span;
+        pool::write_descriptors(&mut inner.net, node.id, &geo, first, &descs)?;
+        let arena = &mut inner.nodes[idx];
+        arena.large.insert(first, span);
+        arena.held += span;
+        Ok(Attempt::Done(at(node.id, geo.chunk_offset(first))))
+    }
+
+    /// Frees a large allocation: CAS its owner to 0 (a second free fails that CAS), clear the
+    /// descriptors, release the chunks.
+    fn free_large(
+        &self,
+        inner: &mut Inner<T::Endpoint>,
+        idx: usize,
+        first: u64,
+        owner: u64,
+        span: u64,
+        addr: GlobalAddr,
+    ) -> Result<()> {
+        let node = &self.shared.nodes[idx];
+        let geo = node.geo;
+        let old = inner.net.cas(pool::desc_word(node.id, &geo, first, desc::OWNER), owner, 0)?;
+        if old != owner {
+            return Err(AllocError::DoubleFree { addr });
+        }
+        pool::write_descriptors(&mut inner.net, node.id, &geo, first, &vec![(0, 0); span as usize])?;
+        inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, first, span)?;
+        let arena = &mut inner.nodes[idx];
+        if arena.large.remove(&first).is_some() {
+            arena.held -= span;
+        }
+        Ok(())
+    }
+
+    /// Takes the chunk's remote free list (one READ; if not empty, a CAS and one READ per
+    /// block) and marks its blocks free. A block freed twice remotely is caught here: logged.
+    fn reclaim_remote(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<()> {
+        let node = &self.shared.nodes[idx];
+        let geo = node.geo;
+        let head_addr = pool::desc_word(node.id, &geo, chunk, desc::REMOTE_FREE);
+        let mut head = inner.net.read_u64(head_addr)?;
+        while head != 0 {
+            let old = inner.net.cas(head_addr, head, 0)?;
+            if old == head {
+                break;
+            }
+            head = old;
+        }
+        let base = geo.chunk_offset(chunk);
+        while head != 0 {
+            let block = GlobalAddr::from_raw(head);
+            let next = inner.net.read_u64(block)?;
+            let owned = inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk");
+            let rel = block.offset().wrapping_sub(base);
+            let ok = block.node() == node.id
+                && rel < geo.chunk_size
+                && rel % owned.block == 0
+                && owned.give_back(rel / owned.block);
+            if !ok {
+                tracing::error!(
+                    "remote free list of chunk {chunk} on {} held {block}, which is not a live block of it: a double free",
+                    node.id
+                );
+            }
+            head = next;
+        }
+        Ok(())
+    }
+
+    /// Returns an empty chunk to the pool: clear its descriptor, release its bit.
+    fn release_chunk(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<()> {
+        let node = &self.shared.nodes[idx];
+        let geo = node.geo;
+        pool::write_descriptors(&mut inner.net, node.id, &geo, chunk, &[(0, 0)])?;
+        inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, chunk, 1)?;
+        let arena = &mut inner.nodes[idx];
+        if let Some(owned) = arena.chunks.remove(&chunk) {
+            let ci = layout::class_index(owned.block);
+            if arena.current[ci] == Some(chunk) {
+                arena.current[ci] = None;
+            }
+        }
+        arena.held -= 1;
+        Ok(())
+    }
+}
+
+impl<T: Transport> Drop for ThreadAlloc<T> {
+    /// Gives empty chunks back (after taking back remote frees) and leaves the others to the
+    /// client's next `flush` on any thread. A failure is logged.
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!("thread allocator could not give its empty chunks back: {e}");
+        }
+        let inner = self.inner.get_mut();
+        let mut orphans = self.shared.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        for (idx, arena) in inner.nodes.iter_mut().enumerate() {
+            orphans.extend(arena.chunks.drain().map(|(chunk, owned)| (idx, chunk, owned)));
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The allocator's errors.
+
+use rdmem_core::{GlobalAddr, NodeId};
+
+/// Why an allocation or a free failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AllocError {
+    /// A zero-byte request.
+    #[error("cannot allocate zero bytes")]
+    ZeroSize,
+    /// The alignment is not a power of two, or larger than a chunk.
+    #[error("alignment {align} is not supported: use a power of two up to the chunk size ({chunk_size} bytes)")]
+    BadAlignment {
+        /// The alignment asked for.
+        align: u64,
+        /// The pool's chunk size.
+        chunk_size: u64,
+    },
+    /// The request is larger than any node's pool could hold.
+    #[error("{size} bytes is more than a memory node can hold ({max} bytes)")]
+    TooLarge {
+        /// Bytes asked for.
+        size: u64,
+        /// The largest allocation possible.
+        max: u64,
+    },
+    /// No memory left where the placement and mode allow.
+    #[error("out of memory on {node}: {reason}")]
+    OutOfMemory {
+        /// The node that could not serve the request.
+        node: NodeId,
+        /// Pool full, or the quota reached.
+        reason: String,
+    },
+    /// The block was already freed.
+    #[error("double free of {addr}")]
+    DoubleFree {
+        /// The address.
+        addr: GlobalAddr,
+    },
+    /// The address was never handed out by an allocator of this pool.
+    #[error("{addr} was not allocated: {reason}")]
+    InvalidAddress {
+        /// The address.
+        addr: GlobalAddr,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A node's pool is not in rdmem's format, or in another version.
+    #[error("the pool of {node} is not usable: {reason}")]
+    BadPool {
+        /// The node.
+        node: NodeId,
+        /// What was found.
+        reason: String,
+    },
+    /// The network operation underneath failed.
+    #[error(transparent)]
+    Transport(#[from] rdmem_core::Error),
+}
+
+/// `Result` with [`AllocError`].
+pub type Result<T, E = AllocError> = std::result::Result<T, E>;
