@@ -327,6 +327,19 @@ impl<T: Transport> ThreadAlloc<T> {
             }
             return Ok(());
         }
+        // Our own large block: release it by CAS on its owner word. The word is 0 if another
+        // thread freed it already (a double free), or someone else's if the chunks were freed
+        // and claimed again since (our entry is stale: go by the descriptor below).
+        if rel == 0 {
+            if let Some(span) = arena.large.remove(&chunk) {
+                arena.held -= span;
+                let owner = inner.owner;
+                match self.free_large(inner, idx, chunk, owner, span, addr) {
+                    Err(AllocError::DoubleFree { .. }) if self.owner_of(inner, idx, chunk)? != 0 => {}
+                    done => return done,
+                }
+            }
+        }
         // Someone else's block, or a large one: the descriptor says which.
         let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
         if owner == 0 {
@@ -519,16 +532,22 @@ impl<T: Transport> ThreadAlloc<T> {
         let node = &self.shared.nodes[idx];
         let geo = node.geo;
         let old = inner.net.cas(pool::desc_word(node.id, &geo, first, desc::OWNER), owner, 0)?;
+        // Either way it is no longer ours to free.
+        let arena = &mut inner.nodes[idx];
+        if arena.large.remove(&first).is_some() {
+            arena.held -= span;
+        }
         if old != owner {
             return Err(AllocError::DoubleFree { addr });
         }
         pool::write_descriptors(&mut inner.net, node.id, &geo, first, &vec![(0, 0); span as usize])?;
         inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, first, span)?;
-        let arena = &mut inner.nodes[idx];
-        if arena.large.remove(&first).is_some() {
-            arena.held -= span;
-        }
         Ok(())
+    }
+
+    fn owner_of(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<u64> {
+        let node = &self.shared.nodes[idx];
+        Ok(pool::read_descriptor(&mut inner.net, node.id, &node.geo, chunk)?.0)
     }
 
     /// Takes the chunk's remote free list (one READ; if not empty, a CAS and one READ per

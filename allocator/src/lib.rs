@@ -56,6 +56,7 @@ pub mod boxed;
 pub mod error;
 pub mod layout;
 pub mod pool;
+pub mod stress;
 
 pub use alloc::{Allocator, AllocatorOptions, Mode, Placement, ThreadAlloc};
 pub use boxed::RemoteBox;

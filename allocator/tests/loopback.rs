@@ -2,12 +2,12 @@
 //! of several clients, every bad input, placement and the two multi-node modes.
 
 use std::alloc::Layout;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
-use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Mode, Placement, ThreadAlloc};
-use rdmem_core::{Endpoint, GlobalAddr, LoopbackTransport, Transport};
+use rdmem_allocator::stress::{self, Live, Step};
+use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Mode, Placement, RemoteBox};
+use rdmem_core::{GlobalAddr, LoopbackTransport, NodeId};
 
 const CHUNK: u64 = 64 << 10;
 
@@ -15,46 +15,12 @@ fn options(placement: Placement, mode: Mode) -> AllocatorOptions {
     AllocatorOptions { chunk_size: CHUNK, placement, mode }
 }
 
-/// Live blocks of every thread and client: (node, offset) -> length. Overlaps are checked on
-/// every insert.
-#[derive(Default)]
-struct Live(Mutex<BTreeMap<(u16, u64), u64>>);
-
-impl Live {
-    fn insert(&self, addr: GlobalAddr, len: u64) {
-        let mut map = self.0.lock().unwrap();
-        let key = (addr.node().0, addr.offset());
-        if let Some((&(n, off), &l)) = map.range(..=key).next_back() {
-            assert!(n != key.0 || off + l <= key.1, "{addr} overlaps the live block at {n}:{off:#x}+{l}");
-        }
-        if let Some((&(n, off), _)) = map.range(key..).next() {
-            assert!(n != key.0 || key.1 + len <= off, "{addr}+{len} overlaps the live block at {n}:{off:#x}");
-        }
-        map.insert(key, len);
-    }
-
-    fn remove(&self, addr: GlobalAddr) {
-        assert!(self.0.lock().unwrap().remove(&(addr.node().0, addr.offset())).is_some());
-    }
+fn two_nodes(size: u64) -> Arc<LoopbackTransport> {
+    Arc::new(LoopbackTransport::new(&[size, size]))
 }
 
-fn pattern(tag: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (tag.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8).collect()
-}
-
-#[derive(Debug, Clone)]
-enum Step {
-    Alloc {
-        size: u64,
-        align_shift: u32,
-    },
-    /// Free the n-th (mod count) live block of this thread, or give it to the hand-over pile.
-    Free {
-        pick: usize,
-        hand_over: bool,
-    },
-    /// Free a block some other thread or client handed over.
-    FreeHandedOver,
+fn layout(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).unwrap()
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -66,65 +32,6 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-struct Block {
-    addr: GlobalAddr,
-    len: u64,
-    tag: u64,
-}
-
-fn check_and_free<T: Transport>(alloc: &ThreadAlloc<T>, live: &Live, block: Block) {
-    let mut back = vec![0u8; block.len as usize];
-    alloc.with_endpoint(|ep| ep.read(block.addr, &mut back)).unwrap();
-    assert!(back == pattern(block.tag, block.len as usize), "block at {} was overwritten", block.addr);
-    live.remove(block.addr);
-    alloc.free(block.addr).unwrap();
-}
-
-fn run_thread<T: Transport>(
-    alloc: &ThreadAlloc<T>,
-    steps: &[Step],
-    live: &Live,
-    pile: &Mutex<Vec<Block>>,
-    tag_base: u64,
-) {
-    let mut mine: Vec<Block> = Vec::new();
-    for (i, step) in steps.iter().enumerate() {
-        match *step {
-            Step::Alloc { size, align_shift } => {
-                let align = 1u64 << align_shift;
-                let addr = match alloc.alloc(Layout::from_size_align(size as usize, align as usize).unwrap()) {
-                    Ok(addr) => addr,
-                    Err(AllocError::OutOfMemory { .. }) => continue,
-                    Err(e) => panic!("alloc({size}, {align}): {e}"),
-                };
-                assert_eq!(addr.offset() % align, 0, "alignment {align} of {addr}");
-                live.insert(addr, size);
-                let tag = tag_base + i as u64;
-                alloc.with_endpoint(|ep| ep.write(addr, &pattern(tag, size as usize))).unwrap();
-                mine.push(Block { addr, len: size, tag });
-            }
-            Step::Free { pick, hand_over } if !mine.is_empty() => {
-                let block = mine.swap_remove(pick % mine.len());
-                if hand_over {
-                    pile.lock().unwrap().push(block);
-                } else {
-                    check_and_free(alloc, live, block);
-                }
-            }
-            Step::FreeHandedOver => {
-                let block = pile.lock().unwrap().pop();
-                if let Some(block) = block {
-                    check_and_free(alloc, live, block);
-                }
-            }
-            Step::Free { .. } => {}
-        }
-    }
-    for block in mine {
-        check_and_free(alloc, live, block);
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -134,7 +41,7 @@ proptest! {
     fn random_sequences_from_two_clients_of_four_threads(
         scripts in proptest::collection::vec(proptest::collection::vec(step(), 1..120), 8)
     ) {
-        let transport = Arc::new(LoopbackTransport::new(&[16 << 20, 16 << 20]));
+        let transport = two_nodes(16 << 20);
         let clients = [
             Allocator::new(Arc::clone(&transport), options(Placement::RoundRobin, Mode::Stealing)).unwrap(),
             Allocator::new(Arc::clone(&transport), options(Placement::LeastLoaded, Mode::Stealing)).unwrap(),
@@ -146,15 +53,14 @@ proptest! {
                 let (client, live, pile) = (&clients[t % 2], &live, &pile);
                 s.spawn(move || {
                     let alloc = client.thread().unwrap();
-                    run_thread(&alloc, script, live, pile, (t as u64) << 32);
+                    stress::run_steps(&alloc, script.iter().cloned(), live, pile, (t as u64) << 32).unwrap();
                     alloc.flush().unwrap();
                 });
             }
         });
-        // What was handed over and never taken: free it from a fresh thread of client 0.
         let last = clients[0].thread().unwrap();
         for block in pile.into_inner().unwrap() {
-            check_and_free(&last, &live, block);
+            stress::check_and_free(&last, &live, block).unwrap();
         }
         drop(last);
         // Frees into chunks of threads that had already ended went to those chunks' remote
@@ -163,8 +69,187 @@ proptest! {
         for client in &clients {
             client.thread().unwrap().flush().unwrap();
         }
-        prop_assert!(live.0.lock().unwrap().is_empty());
+        prop_assert!(live.is_empty());
         let end = clients[0].thread().unwrap().usage().unwrap();
         prop_assert_eq!(end, start, "usage must return to its starting value");
     }
+}
+
+#[test]
+fn seeded_stress_ends_clean() {
+    let transport = two_nodes(32 << 20);
+    let allocator = Allocator::new(Arc::clone(&transport), options(Placement::RoundRobin, Mode::Stealing)).unwrap();
+    let before = allocator.thread().unwrap().usage().unwrap();
+    let counts = stress::stress(&allocator, 4, 2000, 7).unwrap();
+    assert!(counts.allocs > 1000 && counts.handed_over > 100, "{counts:?}");
+    assert_eq!(allocator.thread().unwrap().usage().unwrap(), before);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let transport = two_nodes(4 << 20);
+    let allocator =
+        Allocator::new(Arc::clone(&transport), options(Placement::Node(NodeId(0)), Mode::Stealing)).unwrap();
+    let alloc = allocator.thread().unwrap();
+    assert!(matches!(alloc.alloc(layout(0, 1)), Err(AllocError::ZeroSize)));
+    assert!(matches!(alloc.alloc(layout(8, 1 << 17)), Err(AllocError::BadAlignment { .. })));
+    assert!(matches!(alloc.alloc(layout(1 << 30, 8)), Err(AllocError::TooLarge { .. })));
+
+    // Double free of an own small block, of a large block, and from another thread.
+    let small = alloc.alloc(layout(40, 8)).unwrap();
+    let keep = alloc.alloc(layout(40, 8)).unwrap(); // keeps the chunk claimed
+    alloc.free(small).unwrap();
+    assert!(matches!(alloc.free(small), Err(AllocError::DoubleFree { .. })));
+    let large = alloc.alloc(layout(200_000, 8)).unwrap();
+    let other = allocator.thread().unwrap();
+    other.free(large).unwrap(); // a large block freed by another thread
+    assert!(matches!(alloc.free(large), Err(AllocError::DoubleFree { .. })));
+
+    // Addresses that were never handed out.
+    let invalid = |addr: GlobalAddr| matches!(alloc.free(addr), Err(AllocError::InvalidAddress { .. }));
+    assert!(invalid(GlobalAddr::new(NodeId(9), 1 << 20).unwrap()), "unknown node");
+    assert!(invalid(GlobalAddr::new(NodeId(0), 64).unwrap()), "the pool header");
+    assert!(invalid(keep.checked_add(8).unwrap()), "inside a block");
+    let far = GlobalAddr::new(NodeId(0), 3 << 20).unwrap();
+    assert!(invalid(far), "a chunk nobody claimed");
+    assert!(
+        matches!(other.free(keep.checked_add(8).unwrap()), Err(AllocError::InvalidAddress { .. })),
+        "inside a block, remotely"
+    );
+    alloc.free(keep).unwrap();
+
+    // An exhausted pool in strict mode names the node.
+    let strict = Allocator::new(
+        Arc::clone(&transport),
+        options(Placement::Node(NodeId(1)), Mode::Strict { chunks_per_node: None }),
+    )
+    .unwrap();
+    let s = strict.thread().unwrap();
+    let mut held = Vec::new();
+    let err = loop {
+        match s.alloc(layout(60_000, 8)) {
+            Ok(a) => held.push(a),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(&err, AllocError::OutOfMemory { node: NodeId(1), .. }), "{err}");
+    assert!(err.to_string().contains("node 1"), "{err}");
+    for a in held {
+        s.free(a).unwrap();
+    }
+}
+
+#[test]
+fn round_robin_spreads_over_both_nodes() {
+    let allocator = Allocator::new(two_nodes(8 << 20), options(Placement::RoundRobin, Mode::Stealing)).unwrap();
+    let alloc = allocator.thread().unwrap();
+    let addrs: Vec<_> = (0..100).map(|_| alloc.alloc(layout(64, 8)).unwrap()).collect();
+    let on = |n: u16| addrs.iter().filter(|a| a.node() == NodeId(n)).count();
+    assert_eq!((on(0), on(1)), (50, 50));
+    for a in addrs {
+        alloc.free(a).unwrap();
+    }
+}
+
+#[test]
+fn least_loaded_picks_the_emptier_node() {
+    let transport = two_nodes(8 << 20);
+    let filler = Allocator::new(Arc::clone(&transport), options(Placement::Node(NodeId(0)), Mode::Stealing)).unwrap();
+    let f = filler.thread().unwrap();
+    let big: Vec<_> = (0..4).map(|_| f.alloc(layout(1 << 20, 8)).unwrap()).collect();
+    let allocator = Allocator::new(Arc::clone(&transport), options(Placement::LeastLoaded, Mode::Stealing)).unwrap();
+    let alloc = allocator.thread().unwrap();
+    assert_eq!(alloc.alloc(layout(64, 8)).unwrap().node(), NodeId(1));
+    for a in big {
+        f.free(a).unwrap();
+    }
+}
+
+#[test]
+fn stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not() {
+    let transport = two_nodes(2 << 20);
+    let fill = |mode| {
+        let allocator = Allocator::new(Arc::clone(&transport), options(Placement::Node(NodeId(0)), mode)).unwrap();
+        let alloc = allocator.thread().unwrap();
+        let mut on = [0usize; 2];
+        let mut addrs = Vec::new();
+        let err = loop {
+            match alloc.alloc(layout(30_000, 8)) {
+                Ok(a) => {
+                    on[a.node().0 as usize] += 1;
+                    addrs.push(a);
+                }
+                Err(e) => break e,
+            }
+        };
+        for a in addrs {
+            alloc.free(a).unwrap();
+        }
+        (on, err)
+    };
+    let (on, err) = fill(Mode::Strict { chunks_per_node: None });
+    assert!(on[0] > 0 && on[1] == 0, "strict stays on node 0: {on:?}");
+    assert!(matches!(err, AllocError::OutOfMemory { node: NodeId(0), .. }), "{err}");
+    let (on, err) = fill(Mode::Stealing);
+    assert!(on[0] > 0 && on[1] > 0, "stealing moves on to node 1: {on:?}");
+    assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err}");
+    // A quota below the node's size stops earlier.
+    let (on, _) = fill(Mode::Strict { chunks_per_node: Some(3) });
+    assert_eq!(on, [6, 0], "3 chunks of 64 KiB hold 2 blocks of 32 KiB each");
+}
+
+#[test]
+fn racing_clients_format_the_pool_once() {
+    let transport = two_nodes(8 << 20);
+    let allocators: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    Allocator::new(Arc::clone(&transport), options(Placement::RoundRobin, Mode::Stealing)).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ids: Vec<_> = allocators.iter().map(|a| a.client_id()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "distinct client ids");
+    assert!(allocators.iter().all(|a| a.chunk_size(NodeId(0)) == Some(CHUNK)));
+    let usage = allocators[0].thread().unwrap().usage().unwrap();
+    assert!(usage.iter().all(|u| u.chunks_used == 0 && u.chunks_total > 0), "{usage:?}");
+}
+
+#[test]
+fn small_blocks_cost_almost_no_network_operations() {
+    let allocator = Allocator::new(two_nodes(16 << 20), AllocatorOptions::default()).unwrap();
+    let alloc = allocator.thread().unwrap();
+    let before = alloc.network_ops();
+    let pairs = 100_000;
+    let mut held = Vec::with_capacity(64);
+    for _ in 0..pairs / 64 {
+        held.extend((0..64).map(|_| alloc.alloc(layout(64, 8)).unwrap()));
+        for a in held.drain(..) {
+            alloc.free(a).unwrap();
+        }
+    }
+    let per_pair = (alloc.network_ops() - before) as f64 / pairs as f64;
+    assert!(per_pair <= 0.02, "{per_pair} network operations per alloc+free pair");
+}
+
+#[test]
+fn remote_box_reads_writes_and_frees_on_drop() {
+    let allocator = Allocator::new(two_nodes(4 << 20), options(Placement::Node(NodeId(1)), Mode::Stealing)).unwrap();
+    let alloc = allocator.thread().unwrap();
+    let before = alloc.usage().unwrap();
+    {
+        let b = RemoteBox::new(&alloc, [7u32; 6]).unwrap();
+        assert_eq!(b.addr().node(), NodeId(1));
+        b.write(&[9u32; 6]).unwrap();
+        assert_eq!(b.read().unwrap(), [9u32; 6]);
+        let c = RemoteBox::new(&alloc, 5u64).unwrap();
+        c.free().unwrap();
+    }
+    alloc.flush().unwrap();
+    assert_eq!(alloc.usage().unwrap(), before);
 }

@@ -16,17 +16,13 @@
 //! fair for small writes only: perftest's round trip carries the payload both ways.
 //! `ib_read_bw -l N` posts N READs per doorbell, our batch of N.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Barrier;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use hdrhistogram::Histogram;
 use rdmem_core::{ClusterConfig, Endpoint, GlobalAddr, LocalBuffer, Transport};
-use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::{MemnodeChild, RdmaOptions, RdmaTransport};
 
 use crate::perftest::{self, LatencyTest, Target};
 use crate::report::{Printer, Row};
@@ -124,10 +120,12 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
         config.memnodes = args.memnodes.clone();
     }
     // No memory node given: start one, on the same device.
-    let local = if config.memnodes.is_empty() { Some(LocalMemnode::start(&config, need)?) } else { None };
+    // It is the real daemon in its own process: a node in the benchmark's own process made
+    // 8 B READs about 8% slower in the VM, and deployments run it separately anyway.
+    let local = if config.memnodes.is_empty() { Some(start_memnode(&config, need)?) } else { None };
     if let Some(node) = &local {
-        config.memnodes = vec![node.addr.clone()];
-        config.token = Some(node.token.clone());
+        config.memnodes = vec![node.addr().to_owned()];
+        config.token = Some(node.token().to_owned());
         config.token_file = None;
     }
     let transport = RdmaTransport::connect(RdmaOptions::from_config(&config)?)?;
@@ -222,9 +220,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(transport);
-    if let Some(node) = local {
-        node.stop();
-    }
+    drop(local);
     Ok(())
 }
 
@@ -328,62 +324,21 @@ fn throughput(
     Ok((rounds * batch as u64 * threads as u64, elapsed.as_secs_f64()))
 }
 
-/// A memory node the benchmark starts itself: the real `rdmem-memnode` daemon, as a child
-/// process on the same device (found next to this executable, else on PATH). A node in the
-/// benchmark's own process measured 5-10% slower READs in the VM than a separate one; a
-/// separate process is also what deployments run.
-struct LocalMemnode {
-    addr: String,
-    token: String,
-    child: Child,
-}
-
-impl LocalMemnode {
-    fn start(config: &ClusterConfig, pool_size: u64) -> Result<Self, Box<dyn std::error::Error>> {
-        let exe = std::env::current_exe()?.with_file_name("rdmem-memnode");
-        let program = if exe.exists() { exe } else { PathBuf::from("rdmem-memnode") };
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let token = format!("bench-{}-{nanos}", std::process::id());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut command = Command::new(&program);
-        command
-            .args(["--listen", &addr, "--pool-size", &pool_size.to_string(), "--page-size", "2M"])
-            .env("RDMEM_TOKEN", &token)
-            .env_remove("RDMEM_TOKEN_FILE")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(name) = &config.device.name {
-            command.args(["--device", name]);
-        }
-        if let Some(index) = config.device.gid_index {
-            command.args(["--gid-index", &index.to_string()]);
-        }
-        let mut child = command.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
-        // Wait for its "serving" line; pass on its warnings and errors.
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("serving node") {
-                    let _ = ready_tx.send(());
-                } else if line.contains("WARN") || line.contains("ERROR") || line.contains("error") {
-                    eprintln!("rdmem-memnode: {line}");
-                }
-            }
-        });
-        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = child.kill();
-            let status = child.wait()?;
-            return Err(format!("the memory node {} did not start ({status})", program.display()).into());
-        }
-        Ok(LocalMemnode { addr, token, child })
+/// Starts `rdmem-memnode` on the configured device with a pool of `pool_size` bytes.
+pub(crate) fn start_memnode(
+    config: &ClusterConfig,
+    pool_size: u64,
+) -> Result<MemnodeChild, Box<dyn std::error::Error>> {
+    let size = pool_size.to_string();
+    let mut args = vec!["--pool-size", &size, "--page-size", "2M"];
+    let gid = config.device.gid_index.map(|g| g.to_string());
+    if let Some(name) = &config.device.name {
+        args.extend(["--device", name]);
     }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    if let Some(gid) = &gid {
+        args.extend(["--gid-index", gid]);
     }
+    Ok(MemnodeChild::start("rdmem-memnode", &rdmem_transport_rdma::child::fresh_token(), &args)?)
 }
 
 /// The median of a non-empty list (the mean of the middle two for an even count).

@@ -6,7 +6,8 @@
 //! - [`wire`]: the connection handshake (protocol version, token, queue pair info, pool).
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
-//! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it).
+//! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it);
+//!   [`MemnodeChild`] runs that binary as a child process (benchmarks, device tests).
 //!
 //! # Quick start (needs an RDMA device: run it with `soft-roce-setup/vm-run`)
 //! ```no_run
@@ -29,6 +30,7 @@
 //! the Soft-RoCE VM with `soft-roce-setup/vm-run --device-tests`, and fail (never pass) when no
 //! device is present.
 
+pub mod child;
 pub mod device;
 pub mod error;
 pub mod memnode;
@@ -37,6 +39,7 @@ mod queue_pair;
 pub mod transport;
 pub mod wire;
 
+pub use child::MemnodeChild;
 pub use device::{Device, DeviceError, DeviceSelection};
 pub use error::RdmaError;
 pub use memnode::{Memnode, MemnodeConfig, PoolDescriptor};

@@ -6,59 +6,19 @@
 //! every test fails.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdmem_core::conformance::{self, SCRATCH_BYTES};
 use rdmem_core::{Endpoint, Error, GlobalAddr, NodeId, Transport};
-use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::{DeviceSelection, MemnodeChild, RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "device-test-token";
 
-/// A `rdmem-memnode` child process, killed on drop.
-struct MemnodeProcess {
-    child: Child,
-    addr: String,
-}
-
-impl MemnodeProcess {
-    fn start(node_id: u16) -> Self {
-        let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rdmem-memnode"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--pool-size", "16M", "--node-id", &node_id.to_string()])
-            .env("RDMEM_TOKEN", TOKEN)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start rdmem-memnode");
-        // Wait for its "serving" log line; any other exit is the test's failure.
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[memnode {node_id}] {line}");
-                if line.contains("serving node") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let status = child.try_wait().ok().flatten();
-            panic!("rdmem-memnode did not start (exit status {status:?}); see its log above");
-        }
-        MemnodeProcess { child, addr: format!("127.0.0.1:{port}") }
-    }
-}
-
-impl Drop for MemnodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn memnode(node_id: u16) -> MemnodeChild {
+    let id = node_id.to_string();
+    MemnodeChild::start(&format!("memnode {node_id}"), TOKEN, &["--pool-size", "16M", "--node-id", &id])
+        .unwrap_or_else(|e| panic!("rdmem-memnode {node_id} did not start: {e}"))
 }
 
 fn options(addrs: &[&str], token: &str) -> RdmaOptions {
@@ -76,8 +36,8 @@ fn scratch(node: u16) -> GlobalAddr {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn semantics_match_the_loopback_transport() {
-    let node = MemnodeProcess::start(0);
-    let transport = RdmaTransport::connect(options(&[&node.addr], TOKEN)).expect("connect");
+    let node = memnode(0);
+    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
     assert_eq!(transport.nodes()[0].pool_size, 16 << 20);
     conformance::read_write(&transport, scratch(0));
     conformance::atomics(&transport, scratch(0));
@@ -89,8 +49,8 @@ fn semantics_match_the_loopback_transport() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn four_threads_each_on_its_own_queue_pair_hammer_one_word() {
-    let node = MemnodeProcess::start(0);
-    let transport = RdmaTransport::connect(options(&[&node.addr], TOKEN)).expect("connect");
+    let node = memnode(0);
+    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
     // Each thread takes its own endpoint: its own queue pair, completion queue and staging.
     conformance::concurrent_faa(&transport, scratch(0), 4, 1000);
 }
@@ -98,8 +58,8 @@ fn four_threads_each_on_its_own_queue_pair_hammer_one_word() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn batches_span_two_memory_nodes_and_large_transfers_go_in_place() {
-    let (a, b) = (MemnodeProcess::start(3), MemnodeProcess::start(4));
-    let transport = RdmaTransport::connect(options(&[&a.addr, &b.addr], TOKEN)).expect("connect");
+    let (a, b) = (memnode(3), memnode(4));
+    let transport = RdmaTransport::connect(options(&[a.addr(), b.addr()], TOKEN)).expect("connect");
     let ids: Vec<u16> = transport.nodes().iter().map(|n| n.id.0).collect();
     assert_eq!(ids, vec![3, 4]);
     let mut ep = transport.endpoint().unwrap();
@@ -126,25 +86,25 @@ fn batches_span_two_memory_nodes_and_large_transfers_go_in_place() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn a_wrong_token_is_refused_with_a_message() {
-    let node = MemnodeProcess::start(0);
-    let err = RdmaTransport::connect(options(&[&node.addr], "not-the-token")).err().expect("must be refused");
+    let node = memnode(0);
+    let err = RdmaTransport::connect(options(&[node.addr()], "not-the-token")).err().expect("must be refused");
     assert!(matches!(&err, Error::Refused { reason, .. } if reason.contains("wrong token")), "{err}");
     // The node is unaffected.
-    RdmaTransport::connect(options(&[&node.addr], TOKEN)).expect("the right token still works");
+    RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("the right token still works");
 }
 
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn a_client_killed_mid_run_leaves_the_node_serving_others() {
-    let node = MemnodeProcess::start(0);
+    let node = memnode(0);
     let word = scratch(0);
-    let transport = RdmaTransport::connect(options(&[&node.addr], TOKEN)).expect("connect");
+    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
     let mut ep = transport.endpoint().unwrap();
     ep.write_u64(word, 0).unwrap();
     let mut pinger = Command::new(env!("CARGO_BIN_EXE_rdmem-ping"))
         .args([
             "--memnode",
-            &node.addr,
+            node.addr(),
             "--op",
             "faa",
             "--offset",
@@ -170,7 +130,7 @@ fn a_client_killed_mid_run_leaves_the_node_serving_others() {
     // The node still serves this client and new ones, and nothing it did was lost or doubled.
     let base = ep.read_u64(word).unwrap();
     conformance::concurrent_faa(&transport, scratch(0).checked_add(SCRATCH_BYTES).unwrap(), 2, 200);
-    let fresh = RdmaTransport::connect(options(&[&node.addr], TOKEN)).expect("new client after the kill");
+    let fresh = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("new client after the kill");
     assert_eq!(
         fresh.endpoint().unwrap().faa(word, 1).unwrap(),
         base,
@@ -181,12 +141,11 @@ fn a_client_killed_mid_run_leaves_the_node_serving_others() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn a_killed_memory_node_gives_an_error_not_a_hang() {
-    let mut node = MemnodeProcess::start(0);
-    let transport = RdmaTransport::connect(options(&[&node.addr], TOKEN)).expect("connect");
+    let mut node = memnode(0);
+    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
     let mut ep = transport.endpoint().unwrap();
     ep.faa(scratch(0), 1).expect("FAA while the node is up");
-    node.child.kill().unwrap();
-    node.child.wait().unwrap();
+    node.kill();
     let started = Instant::now();
     let err = ep.faa(scratch(0), 1).expect_err("FAA on a dead node must fail");
     let took = started.elapsed();
@@ -195,6 +154,6 @@ fn a_killed_memory_node_gives_an_error_not_a_hang() {
     // The retry counter reports it within seconds; the deadline guards against a hang only.
     assert!(took < Duration::from_secs(30), "took {took:?}");
     assert!(matches!(ep.faa(scratch(0), 1), Err(Error::Broken { .. })), "the connection stays broken");
-    let err = RdmaTransport::connect(options(&[&node.addr], TOKEN)).err().expect("nobody listens any more");
+    let err = RdmaTransport::connect(options(&[node.addr()], TOKEN)).err().expect("nobody listens any more");
     assert!(matches!(err, Error::Connect { .. }), "{err}");
 }
