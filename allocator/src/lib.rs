@@ -53,6 +53,8 @@
 
 pub mod alloc;
 pub mod boxed;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 pub mod layout;
 pub mod pool;

@@ -5,9 +5,10 @@ use std::alloc::Layout;
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
+use rdmem_allocator::conformance;
 use rdmem_allocator::stress::{self, Live, Step};
-use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Mode, Placement, RemoteBox};
-use rdmem_core::{GlobalAddr, LoopbackTransport, NodeId};
+use rdmem_allocator::{Allocator, AllocatorOptions, Mode, Placement, RemoteBox};
+use rdmem_core::{LoopbackTransport, NodeId};
 
 const CHUNK: u64 = 64 << 10;
 
@@ -86,72 +87,6 @@ fn seeded_stress_ends_clean() {
 }
 
 #[test]
-fn bad_inputs_are_errors() {
-    let transport = two_nodes(4 << 20);
-    let allocator =
-        Allocator::new(Arc::clone(&transport), options(Placement::Node(NodeId(0)), Mode::Stealing)).unwrap();
-    let alloc = allocator.thread().unwrap();
-    assert!(matches!(alloc.alloc(layout(0, 1)), Err(AllocError::ZeroSize)));
-    assert!(matches!(alloc.alloc(layout(8, 1 << 17)), Err(AllocError::BadAlignment { .. })));
-    assert!(matches!(alloc.alloc(layout(1 << 30, 8)), Err(AllocError::TooLarge { .. })));
-
-    // Double free of an own small block, of a large block, and from another thread.
-    let small = alloc.alloc(layout(40, 8)).unwrap();
-    let keep = alloc.alloc(layout(40, 8)).unwrap(); // keeps the chunk claimed
-    alloc.free(small).unwrap();
-    assert!(matches!(alloc.free(small), Err(AllocError::DoubleFree { .. })));
-    let large = alloc.alloc(layout(200_000, 8)).unwrap();
-    let other = allocator.thread().unwrap();
-    other.free(large).unwrap(); // a large block freed by another thread
-    assert!(matches!(alloc.free(large), Err(AllocError::DoubleFree { .. })));
-
-    // Addresses that were never handed out.
-    let invalid = |addr: GlobalAddr| matches!(alloc.free(addr), Err(AllocError::InvalidAddress { .. }));
-    assert!(invalid(GlobalAddr::new(NodeId(9), 1 << 20).unwrap()), "unknown node");
-    assert!(invalid(GlobalAddr::new(NodeId(0), 64).unwrap()), "the pool header");
-    assert!(invalid(keep.checked_add(8).unwrap()), "inside a block");
-    let far = GlobalAddr::new(NodeId(0), 3 << 20).unwrap();
-    assert!(invalid(far), "a chunk nobody claimed");
-    assert!(
-        matches!(other.free(keep.checked_add(8).unwrap()), Err(AllocError::InvalidAddress { .. })),
-        "inside a block, remotely"
-    );
-    alloc.free(keep).unwrap();
-
-    // An exhausted pool in strict mode names the node.
-    let strict = Allocator::new(
-        Arc::clone(&transport),
-        options(Placement::Node(NodeId(1)), Mode::Strict { chunks_per_node: None }),
-    )
-    .unwrap();
-    let s = strict.thread().unwrap();
-    let mut held = Vec::new();
-    let err = loop {
-        match s.alloc(layout(60_000, 8)) {
-            Ok(a) => held.push(a),
-            Err(e) => break e,
-        }
-    };
-    assert!(matches!(&err, AllocError::OutOfMemory { node: NodeId(1), .. }), "{err}");
-    assert!(err.to_string().contains("node 1"), "{err}");
-    for a in held {
-        s.free(a).unwrap();
-    }
-}
-
-#[test]
-fn round_robin_spreads_over_both_nodes() {
-    let allocator = Allocator::new(two_nodes(8 << 20), options(Placement::RoundRobin, Mode::Stealing)).unwrap();
-    let alloc = allocator.thread().unwrap();
-    let addrs: Vec<_> = (0..100).map(|_| alloc.alloc(layout(64, 8)).unwrap()).collect();
-    let on = |n: u16| addrs.iter().filter(|a| a.node() == NodeId(n)).count();
-    assert_eq!((on(0), on(1)), (50, 50));
-    for a in addrs {
-        alloc.free(a).unwrap();
-    }
-}
-
-#[test]
 fn least_loaded_picks_the_emptier_node() {
     let transport = two_nodes(8 << 20);
     let filler = Allocator::new(Arc::clone(&transport), options(Placement::Node(NodeId(0)), Mode::Stealing)).unwrap();
@@ -163,39 +98,6 @@ fn least_loaded_picks_the_emptier_node() {
     for a in big {
         f.free(a).unwrap();
     }
-}
-
-#[test]
-fn stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not() {
-    let transport = two_nodes(2 << 20);
-    let fill = |mode| {
-        let allocator = Allocator::new(Arc::clone(&transport), options(Placement::Node(NodeId(0)), mode)).unwrap();
-        let alloc = allocator.thread().unwrap();
-        let mut on = [0usize; 2];
-        let mut addrs = Vec::new();
-        let err = loop {
-            match alloc.alloc(layout(30_000, 8)) {
-                Ok(a) => {
-                    on[a.node().0 as usize] += 1;
-                    addrs.push(a);
-                }
-                Err(e) => break e,
-            }
-        };
-        for a in addrs {
-            alloc.free(a).unwrap();
-        }
-        (on, err)
-    };
-    let (on, err) = fill(Mode::Strict { chunks_per_node: None });
-    assert!(on[0] > 0 && on[1] == 0, "strict stays on node 0: {on:?}");
-    assert!(matches!(err, AllocError::OutOfMemory { node: NodeId(0), .. }), "{err}");
-    let (on, err) = fill(Mode::Stealing);
-    assert!(on[0] > 0 && on[1] > 0, "stealing moves on to node 1: {on:?}");
-    assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err}");
-    // A quota below the node's size stops earlier.
-    let (on, _) = fill(Mode::Strict { chunks_per_node: Some(3) });
-    assert_eq!(on, [6, 0], "3 chunks of 64 KiB hold 2 blocks of 32 KiB each");
 }
 
 #[test]
@@ -252,4 +154,19 @@ fn remote_box_reads_writes_and_frees_on_drop() {
     }
     alloc.flush().unwrap();
     assert_eq!(alloc.usage().unwrap(), before);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    conformance::bad_inputs(&two_nodes(4 << 20));
+}
+
+#[test]
+fn round_robin_spreads_over_both_nodes() {
+    conformance::round_robin_spreads_over_both_nodes(&two_nodes(8 << 20));
+}
+
+#[test]
+fn stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not() {
+    conformance::stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not(&two_nodes(2 << 20));
 }

@@ -1,0 +1,88 @@
+//! Device tier: the allocator over rxe, against two `rdmem-memnode` processes.
+//!
+//! Ignored by plain `cargo test`; runs in the Soft-RoCE VM with
+//! `soft-roce-setup/vm-run --device-tests`. Without a device no memory node starts and every
+//! test fails.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use rdmem_allocator::conformance;
+use rdmem_allocator::{Allocator, AllocatorOptions};
+use rdmem_core::{NodeId, Transport};
+use rdmem_transport_rdma::child::find_binary;
+use rdmem_transport_rdma::{DeviceSelection, MemnodeChild, RdmaOptions, RdmaTransport};
+
+const TOKEN: &str = "allocator-device-test";
+
+fn two_memnodes(pool: &str) -> [MemnodeChild; 2] {
+    let start = |id: &str| {
+        MemnodeChild::start(&format!("memnode {id}"), TOKEN, &["--pool-size", pool, "--node-id", id])
+            .unwrap_or_else(|e| panic!("rdmem-memnode {id} did not start: {e}"))
+    };
+    [start("0"), start("1")]
+}
+
+fn connect(nodes: &[MemnodeChild; 2]) -> Arc<RdmaTransport> {
+    let options = RdmaOptions {
+        memnodes: nodes.iter().map(|n| n.addr().to_owned()).collect(),
+        token: TOKEN.into(),
+        device: DeviceSelection::from_env().expect("RDMEM_* variables"),
+    };
+    Arc::new(RdmaTransport::connect(options).expect("connect to both memory nodes"))
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn two_client_processes_of_two_threads_keep_the_invariants() {
+    let nodes = two_memnodes("32M");
+    let transport = connect(&nodes);
+    let options = AllocatorOptions { chunk_size: conformance::CHUNK, ..Default::default() };
+    let allocator = Allocator::new(Arc::clone(&transport), options).unwrap();
+    let before = allocator.thread().unwrap().usage().unwrap();
+    assert_eq!(before.iter().map(|u| u.node).collect::<Vec<_>>(), vec![NodeId(0), NodeId(1)]);
+
+    // Two processes at once: each checks every block's bytes before freeing it, so blocks
+    // handed out twice across processes would show up as damage.
+    let pools = find_binary("rdmem-pools");
+    let clients: Vec<_> = (1..=2)
+        .map(|seed| {
+            Command::new(&pools)
+                .args(["--memnode", nodes[0].addr(), "--memnode", nodes[1].addr(), "--chunk-size", "65536"])
+                .args(["stress", "--threads", "2", "--steps", "1500", "--seed", &seed.to_string()])
+                .env("RDMEM_TOKEN", TOKEN)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", pools.display()))
+        })
+        .collect();
+    for mut client in clients {
+        let status = client.wait().unwrap();
+        assert!(status.success(), "a stress client failed: {status}");
+    }
+    // Both clients freed everything and gave their chunks back.
+    assert_eq!(allocator.thread().unwrap().usage().unwrap(), before);
+    // And in this process too, over RDMA, with 2 threads.
+    rdmem_allocator::stress::stress(&allocator, 2, 1000, 3).unwrap();
+    assert_eq!(allocator.thread().unwrap().usage().unwrap(), before);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn bad_inputs_are_errors_over_rdma() {
+    conformance::bad_inputs(&connect(&two_memnodes("8M")));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn round_robin_spreads_blocks_over_both_nodes() {
+    conformance::round_robin_spreads_over_both_nodes(&connect(&two_memnodes("4M")));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn stealing_and_strict_modes_when_a_node_is_full() {
+    let nodes = two_memnodes("2M");
+    let transport = connect(&nodes);
+    assert!(transport.nodes().iter().all(|n| n.pool_size == 2 << 20));
+    conformance::stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not(&transport);
+}
