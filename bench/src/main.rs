@@ -3,9 +3,11 @@
 //!
 //! ```sh
 //! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json   # on Soft-RoCE
+//! soft-roce-setup/vm-run rdmem-bench alloc --json
 //! rdmem-bench verbs --memnode 10.0.0.1:7471                             # on real hardware
 //! ```
 
+mod alloc;
 mod perftest;
 mod report;
 mod tsc;
@@ -26,12 +28,15 @@ enum Bench {
     /// Latency and throughput of one-sided READ, WRITE, CAS and FAA (and perftest's, with
     /// --compare-perftest).
     Verbs(verbs::VerbsArgs),
+    /// Remote allocation throughput and network operations per alloc+free pair.
+    Alloc(alloc::AllocArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.bench {
         Bench::Verbs(args) => verbs::run(args),
+        Bench::Alloc(args) => alloc::run(args),
     };
     if let Err(e) = result {
         eprintln!("rdmem-bench: error: {e}");

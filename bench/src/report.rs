@@ -26,6 +26,9 @@ pub(crate) struct Row {
     pub gbps: Option<f64>,
     /// Operations measured.
     pub ops: u64,
+    /// Network operations per operation (allocator: per alloc+free pair).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_ops_per_op: Option<f64>,
     /// rdmem / perftest for the matching perftest row of the same run (median latency, or
     /// throughput), when one was run.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,13 +62,16 @@ impl Row {
             mops: None,
             gbps: None,
             ops: hist.len(),
+            rdma_ops_per_op: None,
             ratio_vs_perftest: None,
             note: None,
         }
     }
 
     /// A throughput row.
+    #[allow(clippy::too_many_arguments, reason = "one argument per JSON field")]
     pub(crate) fn throughput(
+        bench: &'static str,
         implementation: &'static str,
         op: &'static str,
         size: usize,
@@ -75,7 +81,7 @@ impl Row {
         seconds: f64,
     ) -> Self {
         Row {
-            bench: "verbs",
+            bench,
             implementation,
             op,
             size,
@@ -87,6 +93,7 @@ impl Row {
             mops: Some(ops as f64 / seconds / 1e6),
             gbps: Some(ops as f64 * size as f64 / seconds / 1e9),
             ops,
+            rdma_ops_per_op: None,
             ratio_vs_perftest: None,
             note: None,
         }
@@ -130,7 +137,11 @@ impl Printer {
             }
             self.last_kind = Some(latency);
         }
-        let ratio = row.ratio_vs_perftest.map_or(String::from("-"), |r| format!("{r:.3}"));
+        let ratio = row
+            .ratio_vs_perftest
+            .map(|r| format!("{r:.3}"))
+            .or(row.rdma_ops_per_op.map(|r| format!("{r:.4}/op")))
+            .unwrap_or_else(|| "-".into());
         let note = row.note.as_deref().unwrap_or("");
         if latency {
             println!(

@@ -195,7 +195,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
             for &batch in &args.batches {
                 for &threads in &args.threads {
                     let (ops, seconds) = throughput(&transport, base, op, size, batch, threads, args.throughput_ops)?;
-                    let mut row = Row::throughput("rdmem", op.name(), size, threads, batch, ops, seconds);
+                    let mut row = Row::throughput("verbs", "rdmem", op.name(), size, threads, batch, ops, seconds);
                     // perftest's ib_read_bw is one thread; compare the one-thread READ rows.
                     let compare = args.compare_perftest && op == OpName::Read && threads == 1;
                     if compare {
