@@ -45,8 +45,3 @@ pub use error::RdmaError;
 pub use memnode::{Memnode, MemnodeConfig, PoolDescriptor};
 pub use memory::{PageSize, Region};
 pub use transport::{RdmaBuffer, RdmaEndpoint, RdmaOptions, RdmaTransport};
-
-// The README's examples are compiled as doc tests, so they stay true.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
