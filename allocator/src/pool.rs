@@ -251,25 +251,7 @@ impl Bitmap {
     ) -> Result<()> {
         net.faa(at(node, header::USED_CHUNKS), span.wrapping_neg())?;
         for (word, mask) in word_masks(first, span) {
-            let addr = at(node, geo.bitmap_offset + word as u64 * 8);
-            let mut expected = self.words[word] | mask;
-            loop {
-                let old = net.cas(addr, expected, expected & !mask)?;
-                if old == expected {
-                    self.words[word] = expected & !mask;
-                    break;
-                }
-                if old & mask != mask {
-                    return Err(AllocError::BadPool {
-                        node,
-                        reason: format!(
-                            "chunks {first}..{} were already released (bitmap word {word} is {old:#x})",
-                            first + span
-                        ),
-                    });
-                }
-                expected = old;
-            }
+            self.clear_bits(net, node, geo, word, mask)?;
         }
         self.fresh = false;
         Ok(())
@@ -326,7 +308,7 @@ impl Bitmap {
                 self.words[word] = old;
                 self.fresh = false;
                 for (w, m) in done {
-                    self.release_bits(net, node, geo, w, m)?;
+                    self.clear_bits(net, node, geo, w, m)?;
                 }
                 return Ok(false);
             }
@@ -336,8 +318,9 @@ impl Bitmap {
         Ok(true)
     }
 
-    /// Clears `mask` in bitmap word `word` (undoing a partial claim; no counter change).
-    fn release_bits<E: Endpoint>(
+    /// Clears `mask` in bitmap word `word` with CAS (no counter change). The bits must be set:
+    /// finding one clear means the chunks were released twice.
+    fn clear_bits<E: Endpoint>(
         &mut self,
         net: &mut Net<E>,
         node: NodeId,
@@ -353,7 +336,15 @@ impl Bitmap {
                 self.words[word] = expected & !mask;
                 return Ok(());
             }
-            expected = old | mask;
+            if old & mask != mask {
+                return Err(AllocError::BadPool {
+                    node,
+                    reason: format!(
+                        "bitmap word {word} is {old:#x}: bits {mask:#x} were already clear (chunks released twice)"
+                    ),
+                });
+            }
+            expected = old;
         }
     }
 }
