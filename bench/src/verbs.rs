@@ -4,8 +4,10 @@
 //! Latency: one operation outstanding, one thread, each operation timed with the TSC (see
 //! [`crate::tsc`]: `Instant::now()` costs about 0.75 us in the VM), p50/p99/p999 from an
 //! hdrhistogram. READ and WRITE use a registered buffer (in place, no copy), like perftest.
-//! With `--rounds N` every point is measured N times, alternating rdmem and perftest, and the
-//! medians of the rounds' medians are compared (single runs in the VM vary by about 5%).
+//! With `--rounds N` every compared point is measured N times, alternating rdmem and perftest;
+//! the ratio reported is the median of the rounds' own ratios (a round and the perftest run
+//! right after it see the same machine; the host's speed drifts by 10% over seconds), and the
+//! figures are the medians of the rounds'.
 //! Throughput: each thread posts batches of `batch` operations with one doorbell and waits for
 //! the batch; Mops and GB/s over the whole run, timed once around it.
 //!
@@ -56,8 +58,8 @@ pub(crate) struct VerbsArgs {
     /// Sizes for the throughput runs of READ and WRITE.
     #[arg(long, value_delimiter = ',', default_value = "8,4096")]
     throughput_sizes: Vec<usize>,
-    /// Latency rounds per point, alternating rdmem and perftest; the p50 reported is the median
-    /// of the rounds' p50s.
+    /// Rounds per compared point, alternating rdmem and perftest; ratios and figures are
+    /// medians over the rounds.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Run the matching perftest tools on the same device in the same run and print ratios.
@@ -168,7 +170,10 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
                 let typical = median(&theirs.iter().map(|t| t.typical_us).collect::<Vec<_>>());
                 // ib_write_lat reports half a round trip: compare our round trip with twice it.
                 let factor = if last.half_round_trip { 2.0 } else { 1.0 };
-                row.ratio_vs_perftest = Some(median(&ours) / (typical * factor));
+                // The median of each round's own ratio: a round and the perftest run right
+                // after it see the same machine, so slow drifts of the host cancel out.
+                let ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(o, t)| o / (t.typical_us * factor)).collect();
+                row.ratio_vs_perftest = Some(median(&ratios));
                 if last.half_round_trip {
                     row.note = Some("ratio vs 2 x ib_write_lat (half a round trip); fair for small sizes".into());
                 }
@@ -194,20 +199,33 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
         for &size in sizes {
             for &batch in &args.batches {
                 for &threads in &args.threads {
-                    let (ops, seconds) = throughput(&transport, base, op, size, batch, threads, args.throughput_ops)?;
-                    let mut row = Row::throughput("verbs", "rdmem", op.name(), size, threads, batch, ops, seconds);
                     // perftest's ib_read_bw is one thread; compare the one-thread READ rows.
                     let compare = args.compare_perftest && op == OpName::Read && threads == 1;
+                    let (mut rates, mut theirs, mut ratios, mut total) = (Vec::new(), Vec::new(), Vec::new(), (0, 0.0));
+                    for _ in 0..if compare { args.rounds.max(1) } else { 1 } {
+                        let (ops, seconds) =
+                            throughput(&transport, base, op, size, batch, threads, args.throughput_ops)?;
+                        rates.push(ops as f64 / seconds / 1e6);
+                        total = (total.0 + ops, total.1 + seconds);
+                        if compare {
+                            let iters = args.throughput_ops.div_ceil(batch as u64) * batch as u64;
+                            let bw = perftest::run_read_bandwidth(&target, size, batch as u32, iters)?;
+                            ratios.push(rates[rates.len() - 1] / bw.msg_rate_mpps);
+                            theirs.push(bw);
+                        }
+                    }
+                    let mut row = Row::throughput("verbs", "rdmem", op.name(), size, threads, batch, total.0, total.1);
+                    row.mops = Some(median(&rates));
+                    row.gbps = Some(median(&rates) * 1e6 * size as f64 / 1e9);
                     if compare {
-                        let iters = args.throughput_ops.div_ceil(batch as u64) * batch as u64;
-                        let theirs = perftest::run_read_bandwidth(&target, size, batch as u32, iters)?;
-                        row.ratio_vs_perftest = Some(row.mops.unwrap_or(0.0) / theirs.msg_rate_mpps);
+                        row.ratio_vs_perftest = Some(median(&ratios));
                         out.print(&row);
+                        let mpps = median(&theirs.iter().map(|t| t.msg_rate_mpps).collect::<Vec<_>>());
                         out.print(&Row {
                             implementation: "perftest",
-                            mops: Some(theirs.msg_rate_mpps),
-                            gbps: Some(theirs.bw_avg_gbps),
-                            ops: theirs.iterations,
+                            mops: Some(mpps),
+                            gbps: Some(median(&theirs.iter().map(|t| t.bw_avg_gbps).collect::<Vec<_>>())),
+                            ops: theirs.iter().map(|t| t.iterations).sum(),
                             ratio_vs_perftest: None,
                             note: Some(format!("ib_read_bw -l {batch}")),
                             ..row.clone()

@@ -8,7 +8,7 @@
 //! # The data path ([`Endpoint::execute`])
 //! 1. Validate every operation (node, range, alignment, length) before posting anything.
 //! 2. Cut the batch into rounds that fit the staging memory and each send queue.
-//! 3. Per node, post the round's requests with one `ibv_wr_start`/`ibv_wr_complete` (one
+//! 3. Per node, post the round's requests as one linked list with one `ibv_post_send` (one
 //!    doorbell), only the last one signaled. Writes of unregistered memory up to the queue pair's
 //!    inline limit go inline; other unregistered memory is copied through staging.
 //! 4. Poll the completion queue (`ibv_poll_cq` directly, into a preallocated array) until every
@@ -25,16 +25,17 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdma_mummy_sys::{ibv_poll_cq, ibv_wc};
+use rdma_mummy_sys::{
+    atomic_t, ibv_poll_cq, ibv_post_send, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wr_opcode, rdma_t,
+};
 use rdmem_core::{ClusterConfig, Endpoint, Error, LocalBuffer, NodeId, NodeInfo, Op, Result, Transport};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionQueue, GenericCompletionQueue, WorkCompletionStatus,
 };
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::{
-    ExtendedQueuePair, PostSendGuard, QueuePair, SetInlineData, SetScatterGatherEntry, WorkRequestFlags,
-};
+use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair};
+use smallvec::SmallVec;
 
 use crate::device::{Device, DeviceSelection};
 use crate::error::RdmaError;
@@ -403,6 +404,7 @@ impl RdmaEndpoint {
             }
         }
         let staging_lkey = self.staging.lkey();
+        let mut post_error = None;
         for c in 0..self.conns.len() {
             let node = self.conns[c].node.id;
             let Some(last) = (0..ops.len())
@@ -413,64 +415,88 @@ impl RdmaEndpoint {
             };
             let conn = &mut self.conns[c];
             let (base, rkey) = (conn.pool_base, conn.rkey);
-            let mut guard = conn.qp.start_post_send();
+            // This node's requests as a linked list, on the stack up to 64: one ibv_post_send,
+            // one doorbell, and one indirect call for the lot (perftest's way), where the
+            // ibv_wr_* API costs four per request.
+            let mut wrs: SmallVec<[ibv_send_wr; 64]> = SmallVec::new();
+            let mut sges: SmallVec<[ibv_sge; 64]> = SmallVec::new();
             for (i, (op, &side)) in ops.iter().zip(&self.sides).enumerate().take(last + 1) {
                 if op.remote().node() != node || matches!(side, LocalSide::Skip) {
                     continue;
                 }
-                let mut flags = if i == last { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
-                if matches!(side, LocalSide::Inline) {
-                    // ibv_wr_set_inline_data alone is not enough: rxe reads the payload as
-                    // inline only with IBV_SEND_INLINE set on the request.
-                    flags |= WorkRequestFlags::Inline;
-                }
                 let remote = base + op.remote().offset();
-                let wr = guard.construct_wr(i as u64, flags);
-                let (addr, lkey, len) = match side {
-                    LocalSide::Registered { addr, lkey } => (addr, lkey, op.len() as u32),
-                    LocalSide::Staged { offset } => (staging_addr + offset as u64, staging_lkey, op.len() as u32),
-                    LocalSide::Inline | LocalSide::Skip => (0, 0, 0),
+                let (addr, lkey) = match (op, side) {
+                    (_, LocalSide::Registered { addr, lkey }) => (addr, lkey),
+                    (_, LocalSide::Staged { offset }) => (staging_addr + offset as u64, staging_lkey),
+                    // Inline: the device copies the bytes at post time; no key is needed.
+                    (Op::Write { local, .. }, LocalSide::Inline) => (local.as_ptr() as u64, 0),
+                    _ => unreachable!("only writes go inline; skipped ops are not posted"),
                 };
+                let mut flags = if i == last { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
+                // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
+                let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+                wr.wr_id = i as u64;
+                wr.num_sge = 1;
                 match op {
                     Op::Read { .. } => {
-                        let wr = wr.setup_read(rkey, remote);
-                        // SAFETY: the local range is registered (`lkey`) and borrowed by `ops`
-                        // (user memory) or owned by this endpoint (staging) until this function
-                        // returns, which is after the completion of this round's last request.
-                        unsafe { wr.setup_sge(lkey, addr, len) };
+                        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+                        wr.wr.rdma = rdma_t { remote_addr: remote, rkey };
                     }
-                    Op::Write { local, .. } => {
-                        let wr = wr.setup_write(rkey, remote);
+                    Op::Write { .. } => {
+                        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                        wr.wr.rdma = rdma_t { remote_addr: remote, rkey };
                         if matches!(side, LocalSide::Inline) {
-                            wr.setup_inline_data(local);
-                        } else {
-                            // SAFETY: as for READ above.
-                            unsafe { wr.setup_sge(lkey, addr, len) };
+                            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
                         }
                     }
                     Op::CompareSwap { expected, new, .. } => {
-                        let wr = wr.setup_atomic_compare_swap(rkey, remote, *expected, *new);
-                        // SAFETY: an 8-byte staging slot, owned by this endpoint, see READ.
-                        unsafe { wr.setup_sge(lkey, addr, 8) };
+                        wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
+                        wr.wr.atomic = atomic_t { remote_addr: remote, compare_add: *expected, swap: *new, rkey };
                     }
                     Op::FetchAdd { add, .. } => {
-                        let wr = wr.setup_atomic_fetch_add(rkey, remote, *add);
-                        // SAFETY: as for compare-and-swap.
-                        unsafe { wr.setup_sge(lkey, addr, 8) };
+                        wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD;
+                        wr.wr.atomic = atomic_t { remote_addr: remote, compare_add: *add, swap: 0, rkey };
                     }
                 }
+                wr.send_flags = flags;
+                wrs.push(wr);
+                sges.push(ibv_sge { addr, length: op.len() as u32, lkey });
             }
-            if let Err(e) = guard.post() {
+            // Link them now that neither vector moves any more.
+            let (wr_ptr, sge_ptr) = (wrs.as_mut_ptr(), sges.as_mut_ptr());
+            for k in 0..wrs.len() {
+                // SAFETY: k and k + 1 index the vectors (k + 1 only when in bounds); both stay
+                // in place until ibv_post_send returns, which copies the requests.
+                unsafe {
+                    (*wr_ptr.add(k)).sg_list = sge_ptr.add(k);
+                    (*wr_ptr.add(k)).next = if k + 1 < wrs.len() { wr_ptr.add(k + 1) } else { std::ptr::null_mut() };
+                }
+            }
+            let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
+            // SAFETY: the queue pair is alive (owned by `conn`); the list is well formed
+            // (above); its local memory is registered and borrowed by `ops` or owned by this
+            // endpoint until this function returns, after the round's last completion.
+            let rc = unsafe { ibv_post_send(conn.qp.qp().as_ptr(), wr_ptr, &mut bad) };
+            if rc != 0 {
+                // Requests before the bad one may be in flight with nothing signaled: the error
+                // state stops the device touching their memory. Other nodes' requests of this
+                // round are waited for below before the error is returned.
+                queue_pair::set_error(&mut conn.qp);
                 conn.broken = true;
-                return Err(Error::Completion {
+                post_error.get_or_insert(Error::Completion {
                     op: ops[last].kind(),
                     addr: ops[last].remote(),
-                    status: format!("ibv_wr_complete failed: {e}"),
+                    status: format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc)),
                 });
+                break;
             }
             self.last_wr[c] = Some(last as u64);
         }
-        self.wait_round(ops)?;
+        let waited = self.wait_round(ops);
+        if let Some(e) = post_error {
+            return Err(e);
+        }
+        waited?;
         // Copy staged results out.
         for (op, side) in ops.iter_mut().zip(&self.sides) {
             let LocalSide::Staged { offset } = *side else { continue };
