@@ -1,3 +1,54 @@
-//! rdmem's shared-memory layer: distributed locks and barrier from RDMA atomics, the page cache
-//! and scope consistency. Built on `rdmem-core` and `rdmem-allocator`.
+//! rdmem's shared-memory layer. Today: distributed locks and a barrier built from one-sided
+//! RDMA atomics (the page cache and scope consistency come next).
+//!
+//! # Quick start
+//! ```
+//! use std::time::Duration;
+//! use rdmem_coherence::{CohortLock, RemoteBarrier, RemoteLock};
+//! use rdmem_core::{Endpoint, GlobalAddr, LoopbackTransport, NodeId, Transport};
+//!
+//! let transport = LoopbackTransport::new(&[1 << 20]);
+//! let mut ep = transport.endpoint()?;
+//! let word = GlobalAddr::new(NodeId(0), 4096).unwrap();
+//! let counter = GlobalAddr::new(NodeId(0), 8192).unwrap();
+//!
+//! let lock = RemoteLock::new(word, /* holder id */ 1, Duration::from_secs(2))?;
+//! let mut guard = lock.lock(&mut ep)?;
+//! let n = guard.endpoint().read_u64(counter)?; // a non-atomic read-modify-write...
+//! guard.endpoint().write_u64(counter, n + 1)?; // ...made safe by the lock
+//! guard.unlock()?; // release is a network operation: it can fail, so it returns a Result
+//!
+//! // Threads of one process share a cohort lock: handovers between them stay local.
+//! let cohort = CohortLock::new(RemoteLock::new(word, 2, Duration::from_secs(2))?, 8);
+//! cohort.lock(&mut ep)?.unlock()?;
+//!
+//! let mut barrier = RemoteBarrier::new(GlobalAddr::new(NodeId(0), 64).unwrap(), GlobalAddr::new(NodeId(0), 72).unwrap(), 1)?;
+//! barrier.wait(&mut ep)?;
+//! # Ok::<(), rdmem_coherence::LockError>(())
+//! ```
+//!
+//! # Model
+//! - [`RemoteLock`]: one 8-byte word, `holder << 32 | epoch`; CAS to acquire and release;
+//!   leases let waiters take over from a holder that stopped changing the word (crashed).
+//! - [`CohortLock`]: a process's threads hand a held remote lock to each other locally, a
+//!   bounded number of times in a row, so contention inside a process costs no round trips.
+//! - [`RemoteBarrier`]: fetch-and-add on a counter that only grows, plus an epoch word.
+//! - [`LockTable`]: locks by id, spread over the memory nodes.
+//!
+//! # Failure
+//! A holder that crashes delays others by about one lease (two at most); its late release
+//! fails harmlessly with [`LockError::LeaseLost`]. Guards are `#[must_use]` and released with a
+//! fallible `unlock()`; a guard dropped without it releases and logs.
 #![forbid(unsafe_code)]
+
+pub mod barrier;
+pub mod cohort;
+pub mod error;
+pub mod lock;
+pub mod table;
+
+pub use barrier::RemoteBarrier;
+pub use cohort::{CohortGuard, CohortLock};
+pub use error::{LockError, Result};
+pub use lock::{DEFAULT_LEASE, LockGuard, RemoteLock};
+pub use table::LockTable;

@@ -1,0 +1,63 @@
+//! A reusable barrier for `n` participants from two remote words: a counter and an epoch.
+//!
+//! Round `r` (counted from 0 by each participant) is complete when the counter reaches
+//! `(r + 1) * n`. Arriving is one fetch-and-add; the participant whose add completes the round
+//! writes `r + 1` to the epoch word; the others read the epoch until it reaches `r + 1`. The
+//! counter only grows, so nothing is ever reset and a fast participant's next round cannot be
+//! confused with the current one: invariant `counter == rounds_done * n + arrived_this_round`.
+
+use std::time::Duration;
+
+use rdmem_core::{Endpoint, GlobalAddr};
+
+use crate::error::{LockError, Result};
+
+/// One participant's handle on a barrier. Each participant keeps its own (it counts rounds).
+#[derive(Debug, Clone)]
+pub struct RemoteBarrier {
+    counter: GlobalAddr,
+    epoch: GlobalAddr,
+    participants: u64,
+    round: u64,
+}
+
+impl RemoteBarrier {
+    /// A barrier of `participants` over two 8-aligned words (initially 0) at `counter` and
+    /// `epoch`. Every participant must name the same words and count.
+    pub fn new(counter: GlobalAddr, epoch: GlobalAddr, participants: u64) -> Result<Self> {
+        for word in [counter, epoch] {
+            if !word.is_aligned(8) {
+                return Err(LockError::Misaligned { word });
+            }
+        }
+        if participants == 0 {
+            return Err(LockError::NoParticipants);
+        }
+        Ok(RemoteBarrier { counter, epoch, participants, round: 0 })
+    }
+
+    /// Rounds this participant has completed.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Waits until all participants arrived in this round.
+    pub fn wait<E: Endpoint>(&mut self, ep: &mut E) -> Result<()> {
+        let target = (self.round + 1) * self.participants;
+        let arrived = ep.faa(self.counter, 1)? + 1;
+        if arrived > target {
+            return Err(LockError::BarrierOverrun { expected: target, got: arrived });
+        }
+        if arrived == target {
+            ep.write_u64(self.epoch, self.round + 1)?;
+        } else {
+            let mut backoff = Duration::from_micros(1);
+            while ep.read_u64(self.epoch)? < self.round + 1 {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_micros(500));
+            }
+        }
+        self.round += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,60 @@
+//! Errors of the locks and the barrier.
+
+use rdmem_core::GlobalAddr;
+
+/// Why a lock or barrier operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Holder ids must be nonzero (0 marks a free lock).
+    #[error("holder id 0 is reserved for 'free'; use a nonzero id")]
+    BadHolder,
+    /// Lock and barrier words are 8-byte atomics.
+    #[error("{word} is not 8-byte aligned; lock and barrier words must be")]
+    Misaligned {
+        /// The word.
+        word: GlobalAddr,
+    },
+    /// This holder id holds the lock already (a second acquire would deadlock).
+    #[error("the lock at {word} is already held by holder {holder} (this same id)")]
+    AlreadyHeld {
+        /// The lock word.
+        word: GlobalAddr,
+        /// The holder id.
+        holder: u32,
+    },
+    /// The lease ran out and another holder took the lock over; or the unlocker was never
+    /// the holder. The critical section may have overlapped another one.
+    #[error("lease lost on the lock at {word}: it now holds {now:#x}, not this holder's value")]
+    LeaseLost {
+        /// The lock word.
+        word: GlobalAddr,
+        /// What the word holds now.
+        now: u64,
+    },
+    /// A lock id beyond the table.
+    #[error("lock id {id} is out of range: the table has {count} locks")]
+    IdOutOfRange {
+        /// The id asked for.
+        id: u64,
+        /// The number of locks.
+        count: u64,
+    },
+    /// A barrier of zero participants.
+    #[error("a barrier needs at least one participant")]
+    NoParticipants,
+    /// More participants arrived than the barrier was made for.
+    #[error("barrier overrun: {got} arrivals where the round ends at {expected} (more participants than configured?)")]
+    BarrierOverrun {
+        /// Arrivals at which the round completes.
+        expected: u64,
+        /// Arrivals counted.
+        got: u64,
+    },
+    /// The network operation underneath failed.
+    #[error(transparent)]
+    Transport(#[from] rdmem_core::Error),
+}
+
+/// `Result` with [`LockError`].
+pub type Result<T, E = LockError> = std::result::Result<T, E>;

@@ -1,0 +1,173 @@
+//! Exclusive locks in one remote 8-byte word, with leases.
+//!
+//! The word is `0` when free, else `holder << 32 | epoch`: `holder` (nonzero) names who holds it,
+//! `epoch` changes with every acquisition and renewal, so each hold has its own value.
+//!
+//! - **Acquire**: CAS `0 -> mine`, with capped exponential backoff while it is held.
+//! - **Lease**: a waiter that sees the *same* held value for longer than the lease period
+//!   (measured on its own clock) takes the holder for dead and CASes that value to its own.
+//!   A crashed holder therefore blocks others for about one lease after its last renewal (at
+//!   most about two leases after it acquired, if it renewed right before dying). Holders of long
+//!   critical sections call [`LockGuard::renew`] well within the lease.
+//! - **Release**: CAS `mine -> 0`. If the lease was taken over meanwhile, the CAS fails and
+//!   nothing is changed: a late release is harmless, and reported as [`LockError::LeaseLost`]
+//!   (the critical section may have overlapped another one, which the caller must know).
+//!
+//! Mutual exclusion holds as long as a holder does not run past its lease without renewing.
+
+use std::time::{Duration, Instant};
+
+use rdmem_core::{Endpoint, GlobalAddr};
+
+use crate::error::{LockError, Result};
+
+/// The default lease: generous for Soft-RoCE's latency tails (milliseconds at p999 in the VM).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
+
+/// Where a lock lives and who takes it. Cheap to copy; the state is all in remote memory.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteLock {
+    word: GlobalAddr,
+    holder: u32,
+    lease: Duration,
+}
+
+impl RemoteLock {
+    /// A lock in the 8-byte word at `word` (8-aligned, initially 0), taken on behalf of
+    /// `holder`, which must be nonzero and unique among everyone using the lock (a process, or
+    /// a thread when threads take it directly).
+    pub fn new(word: GlobalAddr, holder: u32, lease: Duration) -> Result<Self> {
+        if holder == 0 {
+            return Err(LockError::BadHolder);
+        }
+        if !word.is_aligned(8) {
+            return Err(LockError::Misaligned { word });
+        }
+        Ok(RemoteLock { word, holder, lease })
+    }
+
+    /// The lock word's address.
+    pub fn word(&self) -> GlobalAddr {
+        self.word
+    }
+
+    /// The lease period.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The holder id this handle takes the lock as.
+    pub fn holder(&self) -> u32 {
+        self.holder
+    }
+
+    /// Acquires the lock through `ep` (CAS with backoff; takes over an expired lease).
+    pub fn lock<'e, E: Endpoint>(&self, ep: &'e mut E) -> Result<LockGuard<'e, E>> {
+        let value = self.acquire(ep)?;
+        Ok(LockGuard { ep, lock: *self, value, released: false, since: Instant::now() })
+    }
+
+    /// The acquisition itself: returns the value written (this hold's identity).
+    pub(crate) fn acquire<E: Endpoint>(&self, ep: &mut E) -> Result<u64> {
+        let mut epoch = 1u32;
+        let mut expected = 0u64;
+        let mut backoff = Duration::from_micros(1);
+        // The held value seen last, and since when (for lease expiry).
+        let mut seen: Option<(u64, Instant)> = None;
+        loop {
+            let mine = (self.holder as u64) << 32 | epoch as u64;
+            let old = ep.cas(self.word, expected, mine)?;
+            if old == expected {
+                return Ok(mine);
+            }
+            epoch = epoch.wrapping_add(1).max(1);
+            if old == 0 {
+                expected = 0;
+                continue;
+            }
+            if old >> 32 == self.holder as u64 {
+                return Err(LockError::AlreadyHeld { word: self.word, holder: self.holder });
+            }
+            expected = 0;
+            match seen {
+                Some((value, since)) if value == old => {
+                    if since.elapsed() > self.lease {
+                        tracing::warn!(
+                            "lock at {}: holder {} kept it unchanged for more than the lease ({:?}); taking it over",
+                            self.word,
+                            old >> 32,
+                            self.lease
+                        );
+                        expected = old;
+                        continue;
+                    }
+                }
+                _ => seen = Some((old, Instant::now())),
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// Releases the hold `value` (CAS back to 0); `LeaseLost` if it was taken over.
+    pub(crate) fn release<E: Endpoint>(&self, ep: &mut E, value: u64) -> Result<()> {
+        let old = ep.cas(self.word, value, 0)?;
+        if old == value { Ok(()) } else { Err(LockError::LeaseLost { word: self.word, now: old }) }
+    }
+
+    /// Renews the hold `value`: a new epoch, so waiters start their lease clocks again.
+    pub(crate) fn renew<E: Endpoint>(&self, ep: &mut E, value: u64) -> Result<u64> {
+        let next = (value & !0xffff_ffff) | ((value as u32).wrapping_add(1).max(1) as u64);
+        let old = ep.cas(self.word, value, next)?;
+        if old == value { Ok(next) } else { Err(LockError::LeaseLost { word: self.word, now: old }) }
+    }
+}
+
+/// A held lock. Release it with [`LockGuard::unlock`], which reports a lost lease; dropping it
+/// releases too, and logs a failure (it cannot report it).
+#[must_use = "the lock is held until unlock() (or drop, which cannot report errors)"]
+pub struct LockGuard<'e, E: Endpoint> {
+    ep: &'e mut E,
+    lock: RemoteLock,
+    value: u64,
+    released: bool,
+    since: Instant,
+}
+
+impl<E: Endpoint> LockGuard<'_, E> {
+    /// The endpoint, for the critical section's reads and writes. They are on the same queue
+    /// pair as the release, which comes after them.
+    pub fn endpoint(&mut self) -> &mut E {
+        self.ep
+    }
+
+    /// Restarts the lease (one CAS). Call it within every lease period of a long critical
+    /// section; `LeaseLost` if a waiter already took the lock over.
+    pub fn renew(&mut self) -> Result<()> {
+        self.value = self.lock.renew(self.ep, self.value)?;
+        self.since = Instant::now();
+        Ok(())
+    }
+
+    /// How long ago the lock was taken or last renewed.
+    pub fn held_for(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// Releases the lock; `LeaseLost` if the lease expired and someone took it over.
+    pub fn unlock(mut self) -> Result<()> {
+        self.released = true;
+        self.lock.release(self.ep, self.value)
+    }
+}
+
+impl<E: Endpoint> Drop for LockGuard<'_, E> {
+    fn drop(&mut self) {
+        if !self.released {
+            tracing::warn!("lock at {} dropped without unlock(); releasing it", self.lock.word);
+            if let Err(e) = self.lock.release(self.ep, self.value) {
+                tracing::error!("releasing the dropped lock at {} failed: {e}", self.lock.word);
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Locks and barrier on the loopback transport: exact counters under contention, no torn
+//! records, leases after a crash, late releases, barrier rounds, bad inputs.
+
+use std::time::{Duration, Instant};
+
+use rdmem_coherence::{CohortLock, LockError, LockTable, RemoteBarrier, RemoteLock};
+use rdmem_core::{Endpoint, GlobalAddr, LoopbackTransport, NodeId, Transport};
+
+const LEASE: Duration = Duration::from_secs(2);
+
+fn at(offset: u64) -> GlobalAddr {
+    GlobalAddr::new(NodeId(0), offset).unwrap()
+}
+
+/// The critical section: a non-atomic READ then WRITE of the counter.
+fn increment<E: Endpoint>(ep: &mut E, counter: GlobalAddr) {
+    let n = ep.read_u64(counter).unwrap();
+    ep.write_u64(counter, n + 1).unwrap();
+}
+
+#[test]
+fn plain_lock_counter_is_exact() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let (word, counter) = (at(4096), at(8192));
+    let (processes, threads, rounds) = (2u32, 4u32, 300u64);
+    std::thread::scope(|s| {
+        for p in 0..processes {
+            for t in 0..threads {
+                let transport = &transport;
+                s.spawn(move || {
+                    let lock = RemoteLock::new(word, p * 100 + t + 1, LEASE).unwrap();
+                    let mut ep = transport.endpoint().unwrap();
+                    for _ in 0..rounds {
+                        let mut g = lock.lock(&mut ep).unwrap();
+                        increment(g.endpoint(), counter);
+                        g.unlock().unwrap();
+                    }
+                });
+            }
+        }
+    });
+    let total = processes as u64 * threads as u64 * rounds;
+    assert_eq!(transport.endpoint().unwrap().read_u64(counter).unwrap(), total);
+}
+
+#[test]
+fn cohort_lock_counter_is_exact() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let (word, counter) = (at(4096), at(8192));
+    let cohorts: Vec<CohortLock> =
+        (1..=2).map(|p| CohortLock::new(RemoteLock::new(word, p, LEASE).unwrap(), 8)).collect();
+    let (threads, rounds) = (4, 300u64);
+    std::thread::scope(|s| {
+        for cohort in &cohorts {
+            for _ in 0..threads {
+                let transport = &transport;
+                s.spawn(move || {
+                    let mut ep = transport.endpoint().unwrap();
+                    for _ in 0..rounds {
+                        let mut g = cohort.lock(&mut ep).unwrap();
+                        increment(g.endpoint(), counter);
+                        g.unlock().unwrap();
+                    }
+                });
+            }
+        }
+    });
+    assert_eq!(transport.endpoint().unwrap().read_u64(counter).unwrap(), 2 * threads * rounds);
+    assert_eq!(transport.endpoint().unwrap().read_u64(word).unwrap(), 0, "released at the end");
+}
+
+#[test]
+fn cohort_hands_over_to_a_waiting_thread_and_bounds_the_run() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let word = at(4096);
+    let cohort = CohortLock::new(RemoteLock::new(word, 5, LEASE).unwrap(), 1);
+    let remote_word = || transport.endpoint().unwrap().read_u64(word).unwrap();
+    let mut ep = transport.endpoint().unwrap();
+    let first = cohort.lock(&mut ep).unwrap();
+    let held = remote_word();
+    assert_eq!(held >> 32, 5, "the process holds the remote word");
+    let handed = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let mut ep = transport.endpoint().unwrap();
+            let second = cohort.lock(&mut ep).unwrap();
+            // Handed over locally: the remote word was never released in between.
+            assert_eq!(remote_word(), held);
+            let third = std::thread::scope(|s2| {
+                let t3 = s2.spawn(|| {
+                    let mut ep = transport.endpoint().unwrap();
+                    cohort.lock(&mut ep).unwrap().unlock().unwrap()
+                });
+                while cohort.waiting() == 0 {
+                    std::thread::yield_now();
+                }
+                // A waiter is there, but the bound (1 handover in a row) is reached: release.
+                assert!(!second.unlock().unwrap(), "the second release must go remote");
+                t3.join().unwrap()
+            });
+            assert!(!third, "nobody waits for the last one");
+        });
+        while cohort.waiting() == 0 {
+            std::thread::yield_now();
+        }
+        let handed = first.unlock().unwrap();
+        waiter.join().unwrap();
+        handed
+    });
+    assert!(handed, "the first release must hand over to the waiting thread");
+    assert_eq!(remote_word(), 0, "released at the end");
+}
+
+#[test]
+fn readers_never_see_a_torn_record() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let (word, record) = (at(4096), at(8192));
+    std::thread::scope(|s| {
+        for t in 0..4u32 {
+            let transport = &transport;
+            s.spawn(move || {
+                let lock = RemoteLock::new(word, t + 1, LEASE).unwrap();
+                let mut ep = transport.endpoint().unwrap();
+                for i in 0..300u64 {
+                    let mut g = lock.lock(&mut ep).unwrap();
+                    if t == 0 {
+                        // The writer: four words, one WRITE each, all the same value.
+                        for w in 0..4 {
+                            g.endpoint().write_u64(record.checked_add(8 * w).unwrap(), i).unwrap();
+                        }
+                    } else {
+                        let mut words = [0u8; 32];
+                        g.endpoint().read(record, &mut words).unwrap();
+                        let first = &words[..8];
+                        assert!(words.chunks(8).all(|w| w == first), "torn record: {words:?}");
+                    }
+                    g.unlock().unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_crashed_holder_delays_others_by_about_a_lease() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let lease = Duration::from_millis(200);
+    let word = at(4096);
+    let mut ep = transport.endpoint().unwrap();
+    let crashed = RemoteLock::new(word, 1, lease).unwrap();
+    std::mem::forget(crashed.lock(&mut ep).unwrap()); // holds it, never releases: a crash
+    let mut other_ep = transport.endpoint().unwrap();
+    let started = Instant::now();
+    let g = RemoteLock::new(word, 2, lease).unwrap().lock(&mut other_ep).unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= lease, "took over after {waited:?}, before the lease ran out");
+    assert!(waited < lease * 20, "took {waited:?}: the lease did not end the wait");
+    g.unlock().unwrap();
+}
+
+#[test]
+fn a_late_release_after_the_lease_is_harmless_and_reported() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let lease = Duration::from_millis(100);
+    let word = at(4096);
+    let mut slow_ep = transport.endpoint().unwrap();
+    let slow = RemoteLock::new(word, 1, lease).unwrap();
+    let g = slow.lock(&mut slow_ep).unwrap();
+    // Another holder takes it over once the lease ran out.
+    let mut fast_ep = transport.endpoint().unwrap();
+    let fast = RemoteLock::new(word, 2, lease).unwrap().lock(&mut fast_ep).unwrap();
+    // The slow holder's release fails and changes nothing.
+    let err = g.unlock().unwrap_err();
+    assert!(matches!(err, LockError::LeaseLost { .. }), "{err}");
+    assert_eq!(transport.endpoint().unwrap().read_u64(word).unwrap() >> 32, 2, "still held by holder 2");
+    fast.unlock().unwrap();
+}
+
+#[test]
+fn renewal_keeps_the_lease() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    // Renewals every 50 ms keep a 600 ms lease even when a sleep overshoots a lot.
+    let lease = Duration::from_millis(600);
+    let word = at(4096);
+    let mut ep = transport.endpoint().unwrap();
+    let mut g = RemoteLock::new(word, 1, lease).unwrap().lock(&mut ep).unwrap();
+    let waiter = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let mut ep = transport.endpoint().unwrap();
+            let started = Instant::now();
+            RemoteLock::new(word, 2, lease).unwrap().lock(&mut ep).unwrap().unlock().unwrap();
+            started.elapsed()
+        });
+        // Hold for two leases, renewing every 50 ms.
+        for _ in 0..24 {
+            std::thread::sleep(Duration::from_millis(50));
+            g.renew().unwrap();
+        }
+        g.unlock().unwrap();
+        h.join().unwrap()
+    });
+    assert!(waiter >= lease * 2, "the waiter took over a renewed lock after {waiter:?}");
+}
+
+#[test]
+fn barrier_lets_nobody_through_early() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let (counter, epoch, slots) = (at(64), at(72), at(4096));
+    let (n, rounds) = (4u64, 50u64);
+    std::thread::scope(|s| {
+        for t in 0..n {
+            let transport = &transport;
+            s.spawn(move || {
+                let mut ep = transport.endpoint().unwrap();
+                let mut barrier = RemoteBarrier::new(counter, epoch, n).unwrap();
+                for r in 1..=rounds {
+                    ep.write_u64(slots.checked_add(8 * t).unwrap(), r).unwrap();
+                    barrier.wait(&mut ep).unwrap();
+                    for other in 0..n {
+                        let seen = ep.read_u64(slots.checked_add(8 * other).unwrap()).unwrap();
+                        assert!(seen >= r, "participant {t} passed round {r} before {other} arrived ({seen})");
+                    }
+                    // A second barrier so nobody overwrites its slot before all have checked.
+                    barrier.wait(&mut ep).unwrap();
+                }
+                assert_eq!(barrier.round(), 2 * rounds);
+            });
+        }
+    });
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let transport = LoopbackTransport::new(&[1 << 20, 1 << 20]);
+    assert!(matches!(RemoteLock::new(at(4096), 0, LEASE), Err(LockError::BadHolder)));
+    assert!(matches!(RemoteLock::new(at(4097), 1, LEASE), Err(LockError::Misaligned { .. })));
+    assert!(matches!(RemoteBarrier::new(at(64), at(72), 0), Err(LockError::NoParticipants)));
+    let table = LockTable::new(vec![at(4096), GlobalAddr::new(NodeId(1), 4096).unwrap()], 10).unwrap();
+    assert!(matches!(table.lock(10, 1, LEASE), Err(LockError::IdOutOfRange { id: 10, count: 10 })));
+    assert_eq!(table.word(3).unwrap(), GlobalAddr::new(NodeId(1), 4096 + 8).unwrap(), "odd ids on node 1");
+    // The same holder taking a lock twice would deadlock: refused.
+    let mut ep = transport.endpoint().unwrap();
+    let mut ep2 = transport.endpoint().unwrap();
+    let lock = table.lock(4, 7, LEASE).unwrap();
+    let g = lock.lock(&mut ep).unwrap();
+    assert!(matches!(lock.lock(&mut ep2), Err(LockError::AlreadyHeld { holder: 7, .. })));
+    g.unlock().unwrap();
+    // Too many participants at a barrier of one.
+    let mut one = RemoteBarrier::new(at(64), at(72), 1).unwrap();
+    one.wait(&mut ep).unwrap();
+    let mut stray = RemoteBarrier::new(at(64), at(72), 1).unwrap();
+    assert!(matches!(stray.wait(&mut ep), Err(LockError::BarrierOverrun { .. })));
+}
