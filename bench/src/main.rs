@@ -4,10 +4,12 @@
 //! ```sh
 //! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json   # on Soft-RoCE
 //! soft-roce-setup/vm-run rdmem-bench alloc --json
+//! soft-roce-setup/vm-run rdmem-bench lock --json
 //! rdmem-bench verbs --memnode 10.0.0.1:7471                             # on real hardware
 //! ```
 
 mod alloc;
+mod lock;
 mod perftest;
 mod report;
 mod tsc;
@@ -30,6 +32,8 @@ enum Bench {
     Verbs(verbs::VerbsArgs),
     /// Remote allocation throughput and network operations per alloc+free pair.
     Alloc(alloc::AllocArgs),
+    /// Distributed locks (CAS spinlock vs cohort lock) and barrier.
+    Lock(lock::LockArgs),
 }
 
 fn main() {
@@ -37,6 +41,7 @@ fn main() {
     let result = match &cli.bench {
         Bench::Verbs(args) => verbs::run(args),
         Bench::Alloc(args) => alloc::run(args),
+        Bench::Lock(args) => lock::run(args),
     };
     if let Err(e) = result {
         eprintln!("rdmem-bench: error: {e}");

@@ -13,6 +13,9 @@ pub(crate) struct Row {
     pub op: &'static str,
     pub size: usize,
     pub threads: usize,
+    /// Processes taking part (lock rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<usize>,
     pub batch: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p50_us: Option<f64>,
@@ -55,6 +58,7 @@ impl Row {
             op,
             size,
             threads,
+            processes: None,
             batch,
             p50_us: Some(us(0.5)),
             p99_us: Some(us(0.99)),
@@ -86,6 +90,7 @@ impl Row {
             op,
             size,
             threads,
+            processes: None,
             batch,
             p50_us: None,
             p99_us: None,

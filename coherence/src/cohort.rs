@@ -54,7 +54,15 @@ impl CohortLock {
     /// the remote lock.
     pub fn lock<'a, 'e, E: Endpoint>(&'a self, ep: &'e mut E) -> Result<CohortGuard<'a, 'e, E>> {
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        // Spin (yielding) rather than sleep: waking a sleeping thread costs about as much as a
+        // network round trip, which is what the handover is there to save.
+        let mut local = loop {
+            match self.local.try_lock() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+            }
+        };
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         match local.held {
             None => {
