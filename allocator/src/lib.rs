@@ -64,9 +64,3 @@ pub use alloc::{Allocator, AllocatorOptions, Mode, Placement, ThreadAlloc};
 pub use boxed::RemoteBox;
 pub use error::{AllocError, Result};
 pub use pool::NodeUsage;
-
-// The README's examples are compiled as doc tests here (this crate sees every crate they use),
-// so they stay true.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

@@ -52,3 +52,9 @@ pub use cohort::{CohortGuard, CohortLock};
 pub use error::{LockError, Result};
 pub use lock::{DEFAULT_LEASE, LockGuard, RemoteLock};
 pub use table::LockTable;
+
+// The README's examples are compiled as doc tests here (the top crate; the allocator is a
+// dev-dependency for them), so they stay true.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
