@@ -7,14 +7,14 @@
 //! them from starving). Invariant: `held.is_some()` exactly while this process holds the
 //! remote word, and only the holder of the local mutex changes `held`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::TryLockError;
 use std::time::Instant;
 
 use rdmem_core::Endpoint;
 
 use crate::error::Result;
 use crate::lock::RemoteLock;
+use crate::primitive::{AtomicUsize, Mutex, MutexGuard, Ordering, yield_now};
 
 struct Cohort {
     /// The remote hold value while this process holds the lock.
@@ -59,8 +59,8 @@ impl CohortLock {
         let mut local = loop {
             match self.local.try_lock() {
                 Ok(guard) => break guard,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) => yield_now(),
             }
         };
         self.waiting.fetch_sub(1, Ordering::SeqCst);

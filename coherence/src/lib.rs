@@ -45,6 +45,7 @@ pub mod barrier;
 pub mod cohort;
 pub mod error;
 pub mod lock;
+mod primitive;
 pub mod table;
 
 pub use barrier::RemoteBarrier;
