@@ -6,16 +6,14 @@
 //! (the fast path issues none; refills, chunk releases and the first format do).
 
 use std::alloc::Layout;
-use std::sync::{Arc, Barrier};
-use std::time::Instant;
+use std::sync::Arc;
 
 use clap::Args;
 use rdmem_allocator::{Allocator, AllocatorOptions};
-use rdmem_core::ClusterConfig;
-use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::RdmaTransport;
 
+use crate::harness;
 use crate::report::{Printer, Row};
-use crate::verbs::start_memnode;
 
 /// Options of `rdmem-bench alloc`.
 #[derive(Args, Debug)]
@@ -45,17 +43,8 @@ pub(crate) struct AllocArgs {
 }
 
 pub(crate) fn run(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = ClusterConfig::load(None)?;
-    if !args.memnodes.is_empty() {
-        config.memnodes = args.memnodes.clone();
-    }
-    let local = if config.memnodes.is_empty() { Some(start_memnode(&config, 256 << 20)?) } else { None };
-    if let Some(node) = &local {
-        config.memnodes = vec![node.addr().to_owned()];
-        config.token = Some(node.token().to_owned());
-        config.token_file = None;
-    }
-    let transport = Arc::new(RdmaTransport::connect(RdmaOptions::from_config(&config)?)?);
+    let harness::Cluster { transport, memnode: _memnode } = harness::connect(&args.memnodes, 256 << 20)?;
+    let transport = Arc::new(transport);
     let options = AllocatorOptions { chunk_size: args.chunk_size, ..Default::default() };
     let allocator = Allocator::new(transport, options)?;
     let mut out = Printer::new(args.json);
@@ -81,32 +70,20 @@ fn measure(
 ) -> Result<(u64, u64, f64), Box<dyn std::error::Error>> {
     let layout = Layout::from_size_align(size, 8)?;
     let rounds = pairs.div_ceil(window as u64);
-    let start = Barrier::new(threads + 1);
-    let (elapsed, results) = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                let start = &start;
-                s.spawn(move || -> Result<u64, rdmem_allocator::AllocError> {
-                    let alloc = allocator.thread()?;
-                    let mut held = Vec::with_capacity(window);
-                    start.wait();
-                    let before = alloc.network_ops();
-                    for _ in 0..rounds {
-                        for _ in 0..window {
-                            held.push(alloc.alloc(layout)?);
-                        }
-                        for addr in held.drain(..) {
-                            alloc.free(addr)?;
-                        }
-                    }
-                    Ok(alloc.network_ops() - before)
-                })
-            })
-            .collect();
+    let (elapsed, results) = harness::timed(threads, |_, start| -> Result<u64, rdmem_allocator::AllocError> {
+        let alloc = allocator.thread()?;
+        let mut held = Vec::with_capacity(window);
         start.wait();
-        let began = Instant::now();
-        let results: Vec<_> = workers.into_iter().map(|w| w.join().expect("bench thread")).collect();
-        (began.elapsed(), results)
+        let before = alloc.network_ops();
+        for _ in 0..rounds {
+            for _ in 0..window {
+                held.push(alloc.alloc(layout)?);
+            }
+            for addr in held.drain(..) {
+                alloc.free(addr)?;
+            }
+        }
+        Ok(alloc.network_ops() - before)
     });
     let mut ops = 0;
     for r in results {

@@ -10,18 +10,14 @@
 //!
 //! The counter is checked after each contended run: a lost increment is an error, not a figure.
 
-use std::sync::Barrier;
-use std::time::Instant;
-
 use clap::Args;
 use hdrhistogram::Histogram;
 use rdmem_coherence::{CohortLock, DEFAULT_LEASE, RemoteBarrier, RemoteLock};
-use rdmem_core::{ClusterConfig, Endpoint, GlobalAddr, Transport};
-use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
+use rdmem_core::{Endpoint, GlobalAddr, Transport};
 
+use crate::harness;
 use crate::report::{Printer, Row};
 use crate::tsc::Tsc;
-use crate::verbs::start_memnode;
 
 /// Options of `rdmem-bench lock`.
 #[derive(Args, Debug)]
@@ -48,17 +44,8 @@ pub(crate) struct LockArgs {
 }
 
 pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = ClusterConfig::load(None)?;
-    if !args.memnodes.is_empty() {
-        config.memnodes = args.memnodes.clone();
-    }
-    let local = if config.memnodes.is_empty() { Some(start_memnode(&config, 64 << 20)?) } else { None };
-    if let Some(node) = &local {
-        config.memnodes = vec![node.addr().to_owned()];
-        config.token = Some(node.token().to_owned());
-        config.token_file = None;
-    }
-    let transport = RdmaTransport::connect(RdmaOptions::from_config(&config)?)?;
+    let cluster = harness::connect(&args.memnodes, 64 << 20)?;
+    let transport = &cluster.transport;
     let node = transport.nodes()[0].id;
     let at = |offset: u64| GlobalAddr::new(node, offset).expect("offset");
     let tsc = Tsc::calibrate();
@@ -92,37 +79,26 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
             ep.write_u64(counter, 0)?;
             let word = at(4096 + 64 * threads as u64 + if cohort { 8 } else { 0 });
             let shared = CohortLock::new(RemoteLock::new(word, 1, DEFAULT_LEASE)?, args.max_handovers);
-            let start = Barrier::new(threads + 1);
-            let (elapsed, results) = std::thread::scope(|s| {
-                let workers: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let (transport, shared, start) = (&transport, &shared, &start);
-                        s.spawn(move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-                            let mut ep = transport.endpoint()?;
-                            let own = RemoteLock::new(word, 2 + t as u32, DEFAULT_LEASE)?;
-                            start.wait();
-                            for _ in 0..args.sections {
-                                if cohort {
-                                    let mut g = shared.lock(&mut ep)?;
-                                    let n = g.endpoint().read_u64(counter)?;
-                                    g.endpoint().write_u64(counter, n + 1)?;
-                                    g.unlock()?;
-                                } else {
-                                    let mut g = own.lock(&mut ep)?;
-                                    let n = g.endpoint().read_u64(counter)?;
-                                    g.endpoint().write_u64(counter, n + 1)?;
-                                    g.unlock()?;
-                                }
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                start.wait();
-                let began = Instant::now();
-                let results: Vec<_> = workers.into_iter().map(|w| w.join().expect("bench thread")).collect();
-                (began.elapsed(), results)
-            });
+            let (elapsed, results) =
+                harness::timed(threads, |t, start| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                    let mut ep = transport.endpoint()?;
+                    let own = RemoteLock::new(word, 2 + t as u32, DEFAULT_LEASE)?;
+                    start.wait();
+                    for _ in 0..args.sections {
+                        if cohort {
+                            let mut g = shared.lock(&mut ep)?;
+                            let n = g.endpoint().read_u64(counter)?;
+                            g.endpoint().write_u64(counter, n + 1)?;
+                            g.unlock()?;
+                        } else {
+                            let mut g = own.lock(&mut ep)?;
+                            let n = g.endpoint().read_u64(counter)?;
+                            g.endpoint().write_u64(counter, n + 1)?;
+                            g.unlock()?;
+                        }
+                    }
+                    Ok(())
+                });
             for r in results {
                 r.map_err(|e| e.to_string())?;
             }
@@ -140,28 +116,19 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Barrier latency, 2 to 4 participants.
     for participants in 2..=4u64 {
         let base = 1 << 20 | participants << 12;
-        let start = Barrier::new(participants as usize);
-        let hists: Vec<Histogram<u64>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..participants)
-                .map(|_| {
-                    let (transport, start, tsc) = (&transport, &start, &tsc);
-                    s.spawn(move || -> Histogram<u64> {
-                        let mut ep = transport.endpoint().expect("endpoint");
-                        let mut barrier = RemoteBarrier::new(at(base), at(base + 8), participants).expect("barrier");
-                        let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).expect("histogram");
-                        start.wait();
-                        for i in 0..50 + args.iters / 4 {
-                            let t0 = tsc.now();
-                            barrier.wait(&mut ep).expect("barrier wait");
-                            if i >= 50 {
-                                hist.record(tsc.nanos(t0, tsc.now()).max(1)).expect("record");
-                            }
-                        }
-                        hist
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().expect("barrier thread")).collect()
+        let (_, hists) = harness::timed(participants as usize, |_, start| -> Histogram<u64> {
+            let mut ep = transport.endpoint().expect("endpoint");
+            let mut barrier = RemoteBarrier::new(at(base), at(base + 8), participants).expect("barrier");
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).expect("histogram");
+            start.wait();
+            for i in 0..50 + args.iters / 4 {
+                let t0 = tsc.now();
+                barrier.wait(&mut ep).expect("barrier wait");
+                if i >= 50 {
+                    hist.record(tsc.nanos(t0, tsc.now()).max(1)).expect("record");
+                }
+            }
+            hist
         });
         let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
         for h in &hists {
@@ -171,7 +138,6 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
         row.note = Some("participants are threads of one process".into());
         out.print(&row);
     }
-    drop(local);
     Ok(())
 }
 

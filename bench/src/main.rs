@@ -9,6 +9,7 @@
 //! ```
 
 mod alloc;
+mod harness;
 mod lock;
 mod perftest;
 mod report;

@@ -18,14 +18,12 @@
 //! fair for small writes only: perftest's round trip carries the payload both ways.
 //! `ib_read_bw -l N` posts N READs per doorbell, our batch of N.
 
-use std::sync::Barrier;
-use std::time::Instant;
-
 use clap::Args;
 use hdrhistogram::Histogram;
-use rdmem_core::{ClusterConfig, Endpoint, GlobalAddr, LocalBuffer, Transport};
-use rdmem_transport_rdma::{MemnodeChild, RdmaOptions, RdmaTransport};
+use rdmem_core::{Endpoint, GlobalAddr, LocalBuffer, Transport};
+use rdmem_transport_rdma::RdmaTransport;
 
+use crate::harness;
 use crate::perftest::{self, LatencyTest, Target};
 use crate::report::{Printer, Row};
 use crate::tsc::Tsc;
@@ -117,20 +115,8 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
     if max_size * max_batch > THREAD_STRIDE as usize {
         return Err(format!("size x batch must stay under {THREAD_STRIDE} bytes").into());
     }
-    let mut config = ClusterConfig::load(None)?;
-    if !args.memnodes.is_empty() {
-        config.memnodes = args.memnodes.clone();
-    }
-    // No memory node given: start one, on the same device.
-    // It is the real daemon in its own process: a node in the benchmark's own process made
-    // 8 B READs about 8% slower in the VM, and deployments run it separately anyway.
-    let local = if config.memnodes.is_empty() { Some(start_memnode(&config, need)?) } else { None };
-    if let Some(node) = &local {
-        config.memnodes = vec![node.addr().to_owned()];
-        config.token = Some(node.token().to_owned());
-        config.token_file = None;
-    }
-    let transport = RdmaTransport::connect(RdmaOptions::from_config(&config)?)?;
+    let cluster = harness::connect(&args.memnodes, need)?;
+    let transport = &cluster.transport;
     let node = transport.nodes()[0];
     if node.pool_size < need {
         return Err(format!("{} has {} bytes; this run needs {need}", node.id, node.pool_size).into());
@@ -157,7 +143,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             let mut merged = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
             for _ in 0..args.rounds.max(1) {
-                let hist = latency(&transport, &tsc, base, op, size, iters)?;
+                let hist = latency(transport, &tsc, base, op, size, iters)?;
                 ours.push(hist.value_at_quantile(0.5) as f64 / 1000.0);
                 merged.add(&hist)?;
                 if args.compare_perftest {
@@ -204,7 +190,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
                     let (mut rates, mut theirs, mut ratios, mut total) = (Vec::new(), Vec::new(), Vec::new(), (0, 0.0));
                     for _ in 0..if compare { args.rounds.max(1) } else { 1 } {
                         let (ops, seconds) =
-                            throughput(&transport, base, op, size, batch, threads, args.throughput_ops)?;
+                            throughput(transport, base, op, size, batch, threads, args.throughput_ops)?;
                         rates.push(ops as f64 / seconds / 1e6);
                         total = (total.0 + ops, total.1 + seconds);
                         if compare {
@@ -237,8 +223,6 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    drop(transport);
-    drop(local);
     Ok(())
 }
 
@@ -289,74 +273,44 @@ fn throughput(
     ops_per_thread: u64,
 ) -> Result<(u64, f64), Box<dyn std::error::Error>> {
     let rounds = ops_per_thread.div_ceil(batch as u64);
-    let start = Barrier::new(threads + 1);
-    let finished = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let start = &start;
-                s.spawn(move || -> Result<(), rdmem_core::Error> {
-                    let mut ep = transport.endpoint()?;
-                    let mut buf = ep.buffer(size * batch)?;
-                    let region = base.checked_add(THREAD_STRIDE * t as u64).expect("in range");
-                    let mut olds = vec![0u64; batch];
-                    start.wait();
-                    for _ in 0..rounds {
-                        let mut b = ep.batch();
-                        match op {
-                            OpName::Read => {
-                                for (i, piece) in buf.reg_slice_mut().chunks(size).enumerate() {
-                                    b.read_into_slice(region.checked_add((i * size) as u64).expect("in range"), piece);
-                                }
-                            }
-                            OpName::Write => {
-                                for (i, piece) in buf.reg_slice().chunks(size).enumerate() {
-                                    b.write_from_slice(region.checked_add((i * size) as u64).expect("in range"), piece);
-                                }
-                            }
-                            OpName::Cas => {
-                                for (i, old) in olds.iter_mut().enumerate() {
-                                    b.cas(region.checked_add(8 * i as u64).expect("in range"), 0, 0, old);
-                                }
-                            }
-                            OpName::Faa => {
-                                for (i, old) in olds.iter_mut().enumerate() {
-                                    b.faa(region.checked_add(8 * i as u64).expect("in range"), 1, old);
-                                }
-                            }
-                        }
-                        b.submit()?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
+    let (elapsed, results) = harness::timed(threads, |t, start| -> Result<(), rdmem_core::Error> {
+        let mut ep = transport.endpoint()?;
+        let mut buf = ep.buffer(size * batch)?;
+        let region = base.checked_add(THREAD_STRIDE * t as u64).expect("in range");
+        let mut olds = vec![0u64; batch];
         start.wait();
-        let began = Instant::now();
-        let results: Vec<_> = workers.into_iter().map(|w| w.join().expect("bench thread")).collect();
-        (began.elapsed(), results)
+        for _ in 0..rounds {
+            let mut b = ep.batch();
+            match op {
+                OpName::Read => {
+                    for (i, piece) in buf.reg_slice_mut().chunks(size).enumerate() {
+                        b.read_into_slice(region.checked_add((i * size) as u64).expect("in range"), piece);
+                    }
+                }
+                OpName::Write => {
+                    for (i, piece) in buf.reg_slice().chunks(size).enumerate() {
+                        b.write_from_slice(region.checked_add((i * size) as u64).expect("in range"), piece);
+                    }
+                }
+                OpName::Cas => {
+                    for (i, old) in olds.iter_mut().enumerate() {
+                        b.cas(region.checked_add(8 * i as u64).expect("in range"), 0, 0, old);
+                    }
+                }
+                OpName::Faa => {
+                    for (i, old) in olds.iter_mut().enumerate() {
+                        b.faa(region.checked_add(8 * i as u64).expect("in range"), 1, old);
+                    }
+                }
+            }
+            b.submit()?;
+        }
+        Ok(())
     });
-    let (elapsed, results) = finished;
     for r in results {
         r?;
     }
     Ok((rounds * batch as u64 * threads as u64, elapsed.as_secs_f64()))
-}
-
-/// Starts `rdmem-memnode` on the configured device with a pool of `pool_size` bytes.
-pub(crate) fn start_memnode(
-    config: &ClusterConfig,
-    pool_size: u64,
-) -> Result<MemnodeChild, Box<dyn std::error::Error>> {
-    let size = pool_size.to_string();
-    let mut args = vec!["--pool-size", &size, "--page-size", "2M"];
-    let gid = config.device.gid_index.map(|g| g.to_string());
-    if let Some(name) = &config.device.name {
-        args.extend(["--device", name]);
-    }
-    if let Some(gid) = &gid {
-        args.extend(["--gid-index", gid]);
-    }
-    Ok(MemnodeChild::start("rdmem-memnode", &rdmem_transport_rdma::child::fresh_token(), &args)?)
 }
 
 /// The median of a non-empty list (the mean of the middle two for an even count).
