@@ -2,7 +2,8 @@
 //! with `--json`), compared with perftest on the same device in the same run.
 //!
 //! ```sh
-//! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json   # on Soft-RoCE
+//! soft-roce-setup/vm-run rdmem-bench suite                              # everything, on Soft-RoCE
+//! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json
 //! soft-roce-setup/vm-run rdmem-bench alloc --json
 //! soft-roce-setup/vm-run rdmem-bench lock --json
 //! rdmem-bench verbs --memnode 10.0.0.1:7471                             # on real hardware
@@ -35,6 +36,47 @@ enum Bench {
     Alloc(alloc::AllocArgs),
     /// Distributed locks (CAS spinlock vs cohort lock) and barrier.
     Lock(lock::LockArgs),
+    /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock.
+    Suite(SuiteArgs),
+}
+
+/// Options of `rdmem-bench suite`.
+#[derive(clap::Args, Debug)]
+struct SuiteArgs {
+    /// Memory node `host:port` (default: RDMEM_MEMNODES or the config file, else one started
+    /// on the same device for each benchmark).
+    #[arg(long = "memnode")]
+    memnodes: Vec<String>,
+    /// Skip the perftest comparison of the verbs benchmark.
+    #[arg(long)]
+    no_perftest: bool,
+    /// Print one JSON object per result instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses one benchmark's options from words, as if given on the command line.
+fn args_of<A: clap::Args>(words: &[String]) -> A {
+    #[derive(Parser)]
+    struct Wrap<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    Wrap::<A>::parse_from(std::iter::once("rdmem-bench".to_owned()).chain(words.iter().cloned())).args
+}
+
+fn suite(args: &SuiteArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut common: Vec<String> = args.memnodes.iter().flat_map(|m| ["--memnode".to_owned(), m.clone()]).collect();
+    if args.json {
+        common.push("--json".into());
+    }
+    let mut verbs_words = common.clone();
+    if !args.no_perftest {
+        verbs_words.push("--compare-perftest".into());
+    }
+    verbs::run(&args_of(&verbs_words))?;
+    alloc::run(&args_of(&common))?;
+    lock::run(&args_of(&common))
 }
 
 fn main() {
@@ -43,6 +85,7 @@ fn main() {
         Bench::Verbs(args) => verbs::run(args),
         Bench::Alloc(args) => alloc::run(args),
         Bench::Lock(args) => lock::run(args),
+        Bench::Suite(args) => suite(args),
     };
     if let Err(e) = result {
         eprintln!("rdmem-bench: error: {e}");

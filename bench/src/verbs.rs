@@ -47,8 +47,8 @@ pub(crate) struct VerbsArgs {
     /// Thread counts for the throughput runs (each thread has its own queue pair).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
-    /// Timed operations per latency point (sizes of 64 KiB and more use a tenth).
-    #[arg(long, default_value_t = 2000)]
+    /// Timed operations per latency round (sizes of 64 KiB and more use a tenth).
+    #[arg(long, default_value_t = 3000)]
     iters: u64,
     /// Operations per thread per throughput point.
     #[arg(long, default_value_t = 16384)]
@@ -58,7 +58,7 @@ pub(crate) struct VerbsArgs {
     throughput_sizes: Vec<usize>,
     /// Rounds per compared point, alternating rdmem and perftest; ratios and figures are
     /// medians over the rounds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// Run the matching perftest tools on the same device in the same run and print ratios.
     #[arg(long)]
