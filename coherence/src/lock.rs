@@ -64,7 +64,7 @@ impl RemoteLock {
     /// Acquires the lock through `ep` (CAS with backoff; takes over an expired lease).
     pub fn lock<'e, E: Endpoint>(&self, ep: &'e mut E) -> Result<LockGuard<'e, E>> {
         let value = self.acquire(ep)?;
-        Ok(LockGuard { ep, lock: *self, value, released: false, since: Instant::now() })
+        Ok(LockGuard { ep, lock: *self, value, released: false })
     }
 
     /// The acquisition itself: returns the value written (this hold's identity).
@@ -131,7 +131,6 @@ pub struct LockGuard<'e, E: Endpoint> {
     lock: RemoteLock,
     value: u64,
     released: bool,
-    since: Instant,
 }
 
 impl<E: Endpoint> LockGuard<'_, E> {
@@ -145,13 +144,7 @@ impl<E: Endpoint> LockGuard<'_, E> {
     /// section; `LeaseLost` if a waiter already took the lock over.
     pub fn renew(&mut self) -> Result<()> {
         self.value = self.lock.renew(self.ep, self.value)?;
-        self.since = Instant::now();
         Ok(())
-    }
-
-    /// How long ago the lock was taken or last renewed.
-    pub fn held_for(&self) -> Duration {
-        self.since.elapsed()
     }
 
     /// Releases the lock; `LeaseLost` if the lease expired and someone took it over.

@@ -30,11 +30,6 @@ impl LockTable {
         Ok(LockTable { bases, count })
     }
 
-    /// Words each node's region needs for `count` locks over `nodes` nodes.
-    pub fn words_per_node(count: u64, nodes: usize) -> u64 {
-        count.div_ceil(nodes as u64)
-    }
-
     /// The number of locks.
     pub fn len(&self) -> u64 {
         self.count

@@ -76,11 +76,6 @@ impl MemnodeChild {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
 }
 
 impl Drop for MemnodeChild {

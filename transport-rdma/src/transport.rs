@@ -373,10 +373,9 @@ impl Endpoint for RdmaEndpoint {
     }
 
     fn execute(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
+        // Refuse the whole batch before posting anything: bad arguments, or a broken node.
         for op in ops.iter() {
             op.validate(&self.shared.nodes, MAX_TRANSFER)?;
-        }
-        for op in ops.iter() {
             let conn = &self.conns[self.conn_index(op.remote().node())];
             if conn.broken {
                 return Err(Error::Broken { node: conn.node.id });
