@@ -32,6 +32,8 @@
 //!   leases let waiters take over from a holder that stopped changing the word (crashed).
 //! - [`CohortLock`]: a process's threads hand a held remote lock to each other locally, a
 //!   bounded number of times in a row, so contention inside a process costs no round trips.
+//! - [`RwLock`]: a fair (FIFO) reader-writer lock in one word, tickets taken with
+//!   fetch-and-add, released with CAS; generations for counter reset and lease expiry.
 //! - [`RemoteBarrier`]: fetch-and-add on a counter that only grows, plus an epoch word.
 //! - [`LockTable`]: locks by id, spread over the memory nodes.
 //!
@@ -42,16 +44,20 @@
 #![forbid(unsafe_code)]
 
 pub mod barrier;
+pub mod cache;
 pub mod cohort;
 pub mod error;
+pub mod launch;
 pub mod lock;
 mod primitive;
+pub mod rwlock;
 pub mod table;
 
 pub use barrier::RemoteBarrier;
 pub use cohort::{CohortGuard, CohortLock};
 pub use error::{LockError, Result};
 pub use lock::{DEFAULT_LEASE, LockGuard, RemoteLock};
+pub use rwlock::{RwGuard, RwLock};
 pub use table::LockTable;
 
 // The README's examples are compiled as doc tests here (the top crate; the allocator is a

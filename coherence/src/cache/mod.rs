@@ -1,0 +1,3 @@
+//! The page cache.
+
+pub mod lru;
