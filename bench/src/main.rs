@@ -38,6 +38,9 @@ enum Bench {
     Lock(lock::LockArgs),
     /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock.
     Suite(SuiteArgs),
+    /// One participant of the cross-process barrier measurement (started by `lock`).
+    #[command(hide = true)]
+    BarrierWorker(lock::BarrierWorkerArgs),
 }
 
 /// Options of `rdmem-bench suite`.
@@ -86,6 +89,7 @@ fn main() {
         Bench::Alloc(args) => alloc::run(args),
         Bench::Lock(args) => lock::run(args),
         Bench::Suite(args) => suite(args),
+        Bench::BarrierWorker(args) => lock::barrier_worker(args),
     };
     if let Err(e) = result {
         eprintln!("rdmem-bench: error: {e}");

@@ -36,6 +36,15 @@ pub(crate) struct Row {
     /// throughput), when one was run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_vs_perftest: Option<f64>,
+    /// Share of reader-writer sections that read (lock rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_share: Option<f64>,
+    /// Hits over accesses (cache rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hit_ratio: Option<f64>,
+    /// Cache capacity in bytes (cache rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_bytes: Option<u64>,
     /// How the figures compare, when that needs saying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -68,6 +77,9 @@ impl Row {
             ops: hist.len(),
             rdma_ops_per_op: None,
             ratio_vs_perftest: None,
+            read_share: None,
+            hit_ratio: None,
+            cache_bytes: None,
             note: None,
         }
     }
@@ -100,6 +112,9 @@ impl Row {
             ops,
             rdma_ops_per_op: None,
             ratio_vs_perftest: None,
+            read_share: None,
+            hit_ratio: None,
+            cache_bytes: None,
             note: None,
         }
     }

@@ -17,7 +17,9 @@
 //!   generation is still the ticket's* (and, for a writer, `n_x` is still its ticket). A release
 //!   whose ticket was skipped by a lease reset therefore changes nothing and reports
 //!   [`LockError::LeaseLost`]: a late FAA would have let a later ticket in while the current
-//!   holder still holds the lock, so releases never use FAA.
+//!   holder still holds the lock, so releases never use FAA. A holder whose lease ran out
+//!   (measured on its own clock since it entered or renewed) does not even try: the generation
+//!   is 8 bits, and after 256 resets an old one would look current again.
 //! - **Wrap-around**: the 13-bit counters never wrap. A ticket taken when `max_x` or `max_s` had
 //!   reached the reset threshold (4096) is never used: its taker withdraws it with a CAS that
 //!   restores the word it saw (never FAA(-1), which would hand the same ticket to two
@@ -51,6 +53,9 @@ const MAX_S: u32 = 26;
 const MAX_X: u32 = 39;
 const BEAT: u32 = 52;
 const GEN: u32 = 56;
+
+/// READs of the word a waiter makes back to back before it starts sleeping between them.
+const EAGER_POLLS: u32 = 32;
 
 /// Tickets per generation before the word is reset; also the most participants (threads or
 /// processes taking the lock at once) the lock supports, minus one.
@@ -218,10 +223,12 @@ impl RwLock {
                 continue;
             }
             if ticket.granted(after) {
-                return Ok(RwGuard { ep, lock: *self, ticket, seen: after, released: false });
+                return Ok(RwGuard { ep, lock: *self, ticket, seen: after, since: Instant::now(), released: false });
             }
             match self.wait(ep, after, ticket.generation, |w| ticket.granted(w))? {
-                Waited::Ready(seen) => return Ok(RwGuard { ep, lock: *self, ticket, seen, released: false }),
+                Waited::Ready(seen) => {
+                    return Ok(RwGuard { ep, lock: *self, ticket, seen, since: Instant::now(), released: false });
+                }
                 Waited::Reset => continue,
             }
         }
@@ -242,15 +249,15 @@ impl RwLock {
                 Waited::Reset => return Ok(()),
             }
         }
-        // Never ready: returns once the generation changed (`wait` itself resets the word when
-        // it sees it idle past the threshold).
+        // Never ready: returns once the generation changed.
         self.wait(ep, seen, ticket.generation, |_| false).map(drop)
     }
 
     /// READs the word (with backoff, starting from `seen`) until `ready` holds. Returns
-    /// `Reset` when the generation moves past `generation`. Along the way it resets a word
-    /// that is idle past the threshold, and, once the word stayed unchanged for a lease, resets
-    /// it (its holders are dead).
+    /// `Reset` when the generation moves past `generation`, and resets the word itself once it
+    /// stayed unchanged for a lease (its holders are dead). A word idle past the threshold is
+    /// never seen here: the release that would leave it so resets it instead (checked by the
+    /// model in `tests/rwlock_model.rs`).
     fn wait<E: Endpoint>(
         &self,
         ep: &mut E,
@@ -260,6 +267,7 @@ impl RwLock {
     ) -> Result<Waited> {
         let mut since = Instant::now();
         let mut backoff = Duration::from_micros(1);
+        let mut polls = 0;
         loop {
             if seen.generation() != generation {
                 return Ok(Waited::Reset);
@@ -267,16 +275,13 @@ impl RwLock {
             if ready(seen) {
                 return Ok(Waited::Ready(seen));
             }
-            let stale = since.elapsed() > self.lease && !seen.is_idle();
-            if (seen.is_idle() && seen.over(self.threshold)) || stale {
-                if stale {
-                    tracing::warn!(
-                        "reader-writer lock at {}: word {:#x} unchanged for more than the lease ({:?}); resetting it",
-                        self.word,
-                        seen.0,
-                        self.lease
-                    );
-                }
+            if since.elapsed() > self.lease && !seen.is_idle() {
+                tracing::warn!(
+                    "reader-writer lock at {}: word {:#x} unchanged for more than the lease ({:?}); resetting it",
+                    self.word,
+                    seen.0,
+                    self.lease
+                );
                 // Either way the generation moves on (by this CAS or by someone else's).
                 let now = RwWord(ep.cas(self.word, seen.0, seen.reset().0)?);
                 if now == seen || now.generation() != generation {
@@ -286,8 +291,15 @@ impl RwLock {
                 since = Instant::now();
                 continue;
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_micros(200));
+            // The turn usually comes within a few sections: poll back to back first (each READ
+            // is a round trip, itself a backoff), then sleep with a growing pause.
+            if polls < EAGER_POLLS {
+                polls += 1;
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_micros(200));
+            }
             let now = RwWord(ep.read_u64(self.word)?);
             if now != seen {
                 seen = now;
@@ -345,6 +357,8 @@ pub struct RwGuard<'e, E: Endpoint> {
     lock: RwLock,
     ticket: Ticket,
     seen: RwWord,
+    /// When the hold was granted or last renewed.
+    since: Instant,
     released: bool,
 }
 
@@ -361,14 +375,26 @@ impl<E: Endpoint> RwGuard<'_, E> {
 
     /// Restarts the lease (a CAS). Call it within every lease period of a long section.
     pub fn renew(&mut self) -> Result<()> {
+        self.check_lease()?;
         self.seen = self.lock.renew(self.ep, self.ticket, self.seen)?;
+        self.since = Instant::now();
         Ok(())
     }
 
     /// Releases the lock; `LeaseLost` if the lease expired and the word was reset meanwhile.
     pub fn unlock(mut self) -> Result<()> {
         self.released = true;
+        self.check_lease()?;
         self.lock.release(self.ep, self.ticket, self.seen).map(drop)
+    }
+
+    /// A hold older than its lease touches the word no more: it may have been reset since, and
+    /// after 256 resets its generation number would be current again (found by the model).
+    fn check_lease(&self) -> Result<()> {
+        if self.since.elapsed() > self.lock.lease {
+            return Err(LockError::LeaseLost { word: self.lock.word, now: self.seen.0 });
+        }
+        Ok(())
     }
 }
 
@@ -376,16 +402,123 @@ impl<E: Endpoint> Drop for RwGuard<'_, E> {
     fn drop(&mut self) {
         if !self.released {
             tracing::warn!("reader-writer lock at {} dropped without unlock(); releasing it", self.lock.word);
-            if let Err(e) = self.lock.release(self.ep, self.ticket, self.seen) {
+            if let Err(e) = self.check_lease().and_then(|()| self.lock.release(self.ep, self.ticket, self.seen)) {
                 tracing::error!("releasing the dropped reader-writer lock at {} failed: {e}", self.lock.word);
             }
         }
     }
 }
 
+/// One critical section of a recorded history: its ticket and when it ran, as two readings
+/// of a global event clock taken inside the section (a remote counter bumped with FAA on entry
+/// and on exit). Tests and `rdmem-locks rw` record these to check the lock's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section {
+    /// Read or write.
+    pub mode: Mode,
+    /// The ticket's generation.
+    pub generation: u8,
+    /// The ticket's position in its generation.
+    pub position: u32,
+    /// The clock on entry.
+    pub enter: u64,
+    /// The clock on exit.
+    pub exit: u64,
+}
+
+impl Section {
+    /// The section as one line of text: `section <r|w> <generation> <position> <enter> <exit>`.
+    pub fn to_line(&self) -> String {
+        let mode = if self.mode == Mode::Read { 'r' } else { 'w' };
+        format!("section {mode} {} {} {} {}", self.generation, self.position, self.enter, self.exit)
+    }
+
+    /// Parses [`Section::to_line`]'s format; `None` for other lines.
+    pub fn from_line(line: &str) -> Option<Section> {
+        let mut words = line.strip_prefix("section ")?.split(' ');
+        let mode = match words.next()? {
+            "r" => Mode::Read,
+            "w" => Mode::Write,
+            _ => return None,
+        };
+        let mut number = || words.next()?.parse::<u64>().ok();
+        let (generation, position, enter, exit) = (number()?, number()?, number()?, number()?);
+        Some(Section {
+            mode,
+            generation: generation.try_into().ok()?,
+            position: position.try_into().ok()?,
+            enter,
+            exit,
+        })
+    }
+}
+
+/// Checks a history recorded without lease resets and with fewer than 256 generations (so no
+/// generation number comes back): generations follow each other (all sections of one end
+/// before any of the next begins); positions are unique within a generation; and conflicting
+/// sections (at least one a writer) run one after the other, in the order of their tickets:
+/// FIFO and mutual exclusion. Readers may overlap each other. The error names the first
+/// violation.
+pub fn check_history(history: &[Section]) -> std::result::Result<(), String> {
+    let mut by_enter = history.to_vec();
+    by_enter.sort_by_key(|e| e.enter);
+    let mut generations: Vec<u8> = Vec::new();
+    for e in &by_enter {
+        if generations.last() != Some(&e.generation) {
+            if generations.contains(&e.generation) {
+                return Err(format!("generation {} came back after {generations:?}", e.generation));
+            }
+            generations.push(e.generation);
+        }
+    }
+    for pair in generations.windows(2) {
+        let in_gen = |g: u8| history.iter().filter(move |e| e.generation == g);
+        let last_exit = in_gen(pair[0]).map(|e| e.exit).max().unwrap_or(0);
+        let first_enter = in_gen(pair[1]).map(|e| e.enter).min().unwrap_or(u64::MAX);
+        if last_exit > first_enter {
+            return Err(format!("generation {} overlaps generation {}", pair[0], pair[1]));
+        }
+    }
+    for g in generations {
+        let mut entries: Vec<&Section> = history.iter().filter(|e| e.generation == g).collect();
+        entries.sort_by_key(|e| e.position);
+        for (i, a) in entries.iter().enumerate() {
+            for b in &entries[i + 1..] {
+                if a.position == b.position {
+                    return Err(format!("generation {g}: two sections with ticket {}", a.position));
+                }
+                if (a.mode == Mode::Write || b.mode == Mode::Write) && a.exit > b.enter {
+                    return Err(format!(
+                        "generation {g}: ticket {} ({:?}, clock {}..{}) and the later ticket {} ({:?}, clock {}..{}) overlap or ran out of order",
+                        a.position, a.mode, a.enter, a.exit, b.position, b.mode, b.enter, b.exit
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_check_catches_overlap_reorder_and_reuse() {
+        let s = |mode, position, enter, exit| Section { mode, generation: 0, position, enter, exit };
+        let ok = [s(Mode::Write, 0, 0, 1), s(Mode::Read, 1, 2, 5), s(Mode::Read, 2, 3, 4), s(Mode::Write, 3, 6, 7)];
+        check_history(&ok).unwrap();
+        let overlap = [s(Mode::Write, 0, 0, 3), s(Mode::Read, 1, 2, 5)];
+        assert!(check_history(&overlap).unwrap_err().contains("overlap"));
+        let reordered = [s(Mode::Write, 0, 4, 5), s(Mode::Write, 1, 0, 1)];
+        assert!(check_history(&reordered).is_err());
+        let reused = [s(Mode::Read, 0, 0, 1), s(Mode::Read, 0, 2, 3)];
+        assert!(check_history(&reused).unwrap_err().contains("two sections"));
+        let mut back = ok.to_vec();
+        back.push(Section { mode: Mode::Read, generation: 1, position: 0, enter: 8, exit: 9 });
+        back.push(Section { mode: Mode::Read, generation: 0, position: 4, enter: 10, exit: 11 });
+        assert!(check_history(&back).is_err());
+    }
 
     #[test]
     fn fields_decode_and_encode() {
@@ -396,6 +529,9 @@ mod tests {
         let r = w.reset();
         assert_eq!((r.generation(), r.max_x(), r.n_s(), r.beat()), (1, 0, 0, 0));
         assert_eq!(RwWord(0xff << GEN).reset().generation(), 0, "the generation wraps");
+        let line = Section { mode: Mode::Write, generation: 3, position: 9, enter: 10, exit: 12 };
+        assert_eq!(Section::from_line(&line.to_line()), Some(line));
+        assert_eq!(Section::from_line("done 3"), None);
         let mut b = RwWord(0);
         for i in 1..=17u8 {
             b = b.renewed();

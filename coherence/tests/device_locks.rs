@@ -133,3 +133,30 @@ fn a_barrier_over_three_processes_lets_nobody_through_early() {
         assert!(wait_ok(child).contains("done 20 rounds"));
     }
 }
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn the_reader_writer_lock_is_fifo_across_three_processes() {
+    use rdmem_coherence::rwlock::{Mode, Section, check_history};
+    let node = memnode();
+    let (processes, threads, rounds) = (3, 2, 60);
+    let children: Vec<_> = (0..processes)
+        .map(|p| {
+            let (p, t, r) = (p.to_string(), threads.to_string(), rounds.to_string());
+            // A small reset threshold, so the history crosses generations.
+            let args = ["rw", "--process", &p, "--threads", &t, "--rounds", &r, "--reset-threshold", "64"];
+            locks(&node, &args)
+        })
+        .collect();
+    let history: Vec<Section> = children
+        .into_iter()
+        .flat_map(|c| wait_ok(c).lines().filter_map(Section::from_line).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(history.len() as u64, processes * threads * rounds, "every section reported");
+    check_history(&history).unwrap_or_else(|e| panic!("{e}"));
+    let writes = history.iter().filter(|s| s.mode == Mode::Write).count() as u64;
+    assert!(writes > 0 && writes < history.len() as u64, "both readers and writers ran");
+    assert_eq!(read_counter(&node), writes, "lost increments under the write lock");
+    let generations: std::collections::HashSet<u8> = history.iter().map(|s| s.generation).collect();
+    assert!(generations.len() > 2, "the word was reset past the threshold");
+}

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdmem_coherence::rwlock::{Mode, RwWord};
+use rdmem_coherence::rwlock::{Mode, RwWord, Section, check_history};
 use rdmem_coherence::{LockError, RwLock};
 use rdmem_core::{Endpoint, GlobalAddr, LoopbackTransport, NodeId, Transport};
 
@@ -13,23 +13,12 @@ fn at(offset: u64) -> GlobalAddr {
     GlobalAddr::new(NodeId(0), offset).unwrap()
 }
 
-/// One critical section as seen from a global event clock (a remote FAA counter, bumped on
-/// entry and on exit inside the section).
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    mode: Mode,
-    generation: u8,
-    position: u32,
-    enter: u64,
-    exit: u64,
-}
-
 /// Runs `threads` threads of `rounds` acquisitions each; thread `t`'s acquisition `i` is a
 /// write when `(t * 7 + i * 3) % 10 < 10 - read_tenths`. Writers bump a counter with a READ then
 /// a WRITE and rewrite a 4-word record; readers check the record is not torn. Returns the history.
-fn run(transport: &LoopbackTransport, lock: RwLock, threads: u64, rounds: u64, read_tenths: u64) -> Vec<Entry> {
+fn run(transport: &LoopbackTransport, lock: RwLock, threads: u64, rounds: u64, read_tenths: u64) -> Vec<Section> {
     let (clock, counter, record) = (at(1024), at(2048), at(3072));
-    let histories: Vec<Vec<Entry>> = std::thread::scope(|s| {
+    let histories: Vec<Vec<Section>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
@@ -56,7 +45,7 @@ fn run(transport: &LoopbackTransport, lock: RwLock, threads: u64, rounds: u64, r
                         }
                         let exit = ep.faa(clock, 1).unwrap();
                         g.unlock().unwrap();
-                        history.push(Entry {
+                        history.push(Section {
                             mode,
                             generation: ticket.generation,
                             position: ticket.position(),
@@ -70,51 +59,15 @@ fn run(transport: &LoopbackTransport, lock: RwLock, threads: u64, rounds: u64, r
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let history: Vec<Entry> = histories.into_iter().flatten().collect();
+    let history: Vec<Section> = histories.into_iter().flatten().collect();
     let writes = history.iter().filter(|e| e.mode == Mode::Write).count() as u64;
     assert_eq!(transport.endpoint().unwrap().read_u64(counter).unwrap(), writes, "lost increments");
     history
 }
 
-/// Checks the history: generations follow each other (all of one before any of the next),
-/// positions are unique within a generation, and conflicting sections (one of them a writer)
-/// run one after the other in the order of their tickets.
-fn check_fifo(history: &[Entry]) {
-    let mut by_enter = history.to_vec();
-    by_enter.sort_by_key(|e| e.enter);
-    // Generations in order of appearance; each one's sections end before the next one's begin.
-    let mut generations: Vec<u8> = Vec::new();
-    for e in &by_enter {
-        if generations.last() != Some(&e.generation) {
-            assert!(!generations.contains(&e.generation), "generation {} came back: {generations:?}", e.generation);
-            generations.push(e.generation);
-        }
-    }
-    for pair in generations.windows(2) {
-        let last_exit = history.iter().filter(|e| e.generation == pair[0]).map(|e| e.exit).max().unwrap();
-        let first_enter = history.iter().filter(|e| e.generation == pair[1]).map(|e| e.enter).min().unwrap();
-        assert!(last_exit < first_enter, "generation {} overlaps generation {}", pair[0], pair[1]);
-    }
-    for g in generations {
-        let mut entries: Vec<&Entry> = history.iter().filter(|e| e.generation == g).collect();
-        entries.sort_by_key(|e| e.position);
-        for pair in entries.windows(2) {
-            assert_ne!(pair[0].position, pair[1].position, "two tickets at one position in generation {g}");
-        }
-        for (i, a) in entries.iter().enumerate() {
-            for b in &entries[i + 1..] {
-                if a.mode == Mode::Write || b.mode == Mode::Write {
-                    assert!(
-                        a.exit < b.enter,
-                        "generation {g}: ticket {} ({:?}) and later ticket {} ({:?}) overlap or ran out of order: {a:?} {b:?}",
-                        a.position,
-                        a.mode,
-                        b.position,
-                        b.mode
-                    );
-                }
-            }
-        }
+fn check_fifo(history: &[Section]) {
+    if let Err(e) = check_history(history) {
+        panic!("{e}");
     }
 }
 

@@ -3,19 +3,25 @@
 //! ```sh
 //! rdmem-locks --memnode 10.0.0.1:7471 counter --process 0 --threads 2 --rounds 1000 [--cohort]
 //! rdmem-locks --memnode 10.0.0.1:7471 barrier --participants 3 --index 0 --rounds 20
+//! rdmem-locks --memnode 10.0.0.1:7471 rw --process 0 --threads 2 --rounds 200 --read-percent 50
 //! ```
 //! `counter` increments a counter with a non-atomic READ then WRITE inside the lock; it prints
 //! one line per completed section with `--verbose` and `done N` at the end. `--stall-after N`
 //! completes N sections, then takes the lock, prints `holding`, and stalls (to be killed).
 //! `barrier` checks that nobody passes a round before everyone arrived; it exits non-zero on a
-//! violation. Offsets are raw pool offsets on node 0 (a fresh memory node's pool is zeroed).
+//! violation. `rw` takes the fair reader-writer lock: writers increment the counter (READ then
+//! WRITE) and rewrite a 4-word record, readers check the record is not torn; each section
+//! prints `section <r|w> <generation> <position> <enter> <exit>` (a remote event clock read
+//! with FAA inside the section), so the caller can check the order across processes with
+//! `rdmem_coherence::rwlock::check_history`. Offsets are raw pool offsets on node 0 (a fresh memory node's pool is zeroed).
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use rdmem_coherence::{CohortLock, RemoteBarrier, RemoteLock};
+use rdmem_coherence::rwlock::{Mode, Section};
+use rdmem_coherence::{CohortLock, RemoteBarrier, RemoteLock, RwLock};
 use rdmem_core::{ClusterConfig, Endpoint, GlobalAddr, NodeId, Transport};
 use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
@@ -79,6 +85,30 @@ enum Command {
         /// Offset of the participants' round slots.
         #[arg(long, default_value_t = 16384)]
         slots_offset: u64,
+    },
+    /// Reader-writer lock sections, printed as a history.
+    Rw {
+        /// This process's number (only used to vary the read/write pattern).
+        #[arg(long)]
+        process: u64,
+        /// Threads, each with its own endpoint.
+        #[arg(long, default_value_t = 2)]
+        threads: u64,
+        /// Sections per thread.
+        #[arg(long, default_value_t = 100)]
+        rounds: u64,
+        /// Percentage of sections that read.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100))]
+        read_percent: u64,
+        /// Reset the lock word after this many tickets (small values cross many generations).
+        #[arg(long)]
+        reset_threshold: Option<u16>,
+        /// Lock word offset.
+        #[arg(long, default_value_t = 4096)]
+        lock_offset: u64,
+        /// Counter offset (the 4-word record follows it, the event clock follows that).
+        #[arg(long, default_value_t = 8192)]
+        counter_offset: u64,
     },
 }
 
@@ -155,6 +185,39 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             println!("done {total} in {:.3} s", started.elapsed().as_secs_f64());
         }
+        Command::Rw { process, threads, rounds, read_percent, reset_threshold, lock_offset, counter_offset } => {
+            let mut lock = RwLock::new(at(lock_offset), Duration::from_secs(2))?;
+            if let Some(t) = reset_threshold {
+                lock = lock.with_reset_threshold(t);
+            }
+            let (counter, record, clock) = (at(counter_offset), at(counter_offset + 8), at(counter_offset + 40));
+            let results: Vec<Result<Vec<Section>, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let transport = &transport;
+                        s.spawn(move || {
+                            let mut ep = transport.endpoint().map_err(|e| e.to_string())?;
+                            (0..rounds)
+                                .map(|i| {
+                                    // A fixed pseudo-random pattern with the asked-for read share.
+                                    let mix = (process * 7919 + t * 104_729 + i * 2_654_435_761) % 100;
+                                    let mode = if mix < read_percent { Mode::Read } else { Mode::Write };
+                                    rw_section(&lock, &mut ep, mode, counter, record, clock)
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
+            });
+            let mut out = std::io::stdout().lock();
+            for sections in results {
+                for section in sections? {
+                    writeln!(out, "{}", section.to_line())?;
+                }
+            }
+            writeln!(out, "done")?;
+        }
         Command::Barrier { participants, index, rounds, barrier_offset, slots_offset } => {
             let mut ep = transport.endpoint()?;
             let mut barrier = RemoteBarrier::new(at(barrier_offset), at(barrier_offset + 8), participants)?;
@@ -191,4 +254,39 @@ fn section<E: Endpoint>(ep: &mut E, counter: GlobalAddr, stall: bool) -> Result<
         }
     }
     ep.write_u64(counter, n + 1).map_err(|e| e.to_string())
+}
+
+/// One reader-writer section: a writer increments the counter and rewrites the record with its
+/// value, a reader checks the record's four words agree. Reads the event clock on entry and
+/// exit.
+fn rw_section<E: Endpoint>(
+    lock: &RwLock,
+    ep: &mut E,
+    mode: Mode,
+    counter: GlobalAddr,
+    record: GlobalAddr,
+    clock: GlobalAddr,
+) -> Result<Section, String> {
+    let fail = |e: &dyn std::fmt::Display| e.to_string();
+    let mut g = lock.lock(ep, mode).map_err(|e| fail(&e))?;
+    let ticket = g.ticket();
+    let ep = g.endpoint();
+    let enter = ep.faa(clock, 1).map_err(|e| fail(&e))?;
+    if mode == Mode::Write {
+        let n = ep.read_u64(counter).map_err(|e| fail(&e))? + 1;
+        ep.write_u64(counter, n).map_err(|e| fail(&e))?;
+        // One WRITE per word, so a reader let in too early could see a mix.
+        for w in 0..4 {
+            ep.write_u64(record.checked_add(8 * w).expect("in the pool"), n).map_err(|e| fail(&e))?;
+        }
+    } else {
+        let mut words = [0u8; 32];
+        ep.read(record, &mut words).map_err(|e| fail(&e))?;
+        if !words.chunks(8).all(|w| w == &words[..8]) {
+            return Err(format!("torn record under the read lock: {words:?}"));
+        }
+    }
+    let exit = ep.faa(clock, 1).map_err(|e| fail(&e))?;
+    g.unlock().map_err(|e| fail(&e))?;
+    Ok(Section { mode, generation: ticket.generation, position: ticket.position(), enter, exit })
 }

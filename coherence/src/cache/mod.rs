@@ -1,3 +1,491 @@
-//! The page cache.
+//! The page cache of a compute process: remote pages kept in registered frames, an exact LRU
+//! per shard, dirty pages tracked with twins and written home as byte diffs.
+//!
+//! - **Frames** live in one registered buffer per shard, so a miss READs the page in place.
+//!   Pages map to shards by their read-ahead stripe, so a page and the pages after it that
+//!   read-ahead brings in share a shard.
+//! - **Page table and LRU**: each shard is a mutex around a hash map (page to frame slot) and an
+//!   exact LRU order ([`lru::Lru`]). With one shard the LRU is exact for the whole cache; with
+//!   more, within each shard (threads then rarely wait for each other).
+//! - **Writes** go to the frame. The first write to a clean page copies it to a *twin*; the page
+//!   is then dirty. [`PageCache::flush`] (at a release or barrier) and eviction write home only
+//!   the bytes that differ from the twin ([`diff::diff_runs`]), so processes writing disjoint
+//!   bytes of one page do not overwrite each other. Pages written home are remembered for write
+//!   notices ([`PageCache::take_written`]).
+//! - **Read-ahead**: a miss on the page right after the previous miss also brings in up to
+//!   `read_ahead` following pages with the same home, in one READ (into a staging area of the
+//!   shard's buffer, then copied to their frames).
+//!
+//! The cache does not know what the pages are: a [`Homes`] says where each page lives.
 
+pub mod diff;
 pub mod lru;
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use rdmem_core::{Endpoint, GlobalAddr, LocalBuffer};
+
+use self::lru::Lru;
+
+/// Bytes per page.
+pub const PAGE_SIZE: usize = 4096;
+
+/// A page number in the space the cache serves (byte address / [`PAGE_SIZE`]).
+pub type PageId = u64;
+
+/// Where a page lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Home {
+    /// The page's first byte at its home.
+    pub addr: GlobalAddr,
+    /// Pages `page..page + run` lie one after the other from `addr` on the same node (at
+    /// least 1): how far read-ahead may go in one READ.
+    pub run: u32,
+}
+
+/// Resolves pages to their homes.
+pub trait Homes {
+    /// The home of `page`, or an error for a page that does not exist.
+    fn home(&self, page: PageId) -> rdmem_core::Result<Home>;
+}
+
+/// Sizes of a [`PageCache`].
+#[derive(Debug, Clone, Copy)]
+pub struct CacheOptions {
+    /// Capacity in bytes (rounded down to whole pages per shard; at least one page per shard).
+    pub capacity_bytes: u64,
+    /// Shards: independent locks, each with its own exact LRU.
+    pub shards: usize,
+    /// Pages read ahead after a sequential miss (0: off).
+    pub read_ahead: usize,
+    /// Pages per read-ahead stripe: pages of one stripe share a shard.
+    pub stripe_pages: u64,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions { capacity_bytes: 64 << 20, shards: 16, read_ahead: 7, stripe_pages: 16 }
+    }
+}
+
+/// What the cache did, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Page accesses served from a frame.
+    pub hits: u64,
+    /// Page accesses that had to READ the page.
+    pub misses: u64,
+    /// Pages dropped to make room.
+    pub evictions: u64,
+    /// Dirty pages whose diffs were written home (on flush or eviction).
+    pub write_backs: u64,
+    /// Pages dropped by invalidation.
+    pub invalidations: u64,
+    /// Pages brought in by read-ahead, beyond the one missed.
+    pub read_ahead: u64,
+    /// READs issued for pages.
+    pub page_reads: u64,
+    /// Bytes READ from homes.
+    pub bytes_read: u64,
+    /// Bytes written home.
+    pub bytes_written: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    write_backs: AtomicU64,
+    invalidations: AtomicU64,
+    read_ahead: AtomicU64,
+    page_reads: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A frame's page and, when dirty, its twin.
+struct Slot {
+    page: PageId,
+    twin: Option<Box<[u8]>>,
+}
+
+/// One shard: frames `0..frames` in `buf`, then `staging` pages for read-ahead.
+struct Shard<B> {
+    buf: B,
+    frames: usize,
+    slots: Vec<Option<Slot>>,
+    table: HashMap<PageId, u32>,
+    lru: Lru,
+    free: Vec<u32>,
+    /// Slots with a twin.
+    dirty: Vec<u32>,
+    /// Twins to reuse, so writes allocate nothing once warm.
+    spare_twins: Vec<Box<[u8]>>,
+    /// Reused diff runs.
+    runs: Vec<Range<usize>>,
+}
+
+fn frame(slot: u32) -> Range<usize> {
+    let start = slot as usize * PAGE_SIZE;
+    start..start + PAGE_SIZE
+}
+
+/// Pages written home since the last [`PageCache::take_written`].
+#[derive(Default)]
+struct Written {
+    since_release: HashSet<PageId>,
+    since_barrier: HashSet<PageId>,
+}
+
+/// Which set of written pages to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interval {
+    /// Since the last release (for a lock's write notices).
+    Release,
+    /// Since the last barrier.
+    Barrier,
+}
+
+/// A process's page cache; share it between threads, each calling with its own endpoint.
+pub struct PageCache<B> {
+    shards: Vec<Mutex<Shard<B>>>,
+    options: CacheOptions,
+    counters: Counters,
+    /// The page missed last (for sequential detection); `u64::MAX` for none.
+    last_miss: AtomicU64,
+    written: Mutex<Written>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<B: LocalBuffer> PageCache<B> {
+    /// A cache with `options`, its frames registered through `ep`.
+    pub fn new<E: Endpoint<Buffer = B>>(ep: &mut E, options: CacheOptions) -> rdmem_core::Result<Self> {
+        let shards = options.shards.max(1);
+        let frames = ((options.capacity_bytes / PAGE_SIZE as u64) as usize / shards).max(1);
+        let staging = options.read_ahead + 1;
+        let shards = (0..shards)
+            .map(|_| {
+                Ok(Mutex::new(Shard {
+                    buf: ep.buffer((frames + staging) * PAGE_SIZE)?,
+                    frames,
+                    slots: (0..frames).map(|_| None).collect(),
+                    table: HashMap::with_capacity(frames),
+                    lru: Lru::new(frames),
+                    free: (0..frames as u32).rev().collect(),
+                    dirty: Vec::new(),
+                    spare_twins: Vec::new(),
+                    runs: Vec::new(),
+                }))
+            })
+            .collect::<rdmem_core::Result<Vec<_>>>()?;
+        Ok(PageCache {
+            shards,
+            options,
+            counters: Counters::default(),
+            last_miss: AtomicU64::new(u64::MAX),
+            written: Mutex::new(Written::default()),
+        })
+    }
+
+    /// The capacity in pages.
+    pub fn capacity_pages(&self) -> usize {
+        self.shards.len() * lock(&self.shards[0]).frames
+    }
+
+    fn shard(&self, page: PageId) -> &Mutex<Shard<B>> {
+        let stripe = page / self.options.stripe_pages.max(1);
+        // Fibonacci hashing spreads consecutive stripes over the shards.
+        let h = stripe.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    /// Copies `dst.len()` bytes at byte address `addr` (in page space) into `dst`, through the
+    /// cache.
+    pub fn read<E: Endpoint<Buffer = B>>(
+        &self,
+        ep: &mut E,
+        homes: &impl Homes,
+        addr: u64,
+        dst: &mut [u8],
+    ) -> rdmem_core::Result<()> {
+        let mut done = 0;
+        while done < dst.len() {
+            let at = addr + done as u64;
+            let (page, offset) = (at / PAGE_SIZE as u64, (at % PAGE_SIZE as u64) as usize);
+            let n = (PAGE_SIZE - offset).min(dst.len() - done);
+            let mut shard = lock(self.shard(page));
+            let slot = self.cached(&mut shard, ep, homes, page, true)?;
+            let range = frame(slot);
+            dst[done..done + n].copy_from_slice(&shard.buf[range.start + offset..range.start + offset + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `src` at byte address `addr` (in page space) into the cached pages; they become
+    /// dirty and reach their homes on [`PageCache::flush`] or eviction.
+    pub fn write<E: Endpoint<Buffer = B>>(
+        &self,
+        ep: &mut E,
+        homes: &impl Homes,
+        addr: u64,
+        src: &[u8],
+    ) -> rdmem_core::Result<()> {
+        let mut done = 0;
+        while done < src.len() {
+            let at = addr + done as u64;
+            let (page, offset) = (at / PAGE_SIZE as u64, (at % PAGE_SIZE as u64) as usize);
+            let n = (PAGE_SIZE - offset).min(src.len() - done);
+            let mut shard = lock(self.shard(page));
+            let slot = self.cached(&mut shard, ep, homes, page, false)?;
+            let range = frame(slot);
+            let shard = &mut *shard;
+            let entry = shard.slots[slot as usize].as_mut().expect("a cached slot has a page");
+            if entry.twin.is_none() {
+                let mut twin = shard.spare_twins.pop().unwrap_or_else(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+                twin.copy_from_slice(&shard.buf[range.clone()]);
+                entry.twin = Some(twin);
+                shard.dirty.push(slot);
+            }
+            shard.buf[range.start + offset..range.start + offset + n].copy_from_slice(&src[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The slot holding `page`, READing it (and, on a sequential miss when `ahead`, the pages
+    /// after it) when it is not cached. Counts the hit or miss and makes the page most recent.
+    fn cached<E: Endpoint<Buffer = B>>(
+        &self,
+        shard: &mut Shard<B>,
+        ep: &mut E,
+        homes: &impl Homes,
+        page: PageId,
+        ahead: bool,
+    ) -> rdmem_core::Result<u32> {
+        if let Some(&slot) = shard.table.get(&page) {
+            shard.lru.touch(slot as usize);
+            bump(&self.counters.hits, 1);
+            return Ok(slot);
+        }
+        bump(&self.counters.misses, 1);
+        let home = homes.home(page)?;
+        let sequential = self.last_miss.swap(page, Ordering::Relaxed) == page.wrapping_sub(1);
+        let mut count = 1;
+        if ahead && sequential && self.options.read_ahead > 0 {
+            let limit = (self.options.read_ahead + 1).min(home.run as usize).min(shard.frames);
+            while count < limit && !shard.table.contains_key(&(page + count as u64)) {
+                count += 1;
+            }
+        }
+        // Room first (this may write dirty victims home), then one READ.
+        let mut slots = [0u32; 64];
+        let count = count.min(slots.len());
+        for s in slots.iter_mut().take(count) {
+            *s = self.free_slot(shard, ep, homes)?;
+        }
+        let bytes = count * PAGE_SIZE;
+        if count == 1 {
+            ep.read_into(home.addr, &mut shard.buf, frame(slots[0]))?;
+        } else {
+            let staging = shard.frames * PAGE_SIZE;
+            ep.read_into(home.addr, &mut shard.buf, staging..staging + bytes)?;
+            for (i, &slot) in slots[..count].iter().enumerate() {
+                let from = staging + i * PAGE_SIZE;
+                shard.buf.copy_within(from..from + PAGE_SIZE, frame(slot).start);
+            }
+            bump(&self.counters.read_ahead, count as u64 - 1);
+        }
+        bump(&self.counters.page_reads, 1);
+        bump(&self.counters.bytes_read, bytes as u64);
+        // The pages read ahead first, so the one asked for is the most recent.
+        for i in (0..count).rev() {
+            let (p, slot) = (page + i as u64, slots[i]);
+            shard.slots[slot as usize] = Some(Slot { page: p, twin: None });
+            shard.table.insert(p, slot);
+            shard.lru.push_most_recent(slot as usize);
+        }
+        Ok(slots[0])
+    }
+
+    /// A free frame slot, evicting the least recent page (written home first if dirty).
+    fn free_slot<E: Endpoint<Buffer = B>>(
+        &self,
+        shard: &mut Shard<B>,
+        ep: &mut E,
+        homes: &impl Homes,
+    ) -> rdmem_core::Result<u32> {
+        if let Some(slot) = shard.free.pop() {
+            return Ok(slot);
+        }
+        let victim = shard.lru.least_recent().expect("a full shard has pages") as u32;
+        self.write_home(shard, ep, homes, &[victim])?;
+        shard.lru.remove(victim as usize);
+        let page = shard.slots[victim as usize].take().expect("a linked slot has a page").page;
+        shard.table.remove(&page);
+        bump(&self.counters.evictions, 1);
+        Ok(victim)
+    }
+
+    /// Writes the diffs of the dirty pages among `slots` home in one batch, then makes them
+    /// clean and remembers them as written.
+    fn write_home<E: Endpoint<Buffer = B>>(
+        &self,
+        shard: &mut Shard<B>,
+        ep: &mut E,
+        homes: &impl Homes,
+        slots: &[u32],
+    ) -> rdmem_core::Result<()> {
+        let Shard { buf, slots: entries, runs, .. } = shard;
+        runs.clear();
+        // (slot, home, first run, end of runs) per dirty page.
+        let mut pages: Vec<(u32, GlobalAddr, usize, usize)> = Vec::new();
+        for &slot in slots {
+            let Some(Slot { page, twin: Some(twin) }) = &entries[slot as usize] else { continue };
+            let home = homes.home(*page)?;
+            let first = runs.len();
+            diff::diff_runs(twin, &buf[frame(slot)], runs);
+            pages.push((slot, home.addr, first, runs.len()));
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = 0;
+        let mut batch = ep.batch();
+        for &(slot, home, first, end) in &pages {
+            let base = frame(slot).start;
+            for r in &runs[first..end] {
+                let dst = home.checked_add(r.start as u64).expect("a page lies inside its pool");
+                batch.write_from(dst, buf, base + r.start..base + r.end);
+                bytes += r.len();
+            }
+        }
+        batch.submit()?;
+        bump(&self.counters.write_backs, pages.len() as u64);
+        bump(&self.counters.bytes_written, bytes as u64);
+        let mut written = lock(&self.written);
+        for &(slot, ..) in &pages {
+            let entry = entries[slot as usize].as_mut().expect("a dirty slot has a page");
+            if let Some(twin) = entry.twin.take() {
+                shard.spare_twins.push(twin);
+            }
+            written.since_release.insert(entry.page);
+            written.since_barrier.insert(entry.page);
+        }
+        shard.dirty.retain(|s| !slots.contains(s));
+        Ok(())
+    }
+
+    /// Writes every dirty page's diff home (one batch per shard); the pages stay cached, clean.
+    pub fn flush<E: Endpoint<Buffer = B>>(&self, ep: &mut E, homes: &impl Homes) -> rdmem_core::Result<()> {
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            if shard.dirty.is_empty() {
+                continue;
+            }
+            let dirty = std::mem::take(&mut shard.dirty);
+            let result = self.write_home(&mut shard, ep, homes, &dirty);
+            if result.is_err() {
+                // Nothing is lost: the pages keep their twins and stay dirty.
+                shard.dirty = dirty;
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Drops `pages` from the cache (writing a dirty one's diff home first), so the next access
+    /// READs them again.
+    pub fn invalidate<E: Endpoint<Buffer = B>>(
+        &self,
+        ep: &mut E,
+        homes: &impl Homes,
+        pages: impl IntoIterator<Item = PageId>,
+    ) -> rdmem_core::Result<()> {
+        for page in pages {
+            let mut shard = lock(self.shard(page));
+            let Some(&slot) = shard.table.get(&page) else { continue };
+            self.write_home(&mut shard, ep, homes, &[slot])?;
+            self.drop_slot(&mut shard, slot);
+        }
+        Ok(())
+    }
+
+    /// Drops every page (dirty ones written home first).
+    pub fn invalidate_all<E: Endpoint<Buffer = B>>(&self, ep: &mut E, homes: &impl Homes) -> rdmem_core::Result<()> {
+        self.flush(ep, homes)?;
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            let cached: Vec<u32> = shard.table.values().copied().collect();
+            for slot in cached {
+                self.drop_slot(&mut shard, slot);
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_slot(&self, shard: &mut Shard<B>, slot: u32) {
+        let entry = shard.slots[slot as usize].take().expect("a cached slot has a page");
+        shard.table.remove(&entry.page);
+        shard.lru.remove(slot as usize);
+        shard.free.push(slot);
+        bump(&self.counters.invalidations, 1);
+    }
+
+    /// The pages written home since the last call for the same interval, and forgets them.
+    pub fn take_written(&self, interval: Interval) -> Vec<PageId> {
+        let mut written = lock(&self.written);
+        let set = match interval {
+            Interval::Release => &mut written.since_release,
+            Interval::Barrier => &mut written.since_barrier,
+        };
+        let mut pages: Vec<PageId> = set.drain().collect();
+        pages.sort_unstable();
+        pages
+    }
+
+    /// The cache's counters.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            evictions: get(&c.evictions),
+            write_backs: get(&c.write_backs),
+            invalidations: get(&c.invalidations),
+            read_ahead: get(&c.read_ahead),
+            page_reads: get(&c.page_reads),
+            bytes_read: get(&c.bytes_read),
+            bytes_written: get(&c.bytes_written),
+        }
+    }
+
+    /// The pages of `page`'s shard, least recently used first (for tests and debugging).
+    pub fn lru_order(&self, page: PageId) -> Vec<PageId> {
+        let shard = lock(self.shard(page));
+        shard.lru.iter_least_to_most().map(|slot| shard.slots[slot].as_ref().expect("linked").page).collect()
+    }
+
+    /// True when `page` is cached.
+    pub fn is_cached(&self, page: PageId) -> bool {
+        lock(self.shard(page)).table.contains_key(&page)
+    }
+
+    /// True when `page` is cached and dirty.
+    pub fn is_dirty(&self, page: PageId) -> bool {
+        let shard = lock(self.shard(page));
+        shard.table.get(&page).is_some_and(|&s| shard.slots[s as usize].as_ref().is_some_and(|e| e.twin.is_some()))
+    }
+}
