@@ -47,6 +47,9 @@ pub mod header {
     pub const USED_CHUNKS: u64 = 72;
     /// The next client id to hand out (fetch-and-add, starts at 0: ids are this + 1).
     pub const NEXT_CLIENT: u64 = 80;
+    /// Reserved for the layer above the allocator: the address of the shared-memory layer's
+    /// control block (`rdmem_coherence::dsm`), 0 when there is none. Never touched here.
+    pub const ROOT: u64 = 128;
     /// Bytes of the geometry written in one WRITE: MAGIC..=DATA.
     pub const GEOMETRY_BYTES: usize = 72;
 }

@@ -6,10 +6,12 @@
 //! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json
 //! soft-roce-setup/vm-run rdmem-bench alloc --json
 //! soft-roce-setup/vm-run rdmem-bench lock --json
+//! soft-roce-setup/vm-run rdmem-bench cache --json
 //! rdmem-bench verbs --memnode 10.0.0.1:7471                             # on real hardware
 //! ```
 
 mod alloc;
+mod cache;
 mod harness;
 mod lock;
 mod perftest;
@@ -36,7 +38,9 @@ enum Bench {
     Alloc(alloc::AllocArgs),
     /// Distributed locks (CAS spinlock vs cohort lock) and barrier.
     Lock(lock::LockArgs),
-    /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock.
+    /// Page cache: hit and miss latency (next to a raw READ), hit ratio under a zipfian load.
+    Cache(cache::CacheArgs),
+    /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock, cache.
     Suite(SuiteArgs),
     /// One participant of the cross-process barrier measurement (started by `lock`).
     #[command(hide = true)]
@@ -79,7 +83,8 @@ fn suite(args: &SuiteArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     verbs::run(&args_of(&verbs_words))?;
     alloc::run(&args_of(&common))?;
-    lock::run(&args_of(&common))
+    lock::run(&args_of(&common))?;
+    cache::run(&args_of(&common))
 }
 
 fn main() {
@@ -88,6 +93,7 @@ fn main() {
         Bench::Verbs(args) => verbs::run(args),
         Bench::Alloc(args) => alloc::run(args),
         Bench::Lock(args) => lock::run(args),
+        Bench::Cache(args) => cache::run(args),
         Bench::Suite(args) => suite(args),
         Bench::BarrierWorker(args) => lock::barrier_worker(args),
     };

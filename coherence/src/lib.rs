@@ -46,10 +46,12 @@
 pub mod barrier;
 pub mod cache;
 pub mod cohort;
+pub mod dsm;
 pub mod error;
 pub mod launch;
 pub mod lock;
 mod primitive;
+pub mod programs;
 pub mod rwlock;
 pub mod table;
 

@@ -159,7 +159,7 @@ pub struct PageCache<B> {
     shards: Vec<Mutex<Shard<B>>>,
     options: CacheOptions,
     counters: Counters,
-    /// The page missed last (for sequential detection); `u64::MAX` for none.
+    /// The last page the latest miss brought in (for sequential detection); `u64::MAX` for none.
     last_miss: AtomicU64,
     written: Mutex<Written>,
 }
@@ -281,7 +281,7 @@ impl<B: LocalBuffer> PageCache<B> {
         }
         bump(&self.counters.misses, 1);
         let home = homes.home(page)?;
-        let sequential = self.last_miss.swap(page, Ordering::Relaxed) == page.wrapping_sub(1);
+        let sequential = page > 0 && self.last_miss.load(Ordering::Relaxed) == page - 1;
         let mut count = 1;
         if ahead && sequential && self.options.read_ahead > 0 {
             let limit = (self.options.read_ahead + 1).min(home.run as usize).min(shard.frames);
@@ -307,6 +307,8 @@ impl<B: LocalBuffer> PageCache<B> {
             }
             bump(&self.counters.read_ahead, count as u64 - 1);
         }
+        // The next miss is sequential if it comes right after the last page brought in.
+        self.last_miss.store(page + count as u64 - 1, Ordering::Relaxed);
         bump(&self.counters.page_reads, 1);
         bump(&self.counters.bytes_read, bytes as u64);
         // The pages read ahead first, so the one asked for is the most recent.

@@ -1,0 +1,766 @@
+//! A distributed shared memory in JIAJIA's line: shared allocations, cached pages, locks and
+//! barriers with scope consistency, every remote access one-sided.
+//!
+//! ```no_run
+//! use rdmem_coherence::dsm::{Dsm, DsmOptions};
+//!
+//! let dsm = Dsm::join(DsmOptions::from_env()?)?; // rank and size from rdmem-run, mpirun or srun
+//! let counts = dsm.alloc(8 * 64)?;               // collective: every rank gets the same address
+//! dsm.lock(0)?;
+//! let n: u64 = dsm.get(counts)?;
+//! dsm.set(counts, &(n + 1))?;
+//! dsm.unlock(0)?;                                // the write reaches the next holder of lock 0
+//! dsm.barrier()?;                                // ...and everyone after the barrier
+//! dsm.leave()?;
+//! # Ok::<(), rdmem_coherence::dsm::DsmError>(())
+//! ```
+//!
+//! # Consistency (scope consistency, home-based)
+//! Each memory node is the home of its pages. A process reads and writes pages in its
+//! [`PageCache`]; the first write to a page makes a twin. Writes become visible to others at
+//! synchronization only:
+//! - **unlock(L)** writes every dirty page's byte diff home, appends write notices for the pages
+//!   written since the last release to L's notice ring, then releases L;
+//! - **lock(L)** reads L's notices since this process last held L and invalidates exactly those
+//!   pages (all pages if the ring wrapped past what it saw);
+//! - **barrier()** writes diffs home, appends notices for everything written since the last
+//!   barrier to the barrier ring, waits for everyone, then invalidates the pages others noticed.
+//!
+//! So a write made under L is seen by the next holder of L, everything written before a barrier
+//! is seen by everyone after it, and processes writing disjoint bytes of one page never
+//! overwrite each other (diffs carry only changed bytes). Accesses outside any lock or barrier
+//! interval see a process's own writes and whatever it last fetched, as in JIAJIA.
+//!
+//! # Rules
+//! - `alloc` is collective: every rank calls it with the same sizes in the same order (the
+//!   first to arrive allocates; the others check the size and share it).
+//! - `barrier` is collective: one call per rank (one thread of it) per round.
+//! - `lock`/`unlock` work from any thread; a lock is held by the thread that took it, and
+//!   threads of one process hand it to each other without network round trips.
+//! - Threads of one process share the cache, so they see each other's writes at once.
+
+pub mod layout;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock as StdRwLock};
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement};
+use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
+
+use crate::cache::{CacheOptions, CacheStats, Home, Homes, Interval, PAGE_SIZE, PageCache, PageId};
+use crate::error::LockError;
+use crate::launch::{LaunchError, Rank};
+use crate::lock::{DEFAULT_LEASE, RemoteLock};
+
+/// Why a DSM operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DsmError {
+    /// A remote operation failed.
+    #[error(transparent)]
+    Transport(#[from] rdmem_core::Error),
+    /// The allocator failed (out of memory, ...).
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// A lock operation failed (lease lost, ...).
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// Rank and size could not be read from the environment.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// An address outside every allocation.
+    #[error("shared address {addr:#x} is outside every allocation ({reason})")]
+    BadAddress {
+        /// The address.
+        addr: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A lock id beyond the table.
+    #[error("lock id {id} is out of range: the DSM has {count} locks")]
+    LockId {
+        /// The id.
+        id: u64,
+        /// Locks in the table.
+        count: u64,
+    },
+    /// `unlock` by a thread that does not hold the lock.
+    #[error("unlock({id}) by a thread that does not hold lock {id}")]
+    NotHolder {
+        /// The lock id.
+        id: u64,
+    },
+    /// Ranks called `alloc` with different sizes at the same point.
+    #[error(
+        "allocation #{index}: this rank asked for {ours} bytes, another for {theirs}; alloc is collective (same sizes, same order on every rank)"
+    )]
+    AllocMismatch {
+        /// The allocation's number.
+        index: u64,
+        /// This rank's size.
+        ours: u64,
+        /// The size that was allocated.
+        theirs: u64,
+    },
+    /// More allocations than the log holds.
+    #[error("too many shared allocations: the DSM holds at most {max}")]
+    TooManyAllocations {
+        /// The limit.
+        max: u64,
+    },
+    /// The memory nodes hold the state of a different job, or a job of another size.
+    #[error("{0}")]
+    Join(String),
+}
+
+/// `Result` with [`DsmError`].
+pub type Result<T, E = DsmError> = std::result::Result<T, E>;
+
+/// An address in shared memory: allocation number and byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedAddr(pub u64);
+
+impl SharedAddr {
+    /// The address `bytes` further on.
+    pub fn byte_add(self, bytes: u64) -> SharedAddr {
+        SharedAddr(self.0 + bytes)
+    }
+}
+
+impl std::fmt::Display for SharedAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shared#{}+{:#x}", self.0 >> layout::ALLOC_SHIFT, self.0 & ((1 << layout::ALLOC_SHIFT) - 1))
+    }
+}
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct DsmOptions {
+    /// This process's rank, `0..size`.
+    pub rank: u32,
+    /// Processes in the job.
+    pub size: u32,
+    /// The job's name: all ranks must agree (from `RDMEM_JOB`, else "default").
+    pub job: String,
+    /// The page cache.
+    pub cache: CacheOptions,
+    /// Lock leases.
+    pub lease: Duration,
+    /// Local handovers of a lock in a row before it is released remotely.
+    pub max_handovers: u32,
+}
+
+impl DsmOptions {
+    /// Options for `rank` of `size`, with defaults.
+    pub fn new(rank: u32, size: u32) -> Self {
+        DsmOptions {
+            rank,
+            size,
+            job: "default".into(),
+            cache: CacheOptions::default(),
+            lease: DEFAULT_LEASE,
+            max_handovers: 16,
+        }
+    }
+
+    /// Rank and size from the environment ([`Rank::from_env`]: rdmem-run, mpirun, srun), the job
+    /// name from `RDMEM_JOB`, the cache size from `RDMEM_CACHE_BYTES`.
+    pub fn from_env() -> Result<Self> {
+        let rank = Rank::from_env()?;
+        let mut options = DsmOptions::new(rank.rank, rank.size);
+        if let Some(job) = std::env::var("RDMEM_JOB").ok().filter(|j| !j.is_empty()) {
+            options.job = job;
+        }
+        if let Ok(bytes) = std::env::var("RDMEM_CACHE_BYTES") {
+            options.cache.capacity_bytes = bytes
+                .parse()
+                .map_err(|_| DsmError::Join(format!("RDMEM_CACHE_BYTES={bytes} is not a number of bytes")))?;
+        }
+        Ok(options)
+    }
+}
+
+/// One allocation, as every rank sees it.
+#[derive(Debug, Clone)]
+struct Allocation {
+    bytes: u64,
+    bases: Vec<GlobalAddr>,
+}
+
+/// Maps pages to homes through the allocations this process knows.
+struct Directory {
+    allocs: StdRwLock<Vec<Allocation>>,
+}
+
+impl Homes for Directory {
+    fn home(&self, page: PageId) -> rdmem_core::Result<Home> {
+        let shift = layout::ALLOC_SHIFT - PAGE_SIZE.trailing_zeros();
+        let (index, in_alloc) = ((page >> shift) as usize, page & ((1 << shift) - 1));
+        let allocs = self.allocs.read().unwrap_or_else(|p| p.into_inner());
+        let bad = |reason: String| rdmem_core::Error::Config(format!("page {page:#x}: {reason}"));
+        let a = allocs.get(index).ok_or_else(|| bad(format!("allocation #{index} does not exist")))?;
+        let pages = a.bytes.div_ceil(PAGE_SIZE as u64);
+        if in_alloc >= pages {
+            return Err(bad(format!("beyond the end of allocation #{index} ({} bytes)", a.bytes)));
+        }
+        let (node, offset, left) = layout::place(in_alloc, a.bases.len() as u64);
+        let addr = a.bases[node].checked_add(offset).expect("inside the allocation");
+        Ok(Home { addr, run: left.min((pages - in_alloc) as u32) })
+    }
+}
+
+/// A lock as this process sees it: the remote word, local queueing, and the notices seen.
+struct LocalLock {
+    busy: AtomicBool,
+    waiting: AtomicUsize,
+    state: Mutex<LockState>,
+}
+
+struct LockState {
+    /// The remote hold while this process holds the lock.
+    held: Option<u64>,
+    /// Local handovers since the remote lock was taken.
+    handovers: u32,
+    /// The thread holding it.
+    owner: Option<ThreadId>,
+    /// The notice ring position this process has applied (or written) up to.
+    seen: u64,
+}
+
+/// The barrier as this process sees it.
+struct BarrierState {
+    round: u64,
+    seen: u64,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A process's membership in a DSM job. Share it between threads (`&Dsm` or `Arc<Dsm>`).
+pub struct Dsm<T: Transport> {
+    transport: Arc<T>,
+    rank: u32,
+    size: u32,
+    options: DsmOptions,
+    control: GlobalAddr,
+    /// One allocator per memory node (placement on that node).
+    allocators: Vec<Allocator<T>>,
+    cache: PageCache<<T::Endpoint as Endpoint>::Buffer>,
+    directory: Directory,
+    /// Endpoints not in use: each call takes one (threads get their own queue pairs).
+    endpoints: Mutex<Vec<T::Endpoint>>,
+    locks: Vec<LocalLock>,
+    barrier: Mutex<BarrierState>,
+    /// Collective allocations made so far by this rank.
+    next_alloc: AtomicU64,
+    left: AtomicBool,
+}
+
+impl Dsm<rdmem_transport_rdma::RdmaTransport> {
+    /// Joins over RDMA, with the memory nodes of the cluster configuration
+    /// ([`rdmem_core::ClusterConfig::load`]: `RDMEM_MEMNODES`, `RDMEM_TOKEN`, ...).
+    pub fn join(options: DsmOptions) -> Result<Self> {
+        let config = rdmem_core::ClusterConfig::load(None)?;
+        let rdma = rdmem_transport_rdma::RdmaOptions::from_config(&config)
+            .map_err(|e| DsmError::Join(format!("cannot connect: {e}")))?;
+        let transport = rdmem_transport_rdma::RdmaTransport::connect(rdma)
+            .map_err(|e| DsmError::Join(format!("cannot connect: {e}")))?;
+        Dsm::join_with(Arc::new(transport), options)
+    }
+}
+
+impl<T: Transport> Dsm<T> {
+    /// Joins the job over `transport`: finds or creates the control block, checks the job,
+    /// and waits at a barrier until every rank joined.
+    pub fn join_with(transport: Arc<T>, options: DsmOptions) -> Result<Self> {
+        if options.size == 0 || options.rank >= options.size {
+            return Err(DsmError::Join(format!("rank {} of size {} is not a rank", options.rank, options.size)));
+        }
+        let nodes: Vec<NodeId> = transport.nodes().iter().map(|n| n.id).collect();
+        if nodes.len() > layout::MAX_NODES {
+            return Err(DsmError::Join(format!(
+                "{} memory nodes; the DSM spreads over {} at most",
+                nodes.len(),
+                layout::MAX_NODES
+            )));
+        }
+        let allocators = nodes
+            .iter()
+            .map(|&id| {
+                let opts = AllocatorOptions { placement: Placement::Node(id), ..AllocatorOptions::default() };
+                Allocator::new(transport.clone(), opts)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ep = transport.endpoint()?;
+        let cache = PageCache::new(&mut ep, CacheOptions { stripe_pages: layout::STRIPE_PAGES, ..options.cache })?;
+        let control = Self::find_control(&mut ep, &allocators[0], nodes[0], &options)?;
+        let locks = (0..layout::LOCK_COUNT)
+            .map(|_| LocalLock {
+                busy: AtomicBool::new(false),
+                waiting: AtomicUsize::new(0),
+                state: Mutex::new(LockState { held: None, handovers: 0, owner: None, seen: 0 }),
+            })
+            .collect();
+        let dsm = Dsm {
+            transport,
+            rank: options.rank,
+            size: options.size,
+            control,
+            allocators,
+            cache,
+            directory: Directory { allocs: StdRwLock::new(Vec::new()) },
+            endpoints: Mutex::new(vec![ep]),
+            locks,
+            barrier: Mutex::new(BarrierState { round: 0, seen: 0 }),
+            next_alloc: AtomicU64::new(0),
+            left: AtomicBool::new(false),
+            options,
+        };
+        let joined = dsm.with_ep(|ep| ep.faa(dsm.at(layout::JOINED), 1))?;
+        if joined >= dsm.size as u64 {
+            return Err(DsmError::Join(format!(
+                "{} ranks joined a job of size {}: is another job using these memory nodes with the same name?",
+                joined + 1,
+                dsm.size
+            )));
+        }
+        dsm.barrier()?;
+        Ok(dsm)
+    }
+
+    /// The control block: created by the first rank (CAS on the allocator header's ROOT
+    /// word), waited for by the others, and checked against this job.
+    fn find_control(
+        ep: &mut T::Endpoint,
+        allocator: &Allocator<T>,
+        node: NodeId,
+        options: &DsmOptions,
+    ) -> Result<GlobalAddr> {
+        let root = GlobalAddr::new(node, rdmem_allocator::layout::header::ROOT).expect("header word");
+        let job = layout::job_hash(&options.job);
+        let mut value = ep.cas(root, 0, 1)?;
+        if value == 0 {
+            let control = allocator
+                .thread()?
+                .alloc(std::alloc::Layout::from_size_align(layout::CONTROL_BYTES as usize, 4096).expect("layout"))?;
+            write_zeros(ep, control, layout::CONTROL_BYTES)?;
+            let mut header = [0u8; 24];
+            header[0..8].copy_from_slice(&layout::MAGIC.to_le_bytes());
+            header[8..16].copy_from_slice(&job.to_le_bytes());
+            header[16..24].copy_from_slice(&(options.size as u64).to_le_bytes());
+            ep.write(control, &header)?;
+            ep.write_u64(root, control.to_raw())?;
+            return Ok(control);
+        }
+        let mut waited = 0u32;
+        while value == 1 {
+            std::thread::sleep(Duration::from_millis(1));
+            waited += 1;
+            if waited > 30_000 {
+                return Err(DsmError::Join("the DSM control block is still being created after 30 s (its creator died?); restart the memory nodes".into()));
+            }
+            value = ep.read_u64(root)?;
+        }
+        let control = GlobalAddr::from_raw(value);
+        let mut header = [0u8; 24];
+        ep.read(control, &mut header)?;
+        let word = |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        if word(0) != layout::MAGIC {
+            return Err(DsmError::Join(format!(
+                "the memory nodes' ROOT word points at {control}, which is not a DSM control block"
+            )));
+        }
+        if word(1) != job {
+            return Err(DsmError::Join(format!(
+                "the memory nodes hold the state of another DSM job (not {:?}); wait for it to leave, or restart the memory nodes",
+                options.job
+            )));
+        }
+        if word(2) != options.size as u64 {
+            return Err(DsmError::Join(format!(
+                "this job has {} ranks, the one on the memory nodes {}",
+                options.size,
+                word(2)
+            )));
+        }
+        Ok(control)
+    }
+
+    fn at(&self, offset: u64) -> GlobalAddr {
+        self.control.checked_add(offset).expect("inside the control block")
+    }
+
+    /// Runs `f` with an endpoint of this process (taken from the pool, or made).
+    fn with_ep<R, E: From<rdmem_core::Error>>(&self, f: impl FnOnce(&mut T::Endpoint) -> Result<R, E>) -> Result<R, E> {
+        let taken = locked(&self.endpoints).pop();
+        let mut ep = match taken {
+            Some(ep) => ep,
+            None => self.transport.endpoint()?,
+        };
+        let result = f(&mut ep);
+        locked(&self.endpoints).push(ep);
+        result
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Processes in the job.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// The page cache's counters.
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Allocates `bytes` of zeroed shared memory, its pages striped over the memory nodes.
+    /// Collective: every rank calls it with the same sizes in the same order and gets the same
+    /// address.
+    pub fn alloc(&self, bytes: u64) -> Result<SharedAddr> {
+        if bytes == 0 || bytes > 1 << layout::ALLOC_SHIFT {
+            return Err(DsmError::BadAddress { addr: 0, reason: format!("cannot allocate {bytes} bytes") });
+        }
+        let index = self.next_alloc.fetch_add(1, Ordering::SeqCst);
+        if index >= layout::ALLOC_COUNT {
+            return Err(DsmError::TooManyAllocations { max: layout::ALLOC_COUNT });
+        }
+        let entry = self.at(layout::alloc_at(index));
+        let word = |i: u64| entry.checked_add(8 * i).expect("entry");
+        let nodes = self.allocators.len();
+        let allocation = self.with_ep(|ep| -> Result<Allocation> {
+            if ep.cas(entry, 0, layout::ALLOC_CLAIMED)? == 0 {
+                // First here: allocate on every node, zero, publish.
+                let share = layout::per_node_bytes(bytes, nodes as u64);
+                let layout = std::alloc::Layout::from_size_align(share as usize, 4096).expect("layout");
+                let bases = self.allocators.iter().map(|a| a.thread()?.alloc(layout)).collect::<Result<Vec<_>, _>>()?;
+                for &base in &bases {
+                    write_zeros(ep, base, share)?;
+                }
+                let mut fields = vec![0u8; 24 + 8 * nodes];
+                fields[0..8].copy_from_slice(&bytes.to_le_bytes());
+                fields[8..16].copy_from_slice(&layout::STRIPE_PAGES.to_le_bytes());
+                fields[16..24].copy_from_slice(&(nodes as u64).to_le_bytes());
+                for (i, b) in bases.iter().enumerate() {
+                    fields[24 + 8 * i..32 + 8 * i].copy_from_slice(&b.to_raw().to_le_bytes());
+                }
+                ep.write(word(1), &fields)?;
+                ep.write_u64(word(0), layout::ALLOC_READY)?;
+                return Ok(Allocation { bytes, bases });
+            }
+            while ep.read_u64(word(0))? != layout::ALLOC_READY {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let mut fields = vec![0u8; 24 + 8 * nodes];
+            ep.read(word(1), &mut fields)?;
+            let field = |i: usize| u64::from_le_bytes(fields[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            if field(0) != bytes {
+                return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: field(0) });
+            }
+            let bases = (0..nodes).map(|i| GlobalAddr::from_raw(field(3 + i))).collect();
+            Ok(Allocation { bytes, bases })
+        })?;
+        let mut allocs = self.directory.allocs.write().unwrap_or_else(|p| p.into_inner());
+        if allocs.len() as u64 <= index {
+            allocs.resize(index as usize + 1, Allocation { bytes: 0, bases: Vec::new() });
+        }
+        allocs[index as usize] = allocation;
+        Ok(SharedAddr(index << layout::ALLOC_SHIFT))
+    }
+
+    fn check_range(&self, addr: SharedAddr, len: usize) -> Result<()> {
+        let index = (addr.0 >> layout::ALLOC_SHIFT) as usize;
+        let offset = addr.0 & ((1 << layout::ALLOC_SHIFT) - 1);
+        let allocs = self.directory.allocs.read().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = allocs.get(index).filter(|a| !a.bases.is_empty()) else {
+            return Err(DsmError::BadAddress { addr: addr.0, reason: format!("no allocation #{index}") });
+        };
+        if offset + len as u64 > a.bytes {
+            return Err(DsmError::BadAddress {
+                addr: addr.0,
+                reason: format!("{len} bytes at offset {offset} run past the allocation's {} bytes", a.bytes),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `dst.len()` bytes at `addr`.
+    pub fn read(&self, addr: SharedAddr, dst: &mut [u8]) -> Result<()> {
+        self.check_range(addr, dst.len())?;
+        self.with_ep(|ep| Ok(self.cache.read(ep, &self.directory, addr.0, dst)?))
+    }
+
+    /// Writes `src` at `addr` (visible to others after this process's next unlock or barrier).
+    pub fn write(&self, addr: SharedAddr, src: &[u8]) -> Result<()> {
+        self.check_range(addr, src.len())?;
+        self.with_ep(|ep| Ok(self.cache.write(ep, &self.directory, addr.0, src)?))
+    }
+
+    /// Reads a plain-old-data value at `addr`.
+    pub fn get<V: bytemuck::Pod>(&self, addr: SharedAddr) -> Result<V> {
+        let mut value = V::zeroed();
+        self.read(addr, bytemuck::bytes_of_mut(&mut value))?;
+        Ok(value)
+    }
+
+    /// Writes a plain-old-data value at `addr`.
+    pub fn set<V: bytemuck::Pod>(&self, addr: SharedAddr, value: &V) -> Result<()> {
+        self.write(addr, bytemuck::bytes_of(value))
+    }
+
+    /// Reads `dst.len()` values at `addr`.
+    pub fn read_slice<V: bytemuck::Pod>(&self, addr: SharedAddr, dst: &mut [V]) -> Result<()> {
+        self.read(addr, bytemuck::cast_slice_mut(dst))
+    }
+
+    /// Writes the values of `src` at `addr`.
+    pub fn write_slice<V: bytemuck::Pod>(&self, addr: SharedAddr, src: &[V]) -> Result<()> {
+        self.write(addr, bytemuck::cast_slice(src))
+    }
+
+    fn local_lock(&self, id: u64) -> Result<&LocalLock> {
+        self.locks.get(id as usize).ok_or(DsmError::LockId { id, count: layout::LOCK_COUNT })
+    }
+
+    /// Acquires lock `id` for this thread: threads of this process queue locally; the process
+    /// takes the remote lock and then invalidates the pages other holders wrote under it.
+    pub fn lock(&self, id: u64) -> Result<()> {
+        let local = self.local_lock(id)?;
+        local.waiting.fetch_add(1, Ordering::SeqCst);
+        while local.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            std::thread::yield_now();
+        }
+        local.waiting.fetch_sub(1, Ordering::SeqCst);
+        let mut state = locked(&local.state);
+        let result = if state.held.is_none() { self.acquire_remote(id, &mut state) } else { Ok(()) };
+        match result {
+            Ok(()) => {
+                state.owner = Some(std::thread::current().id());
+                Ok(())
+            }
+            Err(e) => {
+                drop(state);
+                local.busy.store(false, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    fn acquire_remote(&self, id: u64, state: &mut LockState) -> Result<()> {
+        let base = self.at(layout::lock_at(id));
+        let remote = RemoteLock::new(base, self.rank + 1, self.options.lease)?;
+        self.with_ep(|ep| -> Result<()> {
+            state.held = Some(remote.acquire(ep)?);
+            state.handovers = 0;
+            // The notices: head, then the ring, in one READ.
+            let mut ring = vec![0u8; 8 * (1 + layout::LOCK_RING as usize)];
+            ep.read(base.checked_add(8).expect("lock"), &mut ring)?;
+            let head = u64::from_le_bytes(ring[0..8].try_into().expect("8 bytes"));
+            let slots: Vec<u64> =
+                ring[8..].chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            self.apply_notices(ep, state.seen, head, layout::LOCK_RING, |pos| {
+                slots[(pos % layout::LOCK_RING) as usize]
+            })?;
+            state.seen = head;
+            Ok(())
+        })
+    }
+
+    /// Invalidates the pages noticed at ring positions `from..to` (all pages when the ring has
+    /// been overwritten past `from`), except this rank's own.
+    fn apply_notices(
+        &self,
+        ep: &mut T::Endpoint,
+        from: u64,
+        to: u64,
+        ring: u64,
+        slot: impl Fn(u64) -> u64,
+    ) -> Result<()> {
+        if to.saturating_sub(from) > ring {
+            return Ok(self.cache.invalidate_all(ep, &self.directory)?);
+        }
+        let pages = (from..to).filter_map(|pos| layout::parse_notice(slot(pos))).filter(|&(rank, _)| rank != self.rank);
+        Ok(self.cache.invalidate(ep, &self.directory, pages.map(|(_, page)| page))?)
+    }
+
+    /// Releases lock `id`: writes this process's dirty pages home, appends write notices, then
+    /// hands the lock to a waiting thread of this process or releases it remotely.
+    pub fn unlock(&self, id: u64) -> Result<()> {
+        let local = self.local_lock(id)?;
+        let mut state = locked(&local.state);
+        if state.owner != Some(std::thread::current().id()) || state.held.is_none() {
+            return Err(DsmError::NotHolder { id });
+        }
+        let base = self.at(layout::lock_at(id));
+        let result = self.with_ep(|ep| -> Result<()> {
+            self.cache.flush(ep, &self.directory)?;
+            let pages = self.cache.take_written(Interval::Release);
+            if !pages.is_empty() {
+                let head = state.seen;
+                append_ring(ep, base.checked_add(16).expect("ring"), layout::LOCK_RING, head, self.rank, &pages)?;
+                let new_head = head + pages.len() as u64;
+                ep.write_u64(base.checked_add(8).expect("head"), new_head)?;
+                state.seen = new_head;
+            }
+            let handover = local.waiting.load(Ordering::SeqCst) > 0 && state.handovers < self.options.max_handovers;
+            if handover {
+                state.handovers += 1;
+            } else {
+                let value = state.held.take().expect("held");
+                RemoteLock::new(base, self.rank + 1, self.options.lease)?.release(ep, value)?;
+            }
+            Ok(())
+        });
+        state.owner = None;
+        drop(state);
+        local.busy.store(false, Ordering::Release);
+        result
+    }
+
+    /// Waits until every rank arrived; writes this process's changes home before, and
+    /// invalidates the pages others changed after. One call per rank per round.
+    pub fn barrier(&self) -> Result<()> {
+        let mut b = locked(&self.barrier);
+        let size = self.size as u64;
+        self.with_ep(|ep| -> Result<()> {
+            self.cache.flush(ep, &self.directory)?;
+            let pages = self.cache.take_written(Interval::Barrier);
+            if !pages.is_empty() {
+                let head = ep.faa(self.at(layout::BARRIER_HEAD), pages.len() as u64)?;
+                append_ring(ep, self.at(layout::BARRIER_RING_AT), layout::BARRIER_RING, head, self.rank, &pages)?;
+            }
+            let target = (b.round + 1) * size;
+            let arrived = ep.faa(self.at(layout::BARRIER_COUNTER), 1)? + 1;
+            let end = if arrived == target {
+                // Last to arrive: everyone's notices are in; record where they end, then open.
+                let end = ep.read_u64(self.at(layout::BARRIER_HEAD))?;
+                let (end_bytes, epoch_bytes) = (end.to_le_bytes(), (b.round + 1).to_le_bytes());
+                let mut batch = ep.batch();
+                batch.write(self.at(layout::BARRIER_END), &end_bytes);
+                batch.write(self.at(layout::BARRIER_EPOCH), &epoch_bytes);
+                batch.submit()?;
+                end
+            } else if arrived > target {
+                return Err(LockError::BarrierOverrun { expected: target, got: arrived }.into());
+            } else {
+                let mut backoff = Duration::from_micros(1);
+                while ep.read_u64(self.at(layout::BARRIER_EPOCH))? < b.round + 1 {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_micros(200));
+                }
+                ep.read_u64(self.at(layout::BARRIER_END))?
+            };
+            let ring = layout::BARRIER_RING;
+            if end - b.seen <= ring && end > b.seen {
+                let mut slots = vec![0u8; (ring * 8) as usize];
+                ep.read(self.at(layout::BARRIER_RING_AT), &mut slots)?;
+                let slot = |pos: u64| {
+                    let i = ((pos % ring) * 8) as usize;
+                    u64::from_le_bytes(slots[i..i + 8].try_into().expect("8 bytes"))
+                };
+                self.apply_notices(ep, b.seen, end, ring, slot)?;
+            } else if end > b.seen {
+                self.apply_notices(ep, b.seen, end, ring, |_| 0)?;
+            }
+            b.seen = end;
+            b.round += 1;
+            Ok(())
+        })
+    }
+
+    /// Leaves the job: writes everything home and waits for all ranks (a barrier). The last
+    /// rank to leave frees the shared memory and the control block, so the memory nodes can
+    /// host the next job.
+    pub fn leave(self) -> Result<()> {
+        self.barrier()?;
+        self.left.store(true, Ordering::SeqCst);
+        let left = self.with_ep(|ep| Ok::<_, DsmError>(ep.faa(self.at(layout::LEFT), 1)?))? + 1;
+        if left < self.size as u64 {
+            return Ok(());
+        }
+        let allocs = self.directory.allocs.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let threads: Vec<_> = self.allocators.iter().map(|a| a.thread()).collect::<Result<_, _>>()?;
+        for a in allocs.iter().filter(|a| !a.bases.is_empty()) {
+            for (i, &base) in a.bases.iter().enumerate() {
+                threads[i].free(base)?;
+            }
+        }
+        threads[0].free(self.control)?;
+        let root = GlobalAddr::new(self.control.node(), rdmem_allocator::layout::header::ROOT).expect("header word");
+        self.with_ep(|ep| Ok::<_, DsmError>(ep.cas(root, self.control.to_raw(), 0)?))?;
+        Ok(())
+    }
+}
+
+impl<T: Transport> Drop for Dsm<T> {
+    fn drop(&mut self) {
+        if !self.left.load(Ordering::SeqCst) {
+            // Not a clean leave: at least write this process's changes home.
+            let flushed = self.with_ep(|ep| Ok::<_, DsmError>(self.cache.flush(ep, &self.directory)?));
+            if let Err(e) = flushed {
+                tracing::error!("rank {} dropped without leave(); writing its changes home failed: {e}", self.rank);
+            }
+        }
+    }
+}
+
+/// Appends notices for `pages` by `rank` at ring positions `head..` (the last `ring` of them
+/// when there are more: readers that far behind invalidate everything anyway).
+fn append_ring<E: Endpoint>(
+    ep: &mut E,
+    ring_at: GlobalAddr,
+    ring: u64,
+    head: u64,
+    rank: u32,
+    pages: &[PageId],
+) -> rdmem_core::Result<()> {
+    let skip = pages.len().saturating_sub(ring as usize);
+    let words: Vec<(u64, u64)> =
+        pages.iter().enumerate().skip(skip).map(|(i, &p)| (head + i as u64, layout::notice(rank, p))).collect();
+    // Contiguous runs of slots (at most two: before and after the wrap), one WRITE each.
+    let mut bytes = Vec::with_capacity(words.len() * 8);
+    let mut batch_runs: Vec<(u64, usize, usize)> = Vec::new();
+    for &(pos, word) in &words {
+        let slot = pos % ring;
+        match batch_runs.last_mut() {
+            Some((start, _, len)) if *start + *len as u64 == slot => *len += 1,
+            _ => batch_runs.push((slot, bytes.len(), 1)),
+        }
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    let mut batch = ep.batch();
+    for &(slot, at, len) in &batch_runs {
+        batch.write(ring_at.checked_add(slot * 8).expect("ring"), &bytes[at..at + len * 8]);
+    }
+    batch.submit()
+}
+
+/// WRITEs `len` zero bytes at `addr`, 64 KiB per WRITE, in batches.
+fn write_zeros<E: Endpoint>(ep: &mut E, addr: GlobalAddr, len: u64) -> rdmem_core::Result<()> {
+    const PIECE: u64 = 64 << 10;
+    let zeros = vec![0u8; PIECE as usize];
+    let mut done = 0;
+    while done < len {
+        let mut batch = ep.batch();
+        while done < len && batch.len() < 32 {
+            let n = PIECE.min(len - done);
+            batch.write(addr.checked_add(done).expect("inside the pool"), &zeros[..n as usize]);
+            done += n;
+        }
+        batch.submit()?;
+    }
+    Ok(())
+}
+
+impl<T: Transport> Dsm<T> {
+    /// True when the page of `addr` is in this process's cache.
+    pub fn is_cached(&self, addr: SharedAddr) -> bool {
+        self.cache.is_cached(addr.0 / PAGE_SIZE as u64)
+    }
+}
