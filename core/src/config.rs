@@ -153,6 +153,24 @@ fn with_default_port(addr: &str) -> Result<String> {
     Ok(if has_port { addr.to_owned() } else { format!("{addr}:{DEFAULT_PORT}") })
 }
 
+/// Parses a size in bytes: a number with an optional K, M or G suffix (powers of 1024), above
+/// zero (the `--pool-size` flags).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 10),
+        Some('M') => (&s[..s.len() - 1], 20),
+        Some('G') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("size {s:?}: use a number with an optional K, M or G suffix"))?;
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("size {s:?} is too large"))?;
+    if bytes == 0 {
+        return Err("the pool size must be above zero".into());
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

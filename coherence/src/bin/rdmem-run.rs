@@ -75,7 +75,7 @@ struct Cli {
     #[arg(long, value_name = "HOST:PORT")]
     memnode: Vec<String>,
     /// Pool size of each started memory node, with an optional K, M or G suffix (binary units).
-    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = rdmem_core::config::parse_size)]
     pool_size: u64,
     /// Pages backing the started memory nodes' pools: 2M, 1G or none (normal pages).
     #[arg(long, value_name = "SIZE", default_value = "2M", value_parser = parse_page_size)]
@@ -83,23 +83,6 @@ struct Cli {
     /// The program, then its arguments (passed as they are, even those starting with `-`).
     #[arg(value_name = "PROGRAM", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
-}
-
-/// `BYTES` with an optional K, M or G suffix (powers of 1024), above zero.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("size {s:?}: use a number with an optional K, M or G suffix"))?;
-    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("size {s:?} is too large"))?;
-    if bytes == 0 {
-        return Err("the pool size must be above zero".into());
-    }
-    Ok(bytes)
 }
 
 /// Checks the page size here, so a typo is a usage error rather than a memory node that fails.
@@ -377,6 +360,7 @@ fn failed_status() -> ExitStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdmem_core::config::parse_size;
 
     #[test]
     fn sizes() {

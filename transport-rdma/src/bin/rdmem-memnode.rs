@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:7471")]
     listen: SocketAddr,
     /// Pool size, with an optional K, M or G suffix (binary units).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = rdmem_core::config::parse_size)]
     pool_size: u64,
     /// Pages backing the pool: 2M, 1G or none (normal pages).
     #[arg(long, default_value = "2M")]
@@ -43,22 +43,6 @@ struct Args {
     /// This node's id in global addresses; give each node of a cluster its own.
     #[arg(long, default_value_t = 0)]
     node_id: u16,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 10),
-        Some('M') => (&s[..s.len() - 1], 20),
-        Some('G') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("size {s:?}: use a number with an optional K, M or G suffix"))?;
-    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("size {s:?} is too large"))?;
-    if bytes == 0 {
-        return Err("the pool size must be above zero".into());
-    }
-    Ok(bytes)
 }
 
 fn main() {
@@ -112,7 +96,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use rdmem_core::config::parse_size;
 
     #[test]
     fn sizes() {
