@@ -42,7 +42,7 @@ use rdmem_coherence::cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, Pa
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::harness;
-use crate::report::{Printer, Row};
+use crate::report::{Printer, Row, median, new_histogram};
 use crate::tsc::Tsc;
 
 /// Options of `rdmem-bench cache`.
@@ -354,18 +354,6 @@ fn zipf_row<E: Endpoint>(
 fn cache_row(mut row: Row) -> Row {
     row.bench = "cache";
     row
-}
-
-fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
-    Histogram::new_with_bounds(1, 600_000_000_000, 3)
-}
-
-/// The median of a non-empty list (the mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
 }
 
 /// xorshift64* (Vigna): small, fast, and good enough to pick pages.

@@ -21,7 +21,7 @@ use rdmem_coherence::{CohortLock, DEFAULT_LEASE, RemoteBarrier, RemoteLock, RwLo
 use rdmem_core::{Endpoint, GlobalAddr, Transport};
 
 use crate::harness;
-use crate::report::{Printer, Row};
+use crate::report::{Printer, Row, new_histogram};
 use crate::tsc::Tsc;
 
 /// Options of `rdmem-bench lock`.
@@ -61,7 +61,7 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     for (name, cohort) in [("cas-spin", false), ("cohort", true)] {
         let remote = RemoteLock::new(at(4096), 1, DEFAULT_LEASE)?;
         let shared = CohortLock::new(remote, args.max_handovers);
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+        let mut hist = new_histogram()?;
         for i in 0..200 + args.iters {
             let start = tsc.now();
             if cohort {
@@ -162,7 +162,7 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
         let (_, hists) = harness::timed(participants as usize, |_, start| -> Histogram<u64> {
             let mut ep = transport.endpoint().expect("endpoint");
             let mut barrier = RemoteBarrier::new(at(base), at(base + 8), participants).expect("barrier");
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).expect("histogram");
+            let mut hist = new_histogram().expect("histogram");
             start.wait();
             for i in 0..50 + args.iters / 4 {
                 let t0 = tsc.now();
@@ -173,7 +173,7 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
             hist
         });
-        let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+        let mut all = new_histogram()?;
         for h in &hists {
             all.add(h)?;
         }
@@ -245,7 +245,7 @@ fn barrier_processes(
             cmd.stdout(std::process::Stdio::piped()).spawn()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+    let mut hist = new_histogram()?;
     for child in children {
         let out = child.wait_with_output()?;
         if !out.status.success() {

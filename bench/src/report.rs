@@ -192,3 +192,17 @@ impl Printer {
         }
     }
 }
+
+/// A histogram of nanoseconds, from 1 ns to 10 minutes, 3 significant digits: what every latency
+/// row is built from.
+pub(crate) fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3)
+}
+
+/// The median of a non-empty list (the mean of the middle two for an even count).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+}

@@ -25,7 +25,7 @@ use rdmem_transport_rdma::RdmaTransport;
 
 use crate::harness;
 use crate::perftest::{self, LatencyTest, Target};
-use crate::report::{Printer, Row};
+use crate::report::{Printer, Row, median, new_histogram};
 use crate::tsc::Tsc;
 
 /// Options of `rdmem-bench verbs`.
@@ -141,7 +141,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
             let iters = if size >= 65536 { (args.iters / 10).max(100) } else { args.iters };
             // Alternate rdmem and perftest, round after round, so drifts in the VM hit both.
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            let mut merged = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+            let mut merged = new_histogram()?;
             for _ in 0..args.rounds.max(1) {
                 let hist = latency(transport, &tsc, base, op, size, iters)?;
                 ours.push(hist.value_at_quantile(0.5) as f64 / 1000.0);
@@ -237,7 +237,7 @@ fn latency(
 ) -> Result<Histogram<u64>, Box<dyn std::error::Error>> {
     let mut ep = transport.endpoint()?;
     let mut buf = ep.buffer(size)?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+    let mut hist = new_histogram()?;
     let word = base.checked_add(4096).expect("in range");
     let mut expected = ep.read_u64(word)?;
     for i in 0..WARMUP + iters {
@@ -311,12 +311,4 @@ fn throughput(
         r?;
     }
     Ok((rounds * batch as u64 * threads as u64, elapsed.as_secs_f64()))
-}
-
-/// The median of a non-empty list (the mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
 }

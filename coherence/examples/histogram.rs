@@ -14,8 +14,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use rdmem_coherence::dsm::{Dsm, DsmError, DsmOptions};
-use rdmem_coherence::programs::histogram;
+use rdmem_coherence::programs::{histogram, run_example};
 
 /// A parallel histogram under DSM locks (start with rdmem-run).
 #[derive(Parser, Debug)]
@@ -41,23 +40,5 @@ fn main() -> ExitCode {
         batch: args.batch,
         ..Default::default()
     };
-    match run(&params) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("histogram: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Joins, runs, reports and leaves; true when the check passed.
-fn run(params: &histogram::Params) -> Result<bool, DsmError> {
-    let dsm = Dsm::join(DsmOptions::from_env()?)?;
-    let outcome = histogram::run(&dsm, params)?;
-    if dsm.rank() == 0 {
-        println!("{}", outcome.report("histogram", &params.buckets.to_string(), dsm.size()));
-    }
-    dsm.leave()?;
-    Ok(outcome.check_passed)
+    run_example("histogram", &params.buckets.to_string(), |dsm| histogram::run(dsm, &params))
 }

@@ -13,8 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use rdmem_coherence::dsm::{Dsm, DsmError, DsmOptions};
-use rdmem_coherence::programs::matmul;
+use rdmem_coherence::programs::{matmul, run_example};
 
 /// C = A x B on the DSM (start with rdmem-run).
 #[derive(Parser, Debug)]
@@ -27,23 +26,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&matmul::Params { n: args.n }) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("matmul: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Joins, runs, reports and leaves; true when the check passed.
-fn run(params: &matmul::Params) -> Result<bool, DsmError> {
-    let dsm = Dsm::join(DsmOptions::from_env()?)?;
-    let outcome = matmul::run(&dsm, params)?;
-    if dsm.rank() == 0 {
-        println!("{}", outcome.report("matmul", &params.n.to_string(), dsm.size()));
-    }
-    dsm.leave()?;
-    Ok(outcome.check_passed)
+    let params = matmul::Params { n: args.n };
+    run_example("matmul", &params.n.to_string(), |dsm| matmul::run(dsm, &params))
 }

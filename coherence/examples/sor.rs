@@ -13,8 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use rdmem_coherence::dsm::{Dsm, DsmError, DsmOptions};
-use rdmem_coherence::programs::sor;
+use rdmem_coherence::programs::{run_example, sor};
 
 /// Red-black successive over-relaxation on the DSM (start with rdmem-run).
 #[derive(Parser, Debug)]
@@ -39,28 +38,7 @@ fn main() -> ExitCode {
         iterations: args.iterations,
         ..Default::default()
     };
-    match run(&params) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("sor: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Joins, runs, reports and leaves; true when the check passed.
-fn run(params: &sor::Params) -> Result<bool, DsmError> {
-    let dsm = Dsm::join(DsmOptions::from_env()?)?;
-    let outcome = sor::run(&dsm, params)?;
-    if dsm.rank() == 0 {
-        let n = if params.rows == params.cols {
-            params.rows.to_string()
-        } else {
-            format!("{}x{}", params.rows, params.cols)
-        };
-        println!("{}", outcome.report("sor", &n, dsm.size()));
-    }
-    dsm.leave()?;
-    Ok(outcome.check_passed)
+    let n =
+        if params.rows == params.cols { params.rows.to_string() } else { format!("{}x{}", params.rows, params.cols) };
+    run_example("sor", &n, |dsm| sor::run(dsm, &params))
 }

@@ -43,12 +43,20 @@ impl RemoteBarrier {
 
     /// Waits until all participants arrived in this round.
     pub fn wait<E: Endpoint>(&mut self, ep: &mut E) -> Result<()> {
+        self.wait_with(ep, |_| Ok(()))
+    }
+
+    /// Like [`RemoteBarrier::wait`]; the participant that arrives last runs `last` before it
+    /// lets the others through, when everything the others did before arriving is in place
+    /// (the DSM records where the round's write notices end this way).
+    pub fn wait_with<E: Endpoint>(&mut self, ep: &mut E, last: impl FnOnce(&mut E) -> Result<()>) -> Result<()> {
         let target = (self.round + 1) * self.participants;
         let arrived = ep.faa(self.counter, 1)? + 1;
         if arrived > target {
             return Err(LockError::BarrierOverrun { expected: target, got: arrived });
         }
         if arrived == target {
+            last(ep)?;
             ep.write_u64(self.epoch, self.round + 1)?;
         } else {
             let mut backoff = Duration::from_micros(1);

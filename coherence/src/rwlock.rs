@@ -222,9 +222,7 @@ impl RwLock {
                 self.give_back(ep, ticket, before, after)?;
                 continue;
             }
-            if ticket.granted(after) {
-                return Ok(RwGuard { ep, lock: *self, ticket, seen: after, since: Instant::now(), released: false });
-            }
+            // `wait` checks the word it is given first: uncontended, the FAA's answer grants.
             match self.wait(ep, after, ticket.generation, |w| ticket.granted(w))? {
                 Waited::Ready(seen) => {
                     return Ok(RwGuard { ep, lock: *self, ticket, seen, since: Instant::now(), released: false });
@@ -238,17 +236,18 @@ impl RwLock {
     /// others arrived since, release it unused at its turn; then wait for the next generation.
     fn give_back<E: Endpoint>(&self, ep: &mut E, ticket: Ticket, before: RwWord, after: RwWord) -> Result<()> {
         let now = RwWord(ep.cas(self.word, after.0, before.0)?);
-        let mut seen = if now == after { before } else { now };
-        if now != after {
+        let seen = if now == after {
+            before // withdrawn
+        } else {
             match self.wait(ep, now, ticket.generation, |w| ticket.granted(w))? {
                 Waited::Ready(w) => match self.release(ep, ticket, w) {
-                    Ok(w) => seen = w,
-                    Err(LockError::LeaseLost { now, .. }) => seen = RwWord(now),
+                    Ok(w) => w,
+                    Err(LockError::LeaseLost { now, .. }) => RwWord(now),
                     Err(e) => return Err(e),
                 },
                 Waited::Reset => return Ok(()),
             }
-        }
+        };
         // Never ready: returns once the generation changed.
         self.wait(ep, seen, ticket.generation, |_| false).map(drop)
     }

@@ -133,6 +133,23 @@ struct Shard<B> {
     runs: Vec<Range<usize>>,
 }
 
+/// Splits `len` bytes at byte address `addr` by page: (page, range within the page, range
+/// within the caller's buffer).
+fn pieces(addr: u64, len: usize) -> impl Iterator<Item = (PageId, Range<usize>, Range<usize>)> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done == len {
+            return None;
+        }
+        let at = addr + done as u64;
+        let (page, offset) = (at / PAGE_SIZE as u64, (at % PAGE_SIZE as u64) as usize);
+        let n = (PAGE_SIZE - offset).min(len - done);
+        let piece = (page, offset..offset + n, done..done + n);
+        done += n;
+        Some(piece)
+    })
+}
+
 fn frame(slot: u32) -> Range<usize> {
     let start = slot as usize * PAGE_SIZE;
     start..start + PAGE_SIZE
@@ -219,16 +236,11 @@ impl<B: LocalBuffer> PageCache<B> {
         addr: u64,
         dst: &mut [u8],
     ) -> rdmem_core::Result<()> {
-        let mut done = 0;
-        while done < dst.len() {
-            let at = addr + done as u64;
-            let (page, offset) = (at / PAGE_SIZE as u64, (at % PAGE_SIZE as u64) as usize);
-            let n = (PAGE_SIZE - offset).min(dst.len() - done);
+        for (page, in_page, part) in pieces(addr, dst.len()) {
             let mut shard = lock(self.shard(page));
             let slot = self.cached(&mut shard, ep, homes, page, true)?;
-            let range = frame(slot);
-            dst[done..done + n].copy_from_slice(&shard.buf[range.start + offset..range.start + offset + n]);
-            done += n;
+            let start = frame(slot).start;
+            dst[part].copy_from_slice(&shard.buf[start + in_page.start..start + in_page.end]);
         }
         Ok(())
     }
@@ -242,11 +254,7 @@ impl<B: LocalBuffer> PageCache<B> {
         addr: u64,
         src: &[u8],
     ) -> rdmem_core::Result<()> {
-        let mut done = 0;
-        while done < src.len() {
-            let at = addr + done as u64;
-            let (page, offset) = (at / PAGE_SIZE as u64, (at % PAGE_SIZE as u64) as usize);
-            let n = (PAGE_SIZE - offset).min(src.len() - done);
+        for (page, in_page, part) in pieces(addr, src.len()) {
             let mut shard = lock(self.shard(page));
             let slot = self.cached(&mut shard, ep, homes, page, false)?;
             let range = frame(slot);
@@ -258,8 +266,7 @@ impl<B: LocalBuffer> PageCache<B> {
                 entry.twin = Some(twin);
                 shard.dirty.push(slot);
             }
-            shard.buf[range.start + offset..range.start + offset + n].copy_from_slice(&src[done..done + n]);
-            done += n;
+            shard.buf[range.start + in_page.start..range.start + in_page.end].copy_from_slice(&src[part]);
         }
         Ok(())
     }

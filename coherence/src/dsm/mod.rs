@@ -49,6 +49,7 @@ use std::time::Duration;
 use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement};
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
+use crate::barrier::RemoteBarrier;
 use crate::cache::{CacheOptions, CacheStats, Home, Homes, Interval, PAGE_SIZE, PageCache, PageId};
 use crate::error::LockError;
 use crate::launch::{LaunchError, Rank};
@@ -229,9 +230,10 @@ struct LockState {
     seen: u64,
 }
 
-/// The barrier as this process sees it.
+/// The barrier as this process sees it: its handle on the counter and epoch words, and the
+/// barrier ring position it has applied up to.
 struct BarrierState {
-    round: u64,
+    barrier: RemoteBarrier,
     seen: u64,
 }
 
@@ -314,7 +316,14 @@ impl<T: Transport> Dsm<T> {
             directory: Directory { allocs: StdRwLock::new(Vec::new()) },
             endpoints: Mutex::new(vec![ep]),
             locks,
-            barrier: Mutex::new(BarrierState { round: 0, seen: 0 }),
+            barrier: Mutex::new(BarrierState {
+                barrier: RemoteBarrier::new(
+                    control.checked_add(layout::BARRIER_COUNTER).expect("control block"),
+                    control.checked_add(layout::BARRIER_EPOCH).expect("control block"),
+                    options.size as u64,
+                )?,
+                seen: 0,
+            }),
             next_alloc: AtomicU64::new(0),
             left: AtomicBool::new(false),
             options,
@@ -347,11 +356,7 @@ impl<T: Transport> Dsm<T> {
                 .thread()?
                 .alloc(std::alloc::Layout::from_size_align(layout::CONTROL_BYTES as usize, 4096).expect("layout"))?;
             write_zeros(ep, control, layout::CONTROL_BYTES)?;
-            let mut header = [0u8; 24];
-            header[0..8].copy_from_slice(&layout::MAGIC.to_le_bytes());
-            header[8..16].copy_from_slice(&job.to_le_bytes());
-            header[16..24].copy_from_slice(&(options.size as u64).to_le_bytes());
-            ep.write(control, &header)?;
+            write_words(ep, control, &[layout::MAGIC, job, options.size as u64])?;
             ep.write_u64(root, control.to_raw())?;
             return Ok(control);
         }
@@ -365,9 +370,8 @@ impl<T: Transport> Dsm<T> {
             value = ep.read_u64(root)?;
         }
         let control = GlobalAddr::from_raw(value);
-        let mut header = [0u8; 24];
-        ep.read(control, &mut header)?;
-        let word = |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let header = read_words(ep, control, 3)?;
+        let word = |i: usize| header[i];
         if word(0) != layout::MAGIC {
             return Err(DsmError::Join(format!(
                 "the memory nodes' ROOT word points at {control}, which is not a DSM control block"
@@ -443,27 +447,20 @@ impl<T: Transport> Dsm<T> {
                 for &base in &bases {
                     write_zeros(ep, base, share)?;
                 }
-                let mut fields = vec![0u8; 24 + 8 * nodes];
-                fields[0..8].copy_from_slice(&bytes.to_le_bytes());
-                fields[8..16].copy_from_slice(&layout::STRIPE_PAGES.to_le_bytes());
-                fields[16..24].copy_from_slice(&(nodes as u64).to_le_bytes());
-                for (i, b) in bases.iter().enumerate() {
-                    fields[24 + 8 * i..32 + 8 * i].copy_from_slice(&b.to_raw().to_le_bytes());
-                }
-                ep.write(word(1), &fields)?;
+                let mut fields = vec![bytes, layout::STRIPE_PAGES, nodes as u64];
+                fields.extend(bases.iter().map(|b| b.to_raw()));
+                write_words(ep, word(1), &fields)?;
                 ep.write_u64(word(0), layout::ALLOC_READY)?;
                 return Ok(Allocation { bytes, bases });
             }
             while ep.read_u64(word(0))? != layout::ALLOC_READY {
                 std::thread::sleep(Duration::from_micros(200));
             }
-            let mut fields = vec![0u8; 24 + 8 * nodes];
-            ep.read(word(1), &mut fields)?;
-            let field = |i: usize| u64::from_le_bytes(fields[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-            if field(0) != bytes {
-                return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: field(0) });
+            let fields = read_words(ep, word(1), 3 + nodes)?;
+            if fields[0] != bytes {
+                return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: fields[0] });
             }
-            let bases = (0..nodes).map(|i| GlobalAddr::from_raw(field(3 + i))).collect();
+            let bases = fields[3..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
             Ok(Allocation { bytes, bases })
         })?;
         let mut allocs = self.directory.allocs.write().unwrap_or_else(|p| p.into_inner());
@@ -559,13 +556,10 @@ impl<T: Transport> Dsm<T> {
             state.held = Some(remote.acquire(ep)?);
             state.handovers = 0;
             // The notices: head, then the ring, in one READ.
-            let mut ring = vec![0u8; 8 * (1 + layout::LOCK_RING as usize)];
-            ep.read(base.checked_add(8).expect("lock"), &mut ring)?;
-            let head = u64::from_le_bytes(ring[0..8].try_into().expect("8 bytes"));
-            let slots: Vec<u64> =
-                ring[8..].chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            let words = read_words(ep, base.checked_add(8).expect("lock"), 1 + layout::LOCK_RING as usize)?;
+            let head = words[0];
             self.apply_notices(ep, state.seen, head, layout::LOCK_RING, |pos| {
-                slots[(pos % layout::LOCK_RING) as usize]
+                words[1 + (pos % layout::LOCK_RING) as usize]
             })?;
             state.seen = head;
             Ok(())
@@ -627,7 +621,6 @@ impl<T: Transport> Dsm<T> {
     /// invalidates the pages others changed after. One call per rank per round.
     pub fn barrier(&self) -> Result<()> {
         let mut b = locked(&self.barrier);
-        let size = self.size as u64;
         self.with_ep(|ep| -> Result<()> {
             self.cache.flush(ep, &self.directory)?;
             let pages = self.cache.take_written(Interval::Barrier);
@@ -635,41 +628,30 @@ impl<T: Transport> Dsm<T> {
                 let head = ep.faa(self.at(layout::BARRIER_HEAD), pages.len() as u64)?;
                 append_ring(ep, self.at(layout::BARRIER_RING_AT), layout::BARRIER_RING, head, self.rank, &pages)?;
             }
-            let target = (b.round + 1) * size;
-            let arrived = ep.faa(self.at(layout::BARRIER_COUNTER), 1)? + 1;
-            let end = if arrived == target {
-                // Last to arrive: everyone's notices are in; record where they end, then open.
-                let end = ep.read_u64(self.at(layout::BARRIER_HEAD))?;
-                let (end_bytes, epoch_bytes) = (end.to_le_bytes(), (b.round + 1).to_le_bytes());
-                let mut batch = ep.batch();
-                batch.write(self.at(layout::BARRIER_END), &end_bytes);
-                batch.write(self.at(layout::BARRIER_EPOCH), &epoch_bytes);
-                batch.submit()?;
-                end
-            } else if arrived > target {
-                return Err(LockError::BarrierOverrun { expected: target, got: arrived }.into());
-            } else {
-                let mut backoff = Duration::from_micros(1);
-                while ep.read_u64(self.at(layout::BARRIER_EPOCH))? < b.round + 1 {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_micros(200));
-                }
-                ep.read_u64(self.at(layout::BARRIER_END))?
+            let barrier_end = self.at(layout::BARRIER_END);
+            let mut end = None;
+            b.barrier.wait_with(ep, |ep| {
+                // Last to arrive: everyone's notices are in; record where they end.
+                let head = ep.read_u64(self.at(layout::BARRIER_HEAD))?;
+                ep.write_u64(barrier_end, head)?;
+                end = Some(head);
+                Ok(())
+            })?;
+            let end = match end {
+                Some(end) => end,
+                None => ep.read_u64(barrier_end)?,
             };
             let ring = layout::BARRIER_RING;
-            if end - b.seen <= ring && end > b.seen {
-                let mut slots = vec![0u8; (ring * 8) as usize];
-                ep.read(self.at(layout::BARRIER_RING_AT), &mut slots)?;
-                let slot = |pos: u64| {
-                    let i = ((pos % ring) * 8) as usize;
-                    u64::from_le_bytes(slots[i..i + 8].try_into().expect("8 bytes"))
+            if end > b.seen {
+                // The ring is read only when it still holds every notice since `seen`.
+                let slots = if end - b.seen <= ring {
+                    read_words(ep, self.at(layout::BARRIER_RING_AT), ring as usize)?
+                } else {
+                    Vec::new()
                 };
-                self.apply_notices(ep, b.seen, end, ring, slot)?;
-            } else if end > b.seen {
-                self.apply_notices(ep, b.seen, end, ring, |_| 0)?;
+                self.apply_notices(ep, b.seen, end, ring, |pos| slots[(pos % ring) as usize])?;
             }
             b.seen = end;
-            b.round += 1;
             Ok(())
         })
     }
@@ -739,6 +721,19 @@ fn append_ring<E: Endpoint>(
         batch.write(ring_at.checked_add(slot * 8).expect("ring"), &bytes[at..at + len * 8]);
     }
     batch.submit()
+}
+
+/// READs `count` little-endian words at `addr`, in one READ.
+fn read_words<E: Endpoint>(ep: &mut E, addr: GlobalAddr, count: usize) -> rdmem_core::Result<Vec<u64>> {
+    let mut bytes = vec![0u8; 8 * count];
+    ep.read(addr, &mut bytes)?;
+    Ok(bytes.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect())
+}
+
+/// WRITEs `words` little-endian at `addr`, in one WRITE.
+fn write_words<E: Endpoint>(ep: &mut E, addr: GlobalAddr, words: &[u64]) -> rdmem_core::Result<()> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    ep.write(addr, &bytes)
 }
 
 /// WRITEs `len` zero bytes at `addr`, 64 KiB per WRITE, in batches.

@@ -23,6 +23,9 @@ pub mod matmul;
 pub mod sor;
 
 use std::ops::Range;
+use std::process::ExitCode;
+
+use crate::dsm::{Dsm, DsmError, DsmOptions};
 
 /// The detail that ranks other than 0 report: only rank 0 checks.
 pub const CHECKED_BY_RANK_0: &str = "checked by rank 0";
@@ -49,6 +52,33 @@ impl Outcome {
     pub fn report(&self, program: &str, n: &str, ranks: u32) -> String {
         let check = if self.check_passed { "passed" } else { "FAILED" };
         format!("{program}: n={n} ranks={ranks} time={:.3} s check={check} ({})", self.seconds, self.detail)
+    }
+}
+
+/// What each example program's `main` does: joins over RDMA (rank and size from the
+/// environment), runs `kernel`, prints rank 0's [`Outcome::report`] line with `n`, leaves, and
+/// exits with 1 when the check failed or an error occurred (printed as `<program>: error: ...`).
+pub fn run_example(
+    program: &str,
+    n: &str,
+    kernel: impl FnOnce(&Dsm<rdmem_transport_rdma::RdmaTransport>) -> Result<Outcome, DsmError>,
+) -> ExitCode {
+    let run = || -> Result<bool, DsmError> {
+        let dsm = Dsm::join(DsmOptions::from_env()?)?;
+        let outcome = kernel(&dsm)?;
+        if dsm.rank() == 0 {
+            println!("{}", outcome.report(program, n, dsm.size()));
+        }
+        dsm.leave()?;
+        Ok(outcome.check_passed)
+    };
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
