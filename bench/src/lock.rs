@@ -2,9 +2,14 @@
 //!
 //! - Uncontended acquire+release latency (p50/p99/p999), one thread: the plain CAS spinlock
 //!   (`impl` "cas-spin", two CAS) and the cohort lock (`impl` "cohort").
-//! - Contended throughput: `threads` threads of this process run critical sections (a READ
-//!   then a WRITE of a counter) on one lock; Mops of sections. "cas-spin": every thread takes
-//!   the remote lock itself; "cohort": threads hand it over locally (bounded runs).
+//! - Contended throughput: `threads` threads of this process run critical sections on one
+//!   lock; Mops of sections, the same section code for both locks. `op` "acquire_release": the
+//!   lock alone, the section increments a counter in this process. `op` "counter": the section
+//!   READs a remote counter and posts the WRITE of its successor without waiting
+//!   ([`Endpoint::post_write`]). "cas-spin": every
+//!   thread takes the remote lock itself, on its own endpoint, and releases it with a CAS
+//!   posted behind the WRITE; "cohort": threads hand the lock (and its endpoint) over locally
+//!   (bounded runs), so the next holder's READ goes behind the WRITE on the same queue pair.
 //! - Reader-writer throughput by read share: `threads` threads on the fair reader-writer lock
 //!   (`impl` "rwlock"); writers READ then WRITE a counter, readers READ it. `read_share` is the
 //!   fraction of sections that read.
@@ -13,6 +18,8 @@
 //!   itself as `rdmem-bench barrier-worker`): time per `wait`.
 //!
 //! The counter is checked after each contended run: a lost increment is an error, not a figure.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -60,12 +67,12 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut ep = transport.endpoint()?;
     for (name, cohort) in [("cas-spin", false), ("cohort", true)] {
         let remote = RemoteLock::new(at(4096), 1, DEFAULT_LEASE)?;
-        let shared = CohortLock::new(remote, args.max_handovers);
+        let shared = CohortLock::new(remote, args.max_handovers, transport.endpoint()?);
         let mut hist = new_histogram()?;
         for i in 0..200 + args.iters {
             let start = tsc.now();
             if cohort {
-                shared.lock(&mut ep)?.unlock()?;
+                shared.lock()?.unlock()?;
             } else {
                 remote.lock(&mut ep)?.unlock()?;
             }
@@ -77,44 +84,99 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
         out.print(&lock_row(Row::latency(name, "acquire_release", 0, 1, 1, &hist)));
     }
 
-    // Contended throughput: threads of one process, one lock.
+    // Contended throughput, the lock alone (a local section) and with the remote counter
+    // section: threads of this process, then processes of 1 or 2 threads.
     let counter = at(8192);
+    let mut lock_words = (0..).map(|i| at(4096 + 64 + 8 * i));
+    let ops = [("acquire_release", false), ("counter", true)];
+    let impls = [("cas-spin", false), ("cohort", true)];
     for &threads in &args.threads {
-        for (name, cohort) in [("cas-spin", false), ("cohort", true)] {
-            ep.write_u64(counter, 0)?;
-            let word = at(4096 + 64 * threads as u64 + if cohort { 8 } else { 0 });
-            let shared = CohortLock::new(RemoteLock::new(word, 1, DEFAULT_LEASE)?, args.max_handovers);
-            let (elapsed, results) =
-                harness::timed(threads, |t, start| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-                    let mut ep = transport.endpoint()?;
-                    let own = RemoteLock::new(word, 2 + t as u32, DEFAULT_LEASE)?;
-                    start.wait();
-                    for _ in 0..args.sections {
-                        if cohort {
-                            let mut g = shared.lock(&mut ep)?;
-                            let n = g.endpoint().read_u64(counter)?;
-                            g.endpoint().write_u64(counter, n + 1)?;
-                            g.unlock()?;
-                        } else {
-                            let mut g = own.lock(&mut ep)?;
-                            let n = g.endpoint().read_u64(counter)?;
-                            g.endpoint().write_u64(counter, n + 1)?;
-                            g.unlock()?;
+        for (op, remote_section) in ops {
+            for (name, cohort) in impls {
+                ep.write_u64(counter, 0)?;
+                let word = lock_words.next().expect("endless");
+                let run = Contended {
+                    cohort,
+                    remote_section,
+                    word,
+                    counter,
+                    sections: args.sections,
+                    max_handovers: args.max_handovers,
+                };
+                let (elapsed, local) = run.run(transport, threads, 0, &|| Ok(()))?;
+                let sections = args.sections * threads as u64;
+                let got = if remote_section { ep.read_u64(counter)? } else { local };
+                if got != sections {
+                    return Err(
+                        format!("{name}: the counter is {got} after {sections} sections: the lock failed").into()
+                    );
+                }
+                let mut row = Row::throughput("lock", name, op, 0, threads, 1, sections, elapsed.as_secs_f64());
+                row.gbps = None;
+                out.print(&lock_row(row));
+            }
+        }
+    }
+    for processes in [2u64, 4] {
+        for threads in [1usize, 2] {
+            for (op, remote_section) in ops {
+                for (name, cohort) in impls {
+                    ep.write_u64(counter, 0)?;
+                    let word = lock_words.next().expect("endless");
+                    let start = lock_words.next().expect("endless");
+                    lock_words.next(); // the start barrier's epoch word
+                    let run = Contended {
+                        cohort,
+                        remote_section,
+                        word,
+                        counter,
+                        sections: args.sections,
+                        max_handovers: args.max_handovers,
+                    };
+                    let outputs = spawn_workers(&cluster, &args.memnodes, processes, |process| {
+                        let mut words = vec!["lock-worker".to_string()];
+                        for (flag, value) in [
+                            ("--processes", processes.to_string()),
+                            ("--process", process.to_string()),
+                            ("--threads", threads.to_string()),
+                            ("--sections", run.sections.to_string()),
+                            ("--word", word.offset().to_string()),
+                            ("--counter", counter.offset().to_string()),
+                            ("--start", start.offset().to_string()),
+                            ("--max-handovers", run.max_handovers.to_string()),
+                        ] {
+                            words.extend([flag.to_string(), value]);
                         }
+                        words.extend(cohort.then(|| "--cohort".to_string()));
+                        words.extend(remote_section.then(|| "--remote-section".to_string()));
+                        words
+                    })?;
+                    let mut slowest = 0u64;
+                    for text in &outputs {
+                        let done = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("done "))
+                            .ok_or("lock worker printed no result")?;
+                        let (ns, local) = done.split_once(' ').ok_or("lock worker: bad result line")?;
+                        let (ns, local) = (ns.parse::<u64>()?, local.parse::<u64>()?);
+                        if !remote_section && local != args.sections * threads as u64 {
+                            return Err(format!("{name}: a worker's counter is {local}: the lock failed").into());
+                        }
+                        slowest = slowest.max(ns);
                     }
-                    Ok(())
-                });
-            for r in results {
-                r.map_err(|e| e.to_string())?;
+                    let sections = args.sections * threads as u64 * processes;
+                    if remote_section && ep.read_u64(counter)? != sections {
+                        return Err(format!(
+                            "{name}: the counter is not {sections} after {processes} processes: the lock failed"
+                        )
+                        .into());
+                    }
+                    let mut row = Row::throughput("lock", name, op, 0, threads, 1, sections, slowest as f64 / 1e9);
+                    row.gbps = None;
+                    row.processes = Some(processes as usize);
+                    out.print(&row);
+                }
             }
-            let sections = args.sections * threads as u64;
-            let got = ep.read_u64(counter)?;
-            if got != sections {
-                return Err(format!("{name}: the counter is {got} after {sections} sections: the lock failed").into());
-            }
-            let mut row = Row::throughput("lock", name, "counter", 0, threads, 1, sections, elapsed.as_secs_f64());
-            row.gbps = None;
-            out.print(&lock_row(row));
         }
     }
 
@@ -190,6 +252,92 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The contended runs' critical section: increment a counter with a separate load and store.
+#[derive(Clone, Copy)]
+struct Section<'a> {
+    /// The remote counter: READ it, post the WRITE of its successor.
+    remote: Option<GlobalAddr>,
+    /// Else this process's counter.
+    local: &'a AtomicU64,
+}
+
+impl Section<'_> {
+    fn run<E: Endpoint>(self, ep: &mut E) -> rdmem_core::Result<()> {
+        match self.remote {
+            Some(counter) => {
+                let n = ep.read_u64(counter)?;
+                ep.post_write_u64(counter, n + 1)
+            }
+            None => {
+                self.local.store(self.local.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One contended run, the same in this process and in worker processes.
+#[derive(Clone, Copy)]
+struct Contended {
+    /// The cohort lock (else every thread takes the remote lock itself).
+    cohort: bool,
+    /// The remote counter section (else the local one).
+    remote_section: bool,
+    word: GlobalAddr,
+    counter: GlobalAddr,
+    sections: u64,
+    max_handovers: u32,
+}
+
+impl Contended {
+    /// Runs `threads` threads of `sections` sections each; `process` keeps holder ids unique
+    /// across processes. Thread 0 calls `ready` once every thread has its endpoint, and timing
+    /// starts after it returns. Returns the time and this process's local counter.
+    fn run<T: Transport>(
+        self,
+        transport: &T,
+        threads: usize,
+        process: u32,
+        ready: &(dyn Fn() -> Result<(), String> + Sync),
+    ) -> Result<(std::time::Duration, u64), Box<dyn std::error::Error>> {
+        let local = AtomicU64::new(0);
+        let remote = RemoteLock::new(self.word, process + 1, DEFAULT_LEASE)?;
+        let shared = CohortLock::new(remote, self.max_handovers, transport.endpoint()?);
+        let section = Section { remote: self.remote_section.then_some(self.counter), local: &local };
+        let (elapsed, results) = harness::timed(threads, |t, start| -> Result<(), String> {
+            let holder = 1000 * (process + 1) + t as u32 + 1;
+            let setup = (|| {
+                let ep = transport.endpoint().map_err(|e| e.to_string())?;
+                let own = RemoteLock::new(self.word, holder, DEFAULT_LEASE).map_err(|e| e.to_string())?;
+                if t == 0 {
+                    ready()?;
+                }
+                Ok::<_, String>((ep, own))
+            })();
+            // Every thread meets the start line, even one whose setup failed (no deadlock).
+            start.wait();
+            let (mut ep, own) = setup?;
+            let fail = |e: &dyn std::fmt::Display| e.to_string();
+            for _ in 0..self.sections {
+                if self.cohort {
+                    let mut g = shared.lock().map_err(|e| fail(&e))?;
+                    section.run(g.endpoint()).map_err(|e| fail(&e))?;
+                    g.unlock().map_err(|e| fail(&e))?;
+                } else {
+                    let mut g = own.lock(&mut ep).map_err(|e| fail(&e))?;
+                    section.run(g.endpoint()).map_err(|e| fail(&e))?;
+                    g.unlock().map_err(|e| fail(&e))?;
+                }
+            }
+            Ok(())
+        });
+        for r in results {
+            r?;
+        }
+        Ok((elapsed, local.load(Ordering::Relaxed)))
+    }
+}
+
 /// A lock-bench row: `bench` "lock", one process.
 fn lock_row(mut row: Row) -> Row {
     row.bench = "lock";
@@ -224,12 +372,36 @@ fn barrier_processes(
     offset: u64,
     waits: u64,
 ) -> Result<Histogram<u64>, Box<dyn std::error::Error>> {
+    let words = |_| {
+        let args = ["barrier-worker", "--participants", &processes.to_string(), "--offset", &offset.to_string()];
+        let mut words: Vec<String> = args.iter().map(|w| w.to_string()).collect();
+        words.extend(["--waits".to_string(), waits.to_string()]);
+        words
+    };
+    let mut hist = new_histogram()?;
+    for text in spawn_workers(cluster, memnodes, processes, words)? {
+        let samples =
+            text.lines().find_map(|l| l.strip_prefix("samples ")).ok_or("barrier worker printed no samples")?;
+        for ns in samples.split(' ') {
+            hist.record(ns.parse::<u64>()?.max(1))?;
+        }
+    }
+    Ok(hist)
+}
+
+/// Runs `processes` copies of this program, worker `i` with the arguments `words(i)` plus the
+/// cluster's memory nodes, and returns their standard outputs once all succeeded.
+fn spawn_workers(
+    cluster: &harness::Cluster,
+    memnodes: &[String],
+    processes: u64,
+    words: impl Fn(u64) -> Vec<String>,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
-    let (participants, offset, waits) = (processes.to_string(), offset.to_string(), waits.to_string());
     let children = (0..processes)
-        .map(|_| {
+        .map(|i| {
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(["barrier-worker", "--participants", &participants, "--offset", &offset, "--waits", &waits]);
+            cmd.args(words(i));
             match &cluster.memnode {
                 Some(node) => {
                     cmd.args(["--memnode", node.addr()])
@@ -245,20 +417,82 @@ fn barrier_processes(
             cmd.stdout(std::process::Stdio::piped()).spawn()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut hist = new_histogram()?;
+    let mut outputs = Vec::with_capacity(children.len());
     for child in children {
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            return Err(format!("barrier worker failed ({})", out.status).into());
+            return Err(format!("a worker process failed ({})", out.status).into());
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let samples =
-            text.lines().find_map(|l| l.strip_prefix("samples ")).ok_or("barrier worker printed no samples")?;
-        for ns in samples.split(' ') {
-            hist.record(ns.parse::<u64>()?.max(1))?;
-        }
+        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
     }
-    Ok(hist)
+    Ok(outputs)
+}
+
+/// Options of the hidden `rdmem-bench lock-worker`: one process of a contended run across
+/// processes. Prints `done <ns> <local counter>`.
+#[derive(Args, Debug)]
+pub(crate) struct LockWorkerArgs {
+    /// Memory node `host:port`.
+    #[arg(long = "memnode")]
+    memnodes: Vec<String>,
+    /// Processes in the run (they meet at a barrier before timing starts).
+    #[arg(long)]
+    processes: u64,
+    /// This process's index.
+    #[arg(long)]
+    process: u32,
+    /// Threads of this process.
+    #[arg(long)]
+    threads: usize,
+    /// Sections per thread.
+    #[arg(long)]
+    sections: u64,
+    /// Offset of the lock word on the first node.
+    #[arg(long)]
+    word: u64,
+    /// Offset of the remote counter.
+    #[arg(long)]
+    counter: u64,
+    /// Offset of the start barrier's counter (its epoch follows).
+    #[arg(long)]
+    start: u64,
+    /// Longest run of local handovers of the cohort lock.
+    #[arg(long)]
+    max_handovers: u32,
+    /// Use the cohort lock.
+    #[arg(long)]
+    cohort: bool,
+    /// Use the remote counter section.
+    #[arg(long)]
+    remote_section: bool,
+}
+
+/// `rdmem-bench lock-worker`.
+pub(crate) fn lock_worker(args: &LockWorkerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let cluster = harness::connect(&args.memnodes, 64 << 20)?;
+    if cluster.memnode.is_some() {
+        return Err("lock-worker needs --memnode (it joins a running benchmark)".into());
+    }
+    let node = cluster.transport.nodes()[0].id;
+    let at = |offset: u64| GlobalAddr::new(node, offset).expect("offset");
+    let run = Contended {
+        cohort: args.cohort,
+        remote_section: args.remote_section,
+        word: at(args.word),
+        counter: at(args.counter),
+        sections: args.sections,
+        max_handovers: args.max_handovers,
+    };
+    let mut ep = cluster.transport.endpoint()?;
+    let barrier = std::sync::Mutex::new(RemoteBarrier::new(at(args.start), at(args.start + 8), args.processes)?);
+    let ep_lock = std::sync::Mutex::new(&mut ep);
+    let ready = || {
+        let mut ep = ep_lock.lock().map_err(|e| e.to_string())?;
+        barrier.lock().map_err(|e| e.to_string())?.wait(&mut **ep).map_err(|e| e.to_string())
+    };
+    let (elapsed, local) = run.run(&cluster.transport, args.threads, args.process, &ready)?;
+    println!("done {} {local}", elapsed.as_nanos());
+    Ok(())
 }
 
 /// `rdmem-bench barrier-worker`.

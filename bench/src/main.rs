@@ -45,6 +45,9 @@ enum Bench {
     /// One participant of the cross-process barrier measurement (started by `lock`).
     #[command(hide = true)]
     BarrierWorker(lock::BarrierWorkerArgs),
+    /// One process of the cross-process contended lock measurement (started by `lock`).
+    #[command(hide = true)]
+    LockWorker(lock::LockWorkerArgs),
 }
 
 /// Options of `rdmem-bench suite`.
@@ -96,6 +99,7 @@ fn main() {
         Bench::Cache(args) => cache::run(args),
         Bench::Suite(args) => suite(args),
         Bench::BarrierWorker(args) => lock::barrier_worker(args),
+        Bench::LockWorker(args) => lock::lock_worker(args),
     };
     if let Err(e) = result {
         eprintln!("rdmem-bench: error: {e}");

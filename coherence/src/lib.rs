@@ -1,5 +1,5 @@
-//! rdmem's shared-memory layer. Today: distributed locks and a barrier built from one-sided
-//! RDMA atomics (the page cache and scope consistency come next).
+//! rdmem's shared-memory layer: distributed locks and a barrier built from one-sided RDMA
+//! atomics, a page cache ([`cache`]) and scope-consistent shared memory ([`dsm`]).
 //!
 //! # Quick start
 //! ```
@@ -15,12 +15,15 @@
 //! let lock = RemoteLock::new(word, /* holder id */ 1, Duration::from_secs(2))?;
 //! let mut guard = lock.lock(&mut ep)?;
 //! let n = guard.endpoint().read_u64(counter)?; // a non-atomic read-modify-write...
-//! guard.endpoint().write_u64(counter, n + 1)?; // ...made safe by the lock
-//! guard.unlock()?; // release is a network operation: it can fail, so it returns a Result
+//! guard.endpoint().post_write_u64(counter, n + 1)?; // ...made safe by the lock; the release
+//! guard.unlock()?; // comes after the posted WRITE on the same queue pair; it can fail
 //!
-//! // Threads of one process share a cohort lock: handovers between them stay local.
-//! let cohort = CohortLock::new(RemoteLock::new(word, 2, Duration::from_secs(2))?, 8);
-//! cohort.lock(&mut ep)?.unlock()?;
+//! // Threads of one process share a cohort lock (and its endpoint): handovers stay local.
+//! let cohort = CohortLock::new(RemoteLock::new(word, 2, Duration::from_secs(2))?, 8, transport.endpoint()?);
+//! let mut guard = cohort.lock()?;
+//! let n = guard.endpoint().read_u64(counter)?;
+//! guard.endpoint().post_write_u64(counter, n + 1)?;
+//! guard.unlock()?;
 //!
 //! let mut barrier = RemoteBarrier::new(GlobalAddr::new(NodeId(0), 64).unwrap(), GlobalAddr::new(NodeId(0), 72).unwrap(), 1)?;
 //! barrier.wait(&mut ep)?;
@@ -32,6 +35,7 @@
 //!   leases let waiters take over from a holder that stopped changing the word (crashed).
 //! - [`CohortLock`]: a process's threads hand a held remote lock to each other locally, a
 //!   bounded number of times in a row, so contention inside a process costs no round trips.
+//!   Its endpoint goes with it, so a section's last write can be posted without waiting.
 //! - [`RwLock`]: a fair (FIFO) reader-writer lock in one word, tickets taken with
 //!   fetch-and-add, released with CAS; generations for counter reset and lease expiry.
 //! - [`RemoteBarrier`]: fetch-and-add on a counter that only grows, plus an epoch word.

@@ -17,14 +17,14 @@ fn local_handover_keeps_mutual_exclusion_and_releases_at_the_end() {
     loom::model(|| {
         let transport = LoopbackTransport::new(&[4096]);
         let word = GlobalAddr::new(NodeId(0), 64).unwrap();
-        let cohort = Arc::new(CohortLock::new(RemoteLock::new(word, 1, Duration::from_secs(60)).unwrap(), 2));
+        let remote = RemoteLock::new(word, 1, Duration::from_secs(60)).unwrap();
+        let cohort = Arc::new(CohortLock::new(remote, 2, transport.endpoint().unwrap()));
         let inside = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..2)
             .map(|_| {
-                let (cohort, inside, transport) = (Arc::clone(&cohort), Arc::clone(&inside), transport.clone());
+                let (cohort, inside) = (Arc::clone(&cohort), Arc::clone(&inside));
                 loom::thread::spawn(move || {
-                    let mut ep = transport.endpoint().unwrap();
-                    let guard = cohort.lock(&mut ep).unwrap();
+                    let guard = cohort.lock().unwrap();
                     assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two threads in the section");
                     inside.fetch_sub(1, Ordering::SeqCst);
                     guard.unlock().unwrap();

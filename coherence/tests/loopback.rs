@@ -47,17 +47,16 @@ fn plain_lock_counter_is_exact() {
 fn cohort_lock_counter_is_exact() {
     let transport = LoopbackTransport::new(&[1 << 20]);
     let (word, counter) = (at(4096), at(8192));
-    let cohorts: Vec<CohortLock> =
-        (1..=2).map(|p| CohortLock::new(RemoteLock::new(word, p, LEASE).unwrap(), 8)).collect();
+    let cohorts: Vec<_> = (1..=2)
+        .map(|p| CohortLock::new(RemoteLock::new(word, p, LEASE).unwrap(), 8, transport.endpoint().unwrap()))
+        .collect();
     let (threads, rounds) = (4, 300u64);
     std::thread::scope(|s| {
         for cohort in &cohorts {
             for _ in 0..threads {
-                let transport = &transport;
                 s.spawn(move || {
-                    let mut ep = transport.endpoint().unwrap();
                     for _ in 0..rounds {
-                        let mut g = cohort.lock(&mut ep).unwrap();
+                        let mut g = cohort.lock().unwrap();
                         increment(g.endpoint(), counter);
                         g.unlock().unwrap();
                     }
@@ -73,23 +72,18 @@ fn cohort_lock_counter_is_exact() {
 fn cohort_hands_over_to_a_waiting_thread_and_bounds_the_run() {
     let transport = LoopbackTransport::new(&[1 << 20]);
     let word = at(4096);
-    let cohort = CohortLock::new(RemoteLock::new(word, 5, LEASE).unwrap(), 1);
+    let cohort = CohortLock::new(RemoteLock::new(word, 5, LEASE).unwrap(), 1, transport.endpoint().unwrap());
     let remote_word = || transport.endpoint().unwrap().read_u64(word).unwrap();
-    let mut ep = transport.endpoint().unwrap();
-    let first = cohort.lock(&mut ep).unwrap();
+    let first = cohort.lock().unwrap();
     let held = remote_word();
     assert_eq!(held >> 32, 5, "the process holds the remote word");
     let handed = std::thread::scope(|s| {
         let waiter = s.spawn(|| {
-            let mut ep = transport.endpoint().unwrap();
-            let second = cohort.lock(&mut ep).unwrap();
+            let second = cohort.lock().unwrap();
             // Handed over locally: the remote word was never released in between.
             assert_eq!(remote_word(), held);
             let third = std::thread::scope(|s2| {
-                let t3 = s2.spawn(|| {
-                    let mut ep = transport.endpoint().unwrap();
-                    cohort.lock(&mut ep).unwrap().unlock().unwrap()
-                });
+                let t3 = s2.spawn(|| cohort.lock().unwrap().unlock().unwrap());
                 while cohort.waiting() == 0 {
                     std::thread::yield_now();
                 }

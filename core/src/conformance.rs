@@ -135,6 +135,62 @@ pub fn batch_mixing_all_ops<T: Transport>(transport: &T, base: GlobalAddr) {
     assert_eq!(&back[..], &buf[..], "WRITEs from slices of one registered buffer");
 }
 
+/// Write-behind ([`Endpoint::post_write`]): the next operation of the same endpoint sees a
+/// posted write, other endpoints see it after `flush`, and dropping the endpoint does not lose
+/// it. Many of them (more than a send queue holds, more bytes than any copy area) land in
+/// order. Bad arguments fail at once and leave the endpoint usable.
+pub fn write_behind<T: Transport>(transport: &T, base: GlobalAddr) {
+    let mut ep = transport.endpoint().expect("endpoint");
+    let mut other = transport.endpoint().expect("second endpoint");
+    ep.post_write_u64(base, 7).expect("post_write");
+    assert_eq!(ep.read_u64(base).expect("read"), 7, "a READ after a posted WRITE on one endpoint");
+    ep.post_write_u64(base, 10).expect("post_write");
+    assert_eq!(ep.faa(base, 1).expect("FAA"), 10, "an atomic after a posted WRITE on one endpoint");
+
+    // Too long to go inline: copied.
+    let long: Vec<u8> = (0..3000u32).map(|i| (i * 7 + 1) as u8).collect();
+    ep.post_write(at(base, 4096), &long).expect("long post_write");
+    let mut back = vec![0u8; long.len()];
+    ep.read(at(base, 4096), &mut back).expect("read");
+    assert!(back == long, "a long posted WRITE");
+
+    // Many to one word: the last one wins. Then many to distinct words, short and long mixed,
+    // twice over (120 x 900 bytes is more than the RDMA transport's write-behind area).
+    for i in 0..1000u64 {
+        ep.post_write_u64(at(base, 8), i).expect("post_write");
+    }
+    for pass in 0..2u64 {
+        for i in 0..60u64 {
+            let piece = [(i + 100 * pass) as u8; 900];
+            ep.post_write(at(base, 8192 + 900 * i), &piece).expect("post_write 900 bytes");
+            ep.post_write_u64(at(base, 8 * (16 + i)), i + 1000 * pass).expect("post_write word");
+        }
+    }
+    ep.flush().expect("flush");
+    assert_eq!(other.read_u64(at(base, 8)).expect("read"), 999, "posted WRITEs to one word out of order");
+    let mut words = [0u8; 480];
+    other.read(at(base, 128), &mut words).expect("read");
+    let mut pieces = vec![0u8; 54_000];
+    other.read(at(base, 8192), &mut pieces).expect("read");
+    for i in 0..60usize {
+        let word = u64::from_le_bytes(words[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        assert_eq!(word, i as u64 + 1000, "posted word {i} after flush");
+        let piece = &pieces[900 * i..900 * (i + 1)];
+        assert!(piece.iter().all(|&b| b == (i + 100) as u8), "posted piece {i} after flush");
+    }
+
+    // Bad arguments.
+    let node = ep.nodes().iter().find(|n| n.id == base.node()).copied().expect("base node");
+    let end = GlobalAddr::new(node.id, node.pool_size).expect("address");
+    assert!(matches!(ep.post_write_u64(end, 1), Err(Error::OutOfRange { op: OpKind::Write, .. })));
+    ep.flush().expect("flush after a refused post_write");
+
+    // Dropped with a posted write outstanding: it still lands.
+    ep.post_write_u64(at(base, 16), 0xfeed).expect("post_write");
+    drop(ep);
+    assert_eq!(other.read_u64(at(base, 16)).expect("read"), 0xfeed, "a posted WRITE lost by dropping the endpoint");
+}
+
 /// Bad arguments are refused with their own errors and nothing is posted; the endpoint stays
 /// usable afterwards.
 pub fn bad_inputs<T: Transport>(transport: &T, base: GlobalAddr) {
@@ -217,6 +273,7 @@ pub fn all<T: Transport>(transport: &T, base: GlobalAddr) {
     read_write(transport, base);
     atomics(transport, base);
     batch_mixing_all_ops(transport, base);
+    write_behind(transport, base);
     bad_inputs(transport, base);
     concurrent_faa(transport, base, 4, 500);
     concurrent_cas(transport, base, 4, 200);

@@ -258,6 +258,35 @@ pub trait Endpoint: Send {
         self.execute(&mut [Op::Write { remote: dst, local: src, key: None }])
     }
 
+    /// WRITEs `src` to `dst` without waiting for it (write-behind). The bytes are taken (sent
+    /// inline or copied) before this returns, so `src` is free at once.
+    ///
+    /// Ordering: the write comes before every later operation of this endpoint to the same node.
+    /// A READ of `dst` through this endpoint returns it; a lock release through this endpoint
+    /// is seen after it. Other endpoints are sure to see it only once one of those later
+    /// operations, or [`Endpoint::flush`], has completed. This is how a critical section's last
+    /// write costs no round trip of its own.
+    ///
+    /// Errors: bad arguments fail at once, as for [`Endpoint::write`]. If the write itself
+    /// fails, the next operation to that node reports it (naming this write) and the connection
+    /// is then [`Error::Broken`]. Dropping the endpoint flushes first, so nothing posted is lost
+    /// by dropping it. Transports that cannot post without waiting write and wait (this
+    /// default), which has the same ordering.
+    fn post_write(&mut self, dst: GlobalAddr, src: &[u8]) -> Result<()> {
+        self.write(dst, src)
+    }
+
+    /// [`Endpoint::post_write`] of an 8-byte little-endian word.
+    fn post_write_u64(&mut self, dst: GlobalAddr, value: u64) -> Result<()> {
+        self.post_write(dst, &value.to_le_bytes())
+    }
+
+    /// Waits until every [`Endpoint::post_write`] of this endpoint has completed, so that
+    /// every endpoint sees them. Nothing to do when none is outstanding.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// READs `range.len()` bytes at `src` into `buf[range]`, in place.
     fn read_into(&mut self, src: GlobalAddr, buf: &mut Self::Buffer, range: Range<usize>) -> Result<()> {
         let key = buf.key();

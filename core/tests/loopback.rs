@@ -25,6 +25,11 @@ fn batch_mixing_all_ops() {
 }
 
 #[test]
+fn write_behind() {
+    conformance::write_behind(&LoopbackTransport::new(&[1 << 20]), scratch(0));
+}
+
+#[test]
 fn bad_inputs() {
     conformance::bad_inputs(&LoopbackTransport::new(&[1 << 20, 1 << 16]), scratch(1));
 }

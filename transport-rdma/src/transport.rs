@@ -16,6 +16,15 @@
 //!    that queue pair completed too.
 //! 5. Copy staged READ data and atomics' old values out.
 //!
+//! # Write-behind ([`Endpoint::post_write`])
+//! One unsignaled WRITE, posted at once and not waited for: inline when it fits, else copied
+//! into a write-behind area of its own. It still holds a send queue slot (and its bytes their
+//! place in that area) until a later signaled request of the same queue pair completes, which
+//! confirms it (RC completes in order): the next round to that node, or [`Endpoint::flush`]. So
+//! rounds leave those slots free, and a write-behind that would find no room flushes first.
+//! An unsignaled request that fails still produces a completion; it is kept on its connection
+//! and reported by the next operation to that node.
+//!
 //! A failed completion marks that node's queue pair broken (it is in the error state) and is
 //! reported as [`Error::Completion`] naming the operation and the remote address; the queue pair
 //! flushes the rest. A node that dies shows up as "retry counter exceeded" within seconds.
@@ -28,7 +37,9 @@ use std::time::{Duration, Instant};
 use rdma_mummy_sys::{
     atomic_t, ibv_poll_cq, ibv_post_send, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wr_opcode, rdma_t,
 };
-use rdmem_core::{ClusterConfig, Endpoint, Error, LocalBuffer, NodeId, NodeInfo, Op, Result, Transport};
+use rdmem_core::{
+    ClusterConfig, Endpoint, Error, GlobalAddr, LocalBuffer, NodeId, NodeInfo, Op, OpKind, Result, Transport,
+};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionQueue, GenericCompletionQueue, WorkCompletionStatus,
@@ -49,6 +60,11 @@ const MAX_TRANSFER: u64 = 1 << 31;
 const SEND_DEPTH: u32 = 256;
 /// Staging memory an endpoint starts with; it grows (once) for larger copied transfers.
 const STAGING_BYTES: usize = 256 * 1024;
+/// The write-behind area: copies of posted writes too long to go inline, until confirmed.
+/// Longer writes are not posted behind but written and waited for.
+const BEHIND_BYTES: usize = 64 * 1024;
+/// The wr_id of write-behind requests (round requests use their op index).
+const BEHIND_WR: u64 = u64::MAX;
 /// Completions taken per `ibv_poll_cq` call.
 const POLL_BATCH: usize = 16;
 /// A round whose completions have not all arrived after this long fails (the device reports a
@@ -167,6 +183,13 @@ struct Connection {
     qp: ExtendedQueuePair,
     limits: QpLimits,
     broken: bool,
+    /// Write-behind requests posted and not yet confirmed (each holds a send queue slot).
+    behind: u32,
+    /// The remote address of the last write-behind, to name it if it fails.
+    behind_at: GlobalAddr,
+    /// A write-behind's failure, seen while waiting for another node: reported by the next
+    /// operation to this node.
+    failure: Option<Error>,
     /// Open for the life of the queue pair: the node drops its queue pair when this closes, and
     /// this end sees EOF when the node's process dies (non-blocking, peeked while waiting).
     control: TcpStream,
@@ -219,6 +242,9 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
         qp,
         limits,
         broken: false,
+        behind: 0,
+        behind_at: GlobalAddr::NULL,
+        failure: None,
         control: stream,
     })
 }
@@ -267,6 +293,9 @@ pub struct RdmaEndpoint {
     conns: Vec<Connection>,
     cq: Arc<BasicCompletionQueue>,
     staging: Region,
+    /// Copies of write-behind data (see the module docs), used up to `behind_used`.
+    behind: Region,
+    behind_used: usize,
     shared: Arc<Shared>,
     /// Per operation of the current round: where its local side is. Reused, never shrunk.
     sides: Vec<LocalSide>,
@@ -281,11 +310,15 @@ impl RdmaEndpoint {
     fn with_connections(shared: Arc<Shared>, cq: Arc<BasicCompletionQueue>, conns: Vec<Connection>) -> Result<Self> {
         let staging = Region::new(&shared.pd, STAGING_BYTES, PageSize::Normal, AccessFlags::LocalWrite)
             .map_err(RdmaError::from)?;
+        let behind = Region::new(&shared.pd, BEHIND_BYTES, PageSize::Normal, AccessFlags::LocalWrite)
+            .map_err(RdmaError::from)?;
         let n = conns.len();
         Ok(RdmaEndpoint {
             conns,
             cq,
             staging,
+            behind,
+            behind_used: 0,
             shared,
             sides: Vec::with_capacity(64),
             last_wr: vec![None; n],
@@ -333,7 +366,9 @@ impl RdmaEndpoint {
             if end == start && need > self.staging.len() {
                 self.grow_staging(need)?;
             }
-            if used + need > self.staging.len() || self.round_counts[conn] >= limits.send_depth {
+            // Unconfirmed write-behinds hold slots of the send queue (post_write leaves one free).
+            let room = limits.send_depth - self.conns[conn].behind;
+            if used + need > self.staging.len() || self.round_counts[conn] >= room {
                 break;
             }
             let side = match op {
@@ -376,10 +411,7 @@ impl Endpoint for RdmaEndpoint {
         // Refuse the whole batch before posting anything: bad arguments, or a broken node.
         for op in ops.iter() {
             op.validate(&self.shared.nodes, MAX_TRANSFER)?;
-            let conn = &self.conns[self.conn_index(op.remote().node())];
-            if conn.broken {
-                return Err(Error::Broken { node: conn.node.id });
-            }
+            self.check_usable(self.conn_index(op.remote().node()))?;
         }
         let mut start = 0;
         while start < ops.len() {
@@ -389,9 +421,115 @@ impl Endpoint for RdmaEndpoint {
         }
         Ok(())
     }
+
+    fn post_write(&mut self, dst: GlobalAddr, src: &[u8]) -> Result<()> {
+        Op::Write { remote: dst, local: src, key: None }.validate(&self.shared.nodes, MAX_TRANSFER)?;
+        let c = self.conn_index(dst.node());
+        self.check_usable(c)?;
+        let limits = self.conns[c].limits;
+        let inline = src.len() <= limits.max_inline as usize;
+        if src.is_empty() {
+            return Ok(());
+        }
+        if (!inline && src.len() > BEHIND_BYTES) || limits.send_depth < 2 {
+            return self.write(dst, src);
+        }
+        if self.conns.iter().all(|conn| conn.behind == 0) {
+            self.behind_used = 0;
+        }
+        let need = if inline { 0 } else { src.len().next_multiple_of(8) };
+        if self.conns[c].behind >= limits.send_depth / 2 || self.behind_used + need > BEHIND_BYTES {
+            self.flush()?;
+            self.behind_used = 0;
+        }
+        let (addr, lkey) = if inline {
+            // The device copies inline bytes at post time; no key is needed.
+            (src.as_ptr() as u64, 0)
+        } else {
+            let at = self.behind_used;
+            self.behind.as_mut_slice()[at..at + src.len()].copy_from_slice(src);
+            self.behind_used += need;
+            (self.behind.addr() + at as u64, self.behind.lkey())
+        };
+        let conn = &mut self.conns[c];
+        let mut sge = ibv_sge { addr, length: src.len() as u32, lkey };
+        // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = BEHIND_WR;
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.wr.rdma = rdma_t { remote_addr: conn.pool_base + dst.offset(), rkey: conn.rkey };
+        wr.send_flags = if inline { ibv_send_flags::IBV_SEND_INLINE.0 } else { 0 };
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the queue pair is alive (owned by `conn`); the request's memory is either
+        // copied now (inline) or in `self.behind`, which is not reused before the request is
+        // confirmed (behind_used is reset only when no connection has write-behinds left).
+        let rc = unsafe { ibv_post_send(conn.qp.qp().as_ptr(), &mut wr, &mut bad) };
+        if rc != 0 {
+            queue_pair::set_error(&mut conn.qp);
+            conn.break_off();
+            let status = format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc));
+            return Err(Error::Completion { op: OpKind::Write, addr: dst, status });
+        }
+        conn.behind += 1;
+        conn.behind_at = dst;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        // A signaled 8-byte READ behind them on each queue pair that has some: its completion
+        // confirms them (RC completes in order). Offset 0 is in every pool.
+        let nodes: SmallVec<[NodeId; 8]> =
+            self.conns.iter().filter(|c| c.behind > 0 || c.failure.is_some()).map(|c| c.node.id).collect();
+        let mut words: SmallVec<[[u8; 8]; 8]> = smallvec::smallvec![[0u8; 8]; nodes.len()];
+        let mut ops: SmallVec<[Op<'_>; 8]> = nodes
+            .iter()
+            .zip(words.iter_mut())
+            .map(|(&node, word)| Op::Read {
+                remote: GlobalAddr::new(node, 0).expect("offset 0"),
+                local: word,
+                key: None,
+            })
+            .collect();
+        if ops.is_empty() { Ok(()) } else { self.execute(&mut ops) }
+    }
+}
+
+impl Drop for RdmaEndpoint {
+    fn drop(&mut self) {
+        // Write-behinds not yet confirmed may not have left: destroying the queue pairs would
+        // lose them.
+        if self.conns.iter().any(|c| c.behind > 0 && !c.broken)
+            && let Err(e) = self.flush()
+        {
+            tracing::error!("an endpoint dropped with writes still posted could not flush them: {e}");
+        }
+    }
+}
+
+impl Connection {
+    /// Marks the queue pair broken: it is in the error state and confirms nothing any more.
+    fn break_off(&mut self) {
+        self.broken = true;
+        self.behind = 0;
+    }
 }
 
 impl RdmaEndpoint {
+    /// Fails if connection `c` cannot take operations: a write-behind failure not reported yet
+    /// (reported once), or a broken queue pair.
+    fn check_usable(&mut self, c: usize) -> Result<()> {
+        let conn = &mut self.conns[c];
+        if let Some(e) = conn.failure.take() {
+            return Err(e);
+        }
+        if conn.broken {
+            return Err(Error::Broken { node: conn.node.id });
+        }
+        Ok(())
+    }
+
     /// Posts one planned round (one doorbell per node), waits for it, copies results out.
     fn run_round(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
         self.last_wr.iter_mut().for_each(|w| *w = None);
@@ -481,7 +619,7 @@ impl RdmaEndpoint {
                 // state stops the device touching their memory. Other nodes' requests of this
                 // round are waited for below before the error is returned.
                 queue_pair::set_error(&mut conn.qp);
-                conn.broken = true;
+                conn.break_off();
                 post_error.get_or_insert(Error::Completion {
                     op: ops[last].kind(),
                     addr: ops[last].remote(),
@@ -515,7 +653,8 @@ impl RdmaEndpoint {
     /// failed request (a flush caused by an earlier failure is not the cause, so it ranks last).
     fn wait_round(&mut self, ops: &[Op<'_>]) -> Result<()> {
         let mut pending = self.last_wr.iter().filter(|w| w.is_some()).count();
-        let mut failure: Option<(u64, u32, u32)> = None; // wr_id, status, vendor error
+        // The failed request (op kind and address), its status and vendor error.
+        let mut failure: Option<(OpKind, GlobalAddr, u32, u32)> = None;
         let mut spins = 0u32;
         let mut deadline: Option<Instant> = None;
         // SAFETY: the pointer is used only in this function, while `self.cq` (an Arc) keeps the
@@ -533,23 +672,37 @@ impl RdmaEndpoint {
                 // number. Completions of queue pairs not in this round are stale (flushes of
                 // an abandoned round) and ignored.
                 let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) else { continue };
+                let failed = wc.status != WorkCompletionStatus::Success as u32;
+                if wc.wr_id == BEHIND_WR && failed {
+                    // Only failed write-behinds complete (they are unsignaled). Keep the first
+                    // for the next operation to this node, unless this round reports it.
+                    let conn = &mut self.conns[c];
+                    if conn.failure.is_none() && !conn.broken && self.round_counts[c] == 0 {
+                        conn.failure = Some(completion_error(OpKind::Write, conn.behind_at, wc.status, wc.vendor_err));
+                    }
+                    let at = conn.behind_at;
+                    conn.break_off();
+                    if self.round_counts[c] == 0 {
+                        continue;
+                    }
+                    failure = better_failure(failure, (OpKind::Write, at, wc.status, wc.vendor_err));
+                    continue;
+                }
                 if self.round_counts[c] == 0 {
                     continue;
                 }
-                if wc.status != WorkCompletionStatus::Success as u32 {
-                    self.conns[c].broken = true;
-                    let flushed = wc.status == WorkCompletionStatus::WorkRequestFlushedError as u32;
-                    let better = match failure {
-                        None => true,
-                        Some((_, s, _)) => s == WorkCompletionStatus::WorkRequestFlushedError as u32 && !flushed,
-                    };
-                    if better {
-                        failure = Some((wc.wr_id, wc.status, wc.vendor_err));
-                    }
+                if failed {
+                    self.conns[c].break_off();
+                    let op = &ops[wc.wr_id as usize];
+                    failure = better_failure(failure, (op.kind(), op.remote(), wc.status, wc.vendor_err));
                 }
                 if self.last_wr[c] == Some(wc.wr_id) {
                     self.last_wr[c] = None;
                     pending -= 1;
+                    if !failed {
+                        // Its completion confirms every write-behind posted before it.
+                        self.conns[c].behind = 0;
+                    }
                 }
             }
             if n == 0 {
@@ -573,17 +726,7 @@ impl RdmaEndpoint {
         }
         match failure {
             None => Ok(()),
-            Some((wr_id, status, vendor)) => {
-                let op = &ops[wr_id as usize];
-                Err(Error::Completion {
-                    op: op.kind(),
-                    addr: op.remote(),
-                    status: format!(
-                        "{:?} (status {status}, vendor error {vendor:#x})",
-                        WorkCompletionStatus::from(status)
-                    ),
-                })
-            }
+            Some((op, addr, status, vendor)) => Err(completion_error(op, addr, status, vendor)),
         }
     }
 
@@ -607,11 +750,30 @@ impl RdmaEndpoint {
         for (c, last) in self.last_wr.iter().enumerate() {
             if let Some(wr) = last {
                 queue_pair::set_error(&mut self.conns[c].qp);
-                self.conns[c].broken = true;
+                self.conns[c].break_off();
                 first.get_or_insert(*wr as usize);
             }
         }
         let op = &ops[first.unwrap_or(0)];
         Error::Completion { op: op.kind(), addr: op.remote(), status: reason }
     }
+}
+
+/// The failure to report of two: a flush is only the consequence of an earlier failure, so any
+/// other status ranks before it; otherwise the first one stays.
+fn better_failure(
+    first: Option<(OpKind, GlobalAddr, u32, u32)>,
+    next: (OpKind, GlobalAddr, u32, u32),
+) -> Option<(OpKind, GlobalAddr, u32, u32)> {
+    let flushed = |status: u32| status == WorkCompletionStatus::WorkRequestFlushedError as u32;
+    match first {
+        Some(f) if !flushed(f.2) || flushed(next.2) => Some(f),
+        _ => Some(next),
+    }
+}
+
+/// The error for a failed request.
+fn completion_error(op: OpKind, addr: GlobalAddr, status: u32, vendor: u32) -> Error {
+    let status = format!("{:?} (status {status}, vendor error {vendor:#x})", WorkCompletionStatus::from(status));
+    Error::Completion { op, addr, status }
 }

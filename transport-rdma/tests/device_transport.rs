@@ -42,6 +42,7 @@ fn semantics_match_the_loopback_transport() {
     conformance::read_write(&transport, scratch(0));
     conformance::atomics(&transport, scratch(0));
     conformance::batch_mixing_all_ops(&transport, scratch(0));
+    conformance::write_behind(&transport, scratch(0));
     conformance::bad_inputs(&transport, scratch(0));
     conformance::concurrent_cas(&transport, scratch(0), 4, 100);
 }
