@@ -88,94 +88,39 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     // section: threads of this process, then processes of 1 or 2 threads.
     let counter = at(8192);
     let mut lock_words = (0..).map(|i| at(4096 + 64 + 8 * i));
-    let ops = [("acquire_release", false), ("counter", true)];
-    let impls = [("cas-spin", false), ("cohort", true)];
-    for &threads in &args.threads {
-        for (op, remote_section) in ops {
-            for (name, cohort) in impls {
+    let runs = args.threads.iter().map(|&t| (1u64, t)).chain([(2, 1), (2, 2), (4, 1), (4, 2)]);
+    for (processes, threads) in runs {
+        for (op, remote_section) in [("acquire_release", false), ("counter", true)] {
+            for (name, cohort) in [("cas-spin", false), ("cohort", true)] {
                 ep.write_u64(counter, 0)?;
                 let word = lock_words.next().expect("endless");
-                let run = Contended {
-                    cohort,
-                    remote_section,
-                    word,
-                    counter,
-                    sections: args.sections,
-                    max_handovers: args.max_handovers,
+                let max_handovers = args.max_handovers;
+                let run = Contended { cohort, remote_section, word, counter, sections: args.sections, max_handovers };
+                let (seconds, locals) = if processes == 1 {
+                    let (elapsed, local) = run.run(transport, threads, 0, &|| Ok(()))?;
+                    (elapsed.as_secs_f64(), vec![local])
+                } else {
+                    // The start barrier: a counter word and its epoch.
+                    let start = lock_words.next().expect("endless");
+                    lock_words.next();
+                    run.across_processes(&cluster, &args.memnodes, processes, threads, start)?
                 };
-                let (elapsed, local) = run.run(transport, threads, 0, &|| Ok(()))?;
-                let sections = args.sections * threads as u64;
-                let got = if remote_section { ep.read_u64(counter)? } else { local };
-                if got != sections {
+                let per_process = args.sections * threads as u64;
+                let sections = per_process * processes;
+                let lost = if remote_section {
+                    ep.read_u64(counter)? != sections
+                } else {
+                    locals.iter().any(|&local| local != per_process)
+                };
+                if lost {
                     return Err(
-                        format!("{name}: the counter is {got} after {sections} sections: the lock failed").into()
+                        format!("{name}: a counter lost updates in {processes} x {threads}: the lock failed").into()
                     );
                 }
-                let mut row = Row::throughput("lock", name, op, 0, threads, 1, sections, elapsed.as_secs_f64());
+                let mut row = Row::throughput("lock", name, op, 0, threads, 1, sections, seconds);
                 row.gbps = None;
-                out.print(&lock_row(row));
-            }
-        }
-    }
-    for processes in [2u64, 4] {
-        for threads in [1usize, 2] {
-            for (op, remote_section) in ops {
-                for (name, cohort) in impls {
-                    ep.write_u64(counter, 0)?;
-                    let word = lock_words.next().expect("endless");
-                    let start = lock_words.next().expect("endless");
-                    lock_words.next(); // the start barrier's epoch word
-                    let run = Contended {
-                        cohort,
-                        remote_section,
-                        word,
-                        counter,
-                        sections: args.sections,
-                        max_handovers: args.max_handovers,
-                    };
-                    let outputs = spawn_workers(&cluster, &args.memnodes, processes, |process| {
-                        let mut words = vec!["lock-worker".to_string()];
-                        for (flag, value) in [
-                            ("--processes", processes.to_string()),
-                            ("--process", process.to_string()),
-                            ("--threads", threads.to_string()),
-                            ("--sections", run.sections.to_string()),
-                            ("--word", word.offset().to_string()),
-                            ("--counter", counter.offset().to_string()),
-                            ("--start", start.offset().to_string()),
-                            ("--max-handovers", run.max_handovers.to_string()),
-                        ] {
-                            words.extend([flag.to_string(), value]);
-                        }
-                        words.extend(cohort.then(|| "--cohort".to_string()));
-                        words.extend(remote_section.then(|| "--remote-section".to_string()));
-                        words
-                    })?;
-                    let mut slowest = 0u64;
-                    for text in &outputs {
-                        let done = text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("done "))
-                            .ok_or("lock worker printed no result")?;
-                        let (ns, local) = done.split_once(' ').ok_or("lock worker: bad result line")?;
-                        let (ns, local) = (ns.parse::<u64>()?, local.parse::<u64>()?);
-                        if !remote_section && local != args.sections * threads as u64 {
-                            return Err(format!("{name}: a worker's counter is {local}: the lock failed").into());
-                        }
-                        slowest = slowest.max(ns);
-                    }
-                    let sections = args.sections * threads as u64 * processes;
-                    if remote_section && ep.read_u64(counter)? != sections {
-                        return Err(format!(
-                            "{name}: the counter is not {sections} after {processes} processes: the lock failed"
-                        )
-                        .into());
-                    }
-                    let mut row = Row::throughput("lock", name, op, 0, threads, 1, sections, slowest as f64 / 1e9);
-                    row.gbps = None;
-                    row.processes = Some(processes as usize);
-                    out.print(&row);
-                }
+                row.processes = Some(processes as usize);
+                out.print(&row);
             }
         }
     }
@@ -307,26 +252,35 @@ impl Contended {
         let (elapsed, results) = harness::timed(threads, |t, start| -> Result<(), String> {
             let holder = 1000 * (process + 1) + t as u32 + 1;
             let setup = (|| {
-                let ep = transport.endpoint().map_err(|e| e.to_string())?;
-                let own = RemoteLock::new(self.word, holder, DEFAULT_LEASE).map_err(|e| e.to_string())?;
+                // The spinlock's threads each take the lock on their own endpoint.
+                let own = match self.cohort {
+                    true => None,
+                    false => Some((
+                        transport.endpoint().map_err(|e| e.to_string())?,
+                        RemoteLock::new(self.word, holder, DEFAULT_LEASE).map_err(|e| e.to_string())?,
+                    )),
+                };
                 if t == 0 {
                     ready()?;
                 }
-                Ok::<_, String>((ep, own))
+                Ok::<_, String>(own)
             })();
             // Every thread meets the start line, even one whose setup failed (no deadlock).
             start.wait();
-            let (mut ep, own) = setup?;
+            let mut own = setup?;
             let fail = |e: &dyn std::fmt::Display| e.to_string();
             for _ in 0..self.sections {
-                if self.cohort {
-                    let mut g = shared.lock().map_err(|e| fail(&e))?;
-                    section.run(g.endpoint()).map_err(|e| fail(&e))?;
-                    g.unlock().map_err(|e| fail(&e))?;
-                } else {
-                    let mut g = own.lock(&mut ep).map_err(|e| fail(&e))?;
-                    section.run(g.endpoint()).map_err(|e| fail(&e))?;
-                    g.unlock().map_err(|e| fail(&e))?;
+                match &mut own {
+                    None => {
+                        let mut g = shared.lock().map_err(|e| fail(&e))?;
+                        section.run(g.endpoint()).map_err(|e| fail(&e))?;
+                        g.unlock().map_err(|e| fail(&e))?;
+                    }
+                    Some((ep, lock)) => {
+                        let mut g = lock.lock(ep).map_err(|e| fail(&e))?;
+                        section.run(g.endpoint()).map_err(|e| fail(&e))?;
+                        g.unlock().map_err(|e| fail(&e))?;
+                    }
                 }
             }
             Ok(())
@@ -335,6 +289,48 @@ impl Contended {
             r?;
         }
         Ok((elapsed, local.load(Ordering::Relaxed)))
+    }
+}
+
+impl Contended {
+    /// Runs `processes` worker processes (`rdmem-bench lock-worker`) of `threads` threads each,
+    /// which start together at a barrier at `start`. Returns the slowest worker's time in
+    /// seconds and each worker's local counter.
+    fn across_processes(
+        self,
+        cluster: &harness::Cluster,
+        memnodes: &[String],
+        processes: u64,
+        threads: usize,
+        start: GlobalAddr,
+    ) -> Result<(f64, Vec<u64>), Box<dyn std::error::Error>> {
+        let reset = [start, start.checked_add(8).expect("in the pool")];
+        let outputs = spawn_workers(cluster, memnodes, processes, &reset, |process| {
+            let mut words = vec!["lock-worker".to_string()];
+            for (flag, value) in [
+                ("--processes", processes.to_string()),
+                ("--process", process.to_string()),
+                ("--threads", threads.to_string()),
+                ("--sections", self.sections.to_string()),
+                ("--word", self.word.offset().to_string()),
+                ("--counter", self.counter.offset().to_string()),
+                ("--start", start.offset().to_string()),
+                ("--max-handovers", self.max_handovers.to_string()),
+            ] {
+                words.extend([flag.to_string(), value]);
+            }
+            words.extend(self.cohort.then(|| "--cohort".to_string()));
+            words.extend(self.remote_section.then(|| "--remote-section".to_string()));
+            words
+        })?;
+        let (mut slowest, mut locals) = (0u64, Vec::with_capacity(outputs.len()));
+        for text in &outputs {
+            let done = text.lines().find_map(|l| l.strip_prefix("done ")).ok_or("lock worker printed no result")?;
+            let (ns, local) = done.split_once(' ').ok_or("lock worker: bad result line")?;
+            slowest = slowest.max(ns.parse()?);
+            locals.push(local.parse()?);
+        }
+        Ok((slowest as f64 / 1e9, locals))
     }
 }
 
@@ -378,8 +374,10 @@ fn barrier_processes(
         words.extend(["--waits".to_string(), waits.to_string()]);
         words
     };
+    let node = cluster.transport.nodes()[0].id;
+    let reset = [offset, offset + 8].map(|o| GlobalAddr::new(node, o).expect("offset"));
     let mut hist = new_histogram()?;
-    for text in spawn_workers(cluster, memnodes, processes, words)? {
+    for text in spawn_workers(cluster, memnodes, processes, &reset, words)? {
         let samples =
             text.lines().find_map(|l| l.strip_prefix("samples ")).ok_or("barrier worker printed no samples")?;
         for ns in samples.split(' ') {
@@ -390,15 +388,23 @@ fn barrier_processes(
 }
 
 /// Runs `processes` copies of this program, worker `i` with the arguments `words(i)` plus the
-/// cluster's memory nodes, and returns their standard outputs once all succeeded.
+/// cluster's memory nodes, after zeroing the words in `reset`; returns their standard outputs
+/// once all succeeded, or stops them all when one fails.
 fn spawn_workers(
     cluster: &harness::Cluster,
     memnodes: &[String],
     processes: u64,
+    reset: &[GlobalAddr],
     words: impl Fn(u64) -> Vec<String>,
 ) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
-    let children = (0..processes)
+    // Words the workers synchronize on start from zero (an external node may hold a previous
+    // run's values).
+    let mut ep = cluster.transport.endpoint()?;
+    for &word in reset {
+        ep.write_u64(word, 0)?;
+    }
+    let mut children = (0..processes)
         .map(|i| {
             let mut cmd = std::process::Command::new(&exe);
             cmd.args(words(i));
@@ -417,13 +423,29 @@ fn spawn_workers(
             cmd.stdout(std::process::Stdio::piped()).spawn()
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Wait for all; when one fails, the others would wait for it at their barrier forever:
+    // stop them. (Their output is a line or two, well within a pipe's buffer.)
+    let mut running = children.len();
+    while running > 0 {
+        running = 0;
+        for child in &mut children {
+            match child.try_wait()? {
+                Some(status) if !status.success() => {
+                    for other in &mut children {
+                        let _ = other.kill();
+                        let _ = other.wait();
+                    }
+                    return Err(format!("a worker process failed ({status})").into());
+                }
+                Some(_) => {}
+                None => running += 1,
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let mut outputs = Vec::with_capacity(children.len());
     for child in children {
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            return Err(format!("a worker process failed ({})", out.status).into());
-        }
-        outputs.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        outputs.push(String::from_utf8_lossy(&child.wait_with_output()?.stdout).into_owned());
     }
     Ok(outputs)
 }

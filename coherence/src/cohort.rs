@@ -10,8 +10,10 @@
 //! The lock owns an endpoint and lends it to each holder for the critical section, so the
 //! section's operations and the remote release all go on the same queue pairs, in order. A
 //! section can therefore end with [`Endpoint::post_write`] and not wait for it: the next
-//! holder's operations (local handover) or the release (remote) come after it on the same
-//! queue pair. A section of one READ and one posted WRITE then costs one round trip.
+//! holder's operations to that node (local handover) come after it on the same queue pair, and
+//! the remote release waits for posted writes to other nodes than the lock's
+//! ([`Endpoint::flush_for`]). A section of one READ and one posted WRITE on one node then costs
+//! one round trip.
 
 use std::sync::TryLockError;
 use std::time::Instant;
@@ -97,7 +99,7 @@ impl<E: Endpoint> CohortLock<E> {
             return Ok(true);
         }
         let value = local.held.take().expect("the cohort holds the remote lock while locked");
-        // Behind the section's operations on the same queue pair, posted writes included.
+        // After the section's operations, posted writes included (see RemoteLock::release).
         self.remote.release(&mut local.ep, value)?;
         Ok(false)
     }

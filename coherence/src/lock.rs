@@ -9,7 +9,8 @@
 //!   A crashed holder therefore blocks others for about one lease after its last renewal (at
 //!   most about two leases after it acquired, if it renewed right before dying). Holders of long
 //!   critical sections call [`LockGuard::renew`] well within the lease.
-//! - **Release**: CAS `mine -> 0`. If the lease was taken over meanwhile, the CAS fails and
+//! - **Release**: CAS `mine -> 0`, after the section's posted writes to other nodes completed
+//!   ([`Endpoint::flush_for`]; those to the lock's node are ordered before it). If the lease was taken over meanwhile, the CAS fails and
 //!   nothing is changed: a late release is harmless, and reported as [`LockError::LeaseLost`]
 //!   (the critical section may have overlapped another one, which the caller must know).
 //!
@@ -109,8 +110,12 @@ impl RemoteLock {
         }
     }
 
-    /// Releases the hold `value` (CAS back to 0); `LeaseLost` if it was taken over.
+    /// Releases the hold `value` (CAS back to 0); `LeaseLost` if it was taken over. The
+    /// section's posted writes come first: those to the lock's node are ahead of the CAS on its
+    /// queue pair, the others are waited for. If one of them failed, the lock is not released
+    /// (the error says which write; the lease frees the lock).
     pub(crate) fn release<E: Endpoint>(&self, ep: &mut E, value: u64) -> Result<()> {
+        ep.flush_for(self.word.node())?;
         let old = ep.cas(self.word, value, 0)?;
         if old == value { Ok(()) } else { Err(LockError::LeaseLost { word: self.word, now: old }) }
     }

@@ -311,6 +311,8 @@ impl RwLock {
     /// instead when this release leaves it idle past the threshold. `seen` is the latest known
     /// word. `LeaseLost` when the ticket's generation is over: nothing was changed.
     fn release<E: Endpoint>(&self, ep: &mut E, ticket: Ticket, mut seen: RwWord) -> Result<RwWord> {
+        // The section's posted writes to other nodes first (see `RemoteLock::release`).
+        ep.flush_for(self.word.node())?;
         loop {
             let still_mine = seen.generation() == ticket.generation
                 && (ticket.mode == Mode::Read || seen.n_x() == ticket.writers_before);

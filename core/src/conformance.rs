@@ -166,6 +166,7 @@ pub fn write_behind<T: Transport>(transport: &T, base: GlobalAddr) {
             ep.post_write_u64(at(base, 8 * (16 + i)), i + 1000 * pass).expect("post_write word");
         }
     }
+    ep.flush_for(base.node()).expect("flush_for");
     ep.flush().expect("flush");
     assert_eq!(other.read_u64(at(base, 8)).expect("read"), 999, "posted WRITEs to one word out of order");
     let mut words = [0u8; 480];

@@ -261,11 +261,13 @@ pub trait Endpoint: Send {
     /// WRITEs `src` to `dst` without waiting for it (write-behind). The bytes are taken (sent
     /// inline or copied) before this returns, so `src` is free at once.
     ///
-    /// Ordering: the write comes before every later operation of this endpoint to the same node.
-    /// A READ of `dst` through this endpoint returns it; a lock release through this endpoint
-    /// is seen after it. Other endpoints are sure to see it only once one of those later
-    /// operations, or [`Endpoint::flush`], has completed. This is how a critical section's last
-    /// write costs no round trip of its own.
+    /// Ordering: the write comes before every later operation of this endpoint to the same node
+    /// (one queue pair), and before nothing on other nodes. A READ of `dst` through this
+    /// endpoint returns it; a lock word on the same node released through this endpoint is
+    /// released after it. Other endpoints are sure to see it only once one of those later
+    /// operations, or [`Endpoint::flush`], has completed. Releasing a lock on another node needs
+    /// [`Endpoint::flush_for`] first (the lock types do it). This is how a critical section's
+    /// last write costs no round trip of its own.
     ///
     /// Errors: bad arguments fail at once, as for [`Endpoint::write`]. If the write itself
     /// fails, the next operation to that node reports it (naming this write) and the connection
@@ -282,8 +284,18 @@ pub trait Endpoint: Send {
     }
 
     /// Waits until every [`Endpoint::post_write`] of this endpoint has completed, so that
-    /// every endpoint sees them. Nothing to do when none is outstanding.
+    /// every endpoint sees them; reports one that failed. Nothing to do when none is
+    /// outstanding.
     fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes every [`Endpoint::post_write`] so far come before the next operation to `node`:
+    /// those to `node` already do (same queue pair), so this waits only for the others, and
+    /// reports one that failed. Call it before an operation to `node` that publishes them,
+    /// such as a lock release.
+    fn flush_for(&mut self, node: NodeId) -> Result<()> {
+        let _ = node;
         Ok(())
     }
 

@@ -63,8 +63,9 @@ const STAGING_BYTES: usize = 256 * 1024;
 /// The write-behind area: copies of posted writes too long to go inline, until confirmed.
 /// Longer writes are not posted behind but written and waited for.
 const BEHIND_BYTES: usize = 64 * 1024;
-/// The wr_id of write-behind requests (round requests use their op index).
-const BEHIND_WR: u64 = u64::MAX;
+/// The wr_id bit of write-behind requests (round requests use their op index); the rest is the
+/// write-behind's sequence number on its connection.
+const BEHIND_TAG: u64 = 1 << 63;
 /// Completions taken per `ibv_poll_cq` call.
 const POLL_BATCH: usize = 16;
 /// A round whose completions have not all arrived after this long fails (the device reports a
@@ -183,10 +184,14 @@ struct Connection {
     qp: ExtendedQueuePair,
     limits: QpLimits,
     broken: bool,
-    /// Write-behind requests posted and not yet confirmed (each holds a send queue slot).
+    /// Write-behind requests posted and not yet confirmed (each holds a send queue slot; at
+    /// most half the queue).
     behind: u32,
-    /// The remote address of the last write-behind, to name it if it fails.
-    behind_at: GlobalAddr,
+    /// Sequence number of the next write-behind.
+    behind_seq: u64,
+    /// The remote addresses of the unconfirmed write-behinds, by sequence number modulo the
+    /// length, to name one that fails.
+    behind_addrs: Vec<GlobalAddr>,
     /// A write-behind's failure, seen while waiting for another node: reported by the next
     /// operation to this node.
     failure: Option<Error>,
@@ -243,7 +248,8 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
         limits,
         broken: false,
         behind: 0,
-        behind_at: GlobalAddr::NULL,
+        behind_seq: 0,
+        behind_addrs: vec![GlobalAddr::NULL; (limits.send_depth / 2).max(1) as usize],
         failure: None,
         control: stream,
     })
@@ -366,7 +372,9 @@ impl RdmaEndpoint {
             if end == start && need > self.staging.len() {
                 self.grow_staging(need)?;
             }
-            // Unconfirmed write-behinds hold slots of the send queue (post_write leaves one free).
+            // A write-behind failure seen during an earlier round of this batch stops it here.
+            self.check_usable(conn)?;
+            // Unconfirmed write-behinds hold slots of the send queue (at most half of it).
             let room = limits.send_depth - self.conns[conn].behind;
             if used + need > self.staging.len() || self.round_counts[conn] >= room {
                 break;
@@ -439,7 +447,8 @@ impl Endpoint for RdmaEndpoint {
         }
         let need = if inline { 0 } else { src.len().next_multiple_of(8) };
         if self.conns[c].behind >= limits.send_depth / 2 || self.behind_used + need > BEHIND_BYTES {
-            self.flush()?;
+            // Make room: the area is shared by all connections.
+            self.confirm_behind(None)?;
             self.behind_used = 0;
         }
         let (addr, lkey) = if inline {
@@ -455,38 +464,51 @@ impl Endpoint for RdmaEndpoint {
         let mut sge = ibv_sge { addr, length: src.len() as u32, lkey };
         // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = BEHIND_WR;
+        wr.wr_id = BEHIND_TAG | conn.behind_seq;
         wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
         wr.wr.rdma = rdma_t { remote_addr: conn.pool_base + dst.offset(), rkey: conn.rkey };
         wr.send_flags = if inline { ibv_send_flags::IBV_SEND_INLINE.0 } else { 0 };
         wr.sg_list = &mut sge;
         wr.num_sge = 1;
-        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: the queue pair is alive (owned by `conn`); the request's memory is either
-        // copied now (inline) or in `self.behind`, which is not reused before the request is
-        // confirmed (behind_used is reset only when no connection has write-behinds left).
-        let rc = unsafe { ibv_post_send(conn.qp.qp().as_ptr(), &mut wr, &mut bad) };
-        if rc != 0 {
-            queue_pair::set_error(&mut conn.qp);
-            conn.break_off();
-            let status = format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc));
-            return Err(Error::Completion { op: OpKind::Write, addr: dst, status });
-        }
+        // SAFETY: the request's memory is either copied at post time (inline) or in
+        // `self.behind`, which is not reused before the request is confirmed (behind_used is
+        // reset only when no connection has write-behinds left).
+        unsafe { conn.post(&mut wr) }.map_err(|status| Error::Completion { op: OpKind::Write, addr: dst, status })?;
+        let slot = (conn.behind_seq % conn.behind_addrs.len() as u64) as usize;
+        conn.behind_addrs[slot] = dst;
+        conn.behind_seq += 1;
         conn.behind += 1;
-        conn.behind_at = dst;
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
-        // A signaled 8-byte READ behind them on each queue pair that has some: its completion
-        // confirms them (RC completes in order). Offset 0 is in every pool.
-        let nodes: SmallVec<[NodeId; 8]> =
-            self.conns.iter().filter(|c| c.behind > 0 || c.failure.is_some()).map(|c| c.node.id).collect();
+        self.confirm_behind(None)?;
+        self.stored_failure()
+    }
+
+    fn flush_for(&mut self, node: NodeId) -> Result<()> {
+        self.confirm_behind(Some(node))?;
+        self.stored_failure()
+    }
+}
+
+impl RdmaEndpoint {
+    /// Confirms the write-behinds of every usable connection but `skip`'s with a signaled
+    /// 8-byte READ behind them (RC completes in order). Failures stored on connections are
+    /// left for whoever reports them.
+    fn confirm_behind(&mut self, skip: Option<NodeId>) -> Result<()> {
+        let nodes: SmallVec<[NodeId; 8]> = self
+            .conns
+            .iter()
+            .filter(|c| c.behind > 0 && !c.broken && Some(c.node.id) != skip)
+            .map(|c| c.node.id)
+            .collect();
         let mut words: SmallVec<[[u8; 8]; 8]> = smallvec::smallvec![[0u8; 8]; nodes.len()];
         let mut ops: SmallVec<[Op<'_>; 8]> = nodes
             .iter()
             .zip(words.iter_mut())
             .map(|(&node, word)| Op::Read {
+                // Offset 0 is in every pool.
                 remote: GlobalAddr::new(node, 0).expect("offset 0"),
                 local: word,
                 key: None,
@@ -494,16 +516,25 @@ impl Endpoint for RdmaEndpoint {
             .collect();
         if ops.is_empty() { Ok(()) } else { self.execute(&mut ops) }
     }
+
+    /// The first write-behind failure stored on a connection, reported once.
+    fn stored_failure(&mut self) -> Result<()> {
+        match self.conns.iter_mut().find_map(|c| c.failure.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for RdmaEndpoint {
     fn drop(&mut self) {
         // Write-behinds not yet confirmed may not have left: destroying the queue pairs would
         // lose them.
-        if self.conns.iter().any(|c| c.behind > 0 && !c.broken)
-            && let Err(e) = self.flush()
-        {
+        if let Err(e) = self.confirm_behind(None) {
             tracing::error!("an endpoint dropped with writes still posted could not flush them: {e}");
+        }
+        for e in self.conns.iter_mut().filter_map(|c| c.failure.take()) {
+            tracing::error!("a posted write failed and was not reported before the endpoint was dropped: {e}");
         }
     }
 }
@@ -513,6 +544,26 @@ impl Connection {
     fn break_off(&mut self) {
         self.broken = true;
         self.behind = 0;
+    }
+
+    /// Posts the linked list of requests starting at `first` (one doorbell). On failure the
+    /// queue pair is moved to the error state (requests before the bad one may be in flight
+    /// with nothing signaled; the error state stops the device touching their memory), marked
+    /// broken, and the reason returned.
+    ///
+    /// # Safety
+    /// `first` starts a well-formed list whose local memory is registered (or inline) and
+    /// stays valid until the requests complete.
+    unsafe fn post(&mut self, first: *mut ibv_send_wr) -> std::result::Result<(), String> {
+        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the queue pair is alive (owned by `self`); the list is the caller's promise.
+        let rc = unsafe { ibv_post_send(self.qp.qp().as_ptr(), first, &mut bad) };
+        if rc == 0 {
+            return Ok(());
+        }
+        queue_pair::set_error(&mut self.qp);
+        self.break_off();
+        Err(format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc)))
     }
 }
 
@@ -609,22 +660,12 @@ impl RdmaEndpoint {
                     (*wr_ptr.add(k)).next = if k + 1 < wrs.len() { wr_ptr.add(k + 1) } else { std::ptr::null_mut() };
                 }
             }
-            let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
-            // SAFETY: the queue pair is alive (owned by `conn`); the list is well formed
-            // (above); its local memory is registered and borrowed by `ops` or owned by this
-            // endpoint until this function returns, after the round's last completion.
-            let rc = unsafe { ibv_post_send(conn.qp.qp().as_ptr(), wr_ptr, &mut bad) };
-            if rc != 0 {
-                // Requests before the bad one may be in flight with nothing signaled: the error
-                // state stops the device touching their memory. Other nodes' requests of this
-                // round are waited for below before the error is returned.
-                queue_pair::set_error(&mut conn.qp);
-                conn.break_off();
-                post_error.get_or_insert(Error::Completion {
-                    op: ops[last].kind(),
-                    addr: ops[last].remote(),
-                    status: format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc)),
-                });
+            // SAFETY: the list is well formed (above); its local memory is registered and
+            // borrowed by `ops` or owned by this endpoint until this function returns, after
+            // the round's last completion.
+            if let Err(status) = unsafe { conn.post(wr_ptr) } {
+                // Other nodes' requests of this round are waited for below first.
+                post_error.get_or_insert(Error::Completion { op: ops[last].kind(), addr: ops[last].remote(), status });
                 break;
             }
             self.last_wr[c] = Some(last as u64);
@@ -673,22 +714,22 @@ impl RdmaEndpoint {
                 // an abandoned round) and ignored.
                 let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) else { continue };
                 let failed = wc.status != WorkCompletionStatus::Success as u32;
-                if wc.wr_id == BEHIND_WR && failed {
+                let in_round = self.round_counts[c] > 0;
+                if wc.wr_id & BEHIND_TAG != 0 {
                     // Only failed write-behinds complete (they are unsignaled). Keep the first
                     // for the next operation to this node, unless this round reports it.
                     let conn = &mut self.conns[c];
-                    if conn.failure.is_none() && !conn.broken && self.round_counts[c] == 0 {
-                        conn.failure = Some(completion_error(OpKind::Write, conn.behind_at, wc.status, wc.vendor_err));
-                    }
-                    let at = conn.behind_at;
+                    let at = conn.behind_addrs[((wc.wr_id & !BEHIND_TAG) % conn.behind_addrs.len() as u64) as usize];
+                    let first = !conn.broken;
                     conn.break_off();
-                    if self.round_counts[c] == 0 {
-                        continue;
+                    if in_round {
+                        failure = better_failure(failure, (OpKind::Write, at, wc.status, wc.vendor_err));
+                    } else if first {
+                        conn.failure = Some(completion_error(OpKind::Write, at, wc.status, wc.vendor_err));
                     }
-                    failure = better_failure(failure, (OpKind::Write, at, wc.status, wc.vendor_err));
                     continue;
                 }
-                if self.round_counts[c] == 0 {
+                if !in_round {
                     continue;
                 }
                 if failed {
