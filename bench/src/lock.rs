@@ -6,10 +6,11 @@
 //!   lock; Mops of sections, the same section code for both locks. `op` "acquire_release": the
 //!   lock alone, the section increments a counter in this process. `op` "counter": the section
 //!   READs a remote counter and posts the WRITE of its successor without waiting
-//!   ([`Endpoint::post_write`]). "cas-spin": every
-//!   thread takes the remote lock itself, on its own endpoint, and releases it with a CAS
-//!   posted behind the WRITE; "cohort": threads hand the lock (and its endpoint) over locally
-//!   (bounded runs), so the next holder's READ goes behind the WRITE on the same queue pair.
+//!   ([`Endpoint::post_write`]). "cas-spin": every thread takes the remote lock itself, on its
+//!   own endpoint, and releases it with a CAS posted behind the WRITE; "cohort": threads hand
+//!   the lock (and its endpoint) over locally (bounded runs), so the next holder's READ goes
+//!   behind the WRITE on the same queue pair. Then the same across 2 and 4 processes
+//!   (`processes`; this program starts copies of itself as `rdmem-bench lock-worker`).
 //! - Reader-writer throughput by read share: `threads` threads on the fair reader-writer lock
 //!   (`impl` "rwlock"); writers READ then WRITE a counter, readers READ it. `read_share` is the
 //!   fraction of sections that read.
@@ -290,9 +291,7 @@ impl Contended {
         }
         Ok((elapsed, local.load(Ordering::Relaxed)))
     }
-}
 
-impl Contended {
     /// Runs `processes` worker processes (`rdmem-bench lock-worker`) of `threads` threads each,
     /// which start together at a barrier at `start`. Returns the slowest worker's time in
     /// seconds and each worker's local counter.
@@ -505,12 +504,12 @@ pub(crate) fn lock_worker(args: &LockWorkerArgs) -> Result<(), Box<dyn std::erro
         sections: args.sections,
         max_handovers: args.max_handovers,
     };
-    let mut ep = cluster.transport.endpoint()?;
-    let barrier = std::sync::Mutex::new(RemoteBarrier::new(at(args.start), at(args.start + 8), args.processes)?);
-    let ep_lock = std::sync::Mutex::new(&mut ep);
+    // Start together: one wait at a barrier of all the workers.
     let ready = || {
-        let mut ep = ep_lock.lock().map_err(|e| e.to_string())?;
-        barrier.lock().map_err(|e| e.to_string())?.wait(&mut **ep).map_err(|e| e.to_string())
+        let mut ep = cluster.transport.endpoint().map_err(|e| e.to_string())?;
+        let mut barrier =
+            RemoteBarrier::new(at(args.start), at(args.start + 8), args.processes).map_err(|e| e.to_string())?;
+        barrier.wait(&mut ep).map_err(|e| e.to_string())
     };
     let (elapsed, local) = run.run(&cluster.transport, args.threads, args.process, &ready)?;
     println!("done {} {local}", elapsed.as_nanos());

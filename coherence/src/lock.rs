@@ -10,9 +10,10 @@
 //!   most about two leases after it acquired, if it renewed right before dying). Holders of long
 //!   critical sections call [`LockGuard::renew`] well within the lease.
 //! - **Release**: CAS `mine -> 0`, after the section's posted writes to other nodes completed
-//!   ([`Endpoint::flush_for`]; those to the lock's node are ordered before it). If the lease was taken over meanwhile, the CAS fails and
-//!   nothing is changed: a late release is harmless, and reported as [`LockError::LeaseLost`]
-//!   (the critical section may have overlapped another one, which the caller must know).
+//!   ([`Endpoint::flush_for`]; those to the lock's node are ordered before it). If the lease
+//!   was taken over meanwhile, the CAS fails and nothing is changed: a late release is
+//!   harmless, and reported as [`LockError::LeaseLost`] (the critical section may have
+//!   overlapped another one, which the caller must know).
 //!
 //! Mutual exclusion holds as long as a holder does not run past its lease without renewing.
 

@@ -372,8 +372,11 @@ impl RdmaEndpoint {
             if end == start && need > self.staging.len() {
                 self.grow_staging(need)?;
             }
-            // A write-behind failure seen during an earlier round of this batch stops it here.
-            self.check_usable(conn)?;
+            // A write-behind failure seen during an earlier round of this batch stops it here
+            // (execute checked every connection before the first).
+            if start > 0 {
+                self.check_usable(conn)?;
+            }
             // Unconfirmed write-behinds hold slots of the send queue (at most half of it).
             let room = limits.send_depth - self.conns[conn].behind;
             if used + need > self.staging.len() || self.round_counts[conn] >= room {
@@ -434,21 +437,20 @@ impl Endpoint for RdmaEndpoint {
         Op::Write { remote: dst, local: src, key: None }.validate(&self.shared.nodes, MAX_TRANSFER)?;
         let c = self.conn_index(dst.node());
         self.check_usable(c)?;
-        let limits = self.conns[c].limits;
-        let inline = src.len() <= limits.max_inline as usize;
         if src.is_empty() {
             return Ok(());
         }
+        let limits = self.conns[c].limits;
+        let inline = src.len() <= limits.max_inline as usize;
         if (!inline && src.len() > BEHIND_BYTES) || limits.send_depth < 2 {
             return self.write(dst, src);
         }
-        if self.conns.iter().all(|conn| conn.behind == 0) {
-            self.behind_used = 0;
-        }
         let need = if inline { 0 } else { src.len().next_multiple_of(8) };
         if self.conns[c].behind >= limits.send_depth / 2 || self.behind_used + need > BEHIND_BYTES {
-            // Make room: the area is shared by all connections.
+            // Make room: the area is shared by all connections (nothing to do if all confirmed).
             self.confirm_behind(None)?;
+        }
+        if self.conns.iter().all(|conn| conn.behind == 0) {
             self.behind_used = 0;
         }
         let (addr, lkey) = if inline {
