@@ -7,6 +7,9 @@
 //!    of an array, without locks; everyone checks the whole array), for several rounds.
 //! 4. No stale read after acquiring a lock whose previous holder wrote the page: a counter
 //!    incremented under one lock by every rank ends exact.
+//! 5. Several threads per rank under several locks: counters under two locks (on their own
+//!    pages and on one page they share) end exact, and every task of a queue under a third
+//!    lock is taken once. A write belongs to the lock its own thread holds (the scope rule).
 //!
 //! Every rank checks; any failure prints what was seen and exits with 1 (rdmem-run then fails).
 
@@ -89,6 +92,83 @@ fn litmus<T: Transport>(dsm: &Dsm<T>) -> Result<(), Box<dyn std::error::Error>> 
     let v: u64 = dsm.get(counter)?;
     check(v == rounds * size, format!("rank {rank}: the counter is {v}, not {}: a stale read", rounds * size))?;
     println!("rank {rank}: no stale read after acquiring a lock: ok");
+
+    // 5. Threads of every rank under several locks, repeated.
+    for repeat in 0..10 {
+        threads_under_several_locks(dsm, 2 + repeat % 3, 20)?;
+    }
+    println!("rank {rank}: several threads per rank under several locks lose no update: ok");
+    Ok(())
+}
+
+fn threads_under_several_locks<T: Transport>(
+    dsm: &Dsm<T>,
+    threads: u64,
+    rounds: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    const LOCKS: u64 = 2;
+    const TASKS: u64 = 64;
+    let (rank, size) = (dsm.rank() as u64, dsm.size() as u64);
+    // Every third rank's threads use both locks; the others' threads one lock each, so they
+    // never read the other lock's notices (which would hide a misattributed write).
+    let lock_of = |rank: u64, thread: u64| if rank % 3 == 0 { thread % LOCKS } else { rank % LOCKS };
+    let own = dsm.alloc(4096 * (LOCKS + 1))?;
+    let shared = own.byte_add(4096 * LOCKS);
+    let queue = dsm.alloc(8 * (1 + TASKS))?;
+    for l in 0..=LOCKS {
+        let _: u64 = dsm.get(own.byte_add(4096 * l))?; // cached, so a missing invalidation shows
+    }
+    let _: u64 = dsm.get(queue)?;
+    dsm.barrier()?;
+    std::thread::scope(|s| -> Result<(), String> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || -> Result<(), rdmem_coherence::dsm::DsmError> {
+                    let l = lock_of(rank, t);
+                    for _ in 0..rounds {
+                        dsm.lock(l)?;
+                        let n: u64 = dsm.get(own.byte_add(4096 * l))?;
+                        dsm.set(own.byte_add(4096 * l), &(n + 1))?;
+                        std::thread::yield_now(); // another thread may unlock its lock now
+                        let m: u64 = dsm.get(shared.byte_add(8 * l))?;
+                        dsm.set(shared.byte_add(8 * l), &(m + 1))?;
+                        dsm.unlock(l)?;
+                    }
+                    loop {
+                        dsm.lock(LOCKS)?;
+                        let next: u64 = dsm.get(queue)?;
+                        if next == TASKS {
+                            return dsm.unlock(LOCKS);
+                        }
+                        dsm.set(queue, &(next + 1))?;
+                        let slot = queue.byte_add(8 * (1 + next));
+                        let taken: u64 = dsm.get(slot)?;
+                        dsm.set(slot, &(taken + 1))?;
+                        dsm.unlock(LOCKS)?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| "a worker thread panicked".to_string())?.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })?;
+    dsm.barrier()?;
+    for l in 0..LOCKS {
+        let sections = (0..size).map(|r| (0..threads).filter(|&t| lock_of(r, t) == l).count() as u64).sum::<u64>();
+        let (n, m): (u64, u64) = (dsm.get(own.byte_add(4096 * l))?, dsm.get(shared.byte_add(8 * l))?);
+        check(
+            n == sections * rounds && m == n,
+            format!("rank {rank}: lock {l}'s counters are {n} and {m}, not {}: lost updates", sections * rounds),
+        )?;
+    }
+    let mut taken = vec![0u64; TASKS as usize];
+    dsm.read_slice(queue.byte_add(8), &mut taken)?;
+    if let Some((task, n)) = taken.iter().enumerate().find(|&(_, &n)| n != 1) {
+        return Err(format!("rank {rank}: task {task} was taken {n} times").into());
+    }
+    dsm.barrier()?;
     Ok(())
 }
 

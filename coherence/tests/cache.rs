@@ -2,7 +2,7 @@
 //! with a raw READ of the home, read-ahead checked by counting READs, diffs of disjoint bytes,
 //! invalidation.
 
-use rdmem_coherence::cache::{CacheOptions, Home, Homes, Interval, PAGE_SIZE, PageCache, PageId};
+use rdmem_coherence::cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, PageId};
 use rdmem_core::{Endpoint, GlobalAddr, LoopbackBuffer, LoopbackTransport, NodeId, Transport};
 
 const BASE: u64 = 1 << 20;
@@ -81,7 +81,7 @@ fn evicting_a_dirty_page_writes_its_diff_home() {
     assert_eq!(&raw, b"hello", "the raw READ of the home sees the evicted page's write");
     let s = cache.stats();
     assert_eq!((s.write_backs, s.bytes_written), (1, 5), "only the changed bytes went home");
-    assert_eq!(cache.take_written(Interval::Release), [5], "the page is remembered for write notices");
+    assert_eq!(cache.take_written(), [5], "the page is remembered for write notices");
 }
 
 #[test]

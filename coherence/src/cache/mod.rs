@@ -11,7 +11,7 @@
 //!   is then dirty. [`PageCache::flush`] (at a release or barrier) and eviction write home only
 //!   the bytes that differ from the twin ([`diff::diff_runs`]), so processes writing disjoint
 //!   bytes of one page do not overwrite each other. Pages written home are remembered for write
-//!   notices ([`PageCache::take_written`]).
+//!   notices ([`PageCache::take_written`]); [`PageCache::flush_pages`] writes home only some.
 //! - **Read-ahead**: a miss on the page right after the previous miss also brings in up to
 //!   `read_ahead` following pages with the same home, in one READ (into a staging area of the
 //!   shard's buffer, then copied to their frames).
@@ -155,22 +155,6 @@ fn frame(slot: u32) -> Range<usize> {
     start..start + PAGE_SIZE
 }
 
-/// Pages written home since the last [`PageCache::take_written`].
-#[derive(Default)]
-struct Written {
-    since_release: HashSet<PageId>,
-    since_barrier: HashSet<PageId>,
-}
-
-/// Which set of written pages to take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Interval {
-    /// Since the last release (for a lock's write notices).
-    Release,
-    /// Since the last barrier.
-    Barrier,
-}
-
 /// A process's page cache; share it between threads, each calling with its own endpoint.
 pub struct PageCache<B> {
     shards: Vec<Mutex<Shard<B>>>,
@@ -178,7 +162,8 @@ pub struct PageCache<B> {
     counters: Counters,
     /// The last page the latest miss brought in (for sequential detection); `u64::MAX` for none.
     last_miss: AtomicU64,
-    written: Mutex<Written>,
+    /// Pages written home since the last [`PageCache::take_written`].
+    written: Mutex<HashSet<PageId>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -211,7 +196,7 @@ impl<B: LocalBuffer> PageCache<B> {
             options,
             counters: Counters::default(),
             last_miss: AtomicU64::new(u64::MAX),
-            written: Mutex::new(Written::default()),
+            written: Mutex::new(HashSet::new()),
         })
     }
 
@@ -220,11 +205,15 @@ impl<B: LocalBuffer> PageCache<B> {
         self.shards.len() * lock(&self.shards[0]).frames
     }
 
-    fn shard(&self, page: PageId) -> &Mutex<Shard<B>> {
+    fn shard_index(&self, page: PageId) -> usize {
         let stripe = page / self.options.stripe_pages.max(1);
         // Fibonacci hashing spreads consecutive stripes over the shards.
         let h = stripe.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-        &self.shards[(h % self.shards.len() as u64) as usize]
+        (h % self.shards.len() as u64) as usize
+    }
+
+    fn shard(&self, page: PageId) -> &Mutex<Shard<B>> {
+        &self.shards[self.shard_index(page)]
     }
 
     /// Copies `dst.len()` bytes at byte address `addr` (in page space) into `dst`, through the
@@ -389,8 +378,7 @@ impl<B: LocalBuffer> PageCache<B> {
             if let Some(twin) = entry.twin.take() {
                 shard.spare_twins.push(twin);
             }
-            written.since_release.insert(entry.page);
-            written.since_barrier.insert(entry.page);
+            written.insert(entry.page);
         }
         shard.dirty.retain(|s| !slots.contains(s));
         Ok(())
@@ -410,6 +398,34 @@ impl<B: LocalBuffer> PageCache<B> {
                 shard.dirty = dirty;
             }
             result?;
+        }
+        Ok(())
+    }
+
+    /// Writes the diffs of those of `pages` that are cached and dirty home (one batch per shard
+    /// they fall in); the pages stay cached, clean. Pages not cached are skipped: they were
+    /// written home when they left.
+    pub fn flush_pages<E: Endpoint<Buffer = B>>(
+        &self,
+        ep: &mut E,
+        homes: &impl Homes,
+        pages: &[PageId],
+    ) -> rdmem_core::Result<()> {
+        let mut slots = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut shard = lock(shard);
+            if shard.dirty.is_empty() {
+                continue;
+            }
+            slots.clear();
+            for &page in pages.iter().filter(|&&p| self.shard_index(p) == i) {
+                if let Some(&slot) = shard.table.get(&page) {
+                    slots.push(slot);
+                }
+            }
+            if !slots.is_empty() {
+                self.write_home(&mut shard, ep, homes, &slots)?;
+            }
         }
         Ok(())
     }
@@ -452,14 +468,10 @@ impl<B: LocalBuffer> PageCache<B> {
         bump(&self.counters.invalidations, 1);
     }
 
-    /// The pages written home since the last call for the same interval, and forgets them.
-    pub fn take_written(&self, interval: Interval) -> Vec<PageId> {
-        let mut written = lock(&self.written);
-        let set = match interval {
-            Interval::Release => &mut written.since_release,
-            Interval::Barrier => &mut written.since_barrier,
-        };
-        let mut pages: Vec<PageId> = set.drain().collect();
+    /// The pages written home (by a flush, an eviction or an invalidation) since the last call,
+    /// sorted, and forgets them: the DSM's barrier notices.
+    pub fn take_written(&self) -> Vec<PageId> {
+        let mut pages: Vec<PageId> = lock(&self.written).drain().collect();
         pages.sort_unstable();
         pages
     }

@@ -18,18 +18,29 @@
 //! # Consistency (scope consistency, home-based)
 //! Each memory node is the home of its pages. A process reads and writes pages in its
 //! [`PageCache`]; the first write to a page makes a twin. Writes become visible to others at
-//! synchronization only:
-//! - **unlock(L)** writes every dirty page's byte diff home, appends write notices for the pages
-//!   written since the last release to L's notice ring, then releases L;
-//! - **lock(L)** reads L's notices since this process last held L and invalidates exactly those
-//!   pages (all pages if the ring wrapped past what it saw);
-//! - **barrier()** writes diffs home, appends notices for everything written since the last
-//!   barrier to the barrier ring, waits for everyone, then invalidates the pages others noticed.
+//! synchronization only.
 //!
-//! So a write made under L is seen by the next holder of L, everything written before a barrier
-//! is seen by everyone after it, and processes writing disjoint bytes of one page never
-//! overwrite each other (diffs carry only changed bytes). Accesses outside any lock or barrier
-//! interval see a process's own writes and whatever it last fetched, as in JIAJIA.
+//! **The scope rule.** A write belongs to the scope of every lock the *writing thread* holds
+//! when it writes (a thread's held locks are its own: another thread of the process holding
+//! lock M does not put this thread's writes in M's scope). A write made while the thread holds
+//! no lock belongs to no lock's scope. Every write, in a scope or not, belongs to the current
+//! barrier interval.
+//! - **unlock(L)** by the last local holder (the remote release) writes the byte diffs of the
+//!   pages in L's scope home, appends write notices for exactly those pages to L's notice ring,
+//!   then releases L. A local handover to another thread of the process sends nothing: that
+//!   thread shares the cache, and L's scope carries over to the remote release.
+//! - **lock(L)** reads L's notices since this process last held L and invalidates exactly those
+//!   pages (all pages if the ring wrapped past what it saw).
+//! - **barrier()** writes every dirty page's diff home, appends notices for everything written
+//!   home since the last barrier to the barrier ring, waits for everyone, then invalidates the
+//!   pages others noticed.
+//!
+//! So a write made under L is seen by the next holder of L (in any process, by any thread),
+//! everything written before a barrier is seen by everyone after it, and processes writing
+//! disjoint bytes of one page never overwrite each other (diffs carry only changed bytes). A
+//! write made outside any lock is not published by an unlock, not even one of its own thread:
+//! it goes out at the next barrier. Accesses outside any lock or barrier interval see the
+//! process's own writes and whatever it last fetched, as in JIAJIA.
 //!
 //! # Rules
 //! - `alloc` is collective: every rank calls it with the same sizes in the same order (the
@@ -41,6 +52,8 @@
 
 pub mod layout;
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock as StdRwLock};
 use std::thread::ThreadId;
@@ -50,7 +63,7 @@ use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement};
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::barrier::RemoteBarrier;
-use crate::cache::{CacheOptions, CacheStats, Home, Homes, Interval, PAGE_SIZE, PageCache, PageId};
+use crate::cache::{CacheOptions, CacheStats, Home, Homes, PAGE_SIZE, PageCache, PageId};
 use crate::error::LockError;
 use crate::launch::{LaunchError, Rank};
 use crate::lock::{DEFAULT_LEASE, RemoteLock};
@@ -90,6 +103,12 @@ pub enum DsmError {
     /// `unlock` by a thread that does not hold the lock.
     #[error("unlock({id}) by a thread that does not hold lock {id}")]
     NotHolder {
+        /// The lock id.
+        id: u64,
+    },
+    /// `lock` by a thread that holds the lock already (waiting would deadlock).
+    #[error("lock({id}) by a thread that already holds lock {id}: unlock it first")]
+    AlreadyHeld {
         /// The lock id.
         id: u64,
     },
@@ -228,6 +247,24 @@ struct LockState {
     owner: Option<ThreadId>,
     /// The notice ring position this process has applied (or written) up to.
     seen: u64,
+    /// Pages written under the lock by earlier local holders since the remote hold was taken:
+    /// noticed at the remote release.
+    scope: HashSet<PageId>,
+}
+
+/// Numbers [`Dsm`] instances, so a thread's held locks name the DSM they belong to.
+static NEXT_DSM_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A DSM lock the current thread holds, and the pages it wrote while holding it.
+struct Held {
+    dsm: u64,
+    lock: u64,
+    pages: HashSet<PageId>,
+}
+
+thread_local! {
+    /// The DSM locks this thread holds, in the order it took them.
+    static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The barrier as this process sees it: its handle on the counter and epoch words, and the
@@ -243,6 +280,8 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A process's membership in a DSM job. Share it between threads (`&Dsm` or `Arc<Dsm>`).
 pub struct Dsm<T: Transport> {
+    /// This instance's number (see [`Held`]).
+    id: u64,
     transport: Arc<T>,
     rank: u32,
     size: u32,
@@ -303,10 +342,11 @@ impl<T: Transport> Dsm<T> {
             .map(|_| LocalLock {
                 busy: AtomicBool::new(false),
                 waiting: AtomicUsize::new(0),
-                state: Mutex::new(LockState { held: None, handovers: 0, owner: None, seen: 0 }),
+                state: Mutex::new(LockState { held: None, handovers: 0, owner: None, seen: 0, scope: HashSet::new() }),
             })
             .collect();
         let dsm = Dsm {
+            id: NEXT_DSM_ID.fetch_add(1, Ordering::Relaxed),
             transport,
             rank: options.rank,
             size: options.size,
@@ -493,10 +533,44 @@ impl<T: Transport> Dsm<T> {
         self.with_ep(|ep| Ok(self.cache.read(ep, &self.directory, addr.0, dst)?))
     }
 
-    /// Writes `src` at `addr` (visible to others after this process's next unlock or barrier).
+    /// Writes `src` at `addr`. It is published by this thread's unlock of a lock it holds now
+    /// (to that lock's next holders), and by the next barrier (to everyone); see the module
+    /// docs' scope rule.
     pub fn write(&self, addr: SharedAddr, src: &[u8]) -> Result<()> {
         self.check_range(addr, src.len())?;
+        // In the scopes first: a write that fails halfway is still noticed (an extra notice
+        // costs one invalidation; a missing one, a stale read).
+        self.note_in_scopes(addr, src.len());
         self.with_ep(|ep| Ok(self.cache.write(ep, &self.directory, addr.0, src)?))
+    }
+
+    /// Puts the pages of `len` bytes at `addr` in the scope of every lock this thread holds.
+    fn note_in_scopes(&self, addr: SharedAddr, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (addr.0 / PAGE_SIZE as u64, (addr.0 + len as u64 - 1) / PAGE_SIZE as u64);
+        HELD.with(|held| {
+            for h in held.borrow_mut().iter_mut().filter(|h| h.dsm == self.id) {
+                h.pages.extend(first..=last);
+            }
+        });
+    }
+
+    /// True when this thread holds lock `id` of this DSM.
+    fn thread_holds(&self, id: u64) -> bool {
+        HELD.with(|held| held.borrow().iter().any(|h| h.dsm == self.id && h.lock == id))
+    }
+
+    /// Removes lock `id` from this thread's held locks; the pages written under it.
+    fn thread_releases(&self, id: u64) -> HashSet<PageId> {
+        HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            match held.iter().position(|h| h.dsm == self.id && h.lock == id) {
+                Some(i) => held.remove(i).pages,
+                None => HashSet::new(),
+            }
+        })
     }
 
     /// Reads a plain-old-data value at `addr`.
@@ -527,8 +601,13 @@ impl<T: Transport> Dsm<T> {
 
     /// Acquires lock `id` for this thread: threads of this process queue locally; the process
     /// takes the remote lock and then invalidates the pages other holders wrote under it.
+    /// A thread that holds `id` already gets [`DsmError::AlreadyHeld`] (locks do not nest on
+    /// themselves); holding several different locks at once is fine.
     pub fn lock(&self, id: u64) -> Result<()> {
         let local = self.local_lock(id)?;
+        if self.thread_holds(id) {
+            return Err(DsmError::AlreadyHeld { id });
+        }
         local.waiting.fetch_add(1, Ordering::SeqCst);
         while local.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             std::thread::yield_now();
@@ -539,6 +618,7 @@ impl<T: Transport> Dsm<T> {
         match result {
             Ok(()) => {
                 state.owner = Some(std::thread::current().id());
+                HELD.with(|held| held.borrow_mut().push(Held { dsm: self.id, lock: id, pages: HashSet::new() }));
                 Ok(())
             }
             Err(e) => {
@@ -583,34 +663,42 @@ impl<T: Transport> Dsm<T> {
         Ok(self.cache.invalidate(ep, &self.directory, pages.map(|(_, page)| page))?)
     }
 
-    /// Releases lock `id`: writes this process's dirty pages home, appends write notices, then
-    /// hands the lock to a waiting thread of this process or releases it remotely.
+    /// Releases lock `id`: hands it to a waiting thread of this process (nothing is sent), or
+    /// releases it remotely: writes the diffs of the pages written under it home, appends write
+    /// notices for them to its ring, then releases the remote word. If this fails, the pages
+    /// stay in the lock's scope and the lock stays held by the process (remotely), so the next
+    /// local holder's unlock tries again.
     pub fn unlock(&self, id: u64) -> Result<()> {
         let local = self.local_lock(id)?;
         let mut state = locked(&local.state);
         if state.owner != Some(std::thread::current().id()) || state.held.is_none() {
             return Err(DsmError::NotHolder { id });
         }
+        let written = self.thread_releases(id);
+        state.scope.extend(written);
         let base = self.at(layout::lock_at(id));
-        let result = self.with_ep(|ep| -> Result<()> {
-            self.cache.flush(ep, &self.directory)?;
-            let pages = self.cache.take_written(Interval::Release);
-            if !pages.is_empty() {
-                let head = state.seen;
-                append_ring(ep, base.checked_add(16).expect("ring"), layout::LOCK_RING, head, self.rank, &pages)?;
-                let new_head = head + pages.len() as u64;
-                ep.write_u64(base.checked_add(8).expect("head"), new_head)?;
-                state.seen = new_head;
-            }
-            let handover = local.waiting.load(Ordering::SeqCst) > 0 && state.handovers < self.options.max_handovers;
-            if handover {
-                state.handovers += 1;
-            } else {
+        let handover = local.waiting.load(Ordering::SeqCst) > 0 && state.handovers < self.options.max_handovers;
+        let result = if handover {
+            state.handovers += 1;
+            Ok(())
+        } else {
+            self.with_ep(|ep| -> Result<()> {
+                let mut pages: Vec<PageId> = state.scope.iter().copied().collect();
+                pages.sort_unstable();
+                self.cache.flush_pages(ep, &self.directory, &pages)?;
+                if !pages.is_empty() {
+                    let head = state.seen;
+                    append_ring(ep, base.checked_add(16).expect("ring"), layout::LOCK_RING, head, self.rank, &pages)?;
+                    let new_head = head + pages.len() as u64;
+                    ep.write_u64(base.checked_add(8).expect("head"), new_head)?;
+                    state.seen = new_head;
+                    state.scope.clear();
+                }
                 let value = state.held.take().expect("held");
                 RemoteLock::new(base, self.rank + 1, self.options.lease)?.release(ep, value)?;
-            }
-            Ok(())
-        });
+                Ok(())
+            })
+        };
         state.owner = None;
         drop(state);
         local.busy.store(false, Ordering::Release);
@@ -623,7 +711,7 @@ impl<T: Transport> Dsm<T> {
         let mut b = locked(&self.barrier);
         self.with_ep(|ep| -> Result<()> {
             self.cache.flush(ep, &self.directory)?;
-            let pages = self.cache.take_written(Interval::Barrier);
+            let pages = self.cache.take_written();
             if !pages.is_empty() {
                 let head = ep.faa(self.at(layout::BARRIER_HEAD), pages.len() as u64)?;
                 append_ring(ep, self.at(layout::BARRIER_RING_AT), layout::BARRIER_RING, head, self.rank, &pages)?;
