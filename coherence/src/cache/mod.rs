@@ -5,7 +5,9 @@
 //!   Pages map to shards by their read-ahead stripe, so a page and the pages after it that
 //!   read-ahead brings in share a shard.
 //! - **Page table and LRU**: each shard is a mutex around a hash map (page to frame slot) and an
-//!   exact LRU order ([`lru::Lru`]). With one shard the LRU is exact for the whole cache; with
+//!   exact LRU order ([`lru::Lru`]). Invariant, between operations: every frame is either free
+//!   or holds a page in the LRU (`free + lru.len() == frames`), also after a failed READ or
+//!   write-back: a miss whose READ fails gives its frames back. With one shard the LRU is exact for the whole cache; with
 //!   more, within each shard (threads then rarely wait for each other).
 //! - **Writes** go to the frame. The first write to a clean page copies it to a *twin*; the page
 //!   is then dirty. [`PageCache::flush`] (at a release or barrier) and eviction write home only
@@ -131,6 +133,15 @@ struct Shard<B> {
     spare_twins: Vec<Box<[u8]>>,
     /// Reused diff runs.
     runs: Vec<Range<usize>>,
+}
+
+impl<B> Shard<B> {
+    /// The frame invariant: every frame is either free or holds a page in the LRU,
+    /// `free.len() + lru.len() == frames`, and the page table maps exactly the LRU's pages.
+    fn debug_check(&self) {
+        debug_assert_eq!(self.free.len() + self.lru.len(), self.frames, "page cache frames leaked");
+        debug_assert_eq!(self.table.len(), self.lru.len(), "page table and LRU disagree");
+    }
 }
 
 /// Splits `len` bytes at byte address `addr` by page: (page, range within the page, range
@@ -285,18 +296,39 @@ impl<B: LocalBuffer> PageCache<B> {
                 count += 1;
             }
         }
-        // Room first (this may write dirty victims home), then one READ.
+        // Room first (this may write dirty victims home), then one READ. The slots taken are in
+        // neither the free list nor the LRU until the READ succeeds: on any error they go back
+        // to the free list, so the shard never loses a frame.
         let mut slots = [0u32; 64];
         let count = count.min(slots.len());
-        for s in slots.iter_mut().take(count) {
-            *s = self.free_slot(shard, ep, homes)?;
+        let mut taken = 0;
+        let mut room = Ok(());
+        while taken < count {
+            match self.free_slot(shard, ep, homes) {
+                Ok(slot) => slots[taken] = slot,
+                Err(e) => {
+                    room = Err(e);
+                    break;
+                }
+            }
+            taken += 1;
         }
         let bytes = count * PAGE_SIZE;
-        if count == 1 {
-            ep.read_into(home.addr, &mut shard.buf, frame(slots[0]))?;
-        } else {
+        let read = room.and_then(|()| {
+            if count == 1 {
+                ep.read_into(home.addr, &mut shard.buf, frame(slots[0]))
+            } else {
+                let staging = shard.frames * PAGE_SIZE;
+                ep.read_into(home.addr, &mut shard.buf, staging..staging + bytes)
+            }
+        });
+        if let Err(e) = read {
+            shard.free.extend_from_slice(&slots[..taken]);
+            shard.debug_check();
+            return Err(e);
+        }
+        if count > 1 {
             let staging = shard.frames * PAGE_SIZE;
-            ep.read_into(home.addr, &mut shard.buf, staging..staging + bytes)?;
             for (i, &slot) in slots[..count].iter().enumerate() {
                 let from = staging + i * PAGE_SIZE;
                 shard.buf.copy_within(from..from + PAGE_SIZE, frame(slot).start);
@@ -314,6 +346,7 @@ impl<B: LocalBuffer> PageCache<B> {
             shard.table.insert(p, slot);
             shard.lru.push_most_recent(slot as usize);
         }
+        shard.debug_check();
         Ok(slots[0])
     }
 
@@ -327,7 +360,14 @@ impl<B: LocalBuffer> PageCache<B> {
         if let Some(slot) = shard.free.pop() {
             return Ok(slot);
         }
-        let victim = shard.lru.least_recent().expect("a full shard has pages") as u32;
+        // Every frame is free or in the LRU (`Shard::debug_check`), and callers take fewer
+        // slots than the shard has frames: a shard with no free frame has pages to evict.
+        let Some(victim) = shard.lru.least_recent() else {
+            return Err(rdmem_core::Error::Config(
+                "page cache: a shard has no frame left (a bug: frames leaked)".into(),
+            ));
+        };
+        let victim = victim as u32;
         self.write_home(shard, ep, homes, &[victim])?;
         shard.lru.remove(victim as usize);
         let page = shard.slots[victim as usize].take().expect("a linked slot has a page").page;
