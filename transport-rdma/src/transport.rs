@@ -310,6 +310,8 @@ pub struct RdmaEndpoint {
     /// Per connection: requests planned into the current round.
     round_counts: Vec<u32>,
     wcs: Box<[ibv_wc; POLL_BATCH]>,
+    /// Set by [`RdmaEndpoint::inject_poll_failure`]: the next poll fails.
+    poll_fault: bool,
 }
 
 impl RdmaEndpoint {
@@ -331,7 +333,15 @@ impl RdmaEndpoint {
             round_counts: vec![0; n],
             // SAFETY: ibv_wc is a plain C struct of integers; all-zero is a valid value.
             wcs: Box::new(unsafe { std::mem::zeroed() }),
+            poll_fault: false,
         })
+    }
+
+    /// For tests of failure handling: the next `ibv_poll_cq` of this endpoint is reported as
+    /// failed (EIO), as a device error would be, so the round in flight is abandoned.
+    #[doc(hidden)]
+    pub fn inject_poll_failure(&mut self) {
+        self.poll_fault = true;
     }
 
     fn conn_index(&self, node: NodeId) -> usize {
@@ -704,11 +714,18 @@ impl RdmaEndpoint {
         // completion queue alive.
         let cq = unsafe { self.cq.cq() };
         while pending > 0 {
-            // SAFETY: `cq` is a live completion queue (above) and `self.wcs` has room for
-            // POLL_BATCH completions, the most ibv_poll_cq writes.
-            let n = unsafe { ibv_poll_cq(cq.as_ptr(), POLL_BATCH as i32, self.wcs.as_mut_ptr()) };
+            let n = if std::mem::take(&mut self.poll_fault) {
+                -5 // EIO
+            } else {
+                // SAFETY: `cq` is a live completion queue (above) and `self.wcs` has room for
+                // POLL_BATCH completions, the most ibv_poll_cq writes.
+                unsafe { ibv_poll_cq(cq.as_ptr(), POLL_BATCH as i32, self.wcs.as_mut_ptr()) }
+            };
             if n < 0 {
-                return Err(RdmaError::verbs("ibv_poll_cq", std::io::Error::from_raw_os_error(-n)).into());
+                // The device may still write into this round's buffers: stop it (queue pairs
+                // to the error state) before returning, like every other early exit.
+                let reason = format!("ibv_poll_cq failed: {}", std::io::Error::from_raw_os_error(-n));
+                return Err(self.abandon_round(ops, reason));
             }
             for wc in &self.wcs[..n as usize] {
                 // Completions carry the wr_id (the op index); the connection is found by QP

@@ -158,3 +158,25 @@ fn a_killed_memory_node_gives_an_error_not_a_hang() {
     let err = RdmaTransport::connect(options(&[node.addr()], TOKEN)).err().expect("nobody listens any more");
     assert!(matches!(err, Error::Connect { .. }), "{err}");
 }
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_failed_poll_abandons_the_round_before_returning() {
+    let node = memnode(0);
+    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
+    let mut ep = transport.endpoint().expect("endpoint");
+    ep.write_u64(scratch(0), 7).expect("write");
+    // A READ into a registered buffer whose poll fails: the error must come only after the
+    // queue pair was stopped (so the device no longer writes into the buffer), which shows as
+    // the connection being broken afterwards, not usable as if nothing happened.
+    let mut buf = ep.buffer(4096).expect("buffer");
+    ep.inject_poll_failure();
+    let e = ep.read_into(scratch(0), &mut buf, 0..4096).expect_err("the poll failed");
+    assert!(e.to_string().contains("ibv_poll_cq failed"), "{e}");
+    let after = ep.read_u64(scratch(0)).expect_err("the round was abandoned: its queue pair is stopped");
+    assert!(matches!(after, Error::Broken { node: NodeId(0) }), "{after}");
+    // The buffer is the caller's again, and a new endpoint works.
+    buf[..8].copy_from_slice(&1u64.to_le_bytes());
+    let mut fresh = transport.endpoint().expect("endpoint");
+    assert_eq!(fresh.read_u64(scratch(0)).expect("read"), 7);
+}
