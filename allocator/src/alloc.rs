@@ -16,7 +16,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rdmem_core::{GlobalAddr, NodeId, Transport};
+use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::error::{AllocError, Result};
 use crate::layout::{self, Geometry, desc};
@@ -133,6 +133,7 @@ impl<T: Transport> Allocator<T> {
         let inner = Inner {
             net: Net { ep: self.shared.transport.endpoint()?, ops: 0 },
             owner: self.shared.client << 16 | arena as u64,
+            corrupt: Vec::new(),
             nodes,
             next_node: arena as usize,
             preferred: 0,
@@ -187,6 +188,9 @@ struct OwnedChunk {
     free: Vec<u32>,
     allocated: Vec<u64>,
     live: u64,
+    /// Its remote free list was found corrupt: no block is handed out from it any more and it
+    /// is never released (see [`AllocError::CorruptFreeList`]).
+    quarantined: bool,
 }
 
 impl OwnedChunk {
@@ -199,15 +203,24 @@ impl OwnedChunk {
             free: Vec::new(),
             allocated: vec![0; blocks.div_ceil(64) as usize],
             live: 0,
+            quarantined: false,
         }
     }
 
     fn has_free(&self) -> bool {
-        !self.free.is_empty() || self.bump < self.blocks
+        !self.quarantined && (!self.free.is_empty() || self.bump < self.blocks)
+    }
+
+    /// Whether the chunk can go back to the pool: no live block, not quarantined.
+    fn releasable(&self) -> bool {
+        self.live == 0 && !self.quarantined
     }
 
     /// Pops a free block: the free list first (warm memory), else the bump pointer.
     fn take(&mut self) -> Option<u64> {
+        if self.quarantined {
+            return None;
+        }
         let b = match self.free.pop() {
             Some(b) => b as u64,
             None if self.bump < self.blocks => {
@@ -219,6 +232,13 @@ impl OwnedChunk {
         self.allocated[(b / 64) as usize] |= 1 << (b % 64);
         self.live += 1;
         Some(b)
+    }
+
+    /// Marks block `b` allocated again after [`OwnedChunk::give_back`] (undoes it).
+    fn retake(&mut self, b: u64) {
+        self.free.retain(|&f| f as u64 != b);
+        self.allocated[(b / 64) as usize] |= 1 << (b % 64);
+        self.live += 1;
     }
 
     /// Marks block `b` free; false if it was not allocated (a double free).
@@ -262,6 +282,8 @@ impl NodeArena {
 struct Inner<E> {
     net: Net<E>,
     owner: u64,
+    /// Corrupt remote free lists found on the refill path, reported by the next `flush`.
+    corrupt: Vec<AllocError>,
     nodes: Vec<NodeArena>,
     next_node: usize,
     preferred: usize,
@@ -343,10 +365,13 @@ impl<T: Transport> ThreadAlloc<T> {
             if rel % owned.block != 0 || rel / owned.block >= owned.blocks {
                 return Err(invalid("not the start of a block"));
             }
+            if rel / owned.block >= owned.bump {
+                return Err(invalid("a block of this thread's chunk that was never allocated"));
+            }
             if !owned.give_back(rel / owned.block) {
                 return Err(AllocError::DoubleFree { addr });
             }
-            if owned.live == 0 && arena.current[layout::class_index(owned.block)] != Some(chunk) {
+            if owned.releasable() && arena.current[layout::class_index(owned.block)] != Some(chunk) {
                 self.release_chunk(inner, idx, chunk)?;
             }
             return Ok(());
@@ -378,11 +403,26 @@ impl<T: Transport> ThreadAlloc<T> {
         if class == layout::CONTINUATION || class == 0 || rel % class != 0 {
             return Err(invalid("not the start of a block"));
         }
-        // Push on the chunk's remote free list: link the block to the head, then CAS the head.
+        // Push on the chunk's remote free list: read the head and the block's mark (one
+        // doorbell); a block marked as on a remote free list already is a double free. Then
+        // link the block to the head and mark it (one WRITE), and CAS the head.
         let head_addr = pool::desc_word(addr.node(), &geo, chunk, desc::REMOTE_FREE);
-        let mut head = inner.net.read_u64(head_addr)?;
+        let mark_addr = addr.checked_add(8).ok_or_else(|| invalid("at the end of the address space"))?;
+        let (mut head, mut seen) = ([0u8; 8], [0u8; 8]);
+        let mut batch = inner.net.ep.batch();
+        batch.read(head_addr, &mut head).read(mark_addr, &mut seen);
+        batch.submit()?;
+        inner.net.ops += 2;
+        let mark = layout::freed_mark(addr.to_raw());
+        if u64::from_le_bytes(seen) == mark {
+            return Err(AllocError::DoubleFree { addr });
+        }
+        let mut head = u64::from_le_bytes(head);
         loop {
-            inner.net.write_u64(addr, head)?;
+            let mut link = [0u8; 16];
+            link[..8].copy_from_slice(&head.to_le_bytes());
+            link[8..].copy_from_slice(&mark.to_le_bytes());
+            inner.net.write(addr, &link)?;
             let old = inner.net.cas(head_addr, head, addr.to_raw())?;
             if old == head {
                 return Ok(());
@@ -395,6 +435,11 @@ impl<T: Transport> ThreadAlloc<T> {
     /// every chunk with no live block to the pool. Usage then reflects only live blocks.
     /// Also adopts the chunks of this client's dropped thread allocators that still had live
     /// blocks, so their later frees are taken back too.
+    ///
+    /// A remote free list found corrupt (a block freed twice through it, which the freeing
+    /// side could not see) is an error naming the block, [`AllocError::CorruptFreeList`],
+    /// returned after the other chunks were flushed; its chunk is quarantined. Such a list
+    /// found on the allocation path is logged there and reported by the next `flush`.
     pub fn flush(&self) -> Result<()> {
         let inner = &mut *self.inner.borrow_mut();
         let orphans = std::mem::take(&mut *self.shared.orphans.lock().unwrap_or_else(|p| p.into_inner()));
@@ -405,13 +450,25 @@ impl<T: Transport> ThreadAlloc<T> {
         for idx in 0..inner.nodes.len() {
             let chunks: Vec<u64> = inner.nodes[idx].chunks.keys().copied().collect();
             for chunk in chunks {
-                self.reclaim_remote(inner, idx, chunk)?;
-                if inner.nodes[idx].chunks[&chunk].live == 0 {
+                match self.reclaim_remote(inner, idx, chunk) {
+                    Err(e @ AllocError::CorruptFreeList { .. }) => inner.corrupt.push(e),
+                    other => other?,
+                }
+                if inner.nodes[idx].chunks[&chunk].releasable() {
                     self.release_chunk(inner, idx, chunk)?;
                 }
             }
         }
-        Ok(())
+        let mut corrupt = std::mem::take(&mut inner.corrupt).into_iter();
+        match corrupt.next() {
+            None => Ok(()),
+            Some(first) => {
+                for more in corrupt {
+                    tracing::error!("{more}");
+                }
+                Err(first)
+            }
+        }
     }
 
     /// Usage of every node, read from the pool headers (one READ per node).
@@ -495,7 +552,13 @@ impl<T: Transport> ThreadAlloc<T> {
             inner.nodes[idx].chunks.iter().filter(|(_, c)| c.block == class).map(|(&k, _)| k).collect();
         for &chunk in &mine {
             if !inner.nodes[idx].chunks[&chunk].has_free() {
-                self.reclaim_remote(inner, idx, chunk)?;
+                match self.reclaim_remote(inner, idx, chunk) {
+                    Err(e @ AllocError::CorruptFreeList { .. }) => {
+                        tracing::warn!("{e} (reported by the next flush)");
+                        inner.corrupt.push(e);
+                    }
+                    other => other?,
+                }
             }
         }
         let chunk = match mine.into_iter().find(|c| inner.nodes[idx].chunks[c].has_free()) {
@@ -574,11 +637,20 @@ impl<T: Transport> ThreadAlloc<T> {
         Ok(pool::read_descriptor(&mut inner.net, node.id, &node.geo, chunk)?.0)
     }
 
-    /// Takes the chunk's remote free list (one READ; if not empty, a CAS and one READ per
-    /// block) and marks its blocks free. A block freed twice remotely is caught here: logged.
+    /// Takes the chunk's remote free list (one READ; if not empty, a CAS, one READ per block
+    /// and one batch clearing the blocks' freed marks) and marks its blocks free.
+    ///
+    /// The walk is bounded: it stops at the first link that is not a live block of the chunk
+    /// (a block freed twice links to itself or to a block already taken back) and at most
+    /// after as many blocks as the chunk holds. The chunk is then quarantined and the result
+    /// is [`AllocError::CorruptFreeList`] naming the block; what was taken back before the bad
+    /// link stays free.
     fn reclaim_remote(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<()> {
         let node = &self.shared.nodes[idx];
         let geo = node.geo;
+        if inner.nodes[idx].chunks.get(&chunk).is_some_and(|c| c.quarantined) {
+            return Ok(());
+        }
         let head_addr = pool::desc_word(node.id, &geo, chunk, desc::REMOTE_FREE);
         let mut head = inner.net.read_u64(head_addr)?;
         while head != 0 {
@@ -589,24 +661,68 @@ impl<T: Transport> ThreadAlloc<T> {
             head = old;
         }
         let base = geo.chunk_offset(chunk);
+        let (block_size, blocks) = {
+            let owned = &inner.nodes[idx].chunks[&chunk];
+            (owned.block, owned.blocks)
+        };
+        let mut taken: Vec<u64> = Vec::new();
+        let mut bad: Option<(GlobalAddr, &str)> = None;
         while head != 0 {
             let block = GlobalAddr::from_raw(head);
-            let next = inner.net.read_u64(block)?;
-            let owned = inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk");
-            let rel = block.offset().wrapping_sub(base);
-            let ok = block.node() == node.id
-                && rel < geo.chunk_size
-                && rel % owned.block == 0
-                && owned.give_back(rel / owned.block);
-            if !ok {
-                tracing::error!(
-                    "remote free list of chunk {chunk} on {} held {block}, which is not a live block of it: a double free",
-                    node.id
-                );
+            if taken.len() as u64 == blocks {
+                bad = Some((block, "past as many blocks as the chunk holds (the list loops)"));
+                break;
             }
+            let rel = block.offset().wrapping_sub(base);
+            if block.node() != node.id || rel >= geo.chunk_size || rel % block_size != 0 {
+                bad = Some((block, "which is not a block of this chunk"));
+                break;
+            }
+            let next = match inner.net.read_u64(block) {
+                Ok(next) => next,
+                Err(e) => {
+                    self.undo_reclaim(inner, idx, chunk, &taken);
+                    return Err(e);
+                }
+            };
+            let owned = inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk");
+            if !owned.give_back(rel / block_size) {
+                bad = Some((block, "which is not a live block (freed twice, or never allocated)"));
+                break;
+            }
+            taken.push(rel / block_size);
             head = next;
         }
-        Ok(())
+        // The blocks taken back lose their freed mark before they can be handed out again
+        // (else a later, legitimate remote free of one would look like a double free).
+        let zero = [0u8; 8];
+        for part in taken.chunks(64) {
+            let mut batch = inner.net.ep.batch();
+            for &b in part {
+                batch.write(at(node.id, base + b * block_size + 8), &zero);
+            }
+            if let Err(e) = batch.submit() {
+                self.undo_reclaim(inner, idx, chunk, &taken);
+                return Err(e.into());
+            }
+            inner.net.ops += part.len() as u64;
+        }
+        match bad {
+            None => Ok(()),
+            Some((block, reason)) => {
+                inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk").quarantined = true;
+                Err(AllocError::CorruptFreeList { node: node.id, chunk, block, reason: reason.to_owned() })
+            }
+        }
+    }
+
+    /// After a failed reclaim: the blocks taken back may still carry their freed mark, so they
+    /// are kept out of use (allocated again, never handed out: a leak, not a corruption).
+    fn undo_reclaim(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64, taken: &[u64]) {
+        let owned = inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk");
+        for &b in taken {
+            owned.retake(b);
+        }
     }
 
     /// Returns an empty chunk to the pool: clear its descriptor, release its bit.

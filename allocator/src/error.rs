@@ -39,6 +39,23 @@ pub enum AllocError {
         /// The address.
         addr: GlobalAddr,
     },
+    /// A chunk's remote free list held a block that is not a live block of the chunk: a block
+    /// was freed twice (or a stray address freed) in a way the freeing side could not see.
+    /// The chunk is quarantined: nothing more is allocated from it and it is never released,
+    /// so no block is handed out twice.
+    #[error(
+        "the remote free list of chunk {chunk} on {node} held {block}, {reason}: a double free (or a stray free) by another thread or client; the chunk is quarantined and never reused"
+    )]
+    CorruptFreeList {
+        /// The node.
+        node: NodeId,
+        /// The chunk's index.
+        chunk: u64,
+        /// The bad block.
+        block: GlobalAddr,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The address was never handed out by an allocator of this pool.
     #[error("{addr} was not allocated: {reason}")]
     InvalidAddress {

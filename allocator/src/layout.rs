@@ -72,6 +72,17 @@ pub mod desc {
     pub const REMOTE_FREE: u64 = 16;
 }
 
+/// A block on a remote free list: word 0 is the next block's raw address (0 ends the list),
+/// word 1 is [`freed_mark`] of the block's address, so that a second remote free of the same
+/// block is caught at once (blocks are at least [`MIN_BLOCK`] = 16 bytes). The owner clears
+/// word 1 when it takes the block back, before handing the block out again.
+pub const FREED_MAGIC: u64 = u64::from_le_bytes(*b"RDMFREED");
+
+/// Word 1 of `block` (a raw `GlobalAddr`) while it is on a remote free list.
+pub fn freed_mark(block: u64) -> u64 {
+    FREED_MAGIC ^ block
+}
+
 /// Class flag: first chunk of a large allocation; the low bits hold the span in chunks.
 pub const LARGE: u64 = 1 << 63;
 /// Class value: a later chunk of a large allocation.

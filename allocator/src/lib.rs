@@ -38,9 +38,23 @@
 //!
 //! # Errors, not corruption
 //! Zero-size and over-aligned or oversized requests, exhausted pools, addresses on unknown
-//! nodes, outside the data area, inside a block or a free chunk, and double frees are errors.
-//! A double free of one's own block or of a large allocation is caught at once; a block freed
-//! twice through remote free lists is caught (and logged) when its owner takes the list back.
+//! nodes, outside the data area, inside a block or a free chunk, never-allocated slots of one's
+//! own chunks, and double frees are errors.
+//! - A double free of one's own block or of a large allocation is caught at once
+//!   ([`AllocError::DoubleFree`]).
+//! - A block on a remote free list carries a freed mark (its second word, see
+//!   [`layout::FREED_MAGIC`]), so freeing it remotely again is caught at once by the freeing
+//!   thread, whichever client it is in ([`AllocError::DoubleFree`]).
+//! - What the freeing side cannot see (a block its owner freed itself, a never-allocated slot,
+//!   or a block written to after its free, which erases the mark) is caught by the owner when
+//!   it takes the list back: the walk is bounded by the chunk's block count and stops at the
+//!   first bad link, the chunk is quarantined (never allocated from or released again, so no
+//!   block is handed out twice), and the owner's next [`ThreadAlloc::flush`] returns
+//!   [`AllocError::CorruptFreeList`] naming the block (found while allocating, it is also
+//!   logged as a warning). The bad `free` itself returned `Ok`.
+//!
+//! Memory handed out by `alloc` is not zeroed: a block holds whatever its last user left (a
+//! fresh pool is zero, and a freed block's first 16 bytes hold the free list's link and mark).
 //!
 //! # Dead clients
 //! Every claimed chunk records its owner (`client id << 16 | arena`, client ids from a counter

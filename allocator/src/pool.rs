@@ -30,11 +30,6 @@ impl<E: Endpoint> Net<E> {
         Ok(self.ep.read_u64(addr)?)
     }
 
-    pub(crate) fn write_u64(&mut self, addr: GlobalAddr, value: u64) -> Result<()> {
-        self.ops += 1;
-        Ok(self.ep.write_u64(addr, value)?)
-    }
-
     pub(crate) fn read(&mut self, addr: GlobalAddr, buf: &mut [u8]) -> Result<()> {
         self.ops += 1;
         Ok(self.ep.read(addr, buf)?)

@@ -74,6 +74,12 @@ fn bad_inputs_are_errors_over_rdma() {
 
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn remote_double_frees_are_caught_over_rdma() {
+    conformance::remote_double_frees(&connect(&two_memnodes("8M")));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn round_robin_spreads_blocks_over_both_nodes() {
     conformance::round_robin_spreads_over_both_nodes(&connect(&two_memnodes("4M")));
 }

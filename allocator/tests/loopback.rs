@@ -162,6 +162,22 @@ fn bad_inputs_are_errors() {
 }
 
 #[test]
+fn remote_double_frees_are_caught_and_never_hang_the_owner() {
+    // Run off the test thread with a bound no machine hits by being slow (the walk is a few
+    // hundred loopback operations): a looping free list used to spin the owner forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        conformance::remote_double_frees(&two_nodes(4 << 20));
+        tx.send(()).unwrap();
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(300)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the checks failed (see the panic above)"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the owner hangs on a looping remote free list"),
+    }
+}
+
+#[test]
 fn round_robin_spreads_over_both_nodes() {
     conformance::round_robin_spreads_over_both_nodes(&two_nodes(8 << 20));
 }
