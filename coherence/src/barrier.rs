@@ -5,12 +5,22 @@
 //! writes `r + 1` to the epoch word; the others read the epoch until it reaches `r + 1`. The
 //! counter only grows, so nothing is ever reset and a fast participant's next round cannot be
 //! confused with the current one: invariant `counter == rounds_done * n + arrived_this_round`.
+//!
+//! A barrier that cannot complete (participants that disagree on `n`, or one that calls `wait`
+//! once too often, or one that died) fails after a timeout ([`DEFAULT_BARRIER_TIMEOUT`],
+//! [`RemoteBarrier::set_timeout`]) with [`LockError::BarrierTimeout`], naming the barrier and how
+//! many arrived, instead of waiting forever. The arrival stays counted: calling `wait` again
+//! keeps waiting for the same round.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr};
 
 use crate::error::{LockError, Result};
+
+/// How long [`RemoteBarrier::wait`] waits for the others by default: generous (a slow rank's
+/// compute phase), but finite, so a broken program fails instead of hanging.
+pub const DEFAULT_BARRIER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One participant's handle on a barrier. Each participant keeps its own (it counts rounds).
 #[derive(Debug, Clone)]
@@ -19,6 +29,9 @@ pub struct RemoteBarrier {
     epoch: GlobalAddr,
     participants: u64,
     round: u64,
+    /// Arrived in `round` (counted remotely) but not through it: a wait that timed out.
+    arrived: bool,
+    timeout: Option<Duration>,
 }
 
 impl RemoteBarrier {
@@ -33,7 +46,20 @@ impl RemoteBarrier {
         if participants == 0 {
             return Err(LockError::NoParticipants);
         }
-        Ok(RemoteBarrier { counter, epoch, participants, round: 0 })
+        Ok(RemoteBarrier {
+            counter,
+            epoch,
+            participants,
+            round: 0,
+            arrived: false,
+            timeout: Some(DEFAULT_BARRIER_TIMEOUT),
+        })
+    }
+
+    /// How long `wait` waits for the others before [`LockError::BarrierTimeout`]; `None`
+    /// waits forever.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
     }
 
     /// Rounds this participant has completed.
@@ -51,20 +77,40 @@ impl RemoteBarrier {
     /// (the DSM records where the round's write notices end this way).
     pub fn wait_with<E: Endpoint>(&mut self, ep: &mut E, last: impl FnOnce(&mut E) -> Result<()>) -> Result<()> {
         let target = (self.round + 1) * self.participants;
-        let arrived = ep.faa(self.counter, 1)? + 1;
-        if arrived > target {
-            return Err(LockError::BarrierOverrun { expected: target, got: arrived });
-        }
-        if arrived == target {
-            last(ep)?;
-            ep.write_u64(self.epoch, self.round + 1)?;
-        } else {
-            let mut backoff = Duration::from_micros(1);
-            while ep.read_u64(self.epoch)? < self.round + 1 {
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_micros(500));
+        if !self.arrived {
+            let arrived = ep.faa(self.counter, 1)? + 1;
+            if arrived > target {
+                return Err(LockError::BarrierOverrun { expected: target, got: arrived });
+            }
+            self.arrived = true;
+            if arrived == target {
+                last(ep)?;
+                ep.write_u64(self.epoch, self.round + 1)?;
+                self.arrived = false;
+                self.round += 1;
+                return Ok(());
             }
         }
+        let start = Instant::now();
+        let mut backoff = Duration::from_micros(1);
+        while ep.read_u64(self.epoch)? < self.round + 1 {
+            if let Some(limit) = self.timeout {
+                let waited = start.elapsed();
+                if waited >= limit {
+                    let counted = ep.read_u64(self.counter)?;
+                    return Err(LockError::BarrierTimeout {
+                        counter: self.counter,
+                        round: self.round,
+                        arrived: counted.saturating_sub(self.round * self.participants).min(self.participants),
+                        participants: self.participants,
+                        waited,
+                    });
+                }
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_micros(500));
+        }
+        self.arrived = false;
         self.round += 1;
         Ok(())
     }

@@ -51,6 +51,23 @@ pub enum LockError {
         /// Arrivals counted.
         got: u64,
     },
+    /// The other participants did not all arrive in time: they disagree on the participant
+    /// count, one called `wait` once too often or too few times, or one died.
+    #[error(
+        "barrier at {counter}: round {round} still has {arrived} of {participants} participants after {waited:?}; do all participants agree on the count and call wait once per round?"
+    )]
+    BarrierTimeout {
+        /// The barrier's counter word.
+        counter: GlobalAddr,
+        /// The round waited for (counted from 0).
+        round: u64,
+        /// Participants counted in that round.
+        arrived: u64,
+        /// Participants the round needs (this handle's count).
+        participants: u64,
+        /// How long this participant waited.
+        waited: std::time::Duration,
+    },
     /// The network operation underneath failed.
     #[error(transparent)]
     Transport(#[from] rdmem_core::Error),

@@ -309,3 +309,24 @@ fn a_write_outside_any_lock_is_noticed_at_the_barrier_not_by_another_threads_unl
         assert_eq!(dsm.get::<u64>(y).unwrap(), 8, "rank {}", dsm.rank());
     });
 }
+
+#[test]
+fn a_rank_that_calls_one_barrier_too_many_gets_a_timeout_not_a_hang() {
+    let transport = Arc::new(LoopbackTransport::new(&[16 << 20]));
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            let transport = transport.clone();
+            s.spawn(move || {
+                let mut options = DsmOptions::new(rank, 2);
+                options.barrier_timeout = std::time::Duration::from_millis(200);
+                let dsm = Dsm::join_with(transport, options).unwrap();
+                dsm.barrier().unwrap();
+                if rank == 0 {
+                    // Rank 1 never comes to this one: it can never complete.
+                    let e = dsm.barrier().unwrap_err();
+                    assert!(e.to_string().contains("1 of 2"), "{e}");
+                }
+            });
+        }
+    });
+}

@@ -244,3 +244,28 @@ fn bad_inputs_are_errors() {
     let mut stray = RemoteBarrier::new(at(64), at(72), 1).unwrap();
     assert!(matches!(stray.wait(&mut ep), Err(LockError::BarrierOverrun { .. })));
 }
+
+/// A barrier that cannot complete fails after its timeout (it can never complete in these
+/// cases, so the test does not depend on how fast the machine is).
+#[test]
+fn a_barrier_that_cannot_complete_times_out_naming_who_arrived() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let mut ep = transport.endpoint().unwrap();
+    let short = Some(Duration::from_millis(50));
+    // One participant of two: times out with 1 of 2; waiting again does not count it twice.
+    let (mut a, mut b) =
+        (RemoteBarrier::new(at(64), at(72), 2).unwrap(), RemoteBarrier::new(at(64), at(72), 2).unwrap());
+    a.set_timeout(short);
+    for _ in 0..2 {
+        match a.wait(&mut ep) {
+            Err(LockError::BarrierTimeout { arrived: 1, participants: 2, round: 0, .. }) => {}
+            other => panic!("a barrier of 2 with one participant: {other:?}"),
+        }
+    }
+    b.wait(&mut ep).unwrap(); // the second arrives: the round completes...
+    a.wait(&mut ep).unwrap(); // ...and the first one's wait goes through
+    assert_eq!((a.round(), b.round()), (1, 1));
+    // One call too many: round 1 has only this participant.
+    let e = a.wait(&mut ep).unwrap_err();
+    assert!(e.to_string().contains("round 1 still has 1 of 2"), "{e}");
+}

@@ -170,6 +170,9 @@ pub struct DsmOptions {
     pub lease: Duration,
     /// Local handovers of a lock in a row before it is released remotely.
     pub max_handovers: u32,
+    /// How long `barrier()` (and `join`'s barrier) waits for the other ranks before it fails
+    /// with a timeout naming how many arrived (from `RDMEM_BARRIER_TIMEOUT`, in seconds).
+    pub barrier_timeout: Duration,
 }
 
 impl DsmOptions {
@@ -182,6 +185,7 @@ impl DsmOptions {
             cache: CacheOptions::default(),
             lease: DEFAULT_LEASE,
             max_handovers: 16,
+            barrier_timeout: crate::barrier::DEFAULT_BARRIER_TIMEOUT,
         }
     }
 
@@ -192,6 +196,16 @@ impl DsmOptions {
         let mut options = DsmOptions::new(rank.rank, rank.size);
         if let Some(job) = std::env::var("RDMEM_JOB").ok().filter(|j| !j.is_empty()) {
             options.job = job;
+        }
+        if let Ok(secs) = std::env::var("RDMEM_BARRIER_TIMEOUT") {
+            options.barrier_timeout = secs
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .ok_or_else(|| {
+                    DsmError::Join(format!("RDMEM_BARRIER_TIMEOUT={secs} is not a positive number of seconds"))
+                })?;
         }
         if let Ok(bytes) = std::env::var("RDMEM_CACHE_BYTES") {
             options.cache.capacity_bytes = bytes
@@ -357,11 +371,15 @@ impl<T: Transport> Dsm<T> {
             endpoints: Mutex::new(vec![ep]),
             locks,
             barrier: Mutex::new(BarrierState {
-                barrier: RemoteBarrier::new(
-                    control.checked_add(layout::BARRIER_COUNTER).expect("control block"),
-                    control.checked_add(layout::BARRIER_EPOCH).expect("control block"),
-                    options.size as u64,
-                )?,
+                barrier: {
+                    let mut b = RemoteBarrier::new(
+                        control.checked_add(layout::BARRIER_COUNTER).expect("control block"),
+                        control.checked_add(layout::BARRIER_EPOCH).expect("control block"),
+                        options.size as u64,
+                    )?;
+                    b.set_timeout(Some(options.barrier_timeout));
+                    b
+                },
                 seen: 0,
             }),
             next_alloc: AtomicU64::new(0),
