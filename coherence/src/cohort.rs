@@ -80,12 +80,12 @@ impl<E: Endpoint> CohortLock<E> {
             None => {
                 cohort.held = Some(self.remote.acquire(&mut cohort.ep)?);
                 cohort.handovers = 0;
-                cohort.since = Instant::now();
+                cohort.since = self.remote.now();
             }
             // Held across handovers for a while: restart the lease before it runs out.
-            Some(value) if cohort.since.elapsed() > self.remote.lease() / 2 => {
+            Some(value) if self.remote.now().saturating_duration_since(cohort.since) > self.remote.lease() / 2 => {
                 cohort.held = Some(self.remote.renew(&mut cohort.ep, value)?);
-                cohort.since = Instant::now();
+                cohort.since = self.remote.now();
             }
             Some(_) => {}
         }

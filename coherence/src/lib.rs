@@ -62,7 +62,7 @@ pub mod table;
 pub use barrier::RemoteBarrier;
 pub use cohort::{CohortGuard, CohortLock};
 pub use error::{LockError, Result};
-pub use lock::{DEFAULT_LEASE, LockGuard, RemoteLock};
+pub use lock::{Clock, DEFAULT_LEASE, LockGuard, RemoteLock};
 pub use rwlock::{RwGuard, RwLock};
 pub use table::LockTable;
 

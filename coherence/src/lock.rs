@@ -26,12 +26,18 @@ use crate::error::{LockError, Result};
 /// The default lease: generous for Soft-RoCE's latency tails (milliseconds at p999 in the VM).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
 
+/// Where the locks read the time for their leases: [`Instant::now`] unless a test injects
+/// its own (with `with_clock`), so that lease behaviour can be tested without depending on how
+/// fast the machine runs.
+pub type Clock = fn() -> Instant;
+
 /// Where a lock lives and who takes it. Cheap to copy; the state is all in remote memory.
 #[derive(Debug, Clone, Copy)]
 pub struct RemoteLock {
     word: GlobalAddr,
     holder: u32,
     lease: Duration,
+    clock: Clock,
 }
 
 impl RemoteLock {
@@ -45,7 +51,18 @@ impl RemoteLock {
         if !word.is_aligned(8) {
             return Err(LockError::Misaligned { word });
         }
-        Ok(RemoteLock { word, holder, lease })
+        Ok(RemoteLock { word, holder, lease, clock: Instant::now })
+    }
+
+    /// The same lock, with lease time read from `clock` instead of [`Instant::now`] (for tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The time as this lock's clock tells it.
+    pub(crate) fn now(&self) -> Instant {
+        (self.clock)()
     }
 
     /// The lock word's address.
@@ -93,7 +110,7 @@ impl RemoteLock {
             expected = 0;
             match seen {
                 Some((value, since)) if value == old => {
-                    if since.elapsed() > self.lease {
+                    if self.now().saturating_duration_since(since) > self.lease {
                         tracing::warn!(
                             "lock at {}: holder {} kept it unchanged for more than the lease ({:?}); taking it over",
                             self.word,
@@ -104,7 +121,7 @@ impl RemoteLock {
                         continue;
                     }
                 }
-                _ => seen = Some((old, Instant::now())),
+                _ => seen = Some((old, self.now())),
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(1));

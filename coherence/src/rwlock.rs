@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use rdmem_core::{Endpoint, GlobalAddr};
 
 use crate::error::{LockError, Result};
+use crate::lock::Clock;
 
 const FIELD_BITS: u32 = 13;
 const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
@@ -164,6 +165,7 @@ pub struct RwLock {
     word: GlobalAddr,
     lease: Duration,
     threshold: u16,
+    clock: Clock,
 }
 
 /// How a wait for the word ended.
@@ -181,7 +183,17 @@ impl RwLock {
         if !word.is_aligned(8) {
             return Err(LockError::Misaligned { word });
         }
-        Ok(RwLock { word, lease, threshold: RESET_THRESHOLD })
+        Ok(RwLock { word, lease, threshold: RESET_THRESHOLD, clock: Instant::now })
+    }
+
+    /// The same lock, with lease time read from `clock` instead of [`Instant::now`] (for tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> Instant {
+        (self.clock)()
     }
 
     /// Resets the word after `threshold` tickets instead of [`RESET_THRESHOLD`] (2 at least,
@@ -225,7 +237,7 @@ impl RwLock {
             // `wait` checks the word it is given first: uncontended, the FAA's answer grants.
             match self.wait(ep, after, ticket.generation, |w| ticket.granted(w))? {
                 Waited::Ready(seen) => {
-                    return Ok(RwGuard { ep, lock: *self, ticket, seen, since: Instant::now(), released: false });
+                    return Ok(RwGuard { ep, lock: *self, ticket, seen, since: self.now(), released: false });
                 }
                 Waited::Reset => continue,
             }
@@ -264,7 +276,7 @@ impl RwLock {
         generation: u8,
         ready: impl Fn(RwWord) -> bool,
     ) -> Result<Waited> {
-        let mut since = Instant::now();
+        let mut since = self.now();
         let mut backoff = Duration::from_micros(1);
         let mut polls = 0;
         loop {
@@ -274,7 +286,7 @@ impl RwLock {
             if ready(seen) {
                 return Ok(Waited::Ready(seen));
             }
-            if since.elapsed() > self.lease && !seen.is_idle() {
+            if self.now().saturating_duration_since(since) > self.lease && !seen.is_idle() {
                 tracing::warn!(
                     "reader-writer lock at {}: word {:#x} unchanged for more than the lease ({:?}); resetting it",
                     self.word,
@@ -287,7 +299,7 @@ impl RwLock {
                     return Ok(Waited::Reset);
                 }
                 seen = now;
-                since = Instant::now();
+                since = self.now();
                 continue;
             }
             // The turn usually comes within a few sections: poll back to back first (each READ
@@ -302,7 +314,7 @@ impl RwLock {
             let now = RwWord(ep.read_u64(self.word)?);
             if now != seen {
                 seen = now;
-                since = Instant::now();
+                since = self.now();
             }
         }
     }
@@ -378,7 +390,7 @@ impl<E: Endpoint> RwGuard<'_, E> {
     pub fn renew(&mut self) -> Result<()> {
         self.check_lease()?;
         self.seen = self.lock.renew(self.ep, self.ticket, self.seen)?;
-        self.since = Instant::now();
+        self.since = self.lock.now();
         Ok(())
     }
 
@@ -392,7 +404,7 @@ impl<E: Endpoint> RwGuard<'_, E> {
     /// A hold older than its lease touches the word no more: it may have been reset since, and
     /// after 256 resets its generation number would be current again (found by the model).
     fn check_lease(&self) -> Result<()> {
-        if self.since.elapsed() > self.lock.lease {
+        if self.lock.now().saturating_duration_since(self.since) > self.lock.lease {
             return Err(LockError::LeaseLost { word: self.lock.word, now: self.seen.0 });
         }
         Ok(())

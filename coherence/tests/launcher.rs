@@ -105,13 +105,14 @@ fn a_rank_killed_by_a_signal_fails_the_run() {
 
 #[test]
 fn a_failure_stops_the_other_ranks() {
-    // The brief's shape: the surviving ranks are shells waiting on a `sleep 30` child.
+    // The brief's shape: the surviving ranks are shells waiting on a `sleep 600` child. A run
+    // that waited for them would take 10 minutes: far past a bound no slow machine reaches.
     let began = Instant::now();
-    let out = run(3, &sh("if [ $RDMEM_RANK = 1 ]; then echo giving up >&2; exit 3; fi; sleep 30"));
+    let out = run(3, &sh("if [ $RDMEM_RANK = 1 ]; then echo giving up >&2; exit 3; fi; sleep 600"));
     let elapsed = began.elapsed();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}: the other ranks were not stopped");
+    assert!(elapsed < Duration::from_secs(300), "took {elapsed:?}: the other ranks were not stopped");
     assert!(stderr.contains("[1] giving up"), "the failed rank's output is kept:\n{stderr}");
     assert_eq!(count(&stderr, "rdmem-run: rank 1 failed: exit status: 3"), 1, "{stderr}");
     // Ranks rdmem-run killed are not reported as failures of their own.
@@ -155,4 +156,61 @@ fn zero_ranks_is_a_usage_error() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("invalid value '0'") && stderr.contains("--ranks"), "{stderr}");
+}
+
+/// Whether process `pid` is still alive (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// SIGTERM, SIGINT or SIGHUP to rdmem-run (Slurm, systemd, `timeout`) stops every rank it
+/// started, one that ignores the signal too (killed after the grace period), and exits 128+sig.
+#[test]
+fn a_stop_signal_to_the_launcher_stops_every_rank() {
+    for (signal, name, code) in
+        [(rustix::process::Signal::TERM, "SIGTERM", 143), (rustix::process::Signal::HUP, "SIGHUP", 129)]
+    {
+        let dir = std::env::temp_dir().join(format!("rdmem-run-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Rank 1 ignores the signal (inherited across exec): it must be killed. Rank 2 is a
+        // shell waiting for a child: the child must stop too (it is in the rank's group).
+        let script = format!(
+            "if [ $RDMEM_RANK = 2 ]; then sleep 600 & echo $! > {dir}/child.pid; fi; \
+             echo $$ > {dir}/rank$RDMEM_RANK.tmp && mv {dir}/rank$RDMEM_RANK.tmp {dir}/rank$RDMEM_RANK.pid; \
+             if [ $RDMEM_RANK = 1 ]; then trap '' TERM HUP; fi; \
+             if [ $RDMEM_RANK = 2 ]; then wait; else exec sleep 600; fi",
+            dir = dir.display()
+        );
+        let child = Command::new(env!("CARGO_BIN_EXE_rdmem-run"))
+            .args(["-n", "3", "--memnode", "127.0.0.1:1", "sh", "-c", &script])
+            .env_remove("RDMEM_MEMNODES")
+            .env_remove("RDMEM_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start rdmem-run");
+        let pid_file = |rank: u32| dir.join(format!("rank{rank}.pid"));
+        let began = Instant::now();
+        while !(0..3).all(|r| pid_file(r).exists()) {
+            assert!(began.elapsed() < Duration::from_secs(300), "the ranks never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let read_pid =
+            |path: std::path::PathBuf| -> u32 { std::fs::read_to_string(path).unwrap().trim().parse().unwrap() };
+        let mut pids: Vec<u32> = (0..3).map(|r| read_pid(pid_file(r))).collect();
+        pids.push(read_pid(dir.join("child.pid")));
+        assert!(pids.iter().all(|&p| alive(p)), "the ranks run");
+        rustix::process::kill_process(rustix::process::Pid::from_raw(child.id() as i32).unwrap(), signal).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("stopped by {name}")), "{stderr}");
+        assert!(!stderr.contains("failed"), "ranks it stopped are not failures: {stderr}");
+        for (i, pid) in pids.into_iter().enumerate() {
+            let what = if i < 3 { format!("rank {i}") } else { "rank 2's child".into() };
+            assert!(!alive(pid), "{name}: {what} (pid {pid}) is still running");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

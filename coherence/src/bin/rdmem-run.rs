@@ -27,13 +27,23 @@
 //! with `mpirun` or `srun` and `RDMEM_MEMNODES` set: `Rank::from_env` reads their variables too
 //! (`OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `SLURM_PROCID` and the matching sizes).
 //!
-//! Limits: rdmem-run kills its ranks, not the processes those started in the background; it
-//! stops forwarding their output once the ranks are gone and the pipes have been quiet for a
-//! second. Without a handler for SIGTERM, killing rdmem-run alone leaves the ranks running
-//! (Ctrl-C in a terminal reaches all of them, as they share its process group).
+//! Signals: SIGTERM, SIGINT or SIGHUP to rdmem-run (what Slurm, systemd, `timeout(1)` and a
+//! closed terminal send) are forwarded to every running rank; ranks still running
+//! [`GRACE`] later are killed (SIGKILL); then the memory nodes it started are stopped, and
+//! rdmem-run exits with 128 + the signal's number (143 for SIGTERM). A signal that comes while
+//! the memory nodes start stops them and starts no rank.
+//!
+//! Each rank runs in a process group of its own, and signals and kills go to the group, so
+//! the processes a rank started (a shell's children) stop with it. The exception is rank 0
+//! when rdmem-run's stdin is a terminal: it stays in rdmem-run's group so that it can read the
+//! terminal, and only the rank itself is signalled.
+//!
+//! Limits: processes that leave their rank's process group are not stopped; rdmem-run stops
+//! forwarding output once the ranks are gone and the pipes have been quiet for a second.
+//! SIGKILL to rdmem-run itself cannot be caught: its ranks and memory nodes are left.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -51,6 +61,12 @@ use rdmem_transport_rdma::{MemnodeChild, PageSize};
 
 /// How often the ranks are polled for their exit.
 const POLL: Duration = Duration::from_millis(10);
+
+/// How long ranks get to exit after a forwarded signal before they are killed.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The signals rdmem-run forwards to its ranks before stopping.
+const STOP_SIGNALS: [i32; 3] = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP];
 
 /// How long output pipes may stay quiet after all ranks exited before rdmem-run stops
 /// forwarding them (they are still open when a rank left a background process behind).
@@ -111,11 +127,23 @@ struct Memnodes {
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let (program, args) = cli.command.split_first().expect("clap requires PROGRAM");
     let path = resolve_program(program)?;
+    // The last stop signal received (0: none), set by the handlers.
+    let stop = Arc::new(AtomicUsize::new(0));
+    for signal in STOP_SIGNALS {
+        signal_hook::flag::register_usize(signal, Arc::clone(&stop), signal as usize)?;
+    }
     let memnodes = memnodes(&cli)?;
+    if let Some(code) = stopped(&stop, None) {
+        drop(memnodes);
+        return Ok(code);
+    }
     let started = Instant::now();
     let ranks = spawn_ranks(&cli, program, &path, args, &memnodes)?;
-    let failures = wait_all(ranks);
+    let (failures, signal) = wait_all(ranks, &stop);
     drop(memnodes);
+    if let Some(code) = stopped(&stop, signal) {
+        return Ok(code);
+    }
     if failures.is_empty() {
         eprintln!("rdmem-run: {} ranks finished in {:.3} s", cli.ranks, started.elapsed().as_secs_f64());
         return Ok(ExitCode::SUCCESS);
@@ -124,6 +152,27 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         eprintln!("rdmem-run: rank {rank} failed: {status}");
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// After a stop signal (the one forwarded, or any received): says so and gives the exit code,
+/// 128 + the signal's number.
+fn stopped(stop: &AtomicUsize, forwarded: Option<i32>) -> Option<ExitCode> {
+    let signal = forwarded.or(match stop.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s as i32),
+    })?;
+    let name = signal_hook::low_level::signal_name(signal).unwrap_or("a signal");
+    eprintln!("rdmem-run: stopped by {name}: ranks and the memory nodes it started are stopped");
+    Some(ExitCode::from((128 + signal).clamp(0, 255) as u8))
+}
+
+/// One of [`STOP_SIGNALS`] as rustix names it.
+fn stop_signal(signal: i32) -> rustix::process::Signal {
+    match signal {
+        signal_hook::consts::SIGINT => rustix::process::Signal::INT,
+        signal_hook::consts::SIGHUP => rustix::process::Signal::HUP,
+        _ => rustix::process::Signal::TERM,
+    }
 }
 
 /// PROGRAM as a shell finds it: a name with a `/` as it is, else the first executable file of
@@ -191,8 +240,24 @@ fn memnodes(cli: &Cli) -> Result<Memnodes, Box<dyn std::error::Error>> {
 struct RankProcess {
     rank: u32,
     child: Child,
+    /// Whether it leads a process group of its own (signals go to the whole group).
+    group: bool,
     status: Option<ExitStatus>,
     killed: bool,
+}
+
+impl RankProcess {
+    /// Sends `signal` to the rank (its process group when it has one). It may have exited
+    /// just now (ESRCH): nothing to do then.
+    fn signal(&self, signal: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = if self.group {
+                rustix::process::kill_process_group(pid, signal)
+            } else {
+                rustix::process::kill_process(pid, signal)
+            };
+        }
+    }
 }
 
 /// What the output forwarders are doing, for [`drain`].
@@ -235,6 +300,12 @@ fn spawn_ranks(
             .stdin(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Rank 0 reads a terminal from rdmem-run's process group (a background group would be
+        // stopped by SIGTTIN); every other rank leads a group of its own.
+        let group = rank != 0 || !std::io::stdin().is_terminal();
+        if group {
+            command.process_group(0);
+        }
         if let Some(token) = &memnodes.token {
             command.env("RDMEM_TOKEN", token).env_remove("RDMEM_TOKEN_FILE");
         }
@@ -253,7 +324,7 @@ fn spawn_ranks(
         forward(rank, stdout, std::io::stdout, done_tx.clone(), job.forwarding.clone());
         forward(rank, stderr, std::io::stderr, done_tx.clone(), job.forwarding.clone());
         job.readers += 2;
-        job.ranks.push(RankProcess { rank, child, status: None, killed: false });
+        job.ranks.push(RankProcess { rank, child, group, status: None, killed: false });
     }
     Ok(job)
 }
@@ -292,25 +363,45 @@ fn forward<W: Write + 'static>(
     });
 }
 
-/// Waits for all ranks; at the first failure kills the others (and still reaps them). Then
-/// waits for their output (see [`QUIET`]). Returns the ranks that failed on their own, in the
-/// order they were seen to end.
-fn wait_all(mut job: Job) -> Vec<(u32, ExitStatus)> {
+/// Waits for all ranks; at the first failure kills the others (and still reaps them). A stop
+/// signal (in `stop`) is forwarded to the running ranks, which are killed [`GRACE`] later if
+/// still running. Then waits for their output (see [`QUIET`]). Returns the ranks that failed on
+/// their own, in the order they were seen to end, and the signal forwarded, if one was.
+fn wait_all(mut job: Job, stop: &AtomicUsize) -> (Vec<(u32, ExitStatus)>, Option<i32>) {
     let mut failures = Vec::new();
+    let mut forwarded: Option<(i32, Instant)> = None;
     while job.ranks.iter().any(|r| r.status.is_none()) {
+        match (forwarded, stop.load(Ordering::SeqCst)) {
+            (None, 0) => {}
+            (None, signal) => {
+                let signal = signal as i32;
+                for r in job.ranks.iter_mut().filter(|r| r.status.is_none()) {
+                    r.signal(stop_signal(signal));
+                    r.killed = true; // stopped by rdmem-run: not a failure of its own
+                }
+                forwarded = Some((signal, Instant::now()));
+            }
+            (Some((_, at)), _) if at.elapsed() > GRACE => {
+                for r in job.ranks.iter().filter(|r| r.status.is_none()) {
+                    r.signal(rustix::process::Signal::KILL);
+                }
+            }
+            (Some(_), _) => {}
+        }
         for r in job.ranks.iter_mut().filter(|r| r.status.is_none()) {
             let status = match r.child.try_wait() {
                 Ok(Some(status)) => status,
                 Ok(None) => continue,
                 Err(e) => {
                     eprintln!("rdmem-run: cannot wait for rank {}: {e}", r.rank);
-                    let _ = r.child.kill();
+                    r.signal(rustix::process::Signal::KILL);
                     r.child.wait().unwrap_or_else(|_| failed_status())
                 }
             };
             r.status = Some(status);
-            // A rank killed by rdmem-run dies of SIGKILL; one that exits with a code failed itself.
-            if !status.success() && (!r.killed || status.code().is_some()) {
+            // A rank killed by rdmem-run dies of SIGKILL; one that exits with a code failed itself
+            // (unless rdmem-run forwarded a stop signal to it: then any end is expected).
+            if !status.success() && (!r.killed || status.code().is_some()) && forwarded.is_none() {
                 failures.push((r.rank, status));
             }
         }
@@ -320,13 +411,13 @@ fn wait_all(mut job: Job) -> Vec<(u32, ExitStatus)> {
         std::thread::sleep(POLL);
     }
     drain(&job);
-    failures
+    (failures, forwarded.map(|(signal, _)| signal))
 }
 
-/// Kills the ranks still running (SIGKILL), once each.
+/// Kills the ranks still running (SIGKILL, to their process groups), once each.
 fn kill_all(ranks: &mut [RankProcess]) {
     for r in ranks.iter_mut().filter(|r| r.status.is_none() && !r.killed) {
-        let _ = r.child.kill();
+        r.signal(rustix::process::Signal::KILL);
         r.killed = true;
     }
 }
