@@ -71,6 +71,11 @@ impl MemnodeChild {
         &self.token
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it now (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -97,8 +102,16 @@ pub fn find_binary(name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// A token no one will guess by accident: process id and clock.
+/// A token no one can guess: 128 random bits from the kernel (`/dev/urandom`), in hex. (Falls
+/// back to process id and clock, guessable, only where `/dev/urandom` cannot be read.)
 pub fn fresh_token() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("rdmem-{}-{nanos:x}", std::process::id())
+    let mut bytes = [0u8; 16];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)) {
+        Ok(()) => format!("rdmem-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        Err(e) => {
+            tracing::warn!("cannot read /dev/urandom ({e}): the token is guessable");
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            format!("rdmem-{}-{nanos:x}", std::process::id())
+        }
+    }
 }

@@ -24,6 +24,10 @@ pub enum RdmaError {
         /// Its error.
         reason: String,
     },
+    /// The setup asked for is not possible (a pool size that is not whole pages, or larger
+    /// than the free memory, ...): the message says why and what to do.
+    #[error("{0}")]
+    Config(String),
     /// A socket operation failed.
     #[error("{context}: {source}")]
     Io {

@@ -4,23 +4,27 @@
 //! with remote READ, WRITE and atomic access, and listens for clients on TCP. Each client
 //! connection is one handshake ([`crate::wire`]): protocol version and token are checked first,
 //! and only then is a queue pair created with access to the pool. After the handshake the
-//! node's CPU does nothing for that client: its thread sleeps in `read()` on the control socket
-//! until the client goes away (closed, killed, or its machine gone), then the queue pair is
-//! destroyed. A client that dies never disturbs the others.
+//! node's CPU does nothing for that client: one thread polls every control socket, and when a
+//! client goes away (closed, killed, or its machine gone) its queue pair is destroyed. A client
+//! that dies never disturbs the others, and no client, with a token or without, can stop the
+//! node or keep others out (see [`Memnode::serve`]).
 //!
 //! The node knows nothing of what lives in its pool: the pool starts zeroed and the layers
 //! above (the allocator) format it with one-sided operations.
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
 
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::QueuePair;
+use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair};
 
 use crate::device::{Device, DeviceSelection};
 use crate::error::RdmaError;
@@ -33,8 +37,11 @@ use crate::wire::{self, Hello, Reply, Welcome};
 pub struct MemnodeConfig {
     /// Where to listen for clients.
     pub listen: SocketAddr,
-    /// Pool size in bytes (rounded up to whole pages).
+    /// Pool size in bytes, a whole number of `page_size` pages.
     pub pool_size: u64,
+    /// Register the pool even when it is larger than the free memory (the OOM killer may then
+    /// end other processes).
+    pub force_pool_size: bool,
     /// Pages backing the pool.
     pub page_size: PageSize,
     /// The RDMA device.
@@ -79,12 +86,26 @@ pub struct Memnode {
     state: Arc<State>,
     listener: TcpListener,
     descriptor: PoolDescriptor,
-    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Memnode {
-    /// Opens the device, maps and registers the pool, binds the listening socket.
+    /// Checks the pool size (a whole number of pages, that fits the free memory unless
+    /// `force_pool_size`), opens the device, maps and registers the pool, binds the listening
+    /// socket.
     pub fn start(config: MemnodeConfig) -> Result<Self, RdmaError> {
+        let page = config.page_size.bytes() as u64;
+        if config.pool_size == 0 || config.pool_size % page != 0 {
+            return Err(RdmaError::Config(format!(
+                "pool size {} bytes is not a whole number of {:?} pages ({page} bytes): give a multiple, \
+                 e.g. {} bytes",
+                config.pool_size,
+                config.page_size,
+                config.pool_size.div_ceil(page).max(1) * page
+            )));
+        }
+        if !config.force_pool_size {
+            crate::memory::check_fits(config.pool_size, config.page_size).map_err(RdmaError::Config)?;
+        }
         let device = Device::open(&config.device)?;
         let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
         let len = usize::try_from(config.pool_size).map_err(|_| RdmaError::verbs("pool size", "too large"))?;
@@ -108,7 +129,7 @@ impl Memnode {
             listen,
         };
         let state = Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0) });
-        Ok(Memnode { state, listener, descriptor, threads: Mutex::new(Vec::new()) })
+        Ok(Memnode { state, listener, descriptor })
     }
 
     /// What this node serves.
@@ -121,81 +142,365 @@ impl Memnode {
         self.state.clients.load(Ordering::SeqCst)
     }
 
-    /// Accepts clients until `stop` becomes true (checked every 50 ms). Each client gets a thread
-    /// that does the handshake and then waits for the client to leave.
+    /// Accepts clients until `stop` becomes true (checked at least every 50 ms), from one thread
+    /// that polls every socket: the listener, the handshakes in progress and the connected
+    /// clients' control sockets. No thread per client, so no client (and no number of them)
+    /// can make the node run out of threads or stop serving the others:
+    /// - a handshake must be complete within [`HANDSHAKE_DEADLINE`] of its accept (one byte
+    ///   every few seconds does not hold a slot any longer);
+    /// - at most [`MAX_PENDING`] handshakes are in progress: past that the oldest is dropped
+    ///   for the newest, so idle connections cannot keep a real client out;
+    /// - when accept runs out of file descriptors (EMFILE, ENFILE) or memory, the oldest
+    ///   handshake is dropped to make room, or accepting pauses for [`ACCEPT_BACKOFF`];
+    /// - warnings about misbehaving peers are rate-limited (one a second per kind, with a count
+    ///   of those suppressed).
+    ///
+    /// Only a failure of the listening socket itself ends it with an error.
     pub fn serve(&self, stop: &AtomicBool) -> Result<(), RdmaError> {
         self.listener.set_nonblocking(true).map_err(|e| RdmaError::io("listener", e))?;
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut clients: Vec<Client> = Vec::new();
+        let mut warnings = RateLimited::default();
+        let mut accept_paused_until: Option<Instant> = None;
         while !stop.load(Ordering::SeqCst) {
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    let state = Arc::clone(&self.state);
-                    let handle = std::thread::Builder::new()
-                        .name(format!("client {peer}"))
-                        .spawn(move || serve_client(&state, stream, peer))
-                        .map_err(|e| RdmaError::io("spawning a client thread", e))?;
-                    let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-                    threads.retain(|t| !t.is_finished());
-                    threads.push(handle);
+            let now = Instant::now();
+            // Handshakes past their deadline are dropped (the peer only sees the close).
+            while pending.front().is_some_and(|p| p.deadline <= now) {
+                let p = pending.pop_front().expect("non-empty");
+                warnings.warn(Warning::Deadline, || {
+                    format!("handshake from {} not complete within {HANDSHAKE_DEADLINE:?}; closed", p.peer)
+                });
+            }
+            if accept_paused_until.is_some_and(|t| t <= now) {
+                accept_paused_until = None;
+            }
+            let accepting = accept_paused_until.is_none();
+            let timeout =
+                pending.front().map_or(POLL_INTERVAL, |p| p.deadline.saturating_duration_since(now).min(POLL_INTERVAL));
+            let (listener_ready, ready) = {
+                let mut fds = Vec::with_capacity(1 + pending.len() + clients.len());
+                if accepting {
+                    fds.push(PollFd::new(&self.listener, PollFlags::IN));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => tracing::warn!("accept failed: {e}"),
+                fds.extend(pending.iter().map(|p| PollFd::new(&p.stream, PollFlags::IN)));
+                fds.extend(clients.iter().map(|c| PollFd::new(&c.stream, PollFlags::IN)));
+                let ts = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+                match rustix::event::poll(&mut fds, Some(&ts)) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(RdmaError::io("poll", e.into())),
+                }
+                let flags: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+                if accepting { (flags[0], flags[1..].to_vec()) } else { (false, flags) }
+            };
+            let (pending_ready, clients_ready) = ready.split_at(pending.len());
+            // Connected clients first: a readable control socket is data (ignored) or the end.
+            let gone: Vec<usize> = clients_ready.iter().enumerate().filter(|&(_, &r)| r).map(|(i, _)| i).collect();
+            for &i in gone.iter().rev() {
+                if !clients[i].still_there() {
+                    let client = clients.swap_remove(i);
+                    let now = self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
+                    tracing::info!(
+                        "client {} left (queue pair {} destroyed, {now} connected)",
+                        client.peer,
+                        client.qp.qp_number()
+                    );
+                }
+            }
+            // Handshakes that have bytes to read: complete ones become clients.
+            let readable: Vec<usize> = pending_ready.iter().enumerate().filter(|&(_, &r)| r).map(|(i, _)| i).collect();
+            for &i in readable.iter().rev() {
+                match pending[i].read_more() {
+                    Progress::NeedMore => {}
+                    Progress::Closed => {
+                        pending.remove(i);
+                    }
+                    Progress::Done(hello) => {
+                        let p = pending.remove(i).expect("index in range");
+                        if let Some(client) = self.admit(p, hello, &mut warnings) {
+                            let now = self.state.clients.fetch_add(1, Ordering::SeqCst) + 1;
+                            tracing::info!(
+                                "client {} connected (queue pair {}, {now} connected)",
+                                client.peer,
+                                client.qp.qp_number()
+                            );
+                            clients.push(client);
+                        }
+                    }
+                    Progress::Bad(e) => {
+                        let p = pending.remove(i).expect("index in range");
+                        warnings.warn(Warning::Garbage, || format!("handshake with {} failed: {e}", p.peer));
+                    }
+                }
+            }
+            if listener_ready {
+                self.accept_all(&mut pending, &mut warnings, &mut accept_paused_until)?;
             }
         }
         Ok(())
     }
+
+    /// Accepts every connection waiting on the listener into `pending`.
+    fn accept_all(
+        &self,
+        pending: &mut VecDeque<Pending>,
+        warnings: &mut RateLimited,
+        paused_until: &mut Option<Instant>,
+    ) -> Result<(), RdmaError> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    if pending.len() >= MAX_PENDING {
+                        let oldest = pending.pop_front().expect("full");
+                        warnings.warn(Warning::Crowded, || {
+                            format!("{MAX_PENDING} handshakes in progress; dropped the oldest, from {}", oldest.peer)
+                        });
+                    }
+                    pending.push_back(Pending {
+                        stream,
+                        peer,
+                        buf: Vec::new(),
+                        deadline: Instant::now() + HANDSHAKE_DEADLINE,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if out_of_resources(&e) => {
+                    // Room for the next one: drop the oldest handshake, or pause accepting.
+                    match pending.pop_front() {
+                        Some(oldest) => warnings.warn(Warning::Resources, || {
+                            format!("accept failed ({e}); dropped the oldest handshake, from {}", oldest.peer)
+                        }),
+                        None => {
+                            warnings.warn(Warning::Resources, || {
+                                format!("accept failed ({e}); pausing accepts for {ACCEPT_BACKOFF:?}")
+                            });
+                            *paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                            return Ok(());
+                        }
+                    }
+                }
+                // Errors of one connection (it was reset before we took it, ...): skip it.
+                Err(e) if is_per_connection(&e) => {}
+                Err(e) => return Err(RdmaError::io("accepting clients", e)),
+            }
+        }
+    }
+
+    /// Checks a complete Hello and connects a queue pair; the refusal (or failure) is sent to
+    /// the peer and logged.
+    fn admit(&self, mut p: Pending, hello: Result<Hello, u16>, warnings: &mut RateLimited) -> Option<Client> {
+        let state = &self.state;
+        let peer = p.peer;
+        let mut refuse = |stream: &mut TcpStream, reason: String| {
+            warnings.warn(Warning::Refused, || format!("refused {peer}: {reason}"));
+            let _ = Reply::Refused(reason).write_to(stream);
+        };
+        let hello = match hello {
+            Ok(hello) => hello,
+            Err(version) => {
+                let reason = format!(
+                    "protocol version {version} is not supported; this memory node speaks version {}",
+                    wire::VERSION
+                );
+                refuse(&mut p.stream, reason);
+                return None;
+            }
+        };
+        if !wire::tokens_match(&hello.token, state.config.token.as_bytes()) {
+            refuse(&mut p.stream, "wrong token".into());
+            return None;
+        }
+        let result = (|| {
+            let (mut qp, limits) = queue_pair::create(&state.device, &state.pd, &state.cq, 1)?;
+            let psn = queue_pair::random_psn(qp.qp_number());
+            let access = AccessFlags::LocalWrite
+                | AccessFlags::RemoteRead
+                | AccessFlags::RemoteWrite
+                | AccessFlags::RemoteAtomic;
+            queue_pair::connect(&state.device, &mut qp, &limits, psn, &hello.qp, access)?;
+            let welcome = Welcome {
+                node_id: state.config.node_id,
+                pool_base: state.pool.addr(),
+                pool_size: state.pool.len() as u64,
+                rkey: state.pool.rkey(),
+                qp: queue_pair::local_info(&state.device, &qp, psn),
+            };
+            // A reply of ~60 bytes fits the empty send buffer of a fresh connection: this
+            // write does not block (a peer that reads nothing cannot stall the node).
+            Reply::Welcome(welcome).write_to(&mut p.stream).map_err(|e| RdmaError::io("handshake reply", e))?;
+            Ok::<_, RdmaError>(qp)
+        })();
+        match result {
+            Ok(qp) => Some(Client { stream: p.stream, peer, qp }),
+            Err(e) => {
+                refuse(&mut p.stream, format!("memory node error: {e}"));
+                None
+            }
+        }
+    }
 }
 
-/// One client: handshake, queue pair, then wait for it to leave.
-fn serve_client(state: &State, mut stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let _ = stream.set_nodelay(true);
-    let refuse = |stream: &mut TcpStream, reason: String| {
-        tracing::warn!("refused {peer}: {reason}");
-        let _ = Reply::Refused(reason).write_to(stream);
-    };
-    let hello = match Hello::read_from(&mut stream) {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(version)) => {
-            let reason = format!(
-                "protocol version {version} is not supported; this memory node speaks version {}",
-                wire::VERSION
-            );
-            return refuse(&mut stream, reason);
+/// How long a client has for its whole handshake, from its connection's accept to the last
+/// byte of its Hello.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Handshakes in progress at most; past it, the oldest is dropped for the newest.
+pub const MAX_PENDING: usize = 256;
+/// How long accepting pauses when it runs out of descriptors and no handshake can be dropped.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest the serve loop sleeps in poll (how quickly it sees `stop`).
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A connection whose Hello is still coming.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What reading a handshake's socket gave.
+enum Progress {
+    NeedMore,
+    Closed,
+    Done(Result<Hello, u16>),
+    Bad(std::io::Error),
+}
+
+impl Pending {
+    /// Reads what is there (non-blocking) and parses the Hello once it is all in.
+    fn read_more(&mut self) -> Progress {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Progress::Closed,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if self.buf.len() > wire::MAX_HELLO {
+                        return Progress::Bad(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "more bytes than a Hello holds",
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Progress::Closed,
+            }
         }
-        Err(e) => return tracing::warn!("handshake with {peer} failed: {e}"),
-    };
-    if !wire::tokens_match(&hello.token, state.config.token.as_bytes()) {
-        return refuse(&mut stream, "wrong token".into());
+        match Hello::read_from(&mut self.buf.as_slice()) {
+            Ok(hello) => Progress::Done(hello),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Progress::NeedMore,
+            Err(e) => Progress::Bad(e),
+        }
     }
-    let result = (|| {
-        let (mut qp, limits) = queue_pair::create(&state.device, &state.pd, &state.cq, 1)?;
-        let psn = queue_pair::random_psn(qp.qp_number());
-        let access =
-            AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite | AccessFlags::RemoteAtomic;
-        queue_pair::connect(&state.device, &mut qp, &limits, psn, &hello.qp, access)?;
-        let welcome = Welcome {
-            node_id: state.config.node_id,
-            pool_base: state.pool.addr(),
-            pool_size: state.pool.len() as u64,
-            rkey: state.pool.rkey(),
-            qp: queue_pair::local_info(&state.device, &qp, psn),
-        };
-        Reply::Welcome(welcome).write_to(&mut stream).map_err(|e| RdmaError::io("handshake reply", e))?;
-        Ok::<_, RdmaError>(qp)
-    })();
-    let qp = match result {
-        Ok(qp) => qp,
-        Err(e) => return refuse(&mut stream, format!("memory node error: {e}")),
-    };
-    let now = state.clients.fetch_add(1, Ordering::SeqCst) + 1;
-    tracing::info!("client {peer} connected (queue pair {}, {now} connected)", qp.qp_number());
-    // The data path is one-sided: nothing to do until the client closes its control socket.
-    let _ = stream.set_read_timeout(None);
-    let mut sink = [0u8; 64];
-    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
-    let qpn = qp.qp_number();
-    drop(qp);
-    let now = state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
-    tracing::info!("client {peer} left (queue pair {qpn} destroyed, {now} connected)");
+}
+
+/// A connected client: its queue pair lives as long as its control socket is open.
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    qp: ExtendedQueuePair,
+}
+
+impl Client {
+    /// Reads what the client sent (nothing is expected: it is discarded); false once the
+    /// socket is closed or broken.
+    fn still_there(&mut self) -> bool {
+        let mut sink = [0u8; 256];
+        loop {
+            match self.stream.read(&mut sink) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// accept(2) failed for want of descriptors or memory: the node is at a limit, not broken.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    let raw = e.raw_os_error().map(rustix::io::Errno::from_raw_os_error);
+    matches!(
+        raw,
+        Some(
+            rustix::io::Errno::MFILE | rustix::io::Errno::NFILE | rustix::io::Errno::NOBUFS | rustix::io::Errno::NOMEM
+        )
+    )
+}
+
+/// accept(2) failed because of that one connection (see accept(2), "Error handling").
+fn is_per_connection(e: &std::io::Error) -> bool {
+    let raw = e.raw_os_error().map(rustix::io::Errno::from_raw_os_error);
+    matches!(
+        raw,
+        Some(
+            rustix::io::Errno::CONNABORTED
+                | rustix::io::Errno::PROTO
+                | rustix::io::Errno::PERM
+                | rustix::io::Errno::NETDOWN
+                | rustix::io::Errno::NOPROTOOPT
+                | rustix::io::Errno::HOSTDOWN
+                | rustix::io::Errno::NONET
+                | rustix::io::Errno::HOSTUNREACH
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::NETUNREACH
+                | rustix::io::Errno::TIMEDOUT
+        )
+    )
+}
+
+/// Kinds of warnings about peers, each rate-limited on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Warning {
+    Deadline,
+    Crowded,
+    Resources,
+    Garbage,
+    Refused,
+}
+
+const WARNING_KINDS: usize = 5;
+
+/// At most one warning a second per kind; the others are counted and the count is logged with
+/// the next one.
+#[derive(Default)]
+struct RateLimited {
+    last: [Option<Instant>; WARNING_KINDS],
+    suppressed: [u64; WARNING_KINDS],
+}
+
+impl RateLimited {
+    fn warn(&mut self, kind: Warning, message: impl FnOnce() -> String) {
+        let k = kind as usize;
+        let now = Instant::now();
+        if self.last[k].is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.suppressed[k] += 1;
+            return;
+        }
+        self.last[k] = Some(now);
+        match std::mem::take(&mut self.suppressed[k]) {
+            0 => tracing::warn!("{}", message()),
+            n => tracing::warn!("{} ({n} more like it in the last second not shown)", message()),
+        }
+    }
+}
+
+/// Raises this process's soft limit of open files to the hard limit (the node holds a socket
+/// per client and per handshake); logs what it could not do.
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("cannot raise the open files limit from {:?}: {e}", limit.current);
+        }
+    }
 }

@@ -178,6 +178,50 @@ fn map_anonymous(len: usize, page_size: PageSize) -> Result<(MmapMut, PageSize),
     Ok((map, PageSize::Normal))
 }
 
+/// Checks that a pool of `len` bytes on `page_size` pages fits the memory this machine has
+/// free, before anything is mapped: free huge pages of that size when they suffice, else
+/// (the region would fall back to normal pages) `MemAvailable`. Registering more than that
+/// pins memory the kernel does not have, and the OOM killer then ends other processes.
+pub fn check_fits(len: u64, page_size: PageSize) -> Result<(), String> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
+    let huge_free = page_size.log2().and_then(|_| {
+        let kib = page_size.bytes() / 1024;
+        let path = format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/free_hugepages");
+        std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok().map(|n| n * page_size.bytes() as u64)
+    });
+    fits(len, page_size, &meminfo, huge_free)
+}
+
+/// [`check_fits`] on given `/proc/meminfo` text and free huge-page bytes.
+fn fits(len: u64, page_size: PageSize, meminfo: &str, huge_free: Option<u64>) -> Result<(), String> {
+    let huge_free = huge_free.unwrap_or(0);
+    if page_size != PageSize::Normal && huge_free >= len {
+        return Ok(());
+    }
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or("no MemAvailable in /proc/meminfo")?;
+    if len <= available {
+        return Ok(());
+    }
+    let mib = |b: u64| b >> 20;
+    let huge = if page_size == PageSize::Normal {
+        String::new()
+    } else {
+        format!(" and {} MiB of free {page_size:?} pages", mib(huge_free))
+    };
+    Err(format!(
+        "a pool of {} MiB is more than this machine has free ({} MiB available{huge}): registering it would pin \
+         memory the kernel does not have, and the OOM killer would end other processes. Use a smaller \
+         --pool-size, reserve huge pages (sysctl vm.nr_hugepages), or pass --force-pool-size",
+        mib(len),
+        mib(available)
+    ))
+}
+
 /// Registration mostly fails for one reason: the memlock limit. Say so, with the numbers.
 fn explain_registration(error: &str, len: usize) -> String {
     match memlock_limit() {
@@ -216,6 +260,21 @@ mod tests {
         let (map, page) = map_anonymous(3 << 20, PageSize::Huge2M).unwrap();
         assert!(map.len() >= 3 << 20);
         assert_eq!(map.len() % page.bytes(), 0);
+    }
+
+    #[test]
+    fn pools_larger_than_free_memory_are_refused() {
+        let meminfo = "MemTotal:        2000000 kB\nMemFree:          100000 kB\nMemAvailable:    1000000 kB\n";
+        let gib = 1 << 30;
+        assert!(fits(512 << 20, PageSize::Normal, meminfo, None).is_ok());
+        let e = fits(3 * gib / 2, PageSize::Normal, meminfo, None).unwrap_err();
+        assert!(e.contains("1536 MiB") && e.contains("976 MiB available") && e.contains("--force-pool-size"), "{e}");
+        // Enough free huge pages: fine whatever MemAvailable says; not enough: MemAvailable decides.
+        assert!(fits(3 * gib / 2, PageSize::Huge2M, meminfo, Some(2 * gib)).is_ok());
+        let e = fits(3 * gib / 2, PageSize::Huge2M, meminfo, Some(gib)).unwrap_err();
+        assert!(e.contains("1024 MiB of free Huge2M pages"), "{e}");
+        assert!(fits(1, PageSize::Normal, "MemTotal: 1 kB\n", None).is_err(), "no MemAvailable");
+        assert!(check_fits(4096, PageSize::Normal).is_ok(), "this machine has a page free");
     }
 
     #[test]

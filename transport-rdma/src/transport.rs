@@ -231,8 +231,15 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
         token: shared.options.token.as_bytes().to_vec(),
         qp: queue_pair::local_info(&shared.device, &qp, psn),
     };
-    hello.write_to(&mut stream).map_err(|e| fail(format!("handshake: {e}")))?;
-    let welcome = match Reply::read_from(&mut stream).map_err(|e| fail(format!("handshake: {e}")))? {
+    // A socket timeout reads as EAGAIN ("Resource temporarily unavailable"): say what it is.
+    let handshake = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            fail(format!("handshake timed out: no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()))
+        }
+        _ => fail(format!("handshake: {e}")),
+    };
+    hello.write_to(&mut stream).map_err(handshake)?;
+    let welcome = match Reply::read_from(&mut stream).map_err(handshake)? {
         Reply::Welcome(w) => w,
         Reply::Refused(reason) => return Err(Error::Refused { peer: peer.to_owned(), reason }),
     };

@@ -23,6 +23,8 @@ pub const MAGIC: [u8; 6] = *b"RDMEM\0";
 pub const VERSION: u16 = 1;
 /// The longest token accepted.
 pub const MAX_TOKEN: usize = 1024;
+/// The most bytes a Hello of this version takes (magic, version, token length, token, QpInfo).
+pub const MAX_HELLO: usize = 6 + 2 + 2 + MAX_TOKEN + 26;
 const MAX_REASON: usize = 1024;
 
 /// What a peer needs to connect its queue pair to ours.

@@ -180,3 +180,18 @@ fn a_failed_poll_abandons_the_round_before_returning() {
     let mut fresh = transport.endpoint().expect("endpoint");
     assert_eq!(fresh.read_u64(scratch(0)).expect("read"), 7);
 }
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_node_that_never_answers_the_handshake_times_out_with_that_message() {
+    // A listener that accepts and says nothing (not a memory node, or a hung one).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let _held = std::thread::spawn(move || {
+        let _conns: Vec<_> = listener.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(120));
+    });
+    let e = RdmaTransport::connect(options(&[&addr], TOKEN)).err().expect("no answer, no connection");
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(!e.to_string().contains("temporarily unavailable"), "{e}");
+}

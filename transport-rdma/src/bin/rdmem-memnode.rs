@@ -43,6 +43,14 @@ struct Args {
     /// This node's id in global addresses; give each node of a cluster its own.
     #[arg(long, default_value_t = 0)]
     node_id: u16,
+    /// Serve without a token: anyone who can reach the listening port may read and write the
+    /// whole pool. Without this flag (or a token) the node refuses to start.
+    #[arg(long)]
+    insecure_no_token: bool,
+    /// Register the pool even if it is larger than the memory this machine has free (the OOM
+    /// killer may then end other processes).
+    #[arg(long)]
+    force_pool_size: bool,
 }
 
 fn main() {
@@ -60,11 +68,17 @@ fn main() {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let token_env = std::env::var("RDMEM_TOKEN").ok();
     let token = resolve_token(token_env.as_deref().filter(|t| !t.is_empty()), args.token_file.as_deref())?;
-    if token.is_empty() {
-        tracing::warn!(
-            "no token set (--token-file or RDMEM_TOKEN): any client that can reach this node may use its memory"
-        );
+    match (token.is_empty(), args.insecure_no_token) {
+        (true, false) => {
+            return Err("no token: set RDMEM_TOKEN or --token-file, or pass --insecure-no-token to let anyone \
+                        who can reach this node use its memory"
+                .into());
+        }
+        (true, true) => tracing::warn!("--insecure-no-token: any client that can reach this node may use its memory"),
+        (false, true) => return Err("--insecure-no-token with a token set: drop one of them".into()),
+        (false, false) => {}
     }
+    rdmem_transport_rdma::memnode::raise_open_files_limit();
     let config = MemnodeConfig {
         listen: args.listen,
         pool_size: args.pool_size,
@@ -72,6 +86,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         device: DeviceSelection { name: args.device, port: args.port, gid_index: args.gid_index },
         token,
         node_id: args.node_id,
+        force_pool_size: args.force_pool_size,
     };
     let node = Memnode::start(config)?;
     let d = node.descriptor();
