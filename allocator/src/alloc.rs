@@ -16,10 +16,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant};
+
+use rdmem_core::heartbeat::Heartbeat;
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::error::{AllocError, Result};
-use crate::layout::{self, Geometry, desc};
+use crate::layout::{self, Geometry, client, desc};
 use crate::pool::{self, Bitmap, Net, NodeUsage, at};
 
 /// Where new blocks go when there are several memory nodes.
@@ -57,11 +60,22 @@ pub struct AllocatorOptions {
     pub placement: Placement,
     /// Stealing or strict.
     pub mode: Mode,
+    /// This client's lease: its heartbeat moves every quarter of it, and a client whose
+    /// heartbeat has not moved for two leases is dead to [`Allocator::reclaim_dead_clients`].
+    pub lease: Duration,
 }
+
+/// The default client lease: generous, so that a stalled but live client is not taken for dead.
+pub const DEFAULT_CLIENT_LEASE: Duration = Duration::from_secs(5);
 
 impl Default for AllocatorOptions {
     fn default() -> Self {
-        AllocatorOptions { chunk_size: 1 << 20, placement: Placement::RoundRobin, mode: Mode::Stealing }
+        AllocatorOptions {
+            chunk_size: 1 << 20,
+            placement: Placement::RoundRobin,
+            mode: Mode::Stealing,
+            lease: DEFAULT_CLIENT_LEASE,
+        }
     }
 }
 
@@ -70,10 +84,13 @@ struct NodeState {
     geo: Geometry,
 }
 
-struct Shared<T> {
+struct Shared<T: Transport> {
     transport: Arc<T>,
     nodes: Vec<NodeState>,
     client: u64,
+    /// This client's slot in the first node's client table, and its heartbeat there.
+    slot: u64,
+    heartbeat: Mutex<Option<Heartbeat>>,
     options: AllocatorOptions,
     next_arena: AtomicU16,
     /// Chunks of thread allocators that were dropped with live blocks (node index, chunk),
@@ -93,9 +110,34 @@ impl<T: Transport> Clone for Allocator<T> {
     }
 }
 
+impl<T: Transport> Drop for Shared<T> {
+    /// The client leaves: its heartbeat stops and its slot is freed. Chunks it still holds
+    /// become a dead client's (see [`Allocator::reclaim_dead_clients`]).
+    fn drop(&mut self) {
+        if let Some(heartbeat) = self.heartbeat.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            heartbeat.stop();
+            let first = self.nodes[0].id;
+            let freed = self
+                .transport
+                .endpoint()
+                .and_then(|mut ep| ep.cas(pool::client_word(first, self.slot, client::ID), self.client, 0));
+            if let Err(e) = freed {
+                tracing::warn!("client {} could not free its client table slot: {e}", self.client);
+            }
+        }
+    }
+}
+
 impl<T: Transport> Allocator<T> {
-    /// Opens every node's pool (formatting the ones nobody formatted yet) and takes a client id.
+    /// Opens every node's pool (formatting the ones nobody formatted yet), takes a client id
+    /// and a slot in the first node's client table, and starts this client's heartbeat there.
     pub fn new(transport: Arc<T>, options: AllocatorOptions) -> Result<Self> {
+        if options.lease < Duration::from_millis(4) {
+            return Err(AllocError::Transport(rdmem_core::Error::Config(format!(
+                "a client lease of {:?} is too short (at least 4 ms)",
+                options.lease
+            ))));
+        }
         let mut net = Net { ep: transport.endpoint()?, ops: 0 };
         let token = formatting_token();
         let mut nodes = Vec::new();
@@ -106,6 +148,12 @@ impl<T: Transport> Allocator<T> {
         let first = nodes.first().ok_or(AllocError::Transport(rdmem_core::Error::Config("no memory nodes".into())))?;
         // Client ids come from the first node's counter: unique across the cluster, never 0.
         let client = net.faa(at(first.id, layout::header::NEXT_CLIENT), 1)? + 1;
+        if client > 0xffff_ffff {
+            return Err(AllocError::BadPool {
+                node: first.id,
+                reason: "2^32 client ids handed out: restart the memory node for a fresh pool".into(),
+            });
+        }
         if let Placement::Node(id) = options.placement {
             if !nodes.iter().any(|n| n.id == id) {
                 return Err(AllocError::InvalidAddress {
@@ -114,9 +162,137 @@ impl<T: Transport> Allocator<T> {
                 });
             }
         }
-        let shared =
-            Shared { transport, nodes, client, options, next_arena: AtomicU16::new(0), orphans: Mutex::default() };
+        let slot = pool::register_client(&mut net, first.id, client, options.lease)?;
+        let beat_word = pool::client_word(first.id, slot, client::BEAT);
+        let heartbeat = match Heartbeat::start(Arc::clone(&transport), beat_word, options.lease / 4) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = net.cas(pool::client_word(first.id, slot, client::ID), client, 0);
+                return Err(e.into());
+            }
+        };
+        let shared = Shared {
+            transport,
+            nodes,
+            client,
+            slot,
+            heartbeat: Mutex::new(Some(heartbeat)),
+            options,
+            next_arena: AtomicU16::new(0),
+            orphans: Mutex::default(),
+        };
         Ok(Allocator { shared: Arc::new(shared) })
+    }
+
+    /// For tests of dead clients: stops this client's heartbeat without freeing its slot, as
+    /// if its process had been killed (its allocations go on working).
+    #[doc(hidden)]
+    pub fn stop_heartbeat(&self) {
+        if let Some(h) = self.shared.heartbeat.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.stop();
+        }
+    }
+
+    /// The client table as it is now: the first step of [`Allocator::reclaim_dead_clients`].
+    pub fn client_snapshot(&self) -> Result<ClientSnapshot> {
+        let mut net = Net { ep: self.shared.transport.endpoint()?, ops: 0 };
+        let clients = pool::read_clients(&mut net, self.shared.nodes[0].id)?;
+        Ok(ClientSnapshot { taken: Instant::now(), clients })
+    }
+
+    /// Returns the chunks of dead clients to the pools, on every node. A client is dead when
+    /// it holds no slot in the client table (it exited, or is older than the table), or when
+    /// its heartbeat has not moved since `before` was taken and `before` is at least two of
+    /// its leases old; its slot is then freed too. This client and clients that registered
+    /// after `before` are alive.
+    ///
+    /// Everything a dead client allocated is freed, including blocks that live clients still
+    /// use: a structure meant to outlive its allocating process must be allocated by one that
+    /// stays. A client stalled for longer than two leases is taken for dead (its memory is
+    /// then reused under it): keep leases generous. [`Allocator::reclaim_dead_clients_now`]
+    /// takes the snapshot and waits itself.
+    pub fn reclaim_dead_clients(&self, before: &ClientSnapshot) -> Result<Reclaimed> {
+        let mut net = Net { ep: self.shared.transport.endpoint()?, ops: 0 };
+        let first = self.shared.nodes[0].id;
+        let now = pool::read_clients(&mut net, first)?;
+        let age = before.taken.elapsed();
+        let stale = |c: &pool::ClientSlot| {
+            c.id != self.shared.client
+                && !c.lease.is_zero()
+                && age >= c.lease * 2
+                && before.clients.iter().any(|b| b.slot == c.slot && b.id == c.id && b.beat == c.beat)
+        };
+        let mut reclaimed = Reclaimed::default();
+        for c in now.iter().filter(|c| stale(c)) {
+            if net.cas(pool::client_word(first, c.slot, client::ID), c.id, 0)? == c.id {
+                reclaimed.clients.push(c.id);
+            }
+        }
+        let live: std::collections::HashSet<u64> = now
+            .iter()
+            .filter(|c| !reclaimed.clients.contains(&c.id))
+            .map(|c| c.id)
+            .chain([self.shared.client])
+            .collect();
+        for node in &self.shared.nodes {
+            let chunks = self.release_chunks_of_dead(&mut net, node, &live)?;
+            if chunks > 0 {
+                reclaimed.chunks.push((node.id, chunks));
+            }
+        }
+        if !reclaimed.clients.is_empty() || !reclaimed.chunks.is_empty() {
+            tracing::info!("reclaimed dead clients {:?}: chunks {:?}", reclaimed.clients, reclaimed.chunks);
+        }
+        Ok(reclaimed)
+    }
+
+    /// [`Allocator::reclaim_dead_clients`] with a snapshot taken now and a wait of two of the
+    /// longest lease among the clients in it (a few seconds with the default leases).
+    pub fn reclaim_dead_clients_now(&self) -> Result<Reclaimed> {
+        let before = self.client_snapshot()?;
+        let longest = before.clients.iter().map(|c| c.lease).max().unwrap_or_default();
+        std::thread::sleep(longest * 2);
+        self.reclaim_dead_clients(&before)
+    }
+
+    /// Releases every chunk of `node` whose owner's client is not in `live`: its owner word is
+    /// CASed to 0 (so a racing reclaimer or a late free of a large block loses), then its
+    /// descriptor cleared and its bit released. The number released.
+    fn release_chunks_of_dead(
+        &self,
+        net: &mut Net<T::Endpoint>,
+        node: &NodeState,
+        live: &std::collections::HashSet<u64>,
+    ) -> Result<u64> {
+        let geo = node.geo;
+        let mut released = 0;
+        let mut bitmap = Bitmap::new(&geo, 0);
+        // Descriptors in pieces of 2048 (64 KiB), one READ each.
+        const PIECE: u64 = 2048;
+        let mut first = 0;
+        while first < geo.chunk_count {
+            let count = PIECE.min(geo.chunk_count - first);
+            let mut raw = vec![0u8; (count * layout::DESC_BYTES) as usize];
+            net.read(at(node.id, geo.desc_offset_of(first)), &mut raw)?;
+            for i in 0..count {
+                let at_ = (i * layout::DESC_BYTES) as usize;
+                let owner = u64::from_le_bytes(raw[at_..at_ + 8].try_into().expect("8 bytes"));
+                let (table, id) = layout::owner_client(owner);
+                // Owners registered in another cluster's table cannot be judged from ours.
+                if owner == 0 || table != self.shared.nodes[0].id.0 || live.contains(&id) {
+                    continue;
+                }
+                let chunk = first + i;
+                if net.cas(pool::desc_word(node.id, &geo, chunk, desc::OWNER), owner, 0)? != owner {
+                    continue; // changed meanwhile: not ours to release
+                }
+                pool::write_descriptors(net, node.id, &geo, chunk, &[(0, 0)])?;
+                bitmap.release(net, node.id, &geo, chunk, 1)?;
+                released += 1;
+            }
+            first += count;
+        }
+        Ok(released)
     }
 
     /// A thread's allocator: its own endpoint, arenas and bitmap caches. Up to 65535 per client.
@@ -132,7 +308,7 @@ impl<T: Transport> Allocator<T> {
             .collect();
         let inner = Inner {
             net: Net { ep: self.shared.transport.endpoint()?, ops: 0 },
-            owner: self.shared.client << 16 | arena as u64,
+            owner: layout::owner(self.shared.nodes[0].id.0, self.shared.client, arena),
             corrupt: Vec::new(),
             nodes,
             next_node: arena as usize,
@@ -178,6 +354,34 @@ impl Hasher for ChunkHasher {
     fn finish(&self) -> u64 {
         self.0
     }
+}
+
+/// The client table at one moment (see [`Allocator::reclaim_dead_clients`]).
+#[derive(Debug, Clone)]
+pub struct ClientSnapshot {
+    taken: Instant,
+    clients: Vec<pool::ClientSlot>,
+}
+
+impl ClientSnapshot {
+    /// The ids of the clients holding a slot.
+    pub fn client_ids(&self) -> Vec<u64> {
+        self.clients.iter().map(|c| c.id).collect()
+    }
+
+    /// The heartbeat counter of client `id`, if it holds a slot.
+    pub fn beat(&self, id: u64) -> Option<u64> {
+        self.clients.iter().find(|c| c.id == id).map(|c| c.beat)
+    }
+}
+
+/// What [`Allocator::reclaim_dead_clients`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Clients found dead (their slots freed).
+    pub clients: Vec<u64>,
+    /// Chunks returned to each node's pool.
+    pub chunks: Vec<(NodeId, u64)>,
 }
 
 /// One chunk this arena owns, carved into blocks of one size class.

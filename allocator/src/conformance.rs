@@ -13,7 +13,7 @@ use crate::{AllocError, Allocator, AllocatorOptions, Mode, Placement};
 pub const CHUNK: u64 = 64 << 10;
 
 fn options(placement: Placement, mode: Mode) -> AllocatorOptions {
-    AllocatorOptions { chunk_size: CHUNK, placement, mode }
+    AllocatorOptions { chunk_size: CHUNK, placement, mode, ..AllocatorOptions::default() }
 }
 
 fn layout(size: usize, align: usize) -> Layout {
@@ -162,4 +162,66 @@ pub fn stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not<T: Tran
     assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err}");
     let (on, _) = fill(Mode::Strict { chunks_per_node: Some(3) });
     assert_eq!(on, [6, 0], "3 chunks of 64 KiB hold 2 blocks of 30 KB each");
+}
+
+/// Chunks of dead clients go back to the pools; live clients keep theirs (pools of at least
+/// 8 MiB). Three other clients: one whose heartbeat stops (as if killed), one that exits
+/// without freeing, one alive. Nothing here depends on timing: the live client's heartbeat is
+/// seen to move before the reclaim, and the dead ones' leases are short.
+pub fn dead_clients<T: Transport>(transport: &Arc<T>) {
+    let quick = AllocatorOptions {
+        lease: std::time::Duration::from_millis(20),
+        ..options(Placement::RoundRobin, Mode::Stealing)
+    };
+    let reclaimer = Allocator::new(Arc::clone(transport), quick).unwrap();
+    let before = reclaimer.thread().unwrap().usage().unwrap();
+
+    // Killed: small and large blocks on both nodes, then its heartbeat stops. Its objects are
+    // forgotten (as a killed process's would be), so nothing frees them later.
+    let killed = Allocator::new(Arc::clone(transport), quick).unwrap();
+    let killed_thread = killed.thread().unwrap();
+    for i in 0..40 {
+        killed_thread.alloc(layout(if i % 10 == 0 { 150_000 } else { 100 }, 8)).unwrap();
+    }
+    killed.stop_heartbeat();
+    let killed_id = killed.client_id();
+    std::mem::forget(killed_thread);
+    std::mem::forget(killed);
+
+    // Exited without freeing: its slot is gone, its chunks stay claimed.
+    let exited = Allocator::new(Arc::clone(transport), quick).unwrap();
+    let exited_thread = exited.thread().unwrap();
+    exited_thread.alloc(layout(100, 8)).unwrap();
+    exited_thread.alloc(layout(150_000, 8)).unwrap();
+    drop(exited_thread);
+    drop(exited);
+
+    // Alive: its block must survive with its bytes.
+    let live = Allocator::new(Arc::clone(transport), quick).unwrap();
+    let live_thread = live.thread().unwrap();
+    let kept = live_thread.alloc(layout(64, 8)).unwrap();
+    live_thread.with_endpoint(|ep| ep.write_u64(kept, 0x5eed)).unwrap();
+
+    let grown = reclaimer.thread().unwrap().usage().unwrap();
+    assert!(grown.iter().zip(&before).all(|(g, b)| g.chunks_used > b.chunks_used), "{grown:?}");
+    let snapshot = reclaimer.client_snapshot().unwrap();
+    assert!(snapshot.client_ids().contains(&killed_id) && !snapshot.client_ids().contains(&0));
+    // The live client's heartbeat moves; and the snapshot gets older than two short leases.
+    let live_beat = snapshot.beat(live.client_id()).expect("the live client holds a slot");
+    let started = std::time::Instant::now();
+    while reclaimer.client_snapshot().unwrap().beat(live.client_id()) == Some(live_beat) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(300), "the live client's heartbeat never moved");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(quick.lease * 2);
+
+    let done = reclaimer.reclaim_dead_clients(&snapshot).unwrap();
+    assert_eq!(done.clients, vec![killed_id], "only the killed client held a slot it no longer beats");
+    assert!(done.chunks.iter().map(|(_, n)| n).sum::<u64>() >= 4, "{done:?}");
+    assert_eq!(live_thread.with_endpoint(|ep| ep.read_u64(kept)).unwrap(), 0x5eed, "the live client's block was kept");
+    let again = reclaimer.reclaim_dead_clients(&reclaimer.client_snapshot().unwrap()).unwrap();
+    assert_eq!(again, Default::default(), "nothing left to reclaim");
+    live_thread.free(kept).unwrap();
+    live_thread.flush().unwrap();
+    assert_eq!(reclaimer.thread().unwrap().usage().unwrap(), before, "every dead client's chunk is back");
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! offset 0              header (HEADER_BYTES): magic, state, version, geometry, counters
+//! CLIENTS               the client table (CLIENT_SLOTS slots; used on the cluster's first node)
 //! bitmap_offset         one bit per chunk, 1 = claimed; u64 words claimed with CAS
 //! desc_offset           one Descriptor (DESC_BYTES) per chunk: owner, class, remote free list
 //! data_offset           chunk_count chunks of chunk_size bytes, data_offset % chunk_size == 0
@@ -13,14 +14,35 @@
 
 /// "RDMPOOL1", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RDMPOOL1");
-/// Format version.
-pub const VERSION: u64 = 1;
+/// Format version (2: the client table).
+pub const VERSION: u64 = 2;
 /// Bytes reserved for the header at offset 0.
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of one chunk descriptor.
 pub const DESC_BYTES: u64 = 32;
-/// Smallest block: room for the remote free list's next pointer.
+/// Smallest block: room for the remote free list's next pointer and the freed mark.
 pub const MIN_BLOCK: u64 = 16;
+
+/// Where the client table starts: right after the header.
+pub const CLIENTS: u64 = HEADER_BYTES;
+/// Slots of the client table: live clients of a cluster at once.
+pub const CLIENT_SLOTS: u64 = 1024;
+/// Bytes of one client slot.
+pub const CLIENT_SLOT_BYTES: u64 = 32;
+/// Bytes of the client table.
+pub const CLIENT_TABLE_BYTES: u64 = CLIENT_SLOTS * CLIENT_SLOT_BYTES;
+
+/// Word offsets in a client slot. A live client holds a slot (CAS of ID from 0) and beats it
+/// (fetch-and-add on BEAT every LEASE_MS / 4 ms); a client that exits clears ID. Chunks whose
+/// owner's client holds no slot, or one whose beat stopped, belong to a dead client.
+pub mod client {
+    /// The client id, 0 for a free slot.
+    pub const ID: u64 = 0;
+    /// The heartbeat counter.
+    pub const BEAT: u64 = 8;
+    /// The client's lease in milliseconds: dead after two of them without a beat.
+    pub const LEASE_MS: u64 = 16;
+}
 
 /// Header word offsets.
 pub mod header {
@@ -61,7 +83,8 @@ pub const STATE_READY: u64 = 2;
 
 /// Descriptor word offsets (from the descriptor's start).
 pub mod desc {
-    /// Owner: client id << 16 | arena id; 0 when the chunk is free. Large allocations release
+    /// Owner ([`super::owner`]): the node of the owner's client table << 48 | client id << 16 |
+    /// arena id; 0 when the chunk is free. Large allocations release
     /// by CASing it to 0, which is how a second free of the same block is caught.
     pub const OWNER: u64 = 0;
     /// The block size for small chunks; [`super::LARGE`] | span for the first chunk of a large
@@ -81,6 +104,17 @@ pub const FREED_MAGIC: u64 = u64::from_le_bytes(*b"RDMFREED");
 /// Word 1 of `block` (a raw `GlobalAddr`) while it is on a remote free list.
 pub fn freed_mark(block: u64) -> u64 {
     FREED_MAGIC ^ block
+}
+
+/// The owner word of chunks claimed by `arena` of client `client` (below 2^32), whose slot is
+/// in the client table of node `table` (the first node of its cluster).
+pub fn owner(table: u16, client: u64, arena: u16) -> u64 {
+    (table as u64) << 48 | (client & 0xffff_ffff) << 16 | arena as u64
+}
+
+/// The client table node and client id of an owner word.
+pub fn owner_client(owner: u64) -> (u16, u64) {
+    ((owner >> 48) as u16, (owner >> 16) & 0xffff_ffff)
 }
 
 /// Class flag: first chunk of a large allocation; the low bits hold the span in chunks.
@@ -113,9 +147,9 @@ impl Geometry {
             return None;
         }
         // An upper bound (ignoring the bitmap and alignment), then down until it fits.
-        let mut count = pool_size.checked_sub(HEADER_BYTES)? / (chunk_size + DESC_BYTES);
+        let mut count = pool_size.checked_sub(HEADER_BYTES + CLIENT_TABLE_BYTES)? / (chunk_size + DESC_BYTES);
         while count > 0 {
-            let bitmap_offset = HEADER_BYTES;
+            let bitmap_offset = HEADER_BYTES + CLIENT_TABLE_BYTES;
             let desc_offset = bitmap_offset + count.div_ceil(64) * 8;
             let data_offset = (desc_offset + count * DESC_BYTES).next_multiple_of(chunk_size);
             if data_offset + count * chunk_size <= pool_size {
@@ -190,17 +224,18 @@ mod tests {
             match Geometry::plan(pool, chunk) {
                 Some(g) => {
                     prop_assert!(g.chunk_count > 0);
-                    prop_assert!(g.bitmap_offset >= HEADER_BYTES);
+                    prop_assert!(g.bitmap_offset >= CLIENTS + CLIENT_TABLE_BYTES);
                     prop_assert!(g.desc_offset >= g.bitmap_offset + g.bitmap_words() * 8);
                     prop_assert!(g.data_offset >= g.desc_offset + g.chunk_count * DESC_BYTES);
                     prop_assert_eq!(g.data_offset % chunk, 0);
                     prop_assert!(g.data_offset + g.chunk_count * chunk <= pool);
                     // Not wasteful: one more chunk would not fit.
                     let more = g.chunk_count + 1;
-                    let data = (HEADER_BYTES + more.div_ceil(64) * 8 + more * DESC_BYTES).next_multiple_of(chunk);
+                    let data = (HEADER_BYTES + CLIENT_TABLE_BYTES + more.div_ceil(64) * 8 + more * DESC_BYTES)
+                        .next_multiple_of(chunk);
                     prop_assert!(data + more * chunk > pool);
                 }
-                None => prop_assert!(pool < HEADER_BYTES + DESC_BYTES + 8 + 2 * chunk),
+                None => prop_assert!(pool < HEADER_BYTES + CLIENT_TABLE_BYTES + DESC_BYTES + 8 + 2 * chunk),
             }
         }
 

@@ -57,12 +57,15 @@
 //! fresh pool is zero, and a freed block's first 16 bytes hold the free list's link and mark).
 //!
 //! # Dead clients
-//! Every claimed chunk records its owner (`client id << 16 | arena`, client ids from a counter
-//! in the first node's header). Chunks of a client that died stay claimed. The plan for taking
-//! them back: clients renew a lease word per client id (a heartbeat epoch) in a client table
-//! in the pool; a reclaimer that sees a lease unchanged for two lease periods CASes the dead
-//! client's chunk descriptors' owner to its own and then releases them like empty chunks. The
-//! owner field and the CAS on it (as for large frees) are what makes that safe to add.
+//! Every claimed chunk records its owner ([`layout::owner`]: the client table's node, the
+//! client id, the arena). A client holds a slot in the client table on its cluster's first
+//! node and beats it from a heartbeat thread every quarter of its lease
+//! ([`AllocatorOptions::lease`], [`DEFAULT_CLIENT_LEASE`]); a client that exits cleanly frees
+//! its slot. [`Allocator::reclaim_dead_clients`] (or `rdmem-pools reclaim`) takes back the
+//! chunks of dead clients: those holding no slot, and those whose heartbeat has not moved for
+//! two of their leases (their slot is freed too). Each chunk is released by a CAS on its owner
+//! word, so a racing reclaimer or free loses harmlessly. Everything a dead client allocated is
+//! freed, even blocks others still use; a client stalled for two leases is taken for dead.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -74,7 +77,9 @@ pub mod layout;
 pub mod pool;
 pub mod stress;
 
-pub use alloc::{Allocator, AllocatorOptions, Mode, Placement, ThreadAlloc};
+pub use alloc::{
+    Allocator, AllocatorOptions, ClientSnapshot, DEFAULT_CLIENT_LEASE, Mode, Placement, Reclaimed, ThreadAlloc,
+};
 pub use boxed::RemoteBox;
 pub use error::{AllocError, Result};
 pub use pool::NodeUsage;

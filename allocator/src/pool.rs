@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, NodeInfo};
 
 use crate::error::{AllocError, Result};
-use crate::layout::{self, Geometry, desc, header};
+use crate::layout::{self, Geometry, client, desc, header};
 
 /// An endpoint that counts the network operations it issues (for `rdma_ops_per_op`).
 pub(crate) struct Net<E> {
@@ -358,6 +358,64 @@ fn word_masks(first: u64, span: u64) -> impl Iterator<Item = (usize, u64)> {
         let mask = if hi - lo == 64 { !0 } else { ((1u64 << (hi - lo)) - 1) << lo };
         i = (word + 1) * 64;
         Some((word as usize, mask))
+    })
+}
+
+/// One slot of the client table, as read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientSlot {
+    pub slot: u64,
+    pub id: u64,
+    pub beat: u64,
+    pub lease: Duration,
+}
+
+/// Reads the client table of `node` (one READ): the occupied slots.
+pub(crate) fn read_clients<E: Endpoint>(net: &mut Net<E>, node: NodeId) -> Result<Vec<ClientSlot>> {
+    let mut raw = vec![0u8; layout::CLIENT_TABLE_BYTES as usize];
+    net.read(at(node, layout::CLIENTS), &mut raw)?;
+    let word = |slot: usize, w: u64| {
+        let at = slot * layout::CLIENT_SLOT_BYTES as usize + w as usize;
+        u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"))
+    };
+    Ok((0..layout::CLIENT_SLOTS as usize)
+        .filter(|&s| word(s, client::ID) != 0)
+        .map(|s| ClientSlot {
+            slot: s as u64,
+            id: word(s, client::ID),
+            beat: word(s, client::BEAT),
+            lease: Duration::from_millis(word(s, client::LEASE_MS)),
+        })
+        .collect())
+}
+
+/// The address of word `w` of client slot `slot` on `node`.
+pub(crate) fn client_word(node: NodeId, slot: u64, w: u64) -> GlobalAddr {
+    at(node, layout::CLIENTS + slot * layout::CLIENT_SLOT_BYTES + w)
+}
+
+/// Takes a free slot of `node`'s client table for `id` (CAS of its id word from 0) and records
+/// the lease; the slot's number.
+pub(crate) fn register_client<E: Endpoint>(net: &mut Net<E>, node: NodeId, id: u64, lease: Duration) -> Result<u64> {
+    let mut raw = vec![0u8; layout::CLIENT_TABLE_BYTES as usize];
+    net.read(at(node, layout::CLIENTS), &mut raw)?;
+    for slot in 0..layout::CLIENT_SLOTS {
+        let at = (slot * layout::CLIENT_SLOT_BYTES) as usize;
+        if raw[at..at + 8] != [0u8; 8] {
+            continue;
+        }
+        if net.cas(client_word(node, slot, client::ID), 0, id)? == 0 {
+            let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+            net.write(client_word(node, slot, client::LEASE_MS), &ms.to_le_bytes())?;
+            return Ok(slot);
+        }
+    }
+    Err(AllocError::BadPool {
+        node,
+        reason: format!(
+            "its client table is full: {} clients hold a slot (reclaim dead ones with `rdmem-pools reclaim`)",
+            layout::CLIENT_SLOTS
+        ),
     })
 }
 

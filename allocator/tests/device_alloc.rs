@@ -92,3 +92,37 @@ fn stealing_and_strict_modes_when_a_node_is_full() {
     assert!(transport.nodes().iter().all(|n| n.pool_size == 2 << 20));
     conformance::stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not(&transport);
 }
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn chunks_of_dead_clients_are_reclaimed_over_rdma() {
+    conformance::dead_clients(&connect(&two_memnodes("16M")));
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_killed_client_process_chunks_are_reclaimed() {
+    let nodes = two_memnodes("32M");
+    let transport = connect(&nodes);
+    let options = AllocatorOptions { chunk_size: conformance::CHUNK, ..Default::default() };
+    let allocator = Allocator::new(Arc::clone(&transport), options).unwrap();
+    let before = allocator.thread().unwrap().usage().unwrap();
+    // A client process in the middle of a long workload, killed once it holds chunks.
+    let mut client = Command::new(find_binary("rdmem-pools"))
+        .args(["--memnode", nodes[0].addr(), "--memnode", nodes[1].addr(), "--chunk-size", "65536"])
+        .args(["stress", "--threads", "2", "--steps", "100000000"])
+        .env("RDMEM_TOKEN", TOKEN)
+        .spawn()
+        .expect("start rdmem-pools stress");
+    let started = std::time::Instant::now();
+    while allocator.thread().unwrap().usage().unwrap().iter().zip(&before).all(|(u, b)| u.chunks_used <= b.chunks_used)
+    {
+        assert!(started.elapsed() < std::time::Duration::from_secs(300), "the client never claimed a chunk");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let done = allocator.reclaim_dead_clients_now().unwrap();
+    assert_eq!(done.clients.len(), 1, "the killed client: {done:?}");
+    assert_eq!(allocator.thread().unwrap().usage().unwrap(), before, "its chunks are back: {done:?}");
+}

@@ -13,7 +13,7 @@ use rdmem_core::{LoopbackTransport, NodeId};
 const CHUNK: u64 = 64 << 10;
 
 fn options(placement: Placement, mode: Mode) -> AllocatorOptions {
-    AllocatorOptions { chunk_size: CHUNK, placement, mode }
+    AllocatorOptions { chunk_size: CHUNK, placement, mode, ..AllocatorOptions::default() }
 }
 
 fn two_nodes(size: u64) -> Arc<LoopbackTransport> {
@@ -175,6 +175,11 @@ fn remote_double_frees_are_caught_and_never_hang_the_owner() {
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the checks failed (see the panic above)"),
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the owner hangs on a looping remote free list"),
     }
+}
+
+#[test]
+fn chunks_of_dead_clients_are_reclaimed_and_live_ones_kept() {
+    conformance::dead_clients(&two_nodes(8 << 20));
 }
 
 #[test]

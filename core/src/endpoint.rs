@@ -209,7 +209,7 @@ impl Op<'_> {
 }
 
 /// A process's way to reach remote memory; hands out per-thread [`Endpoint`]s.
-pub trait Transport: Send + Sync {
+pub trait Transport: Send + Sync + 'static {
     /// The per-thread endpoint type.
     type Endpoint: Endpoint;
 

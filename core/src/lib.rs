@@ -31,6 +31,8 @@
 //! - [`LoopbackTransport`]: the same traits over in-process pools, with latency and fault
 //!   injection, for tests of everything built on top.
 //! - [`ClusterConfig`]: memory nodes, token and device, from a TOML file, the environment and flags.
+//! - [`heartbeat`]: a thread that moves a remote word, so others can tell live participants
+//!   from dead ones.
 //!
 //! # Thread safety
 //! Transports are `Send + Sync`; endpoints are `Send` but used by one thread at a time (`&mut`),
@@ -49,6 +51,7 @@ pub mod config;
 pub mod conformance;
 pub mod endpoint;
 pub mod error;
+pub mod heartbeat;
 pub mod loopback;
 
 pub use addr::{GlobalAddr, NodeId, RemotePtr};

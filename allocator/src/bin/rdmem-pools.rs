@@ -3,11 +3,14 @@
 //! ```sh
 //! rdmem-pools usage  --memnode 10.0.0.1:7471 --memnode 10.0.0.2:7471   # chunks used per node
 //! rdmem-pools stress --threads 2 --steps 5000 --seed 1                  # checked random alloc/free
+//! rdmem-pools reclaim                                                   # free dead clients' chunks
 //! soft-roce-setup/vm-run sh -c 'rdmem-memnode --pool-size 64M & sleep 1; rdmem-pools stress --memnode 127.0.0.1'
 //! ```
 //! `usage` reads the pool headers (formatting a fresh pool first, as any client would).
 //! `stress` runs a random workload that checks every block's bytes before freeing it and ends
-//! with the pools' usage back where it started; it exits non-zero on any violation. Memory
+//! with the pools' usage back where it started; it exits non-zero on any violation. `reclaim`
+//! returns the chunks of dead clients (exited, or heartbeat stopped for two leases; it waits
+//! that long) to the pools: everything they allocated is freed. Memory
 //! nodes, token and device also come from RDMEM_* variables or RDMEM_CONFIG.
 
 use std::process::ExitCode;
@@ -48,6 +51,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Free the chunks of dead clients (waits two of the longest client lease first).
+    Reclaim,
 }
 
 fn main() -> ExitCode {
@@ -70,8 +75,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         config.memnodes = cli.memnodes.clone();
     }
     let transport = Arc::new(RdmaTransport::connect(RdmaOptions::from_config(&config)?)?);
-    let options =
-        AllocatorOptions { chunk_size: cli.chunk_size, placement: Placement::RoundRobin, mode: Mode::Stealing };
+    let options = AllocatorOptions {
+        chunk_size: cli.chunk_size,
+        placement: Placement::RoundRobin,
+        mode: Mode::Stealing,
+        ..AllocatorOptions::default()
+    };
     let allocator = Allocator::new(transport, options)?;
     match cli.command {
         Command::Usage => {
@@ -89,6 +98,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     u.bytes_used(),
                     u.bytes_total()
                 );
+            }
+        }
+        Command::Reclaim => {
+            let done = allocator.reclaim_dead_clients_now()?;
+            let chunks: u64 = done.chunks.iter().map(|(_, n)| n).sum();
+            println!("reclaimed {} dead client(s) {:?} and {chunks} chunk(s):", done.clients.len(), done.clients);
+            for (node, n) in done.chunks {
+                println!("  {node}: {n} chunk(s) returned");
             }
         }
         Command::Stress { threads, steps, seed } => {
