@@ -167,9 +167,13 @@ fn ranks_that_disagree_on_an_allocation_size_get_an_error() {
 
 #[test]
 fn the_last_rank_to_leave_frees_everything_for_the_next_job() {
+    let idle = usage(&Arc::new(LoopbackTransport::new(&[16 << 20, 16 << 20])));
     let transport = ranks(2, |dsm| {
         dsm.alloc(1 << 20).unwrap();
+        dsm.alloc(100).unwrap();
     });
+    // Every chunk is back: each rank freed its own blocks, the creator the control block.
+    assert_eq!(usage(&transport), idle, "a clean leave leaks no chunk");
     // A second job on the same memory nodes joins cleanly.
     std::thread::scope(|s| {
         for rank in 0..2 {
@@ -328,5 +332,93 @@ fn a_rank_that_calls_one_barrier_too_many_gets_a_timeout_not_a_hang() {
                 }
             });
         }
+    });
+}
+
+/// Usage of every node's pool, read by a client of its own.
+fn usage(transport: &Arc<LoopbackTransport>) -> Vec<u64> {
+    let allocator = rdmem_allocator::Allocator::new(transport.clone(), Default::default()).unwrap();
+    allocator.thread().unwrap().usage().unwrap().iter().map(|u| u.chunks_used).collect()
+}
+
+/// A job whose ranks all died leaves its control block behind; the next job on the same memory
+/// nodes tells it is dead (its heartbeat stays put), takes the nodes over and frees the dead
+/// job's memory. Whatever the next job's size or name.
+#[test]
+fn a_job_whose_ranks_died_is_taken_over_by_the_next_one() {
+    let transport = Arc::new(LoopbackTransport::new(&[16 << 20, 16 << 20]));
+    let idle = usage(&transport);
+    for (next_size, next_job) in [(2u32, "default"), (3, "default"), (2, "other")] {
+        // A job of 2 that dies: a short lease, so its death shows quickly.
+        std::thread::scope(|s| {
+            for rank in 0..2u32 {
+                let transport = transport.clone();
+                s.spawn(move || {
+                    let mut options = DsmOptions::new(rank, 2);
+                    options.lease = std::time::Duration::from_millis(40);
+                    let dsm = Dsm::join_with(transport, options).unwrap();
+                    let a = dsm.alloc(1 << 20).unwrap();
+                    dsm.set(a, &7u64).unwrap();
+                    dsm.barrier().unwrap();
+                    dsm.abandon(); // killed: no leave, nothing freed
+                });
+            }
+        });
+        assert!(usage(&transport).iter().zip(&idle).any(|(u, i)| u > i), "the dead job holds memory");
+        // The next job (default lease) joins, starts from fresh memory, and leaves cleanly.
+        std::thread::scope(|s| {
+            for rank in 0..next_size {
+                let transport = transport.clone();
+                s.spawn(move || {
+                    let mut options = DsmOptions::new(rank, next_size);
+                    options.job = next_job.into();
+                    let dsm = Dsm::join_with(transport, options).expect("the next job joins over the dead one");
+                    let a = dsm.alloc(1 << 20).unwrap();
+                    assert_eq!(dsm.get::<u64>(a).unwrap(), 0, "fresh memory, not the dead job's");
+                    dsm.leave().unwrap();
+                });
+            }
+        });
+        assert_eq!(usage(&transport), idle, "the dead job's memory was reclaimed ({next_size} ranks, {next_job:?})");
+    }
+}
+
+/// A job that is alive keeps the memory nodes: another job trying to join gets an error naming
+/// it, and does not disturb it.
+#[test]
+fn a_live_job_is_not_taken_over() {
+    let transport = Arc::new(LoopbackTransport::new(&[16 << 20]));
+    let (joined_tx, joined_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let done_rx = std::sync::Mutex::new(done_rx);
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            let (transport, joined_tx, done_rx) = (transport.clone(), joined_tx.clone(), &done_rx);
+            s.spawn(move || {
+                let dsm = Dsm::join_with(transport, DsmOptions::new(rank, 2)).unwrap();
+                let a = dsm.alloc(4096).unwrap();
+                dsm.set(a.byte_add(8 * rank as u64), &(rank as u64 + 1)).unwrap();
+                dsm.barrier().unwrap();
+                joined_tx.send(()).unwrap();
+                let _ = done_rx.lock().unwrap().recv();
+                dsm.barrier().unwrap();
+                for r in 0..2u64 {
+                    assert_eq!(dsm.get::<u64>(a.byte_add(8 * r)).unwrap(), r + 1, "its memory is intact");
+                }
+                dsm.leave().unwrap();
+            });
+        }
+        joined_rx.recv().unwrap();
+        joined_rx.recv().unwrap();
+        for (size, job) in [(2u32, "default"), (3, "default"), (1, "other")] {
+            let mut options = DsmOptions::new(0, size);
+            options.job = job.into();
+            match Dsm::join_with(transport.clone(), options) {
+                Err(DsmError::Join(e)) => assert!(e.contains("heartbeat is live"), "{e}"),
+                Ok(_) => panic!("joined a live job's memory nodes ({size}, {job})"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(done_tx);
     });
 }

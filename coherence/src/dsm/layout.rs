@@ -3,12 +3,16 @@
 //! ```text
 //! allocator header word ROOT (node 0)   0 = no DSM, 1 = being created, else the control block
 //! control block (node 0), zeroed on creation:
-//!   0      MAGIC, JOB (hash of the job name), SIZE (ranks), JOINED, LEFT (fetch-and-add)
+//!   0      MAGIC, JOB (hash of the job name), SIZE (ranks), JOINED, LEFT (fetch-and-add),
+//!          HEARTBEAT (every rank adds 1 every lease / 4: a job whose word stays put is dead),
+//!          LEASE_MS (the job's lease, so a later job knows how long to watch the heartbeat),
+//!          INSTANCE (tells this block from another made later at the same address)
 //!   64     barrier: COUNTER, EPOCH, END (ring position the last round ended at), RING_HEAD
+//!   96     CREATOR (rank + 1 of the rank that made the block: it frees it at leave)
 //!   128    barrier notice ring: BARRIER_RING words
 //!   LOCKS  LOCK_COUNT locks of LOCK_BYTES: lock word, notice head, LOCK_RING notice words
 //!   ALLOCS ALLOC_COUNT entries of ALLOC_BYTES: state (0 free, 1 claimed, 2 ready), bytes,
-//!          stripe pages, node count, then one base address per node
+//!          stripe pages, node count, the allocating rank, then one base address per node
 //! ```
 //! A write notice is `(rank + 1) << 48 | (page + 1)`; 0 is an empty slot.
 //!
@@ -29,6 +33,12 @@ pub const SIZE: u64 = 16;
 pub const JOINED: u64 = 24;
 /// Ranks that left (FAA).
 pub const LEFT: u64 = 32;
+/// The job's heartbeat (every rank's [`rdmem_core::heartbeat::Heartbeat`]).
+pub const HEARTBEAT: u64 = 40;
+/// The job's lease in milliseconds.
+pub const LEASE_MS: u64 = 48;
+/// A number unique to this control block.
+pub const INSTANCE: u64 = 56;
 /// Barrier arrivals (only grows).
 pub const BARRIER_COUNTER: u64 = 64;
 /// Barrier rounds completed.
@@ -37,6 +47,8 @@ pub const BARRIER_EPOCH: u64 = 72;
 pub const BARRIER_END: u64 = 80;
 /// Barrier notices appended so far (FAA).
 pub const BARRIER_HEAD: u64 = 88;
+/// Rank + 1 of the control block's creator.
+pub const CREATOR: u64 = 96;
 /// The barrier notice ring.
 pub const BARRIER_RING_AT: u64 = 128;
 /// Slots of the barrier ring.
@@ -56,7 +68,7 @@ pub const ALLOC_COUNT: u64 = 256;
 /// Memory nodes an allocation can spread over.
 pub const MAX_NODES: usize = 12;
 /// Bytes per allocation entry.
-pub const ALLOC_BYTES: u64 = 32 + 8 * MAX_NODES as u64;
+pub const ALLOC_BYTES: u64 = 40 + 8 * MAX_NODES as u64;
 /// The control block's size.
 pub const CONTROL_BYTES: u64 = ALLOCS + ALLOC_COUNT * ALLOC_BYTES;
 

@@ -60,6 +60,7 @@ use std::thread::ThreadId;
 use std::time::Duration;
 
 use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement};
+use rdmem_core::heartbeat::{Heartbeat, beats_within};
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::barrier::RemoteBarrier;
@@ -221,6 +222,8 @@ impl DsmOptions {
 struct Allocation {
     bytes: u64,
     bases: Vec<GlobalAddr>,
+    /// The rank that allocated it (and frees it at leave: its own blocks).
+    owner: u32,
 }
 
 /// Maps pages to homes through the allocations this process knows.
@@ -312,6 +315,8 @@ pub struct Dsm<T: Transport> {
     /// Collective allocations made so far by this rank.
     next_alloc: AtomicU64,
     left: AtomicBool,
+    /// This rank's beat of the job's heartbeat word (stopped at leave).
+    heartbeat: Mutex<Option<Heartbeat>>,
 }
 
 impl Dsm<rdmem_transport_rdma::RdmaTransport> {
@@ -334,6 +339,9 @@ impl<T: Transport> Dsm<T> {
         if options.size == 0 || options.rank >= options.size {
             return Err(DsmError::Join(format!("rank {} of size {} is not a rank", options.rank, options.size)));
         }
+        if options.lease < Duration::from_millis(4) {
+            return Err(DsmError::Join(format!("a lease of {:?} is too short (at least 4 ms)", options.lease)));
+        }
         let nodes: Vec<NodeId> = transport.nodes().iter().map(|n| n.id).collect();
         if nodes.len() > layout::MAX_NODES {
             return Err(DsmError::Join(format!(
@@ -345,13 +353,23 @@ impl<T: Transport> Dsm<T> {
         let allocators = nodes
             .iter()
             .map(|&id| {
-                let opts = AllocatorOptions { placement: Placement::Node(id), ..AllocatorOptions::default() };
+                let opts = AllocatorOptions {
+                    placement: Placement::Node(id),
+                    lease: options.lease,
+                    ..AllocatorOptions::default()
+                };
                 Allocator::new(transport.clone(), opts)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut ep = transport.endpoint()?;
         let cache = PageCache::new(&mut ep, CacheOptions { stripe_pages: layout::STRIPE_PAGES, ..options.cache })?;
         let control = Self::find_control(&mut ep, &allocators[0], nodes[0], &options)?;
+        // The job's heartbeat: every rank beats it, so a later job can tell this one is alive.
+        let heartbeat = Heartbeat::start(
+            Arc::clone(&transport),
+            control.checked_add(layout::HEARTBEAT).expect("control block"),
+            options.lease / 4,
+        )?;
         let locks = (0..layout::LOCK_COUNT)
             .map(|_| LocalLock {
                 busy: AtomicBool::new(false),
@@ -384,12 +402,13 @@ impl<T: Transport> Dsm<T> {
             }),
             next_alloc: AtomicU64::new(0),
             left: AtomicBool::new(false),
+            heartbeat: Mutex::new(Some(heartbeat)),
             options,
         };
         let joined = dsm.with_ep(|ep| ep.faa(dsm.at(layout::JOINED), 1))?;
         if joined >= dsm.size as u64 {
             return Err(DsmError::Join(format!(
-                "{} ranks joined a job of size {}: is another job using these memory nodes with the same name?",
+                "{} ranks joined a job of size {}: another job of the same name is joining these memory nodes at the same time (use another name, RDMEM_JOB)",
                 joined + 1,
                 dsm.size
             )));
@@ -399,7 +418,11 @@ impl<T: Transport> Dsm<T> {
     }
 
     /// The control block: created by the first rank (CAS on the allocator header's ROOT
-    /// word), waited for by the others, and checked against this job.
+    /// word), waited for by the others, and checked against this job. A block that is full
+    /// (every rank joined) or belongs to another job is checked for life: if its heartbeat
+    /// stays put for two leases, its job is dead, and this rank takes the memory nodes over
+    /// (frees the dead clients' memory, makes a fresh block); if it beats, that is an error
+    /// naming the live job.
     fn find_control(
         ep: &mut T::Endpoint,
         allocator: &Allocator<T>,
@@ -408,47 +431,112 @@ impl<T: Transport> Dsm<T> {
     ) -> Result<GlobalAddr> {
         let root = GlobalAddr::new(node, rdmem_allocator::layout::header::ROOT).expect("header word");
         let job = layout::job_hash(&options.job);
-        let mut value = ep.cas(root, 0, 1)?;
-        if value == 0 {
+        loop {
+            let mut value = ep.cas(root, 0, 1)?;
+            if value == 0 {
+                return Self::create_control(ep, allocator, root, job, options);
+            }
+            let mut waited = 0u32;
+            while value == 1 {
+                std::thread::sleep(Duration::from_millis(1));
+                waited += 1;
+                if waited > 30_000 {
+                    return Err(DsmError::Join("the DSM control block is still being created after 30 s (its creator died?); restart the memory nodes".into()));
+                }
+                value = ep.read_u64(root)?;
+            }
+            let control = GlobalAddr::from_raw(value);
+            let header = read_words(ep, control, 8)?;
+            let instance = header[(layout::INSTANCE / 8) as usize];
+            let (magic, their_job, size, joined) = (header[0], header[1], header[2], header[3]);
+            let their_lease = Duration::from_millis(header[(layout::LEASE_MS / 8) as usize]);
+            let trouble = if magic != layout::MAGIC {
+                // Its memory was reclaimed and reused: nothing of that job is left.
+                None
+            } else if their_job != job {
+                Some(format!("another DSM job (not {:?}) is running on these memory nodes", options.job))
+            } else if size != options.size as u64 {
+                Some(format!(
+                    "a job named {:?} of {size} ranks (not {}) is running on these memory nodes",
+                    options.job, options.size
+                ))
+            } else if joined >= size {
+                Some(format!(
+                    "a job named {:?} whose {size} ranks all joined is running on these memory nodes",
+                    options.job
+                ))
+            } else {
+                return Ok(control); // a job forming: join it
+            };
+            let snapshot = allocator.client_snapshot()?;
+            if let Some(trouble) = &trouble {
+                // Two of that job's leases: its ranks beat every quarter of one.
+                let window = if their_lease.is_zero() { options.lease } else { their_lease } * 2;
+                let alive = beats_within(ep, control.checked_add(layout::HEARTBEAT).expect("control block"), window)?;
+                // Meanwhile another rank may have taken over and made a new block, even at the
+                // same address: then look again.
+                let now = read_words(ep, control, 8)?;
+                if ep.read_u64(root)? != value || now[(layout::INSTANCE / 8) as usize] != instance {
+                    continue;
+                }
+                if alive {
+                    return Err(DsmError::Join(format!(
+                        "{trouble} (its heartbeat is live): wait for it to leave, or use another job name (RDMEM_JOB)"
+                    )));
+                }
+            }
+            // Dead (or gone): take over, unless another rank is doing it already.
+            if ep.cas(root, value, 1)? != value {
+                continue;
+            }
+            let reclaimed = match allocator.reclaim_dead_clients(&snapshot) {
+                Ok(r) => r,
+                Err(e) => {
+                    ep.write_u64(root, value)?; // put it back for someone else to try
+                    return Err(e.into());
+                }
+            };
+            tracing::warn!(
+                "the DSM control block at {control} belonged to a dead job ({}); taking the memory nodes over \
+                 (reclaimed dead clients {:?}: chunks {:?})",
+                trouble.as_deref().unwrap_or("its block was reclaimed"),
+                reclaimed.clients,
+                reclaimed.chunks
+            );
+            return Self::create_control(ep, allocator, root, job, options);
+        }
+    }
+
+    /// Allocates and formats a fresh control block and publishes it in ROOT (which this rank
+    /// set to 1).
+    fn create_control(
+        ep: &mut T::Endpoint,
+        allocator: &Allocator<T>,
+        root: GlobalAddr,
+        job: u64,
+        options: &DsmOptions,
+    ) -> Result<GlobalAddr> {
+        let made = (|| -> Result<GlobalAddr> {
             let control = allocator
                 .thread()?
                 .alloc(std::alloc::Layout::from_size_align(layout::CONTROL_BYTES as usize, 4096).expect("layout"))?;
             write_zeros(ep, control, layout::CONTROL_BYTES)?;
             write_words(ep, control, &[layout::MAGIC, job, options.size as u64])?;
-            ep.write_u64(root, control.to_raw())?;
-            return Ok(control);
-        }
-        let mut waited = 0u32;
-        while value == 1 {
-            std::thread::sleep(Duration::from_millis(1));
-            waited += 1;
-            if waited > 30_000 {
-                return Err(DsmError::Join("the DSM control block is still being created after 30 s (its creator died?); restart the memory nodes".into()));
+            ep.write_u64(control.checked_add(layout::CREATOR).expect("control block"), options.rank as u64 + 1)?;
+            let lease_ms = u64::try_from(options.lease.as_millis()).unwrap_or(u64::MAX).max(1);
+            write_words(ep, control.checked_add(layout::LEASE_MS).expect("control block"), &[lease_ms, instance_id()])?;
+            Ok(control)
+        })();
+        match made {
+            Ok(control) => {
+                ep.write_u64(root, control.to_raw())?;
+                Ok(control)
             }
-            value = ep.read_u64(root)?;
+            Err(e) => {
+                let _ = ep.write_u64(root, 0); // let the next rank try
+                Err(e)
+            }
         }
-        let control = GlobalAddr::from_raw(value);
-        let header = read_words(ep, control, 3)?;
-        let word = |i: usize| header[i];
-        if word(0) != layout::MAGIC {
-            return Err(DsmError::Join(format!(
-                "the memory nodes' ROOT word points at {control}, which is not a DSM control block"
-            )));
-        }
-        if word(1) != job {
-            return Err(DsmError::Join(format!(
-                "the memory nodes hold the state of another DSM job (not {:?}); wait for it to leave, or restart the memory nodes",
-                options.job
-            )));
-        }
-        if word(2) != options.size as u64 {
-            return Err(DsmError::Join(format!(
-                "this job has {} ranks, the one on the memory nodes {}",
-                options.size,
-                word(2)
-            )));
-        }
-        Ok(control)
     }
 
     fn at(&self, offset: u64) -> GlobalAddr {
@@ -505,25 +593,32 @@ impl<T: Transport> Dsm<T> {
                 for &base in &bases {
                     write_zeros(ep, base, share)?;
                 }
-                let mut fields = vec![bytes, layout::STRIPE_PAGES, nodes as u64];
+                let mut fields = vec![bytes, layout::STRIPE_PAGES, nodes as u64, self.rank as u64];
                 fields.extend(bases.iter().map(|b| b.to_raw()));
                 write_words(ep, word(1), &fields)?;
                 ep.write_u64(word(0), layout::ALLOC_READY)?;
-                return Ok(Allocation { bytes, bases });
+                return Ok(Allocation { bytes, bases, owner: self.rank });
             }
+            let started = std::time::Instant::now();
             while ep.read_u64(word(0))? != layout::ALLOC_READY {
+                if started.elapsed() > self.options.barrier_timeout {
+                    return Err(DsmError::Join(format!(
+                        "allocation #{index}: the rank making it has not finished after {:?} (it died?)",
+                        self.options.barrier_timeout
+                    )));
+                }
                 std::thread::sleep(Duration::from_micros(200));
             }
-            let fields = read_words(ep, word(1), 3 + nodes)?;
+            let fields = read_words(ep, word(1), 4 + nodes)?;
             if fields[0] != bytes {
                 return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: fields[0] });
             }
-            let bases = fields[3..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
-            Ok(Allocation { bytes, bases })
+            let bases = fields[4..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
+            Ok(Allocation { bytes, bases, owner: fields[3] as u32 })
         })?;
         let mut allocs = self.directory.allocs.write().unwrap_or_else(|p| p.into_inner());
         if allocs.len() as u64 <= index {
-            allocs.resize(index as usize + 1, Allocation { bytes: 0, bases: Vec::new() });
+            allocs.resize(index as usize + 1, Allocation { bytes: 0, bases: Vec::new(), owner: 0 });
         }
         allocs[index as usize] = allocation;
         Ok(SharedAddr(index << layout::ALLOC_SHIFT))
@@ -762,26 +857,52 @@ impl<T: Transport> Dsm<T> {
         })
     }
 
-    /// Leaves the job: writes everything home and waits for all ranks (a barrier). The last
-    /// rank to leave frees the shared memory and the control block, so the memory nodes can
-    /// host the next job.
+    /// Leaves the job: writes everything home and waits for all ranks (a barrier). Each rank
+    /// then frees the shared memory it allocated itself (its own blocks, so every chunk goes
+    /// back to the pools); the rank that made the control block waits for the others to be
+    /// done (at most the barrier timeout), then frees it, so the memory nodes can host the
+    /// next job.
     pub fn leave(self) -> Result<()> {
         self.barrier()?;
         self.left.store(true, Ordering::SeqCst);
-        let left = self.with_ep(|ep| Ok::<_, DsmError>(ep.faa(self.at(layout::LEFT), 1)?))? + 1;
-        if left < self.size as u64 {
-            return Ok(());
-        }
         let allocs = self.directory.allocs.read().unwrap_or_else(|p| p.into_inner()).clone();
         let threads: Vec<_> = self.allocators.iter().map(|a| a.thread()).collect::<Result<_, _>>()?;
-        for a in allocs.iter().filter(|a| !a.bases.is_empty()) {
+        for a in allocs.iter().filter(|a| !a.bases.is_empty() && a.owner == self.rank) {
             for (i, &base) in a.bases.iter().enumerate() {
                 threads[i].free(base)?;
             }
         }
-        threads[0].free(self.control)?;
-        let root = GlobalAddr::new(self.control.node(), rdmem_allocator::layout::header::ROOT).expect("header word");
-        self.with_ep(|ep| Ok::<_, DsmError>(ep.cas(root, self.control.to_raw(), 0)?))?;
+        for t in &threads {
+            t.flush()?;
+        }
+        let creator = self.with_ep(|ep| -> Result<u64> {
+            ep.faa(self.at(layout::LEFT), 1)?;
+            Ok(ep.read_u64(self.at(layout::CREATOR))?)
+        })?;
+        if creator == self.rank as u64 + 1 {
+            // The others touch the block until their LEFT arrives: wait for it, then free it.
+            let started = std::time::Instant::now();
+            self.with_ep(|ep| -> Result<()> {
+                while ep.read_u64(self.at(layout::LEFT))? < self.size as u64 {
+                    if started.elapsed() > self.options.barrier_timeout {
+                        return Err(DsmError::Join(format!(
+                            "leave: not every rank left within {:?}; the control block stays (a later job takes it over)",
+                            self.options.barrier_timeout
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Ok(())
+            })?;
+            threads[0].free(self.control)?;
+            threads[0].flush()?;
+            let root =
+                GlobalAddr::new(self.control.node(), rdmem_allocator::layout::header::ROOT).expect("header word");
+            self.with_ep(|ep| Ok::<_, DsmError>(ep.cas(root, self.control.to_raw(), 0)?))?;
+        }
+        if let Some(h) = locked(&self.heartbeat).take() {
+            h.stop();
+        }
         Ok(())
     }
 }
@@ -796,6 +917,20 @@ impl<T: Transport> Drop for Dsm<T> {
             }
         }
     }
+}
+
+/// A number that tells this control block from any other made at the same address: clock,
+/// process id and a counter, mixed.
+fn instance_id() -> u64 {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut x = nanos
+        ^ (std::process::id() as u64) << 40
+        ^ COUNT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // splitmix64's finalizer.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Appends notices for `pages` by `rank` at ring positions `head..` (the last `ring` of them
@@ -860,6 +995,19 @@ fn write_zeros<E: Endpoint>(ep: &mut E, addr: GlobalAddr, len: u64) -> rdmem_cor
 }
 
 impl<T: Transport> Dsm<T> {
+    /// For tests of dead jobs: stops this rank's heartbeats (the job's and its allocators')
+    /// and forgets it, writing nothing home, as if its process had been killed.
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        if let Some(h) = locked(&self.heartbeat).take() {
+            h.stop();
+        }
+        for a in &self.allocators {
+            a.stop_heartbeat();
+        }
+        std::mem::forget(self);
+    }
+
     /// True when the page of `addr` is in this process's cache.
     pub fn is_cached(&self, addr: SharedAddr) -> bool {
         self.cache.is_cached(addr.0 / PAGE_SIZE as u64)
