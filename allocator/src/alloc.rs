@@ -554,6 +554,36 @@ impl<T: Transport> ThreadAlloc<T> {
         Err(AllocError::OutOfMemory { node: self.shared.nodes[first].id, reason })
     }
 
+    /// Like [`ThreadAlloc::alloc`], with the block's bytes set to zero (WRITEs of zeros, 64 KiB
+    /// each, in one batch per 32 of them) before it is returned: for lock words, barrier words
+    /// and structures that start zeroed. Plain `alloc` does not zero: a block holds whatever its
+    /// last user left.
+    pub fn alloc_zeroed(&self, layout: std::alloc::Layout) -> Result<GlobalAddr> {
+        let addr = self.alloc(layout)?;
+        const PIECE: usize = 64 << 10;
+        let zeros = vec![0u8; PIECE.min(layout.size())];
+        let zeroed = self.with_endpoint(|ep| -> rdmem_core::Result<()> {
+            let mut done = 0;
+            while done < layout.size() {
+                let mut batch = ep.batch();
+                while done < layout.size() && batch.len() < 32 {
+                    let n = PIECE.min(layout.size() - done);
+                    let at = addr.checked_add(done as u64).expect("inside the block");
+                    batch.write(at, &zeros[..n]);
+                    done += n;
+                }
+                batch.submit()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = zeroed {
+            let _ = self.free(addr);
+            return Err(e.into());
+        }
+        self.inner.borrow_mut().net.ops += layout.size().div_ceil(PIECE) as u64;
+        Ok(addr)
+    }
+
     /// Frees a block from any thread or client of this cluster. Own blocks are freed locally;
     /// others go to their chunk's remote free list (one READ, one WRITE, one or more CAS).
     pub fn free(&self, addr: GlobalAddr) -> Result<()> {

@@ -225,3 +225,22 @@ pub fn dead_clients<T: Transport>(transport: &Arc<T>) {
     live_thread.flush().unwrap();
     assert_eq!(reclaimer.thread().unwrap().usage().unwrap(), before, "every dead client's chunk is back");
 }
+
+/// `alloc` hands out a block as its last user left it; `alloc_zeroed` zeroes it (pools of at
+/// least 4 MiB).
+pub fn zeroed_blocks<T: Transport>(transport: &Arc<T>) {
+    let allocator = Allocator::new(Arc::clone(transport), options(Placement::Node(NodeId(0)), Mode::Stealing)).unwrap();
+    let alloc = allocator.thread().unwrap();
+    for size in [64usize, 300_000] {
+        let keep = alloc.alloc(layout(64, 8)).unwrap(); // keeps the small chunk claimed
+        let a = alloc.alloc(layout(size, 8)).unwrap();
+        alloc.with_endpoint(|ep| ep.write(a, &vec![0xEE; size])).unwrap();
+        alloc.free(a).unwrap();
+        let b = alloc.alloc_zeroed(layout(size, 8)).unwrap();
+        let mut bytes = vec![1u8; size];
+        alloc.with_endpoint(|ep| ep.read(b, &mut bytes)).unwrap();
+        assert!(bytes.iter().all(|&x| x == 0), "alloc_zeroed of {size} bytes handed out dirty bytes");
+        alloc.free(b).unwrap();
+        alloc.free(keep).unwrap();
+    }
+}

@@ -183,6 +183,11 @@ fn chunks_of_dead_clients_are_reclaimed_and_live_ones_kept() {
 }
 
 #[test]
+fn alloc_zeroed_gives_zeroed_blocks() {
+    conformance::zeroed_blocks(&two_nodes(4 << 20));
+}
+
+#[test]
 fn round_robin_spreads_over_both_nodes() {
     conformance::round_robin_spreads_over_both_nodes(&two_nodes(8 << 20));
 }

@@ -35,8 +35,9 @@ pub struct RemoteBarrier {
 }
 
 impl RemoteBarrier {
-    /// A barrier of `participants` over two 8-aligned words (initially 0) at `counter` and
-    /// `epoch`. Every participant must name the same words and count.
+    /// A barrier of `participants` over two 8-aligned words (initially 0: allocate them with
+    /// `rdmem_allocator::ThreadAlloc::alloc_zeroed`) at `counter` and `epoch`. Every
+    /// participant must name the same words and count.
     pub fn new(counter: GlobalAddr, epoch: GlobalAddr, participants: u64) -> Result<Self> {
         for word in [counter, epoch] {
             if !word.is_aligned(8) {

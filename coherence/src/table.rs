@@ -19,7 +19,9 @@ pub struct LockTable {
 
 impl LockTable {
     /// A table of `count` locks over the regions at `bases` (one per node, each with room for
-    /// `count.div_ceil(bases.len())` zeroed words). Every process must use the same bases.
+    /// `count.div_ceil(bases.len())` zeroed words: allocate them with
+    /// `rdmem_allocator::ThreadAlloc::alloc_zeroed`, as `alloc` does not zero). Every process
+    /// must use the same bases.
     pub fn new(bases: Vec<GlobalAddr>, count: u64) -> Result<Self> {
         if let Some(&word) = bases.iter().find(|b| !b.is_aligned(8)) {
             return Err(LockError::Misaligned { word });

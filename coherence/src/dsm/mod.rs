@@ -93,6 +93,14 @@ pub enum DsmError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `alloc` of zero bytes, or of more than one allocation can hold.
+    #[error("cannot allocate {bytes} bytes of shared memory: an allocation holds 1 to {max} bytes")]
+    BadSize {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The most one allocation holds.
+        max: u64,
+    },
     /// A lock id beyond the table.
     #[error("lock id {id} is out of range: the DSM has {count} locks")]
     LockId {
@@ -575,7 +583,7 @@ impl<T: Transport> Dsm<T> {
     /// address.
     pub fn alloc(&self, bytes: u64) -> Result<SharedAddr> {
         if bytes == 0 || bytes > 1 << layout::ALLOC_SHIFT {
-            return Err(DsmError::BadAddress { addr: 0, reason: format!("cannot allocate {bytes} bytes") });
+            return Err(DsmError::BadSize { bytes, max: 1 << layout::ALLOC_SHIFT });
         }
         let index = self.next_alloc.fetch_add(1, Ordering::SeqCst);
         if index >= layout::ALLOC_COUNT {
