@@ -7,6 +7,9 @@ use std::process::Command;
 
 use rdmem_transport_rdma::child::find_binary;
 
+mod common;
+use common::alive;
+
 /// An example program, built by `cargo build --release --examples` (vm-run does).
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
@@ -65,11 +68,6 @@ fn children_of(parent: u32) -> Vec<(u32, String)> {
         }
     }
     found
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 #[test]

@@ -5,6 +5,9 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::alive;
+
 /// Runs `rdmem-run -n <ranks> --memnode 127.0.0.1:1 <program...>` and collects its output.
 fn run(ranks: u32, program: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rdmem-run"))
@@ -156,12 +159,6 @@ fn zero_ranks_is_a_usage_error() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("invalid value '0'") && stderr.contains("--ranks"), "{stderr}");
-}
-
-/// Whether process `pid` is still alive (not gone, not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 /// SIGTERM, SIGINT or SIGHUP to rdmem-run (Slurm, systemd, `timeout`) stops every rank it
