@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use rdmem_allocator::{Allocator, AllocatorOptions, Mode, Placement, RemoteBox};
 use rdmem_core::{Endpoint, Transport};
-use rdmem_transport_rdma::child::fresh_token;
-use rdmem_transport_rdma::{DeviceSelection, MemnodeChild, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::spawn::MemnodeChild;
+use rdmem_transport_rdma::spawn::fresh_token;
+use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Memory nodes from --memnode flags, else two started here on the same device.

@@ -24,6 +24,7 @@ use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 use crate::error::{AllocError, Result};
 use crate::layout::{self, Geometry, client, desc};
 use crate::pool::{self, Bitmap, Net, NodeUsage, at};
+use crate::roots::Root;
 
 /// Where new blocks go when there are several memory nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,10 +134,10 @@ impl<T: Transport> Allocator<T> {
     /// and a slot in the first node's client table, and starts this client's heartbeat there.
     pub fn new(transport: Arc<T>, options: AllocatorOptions) -> Result<Self> {
         if options.lease < Duration::from_millis(4) {
-            return Err(AllocError::Transport(rdmem_core::Error::Config(format!(
+            return Err(AllocError::BadOptions(format!(
                 "a client lease of {:?} is too short (at least 4 ms)",
                 options.lease
-            ))));
+            )));
         }
         let mut net = Net { ep: transport.endpoint()?, ops: 0 };
         let token = formatting_token();
@@ -145,7 +146,7 @@ impl<T: Transport> Allocator<T> {
             let geo = pool::open_or_format(&mut net, *info, options.chunk_size, token)?;
             nodes.push(NodeState { id: info.id, geo });
         }
-        let first = nodes.first().ok_or(AllocError::Transport(rdmem_core::Error::Config("no memory nodes".into())))?;
+        let first = nodes.first().ok_or_else(|| AllocError::BadOptions("the transport has no memory nodes".into()))?;
         // Client ids come from the first node's counter: unique across the cluster, never 0.
         let client = net.faa(at(first.id, layout::header::NEXT_CLIENT), 1)? + 1;
         if client > 0xffff_ffff {
@@ -297,9 +298,12 @@ impl<T: Transport> Allocator<T> {
 
     /// A thread's allocator: its own endpoint, arenas and bitmap caches. Up to 65535 per client.
     pub fn thread(&self) -> Result<ThreadAlloc<T>> {
-        let arena = self.shared.next_arena.fetch_add(1, Ordering::Relaxed).checked_add(1).ok_or_else(|| {
-            AllocError::Transport(rdmem_core::Error::Config("more than 65535 thread allocators".into()))
-        })?;
+        // Never wraps: an id handed out twice would give two arenas the same chunks.
+        let taken = self.shared.next_arena.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
+        let arena = taken
+            .ok()
+            .and_then(|n| n.checked_add(1))
+            .ok_or_else(|| AllocError::Limit { what: "thread allocators per Allocator", limit: u16::MAX as u64 })?;
         let nodes = self
             .shared
             .nodes
@@ -610,6 +614,24 @@ impl<T: Transport> ThreadAlloc<T> {
             }
             return Ok(());
         }
+        self.free_elsewhere(inner, idx, chunk, rel, addr)
+    }
+
+    /// [`ThreadAlloc::free`]'s slow path: a block not in this thread's small chunks (a large
+    /// allocation, or another thread's or client's block, pushed on its chunk's remote free
+    /// list).
+    #[cold]
+    fn free_elsewhere(
+        &self,
+        inner: &mut Inner<T::Endpoint>,
+        idx: usize,
+        chunk: u64,
+        rel: u64,
+        addr: GlobalAddr,
+    ) -> Result<()> {
+        let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
+        let geo = self.shared.nodes[idx].geo;
+        let arena = &mut inner.nodes[idx];
         // Our own large block: release it by CAS on its owner word. The word is 0 if another
         // thread freed it already (a double free), or someone else's if the chunks were freed
         // and claimed again since (our entry is stale: go by the descriptor below).
@@ -719,6 +741,19 @@ impl<T: Transport> ThreadAlloc<T> {
     /// Runs `f` with this thread's endpoint, to read and write allocated memory.
     pub fn with_endpoint<R>(&self, f: impl FnOnce(&mut T::Endpoint) -> R) -> R {
         f(&mut self.inner.borrow_mut().net.ep)
+    }
+
+    /// The named root `name` on `node` ([`crate::roots`]): where programs publish and find
+    /// the addresses of shared structures. Takes a slot in the node's root table the first
+    /// time a name is used.
+    pub fn root(&self, node: NodeId, name: &str) -> Result<Root> {
+        if self.node_index(node).is_none() {
+            return Err(AllocError::BadRoot {
+                name: name.into(),
+                reason: format!("no memory node {node} in this cluster"),
+            });
+        }
+        self.with_endpoint(|ep| Root::open(ep, node, name))
     }
 
     /// The allocator this thread allocator belongs to.

@@ -64,6 +64,25 @@ pub enum AllocError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A fixed limit of the allocator was reached (thread allocators per client, ...).
+    #[error("{what}: the limit is {limit}")]
+    Limit {
+        /// What ran out.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
+    /// The options cannot work (a lease too short, a transport with no memory node, ...).
+    #[error("bad allocator options: {0}")]
+    BadOptions(String),
+    /// A named root that cannot be opened or set (empty name, full table, address 0).
+    #[error("root {name:?}: {reason}")]
+    BadRoot {
+        /// The root's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A node's pool is not in rdmem's format, or in another version.
     #[error("the pool of {node} is not usable: {reason}")]
     BadPool {

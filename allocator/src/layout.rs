@@ -1,7 +1,8 @@
 //! The on-pool format: header, chunk bitmap, chunk descriptors, chunks. Pure arithmetic.
 //!
 //! ```text
-//! offset 0              header (HEADER_BYTES): magic, state, version, geometry, counters
+//! offset 0              header (HEADER_BYTES): magic, state, version, geometry, counters;
+//!                       the named roots at ROOTS
 //! CLIENTS               the client table (CLIENT_SLOTS slots; used on the cluster's first node)
 //! bitmap_offset         one bit per chunk, 1 = claimed; u64 words claimed with CAS
 //! desc_offset           one Descriptor (DESC_BYTES) per chunk: owner, class, remote free list
@@ -14,14 +15,23 @@
 
 /// "RDMPOOL1", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RDMPOOL1");
-/// Format version (2: the client table).
-pub const VERSION: u64 = 2;
+/// Format version (2: the client table; 3: the named roots).
+pub const VERSION: u64 = 3;
 /// Bytes reserved for the header at offset 0.
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of one chunk descriptor.
 pub const DESC_BYTES: u64 = 32;
 /// Smallest block: room for the remote free list's next pointer and the freed mark.
 pub const MIN_BLOCK: u64 = 16;
+
+/// Where the named roots ([`crate::roots`]) start, inside the header: [`ROOT_SLOTS`] slots of
+/// (name key, value), zero in a fresh pool.
+pub const ROOTS: u64 = 1024;
+/// Slots of the root table.
+pub const ROOT_SLOTS: u64 = 64;
+/// Bytes of one root slot.
+pub const ROOT_SLOT_BYTES: u64 = 16;
+const _: () = assert!(ROOTS >= 136 && ROOTS + ROOT_SLOTS * ROOT_SLOT_BYTES <= HEADER_BYTES);
 
 /// Where the client table starts: right after the header.
 pub const CLIENTS: u64 = HEADER_BYTES;
@@ -69,9 +79,6 @@ pub mod header {
     pub const USED_CHUNKS: u64 = 72;
     /// The next client id to hand out (fetch-and-add, starts at 0: ids are this + 1).
     pub const NEXT_CLIENT: u64 = 80;
-    /// Reserved for the layer above the allocator: the address of the shared-memory layer's
-    /// control block (`rdmem_coherence::dsm`), 0 when there is none. Never touched here.
-    pub const ROOT: u64 = 128;
     /// Bytes of the geometry written in one WRITE: MAGIC..=DATA.
     pub const GEOMETRY_BYTES: usize = 72;
 }

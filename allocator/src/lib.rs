@@ -75,6 +75,7 @@ pub mod conformance;
 pub mod error;
 pub mod layout;
 pub mod pool;
+pub mod roots;
 pub mod stress;
 
 pub use alloc::{
@@ -83,3 +84,4 @@ pub use alloc::{
 pub use boxed::RemoteBox;
 pub use error::{AllocError, Result};
 pub use pool::NodeUsage;
+pub use roots::Root;

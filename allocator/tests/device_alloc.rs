@@ -3,6 +3,7 @@
 //! Ignored by plain `cargo test`; runs in the Soft-RoCE VM with
 //! `soft-roce-setup/vm-run --device-tests`. Without a device no memory node starts and every
 //! test fails.
+#![cfg(feature = "rdma")]
 
 use std::process::Command;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use std::sync::Arc;
 use rdmem_allocator::conformance;
 use rdmem_allocator::{Allocator, AllocatorOptions};
 use rdmem_core::{NodeId, Transport};
-use rdmem_transport_rdma::child::find_binary;
-use rdmem_transport_rdma::{DeviceSelection, MemnodeChild, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::spawn::MemnodeChild;
+use rdmem_transport_rdma::spawn::find_binary;
+use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "allocator-device-test";
 

@@ -196,3 +196,66 @@ fn round_robin_spreads_over_both_nodes() {
 fn stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not() {
     conformance::stealing_keeps_allocating_when_a_node_is_full_and_strict_does_not(&two_nodes(2 << 20));
 }
+
+#[test]
+fn named_roots_publish_and_find_addresses_with_compare_and_swap() {
+    let transport = two_nodes(4 << 20);
+    let a =
+        Allocator::new(transport.clone(), options(Placement::RoundRobin, Mode::Stealing)).unwrap().thread().unwrap();
+    let b = Allocator::new(transport, options(Placement::RoundRobin, Mode::Stealing)).unwrap().thread().unwrap();
+    let (ra, rb) = (a.root(NodeId(1), "test/index").unwrap(), b.root(NodeId(1), "test/index").unwrap());
+    assert_eq!(ra.word(), rb.word(), "one name, one root, whichever client opens it");
+    let other = a.root(NodeId(1), "test/other").unwrap();
+    assert_ne!(other.word(), ra.word());
+    let x = a.alloc(layout(64, 8)).unwrap();
+    let y = b.alloc(layout(64, 8)).unwrap();
+    a.with_endpoint(|ep| {
+        assert_eq!(ra.get(ep).unwrap(), None);
+        assert_eq!(ra.compare_exchange(ep, None, Some(x)).unwrap(), Ok(()));
+    });
+    b.with_endpoint(|ep| {
+        assert_eq!(rb.compare_exchange(ep, None, Some(y)).unwrap(), Err(Some(x)), "published first by a");
+        assert_eq!(rb.get(ep).unwrap(), Some(x));
+        assert_eq!(rb.compare_exchange(ep, Some(x), None).unwrap(), Ok(()));
+        assert_eq!(other.get(ep).unwrap(), None, "other names are untouched");
+    });
+    // Bad input is an error, not a corrupt table.
+    assert!(matches!(a.root(NodeId(1), ""), Err(rdmem_allocator::AllocError::BadRoot { .. })));
+    assert!(matches!(a.root(NodeId(7), "x"), Err(rdmem_allocator::AllocError::BadRoot { .. })));
+    let zero = rdmem_core::GlobalAddr::new(NodeId(0), 0).unwrap();
+    a.with_endpoint(|ep| {
+        assert!(matches!(ra.compare_exchange(ep, None, Some(zero)), Err(rdmem_allocator::AllocError::BadRoot { .. })));
+    });
+}
+
+#[test]
+fn the_root_table_fills_up_with_an_error() {
+    let transport = Arc::new(LoopbackTransport::new(&[4 << 20]));
+    let a = Allocator::new(transport, options(Placement::RoundRobin, Mode::Stealing)).unwrap().thread().unwrap();
+    let slots = rdmem_allocator::layout::ROOT_SLOTS;
+    for i in 0..slots {
+        a.root(NodeId(0), &format!("name {i}")).unwrap();
+    }
+    let e = a.root(NodeId(0), "one too many").unwrap_err();
+    assert!(matches!(e, rdmem_allocator::AllocError::BadRoot { .. }) && e.to_string().contains("full"), "{e}");
+    a.root(NodeId(0), "name 3").expect("names already there are still found");
+}
+
+#[test]
+fn fixed_limits_and_bad_options_have_their_own_errors() {
+    use rdmem_allocator::AllocError;
+    let transport = Arc::new(LoopbackTransport::new(&[4 << 20]));
+    let short = AllocatorOptions { lease: std::time::Duration::from_millis(1), ..AllocatorOptions::default() };
+    assert!(matches!(Allocator::new(transport.clone(), short), Err(AllocError::BadOptions(_))));
+    let allocator = Allocator::new(transport, options(Placement::RoundRobin, Mode::Stealing)).unwrap();
+    for _ in 0..u16::MAX {
+        drop(allocator.thread().unwrap());
+    }
+    match allocator.thread() {
+        Err(AllocError::Limit { limit, .. }) => assert_eq!(limit, u16::MAX as u64),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("thread allocator 65536 was made"),
+    }
+    // And it stays so: ids never wrap round to ones in use.
+    assert!(matches!(allocator.thread(), Err(AllocError::Limit { .. })));
+}

@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use rdmem_coherence::cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, PageId};
+use rdmem_cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, PageId};
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::harness;

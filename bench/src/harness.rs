@@ -4,8 +4,9 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use rdmem_core::ClusterConfig;
-use rdmem_transport_rdma::child::fresh_token;
-use rdmem_transport_rdma::{MemnodeChild, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::spawn::MemnodeChild;
+use rdmem_transport_rdma::spawn::fresh_token;
+use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
 /// The memory nodes a benchmark runs against. `memnode` is the node the benchmark started
 /// itself (killed when dropped, after the transport: fields drop in order).

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use rdmem_coherence::rwlock::Mode;
+use rdmem_coherence::sync::rwlock::Mode;
 use rdmem_coherence::{CohortLock, DEFAULT_LEASE, RemoteBarrier, RemoteLock, RwLock};
 use rdmem_core::{Endpoint, GlobalAddr, Transport};
 
@@ -68,12 +68,12 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut ep = transport.endpoint()?;
     for (name, cohort) in [("cas-spin", false), ("cohort", true)] {
         let remote = RemoteLock::new(at(4096), 1, DEFAULT_LEASE)?;
-        let shared = CohortLock::new(remote, args.max_handovers, transport.endpoint()?);
+        let shared = CohortLock::new(remote, args.max_handovers);
         let mut hist = new_histogram()?;
         for i in 0..200 + args.iters {
             let start = tsc.now();
             if cohort {
-                shared.lock()?.unlock()?;
+                shared.lock(&mut ep)?.unlock()?;
             } else {
                 remote.lock(&mut ep)?.unlock()?;
             }
@@ -248,37 +248,36 @@ impl Contended {
     ) -> Result<(std::time::Duration, u64), Box<dyn std::error::Error>> {
         let local = AtomicU64::new(0);
         let remote = RemoteLock::new(self.word, process + 1, DEFAULT_LEASE)?;
-        let shared = CohortLock::new(remote, self.max_handovers, transport.endpoint()?);
+        let shared = CohortLock::new(remote, self.max_handovers);
         let section = Section { remote: self.remote_section.then_some(self.counter), local: &local };
         let (elapsed, results) = harness::timed(threads, |t, start| -> Result<(), String> {
             let holder = 1000 * (process + 1) + t as u32 + 1;
             let setup = (|| {
-                // The spinlock's threads each take the lock on their own endpoint.
+                // Every thread has its own endpoint; the spinlock's threads each take the lock as
+                // their own holder.
+                let ep = transport.endpoint().map_err(|e| e.to_string())?;
                 let own = match self.cohort {
                     true => None,
-                    false => Some((
-                        transport.endpoint().map_err(|e| e.to_string())?,
-                        RemoteLock::new(self.word, holder, DEFAULT_LEASE).map_err(|e| e.to_string())?,
-                    )),
+                    false => Some(RemoteLock::new(self.word, holder, DEFAULT_LEASE).map_err(|e| e.to_string())?),
                 };
                 if t == 0 {
                     ready()?;
                 }
-                Ok::<_, String>(own)
+                Ok::<_, String>((ep, own))
             })();
             // Every thread meets the start line, even one whose setup failed (no deadlock).
             start.wait();
-            let mut own = setup?;
+            let (mut ep, own) = setup?;
             let fail = |e: &dyn std::fmt::Display| e.to_string();
             for _ in 0..self.sections {
-                match &mut own {
+                match &own {
                     None => {
-                        let mut g = shared.lock().map_err(|e| fail(&e))?;
+                        let mut g = shared.lock(&mut ep).map_err(|e| fail(&e))?;
                         section.run(g.endpoint()).map_err(|e| fail(&e))?;
                         g.unlock().map_err(|e| fail(&e))?;
                     }
-                    Some((ep, lock)) => {
-                        let mut g = lock.lock(ep).map_err(|e| fail(&e))?;
+                    Some(lock) => {
+                        let mut g = lock.lock(&mut ep).map_err(|e| fail(&e))?;
                         section.run(g.endpoint()).map_err(|e| fail(&e))?;
                         g.unlock().map_err(|e| fail(&e))?;
                     }

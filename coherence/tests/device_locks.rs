@@ -1,14 +1,16 @@
 //! Device tier: locks and barrier over rxe, from several processes (`rdmem-locks`) against a
 //! `rdmem-memnode` process. Ignored by plain `cargo test`; runs in the Soft-RoCE VM with
 //! `soft-roce-setup/vm-run --device-tests`; without a device nothing starts and they fail.
+#![cfg(feature = "rdma")]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
-use rdmem_transport_rdma::child::find_binary;
-use rdmem_transport_rdma::{DeviceSelection, MemnodeChild, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::spawn::MemnodeChild;
+use rdmem_transport_rdma::spawn::find_binary;
+use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "locks-device-test";
 const COUNTER: u64 = 8192;
@@ -137,7 +139,7 @@ fn a_barrier_over_three_processes_lets_nobody_through_early() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn the_reader_writer_lock_is_fifo_across_three_processes() {
-    use rdmem_coherence::rwlock::{Mode, Section, check_history};
+    use rdmem_coherence::sync::rwlock::{Mode, Section, check_history};
     let node = memnode();
     let (processes, threads, rounds) = (3, 2, 60);
     let children: Vec<_> = (0..processes)

@@ -147,7 +147,7 @@ fn bad_inputs_are_errors() {
         }
     });
     let transport = Arc::new(LoopbackTransport::new(&[16 << 20]));
-    assert!(matches!(Dsm::join_with(transport, DsmOptions::new(2, 2)), Err(DsmError::Join(_))));
+    assert!(matches!(Dsm::join_with(transport, DsmOptions::new(2, 2)), Err(DsmError::BadOptions(_))));
 }
 
 #[test]
@@ -419,11 +419,40 @@ fn a_live_job_is_not_taken_over() {
             let mut options = DsmOptions::new(0, size);
             options.job = job.into();
             match Dsm::join_with(transport.clone(), options) {
-                Err(DsmError::Join(e)) => assert!(e.contains("heartbeat is live"), "{e}"),
+                Err(DsmError::JobConflict(e)) => assert!(e.contains("heartbeat is live"), "{e}"),
                 Ok(_) => panic!("joined a live job's memory nodes ({size}, {job})"),
                 Err(e) => panic!("{e}"),
             }
         }
         drop(done_tx);
     });
+}
+
+#[test]
+fn typed_errors_for_bad_options_and_guards_that_unlock() {
+    let transport = Arc::new(LoopbackTransport::new(&[16 << 20]));
+    let mut short = DsmOptions::new(0, 1);
+    short.lease = std::time::Duration::from_millis(1);
+    assert!(matches!(Dsm::join_with(transport.clone(), short), Err(DsmError::BadOptions(e)) if e.contains("lease")));
+    let dsm = Dsm::join_with(transport, DsmOptions::new(0, 1)).unwrap();
+    let at = dsm.alloc(64).unwrap();
+    let guard = dsm.guard(3).unwrap();
+    assert_eq!(guard.id(), 3);
+    assert!(matches!(dsm.lock(3), Err(DsmError::AlreadyHeld { id: 3 })));
+    dsm.set(at, &5u64).unwrap();
+    guard.unlock().unwrap();
+    assert!(matches!(dsm.unlock(3), Err(DsmError::NotHolder { id: 3 })), "released once");
+    {
+        let _dropped = dsm.guard(3).unwrap(); // dropped without unlock: released, and logged
+    }
+    dsm.lock(3).expect("the dropped guard released lock 3");
+    dsm.unlock(3).unwrap();
+    // Another thread cannot release this thread's lock.
+    dsm.lock(4).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| assert!(matches!(dsm.unlock(4), Err(DsmError::NotHolder { id: 4 }))));
+    });
+    dsm.unlock(4).unwrap();
+    assert_eq!(dsm.get::<u64>(at).unwrap(), 5);
+    dsm.leave().unwrap();
 }

@@ -1,6 +1,7 @@
 //! `rdmem-run` end to end, without an RDMA device: every run names a memory node with
 //! `--memnode 127.0.0.1:1`, so none is started, and the ranks are shell one-liners that never
 //! connect to it. `cargo test -p rdmem-coherence --test launcher`.
+#![cfg(feature = "rdma")]
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

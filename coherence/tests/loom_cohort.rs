@@ -18,13 +18,15 @@ fn local_handover_keeps_mutual_exclusion_and_releases_at_the_end() {
         let transport = LoopbackTransport::new(&[4096]);
         let word = GlobalAddr::new(NodeId(0), 64).unwrap();
         let remote = RemoteLock::new(word, 1, Duration::from_secs(60)).unwrap();
-        let cohort = Arc::new(CohortLock::new(remote, 2, transport.endpoint().unwrap()));
+        let cohort = Arc::new(CohortLock::new(remote, 2));
         let inside = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..2)
             .map(|_| {
                 let (cohort, inside) = (Arc::clone(&cohort), Arc::clone(&inside));
+                // Each thread its own endpoint, as in real use.
+                let mut ep = transport.endpoint().unwrap();
                 loom::thread::spawn(move || {
-                    let guard = cohort.lock().unwrap();
+                    let guard = cohort.lock(&mut ep).unwrap();
                     assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two threads in the section");
                     inside.fetch_sub(1, Ordering::SeqCst);
                     guard.unlock().unwrap();

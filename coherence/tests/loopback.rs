@@ -49,16 +49,16 @@ fn plain_lock_counter_is_exact() {
 fn cohort_lock_counter_is_exact() {
     let transport = LoopbackTransport::new(&[1 << 20]);
     let (word, counter) = (at(4096), at(8192));
-    let cohorts: Vec<_> = (1..=2)
-        .map(|p| CohortLock::new(RemoteLock::new(word, p, LEASE).unwrap(), 8, transport.endpoint().unwrap()))
-        .collect();
+    let cohorts: Vec<_> = (1..=2).map(|p| CohortLock::new(RemoteLock::new(word, p, LEASE).unwrap(), 8)).collect();
     let (threads, rounds) = (4, 300u64);
     std::thread::scope(|s| {
         for cohort in &cohorts {
             for _ in 0..threads {
+                let transport = &transport;
                 s.spawn(move || {
+                    let mut ep = transport.endpoint().unwrap();
                     for _ in 0..rounds {
-                        let mut g = cohort.lock().unwrap();
+                        let mut g = cohort.lock(&mut ep).unwrap();
                         increment(g.endpoint(), counter);
                         g.unlock().unwrap();
                     }
@@ -74,18 +74,21 @@ fn cohort_lock_counter_is_exact() {
 fn cohort_hands_over_to_a_waiting_thread_and_bounds_the_run() {
     let transport = LoopbackTransport::new(&[1 << 20]);
     let word = at(4096);
-    let cohort = CohortLock::new(RemoteLock::new(word, 5, LEASE).unwrap(), 1, transport.endpoint().unwrap());
+    let cohort = CohortLock::new(RemoteLock::new(word, 5, LEASE).unwrap(), 1);
     let remote_word = || transport.endpoint().unwrap().read_u64(word).unwrap();
-    let first = cohort.lock().unwrap();
+    let ep = || transport.endpoint().unwrap();
+    let mut ep1 = ep();
+    let first = cohort.lock(&mut ep1).unwrap();
     let held = remote_word();
     assert_eq!(held >> 32, 5, "the process holds the remote word");
     let handed = std::thread::scope(|s| {
         let waiter = s.spawn(|| {
-            let second = cohort.lock().unwrap();
+            let mut ep2 = ep();
+            let second = cohort.lock(&mut ep2).unwrap();
             // Handed over locally: the remote word was never released in between.
             assert_eq!(remote_word(), held);
             let third = std::thread::scope(|s2| {
-                let t3 = s2.spawn(|| cohort.lock().unwrap().unlock().unwrap());
+                let t3 = s2.spawn(|| cohort.lock(&mut ep()).unwrap().unlock().unwrap());
                 while cohort.waiting() == 0 {
                     std::thread::yield_now();
                 }
@@ -288,4 +291,52 @@ fn a_barrier_that_cannot_complete_times_out_naming_who_arrived() {
     // One call too many: round 1 has only this participant.
     let e = a.wait(&mut ep).unwrap_err();
     assert!(e.to_string().contains("round 1 still has 1 of 2"), "{e}");
+}
+
+#[test]
+fn cohort_acquire_and_release_across_calls_with_hooks_and_misuse_errors() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let (word, counter) = (at(4096), at(8192));
+    // The state counts remote holds: `taken` runs once per remote acquire, `releasing` once
+    // per remote release, never on a local handover.
+    let cohort = CohortLock::with_state(RemoteLock::new(word, 3, LEASE).unwrap(), 8, (0u32, 0u32));
+    let mut ep = transport.endpoint().unwrap();
+    let fresh = cohort.acquire_with(&mut ep, |_, s| -> Result<(), LockError> {
+        s.0 += 1;
+        Ok(())
+    });
+    assert!(fresh.unwrap(), "the first acquire takes the remote lock");
+    assert!(cohort.held_by_me());
+    assert!(matches!(cohort.acquire(&mut ep), Err(LockError::AlreadyHeld { .. })), "no self-deadlock");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut other = transport.endpoint().unwrap();
+            assert!(matches!(cohort.release(&mut other), Err(LockError::NotHolder { .. })));
+            assert!(matches!(cohort.with_state_mut(|_| ()), Err(LockError::NotHolder { .. })));
+        });
+    });
+    ep.post_write_u64(counter, 1).unwrap();
+    let handed = cohort.release_with(&mut ep, |_, s| -> Result<(), LockError> {
+        s.1 += 1;
+        Ok(())
+    });
+    assert!(!handed.unwrap(), "nobody waits: released remotely");
+    assert_eq!(ep.read_u64(word).unwrap(), 0);
+    assert!(matches!(cohort.release(&mut ep), Err(LockError::NotHolder { .. })), "released twice");
+    cohort.acquire(&mut ep).unwrap();
+    assert_eq!(cohort.with_state_mut(|s| *s).unwrap(), (1, 1));
+    // A failing release hook keeps the remote lock for the process; the next acquire finds it
+    // held (no second `taken`), and a later release runs the hook again.
+    let failed = cohort.release_with(&mut ep, |_, _| -> Result<(), LockError> { Err(LockError::NoParticipants) });
+    assert!(matches!(failed, Err(LockError::NoParticipants)));
+    assert_ne!(ep.read_u64(word).unwrap(), 0, "still held remotely");
+    assert!(!cohort.acquire(&mut ep).unwrap(), "found held: not a fresh remote acquire");
+    cohort.release(&mut ep).unwrap();
+    assert_eq!(ep.read_u64(word).unwrap(), 0);
+    // A failing acquire hook releases the remote lock again.
+    let failed = cohort.acquire_with(&mut ep, |_, _| -> Result<(), LockError> { Err(LockError::NoParticipants) });
+    assert!(matches!(failed, Err(LockError::NoParticipants)));
+    assert_eq!(ep.read_u64(word).unwrap(), 0, "released after the failed hook");
+    assert!(!cohort.held_by_me());
+    assert_eq!(ep.read_u64(counter).unwrap(), 1);
 }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rdmem_coherence::rwlock::{Mode, RwWord, Section, check_history};
+use rdmem_coherence::sync::rwlock::{Mode, RwWord, Section, check_history};
 use rdmem_coherence::{LockError, RwLock};
 use rdmem_core::{Endpoint, GlobalAddr, LoopbackTransport, NodeId, Transport};
 

@@ -81,7 +81,8 @@ impl LoopbackTransport {
         Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0) }) }
     }
 
-    /// Makes `node` unreachable (`down = true`): every operation on it then fails, as when a
+    /// Makes `node` unreachable (`down = true`): every operation on it then fails
+    /// ([`Error::NodeGone`]), as when a
     /// memory node dies. `false` brings it back for new endpoints; its memory is kept.
     pub fn set_node_down(&self, node: NodeId, down: bool) {
         if let Some(pool) = self.shared.pools.get(node.0 as usize) {
@@ -170,7 +171,7 @@ impl Endpoint for LoopbackEndpoint {
                 return Err(if injected {
                     Error::Injected { op, addr }
                 } else {
-                    Error::Completion { op, addr, status: "memory node unreachable (loopback node down)".into() }
+                    Error::NodeGone { op, addr, peer: format!("loopback node {}", addr.node().0) }
                 });
             }
             apply(&pool.words, op);

@@ -79,8 +79,8 @@ fn a_node_that_goes_down_fails_operations_on_it_only() {
     let mut ep = transport.endpoint().unwrap();
     transport.set_node_down(NodeId(1), true);
     let err = ep.faa(scratch(1), 1).unwrap_err();
-    assert!(matches!(err, Error::Completion { .. }), "{err}");
-    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert!(matches!(err, Error::NodeGone { addr, .. } if addr == scratch(1)), "{err}");
+    assert!(err.to_string().contains("is gone"), "{err}");
     ep.faa(scratch(0), 1).unwrap();
     transport.set_node_down(NodeId(1), false);
     let mut fresh = transport.endpoint().unwrap();

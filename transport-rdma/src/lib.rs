@@ -7,7 +7,7 @@
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
 //! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it);
-//!   [`MemnodeChild`] runs that binary as a child process (benchmarks, device tests).
+//!   [`spawn`] runs that binary as a child process (launchers, benchmarks, device tests).
 //!
 //! # Quick start (needs an RDMA device: run it with `soft-roce-setup/vm-run`)
 //! ```no_run
@@ -30,16 +30,15 @@
 //! the Soft-RoCE VM with `soft-roce-setup/vm-run --device-tests`, and fail (never pass) when no
 //! device is present.
 
-pub mod child;
 pub mod device;
 pub mod error;
 pub mod memnode;
 pub mod memory;
 mod queue_pair;
+pub mod spawn;
 pub mod transport;
 pub mod wire;
 
-pub use child::MemnodeChild;
 pub use device::{Device, DeviceError, DeviceSelection};
 pub use error::RdmaError;
 pub use memnode::{Memnode, MemnodeConfig, PoolDescriptor};

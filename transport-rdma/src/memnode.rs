@@ -104,7 +104,7 @@ impl Memnode {
             )));
         }
         if !config.force_pool_size {
-            crate::memory::check_fits(config.pool_size, config.page_size).map_err(RdmaError::Config)?;
+            crate::memory::check_fits(config.pool_size, config.page_size)?;
         }
         let device = Device::open(&config.device)?;
         let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;

@@ -15,6 +15,10 @@ use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 
+use rdmem_core::Resource;
+
+use crate::error::RdmaError;
+
 /// The page size backing a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageSize {
@@ -78,7 +82,23 @@ pub enum MemoryError {
     Register {
         /// Bytes asked for.
         len: usize,
-        /// What failed and what to do.
+        /// What failed.
+        reason: String,
+    },
+    /// `ibv_reg_mr` failed, and the memlock limit is below what it had to pin.
+    #[error(
+        "cannot register {needed} bytes with the device (ibv_reg_mr: {reason}): the memlock limit is {} KiB, \
+         below the {} KiB to register; raise it with `ulimit -l unlimited` or /etc/security/limits.d \
+         (`* - memlock unlimited`)",
+        limit / 1024,
+        needed.div_ceil(1024)
+    )]
+    MemlockLimit {
+        /// Bytes to register.
+        needed: u64,
+        /// The soft memlock limit in bytes.
+        limit: u64,
+        /// What the verb said.
         reason: String,
     },
 }
@@ -114,9 +134,11 @@ impl Region {
         let map_len = map.len();
         // SAFETY: the mapping lives as long as the region (the MR is dropped first, see the
         // field order), and it is only touched through `&self`/`&mut self` of this region.
-        let mr = unsafe { pd.reg_mr(ptr, map_len, access) }.map_err(|e| MemoryError::Register {
-            len: map_len,
-            reason: explain_registration(&e.to_string(), map_len),
+        let mr = unsafe { pd.reg_mr(ptr, map_len, access) }.map_err(|e| match memlock_limit() {
+            Some(limit) if limit < map_len as u64 => {
+                MemoryError::MemlockLimit { needed: map_len as u64, limit, reason: e.to_string() }
+            }
+            _ => MemoryError::Register { len: map_len, reason: e.to_string() },
         })?;
         Ok(Region { mr, map, page_size })
     }
@@ -182,8 +204,9 @@ fn map_anonymous(len: usize, page_size: PageSize) -> Result<(MmapMut, PageSize),
 /// free, before anything is mapped: free huge pages of that size when they suffice, else
 /// (the region would fall back to normal pages) `MemAvailable`. Registering more than that
 /// pins memory the kernel does not have, and the OOM killer then ends other processes.
-pub fn check_fits(len: u64, page_size: PageSize) -> Result<(), String> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
+pub fn check_fits(len: u64, page_size: PageSize) -> Result<(), RdmaError> {
+    let meminfo =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| RdmaError::io("cannot read /proc/meminfo", e))?;
     let huge_free = page_size.log2().and_then(|_| {
         let kib = page_size.bytes() / 1024;
         let path = format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/free_hugepages");
@@ -193,7 +216,7 @@ pub fn check_fits(len: u64, page_size: PageSize) -> Result<(), String> {
 }
 
 /// [`check_fits`] on given `/proc/meminfo` text and free huge-page bytes.
-fn fits(len: u64, page_size: PageSize, meminfo: &str, huge_free: Option<u64>) -> Result<(), String> {
+fn fits(len: u64, page_size: PageSize, meminfo: &str, huge_free: Option<u64>) -> Result<(), RdmaError> {
     let huge_free = huge_free.unwrap_or(0);
     if page_size != PageSize::Normal && huge_free >= len {
         return Ok(());
@@ -203,7 +226,7 @@ fn fits(len: u64, page_size: PageSize, meminfo: &str, huge_free: Option<u64>) ->
         .find_map(|l| l.strip_prefix("MemAvailable:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .ok_or("no MemAvailable in /proc/meminfo")?;
+        .ok_or_else(|| RdmaError::Config("no MemAvailable in /proc/meminfo".into()))?;
     if len <= available {
         return Ok(());
     }
@@ -213,26 +236,18 @@ fn fits(len: u64, page_size: PageSize, meminfo: &str, huge_free: Option<u64>) ->
     } else {
         format!(" and {} MiB of free {page_size:?} pages", mib(huge_free))
     };
-    Err(format!(
-        "a pool of {} MiB is more than this machine has free ({} MiB available{huge}): registering it would pin \
-         memory the kernel does not have, and the OOM killer would end other processes. Use a smaller \
-         --pool-size, reserve huge pages (sysctl vm.nr_hugepages), or pass --force-pool-size",
-        mib(len),
-        mib(available)
-    ))
-}
-
-/// Registration mostly fails for one reason: the memlock limit. Say so, with the numbers.
-fn explain_registration(error: &str, len: usize) -> String {
-    match memlock_limit() {
-        Some(limit) if limit < len as u64 => format!(
-            "{error}; the memlock limit is {} KiB, below the {} KiB to register: raise it with \
-             `ulimit -l unlimited` or /etc/security/limits.d (`* - memlock unlimited`)",
-            limit / 1024,
-            len.div_ceil(1024)
+    Err(RdmaError::Limit {
+        resource: Resource::FreeMemory,
+        needed: len,
+        available: available.max(huge_free),
+        hint: format!(
+            "a pool of {} MiB is more than this machine has free ({} MiB available{huge}): registering it would \
+             pin memory the kernel does not have, and the OOM killer would end other processes. Use a smaller \
+             --pool-size, reserve huge pages (sysctl vm.nr_hugepages), or pass --force-pool-size",
+            mib(len),
+            mib(available)
         ),
-        _ => error.to_owned(),
-    }
+    })
 }
 
 /// The soft memlock limit in bytes, `None` when unlimited or unknown (from /proc/self/limits).
@@ -268,10 +283,15 @@ mod tests {
         let gib = 1 << 30;
         assert!(fits(512 << 20, PageSize::Normal, meminfo, None).is_ok());
         let e = fits(3 * gib / 2, PageSize::Normal, meminfo, None).unwrap_err();
+        assert!(
+            matches!(e, RdmaError::Limit { resource: Resource::FreeMemory, needed, .. } if needed == 3 * gib / 2),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(e.contains("1536 MiB") && e.contains("976 MiB available") && e.contains("--force-pool-size"), "{e}");
         // Enough free huge pages: fine whatever MemAvailable says; not enough: MemAvailable decides.
         assert!(fits(3 * gib / 2, PageSize::Huge2M, meminfo, Some(2 * gib)).is_ok());
-        let e = fits(3 * gib / 2, PageSize::Huge2M, meminfo, Some(gib)).unwrap_err();
+        let e = fits(3 * gib / 2, PageSize::Huge2M, meminfo, Some(gib)).unwrap_err().to_string();
         assert!(e.contains("1024 MiB of free Huge2M pages"), "{e}");
         assert!(fits(1, PageSize::Normal, "MemTotal: 1 kB\n", None).is_err(), "no MemAvailable");
         assert!(check_fits(4096, PageSize::Normal).is_ok(), "this machine has a page free");

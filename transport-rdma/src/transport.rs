@@ -38,7 +38,7 @@ use rdma_mummy_sys::{
     atomic_t, ibv_poll_cq, ibv_post_send, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wr_opcode, rdma_t,
 };
 use rdmem_core::{
-    ClusterConfig, Endpoint, Error, GlobalAddr, LocalBuffer, NodeId, NodeInfo, Op, OpKind, Result, Transport,
+    ClusterConfig, Endpoint, Error, GlobalAddr, LocalBuffer, NodeId, NodeInfo, Op, OpKind, Result, Transport, WcStatus,
 };
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::{
@@ -316,9 +316,17 @@ pub struct RdmaEndpoint {
     last_wr: Vec<Option<u64>>,
     /// Per connection: requests planned into the current round.
     round_counts: Vec<u32>,
+    /// Per connection: the index (in the round) of its last request, set by `plan_round`.
+    round_last: Vec<Option<usize>>,
+    /// Storage for one node's work requests, reused by every round.
+    wr_list: WrList,
     wcs: Box<[ibv_wc; POLL_BATCH]>,
     /// Set by [`RdmaEndpoint::inject_poll_failure`]: the next poll fails.
     poll_fault: bool,
+    /// Set by [`RdmaEndpoint::inject_post_failure`]: the next post fails.
+    post_fault: bool,
+    /// How long a round waits for its completions ([`RdmaEndpoint::set_completion_deadline`]).
+    completion_deadline: Duration,
 }
 
 impl RdmaEndpoint {
@@ -338,9 +346,13 @@ impl RdmaEndpoint {
             sides: Vec::with_capacity(64),
             last_wr: vec![None; n],
             round_counts: vec![0; n],
+            round_last: vec![None; n],
+            wr_list: WrList::default(),
             // SAFETY: ibv_wc is a plain C struct of integers; all-zero is a valid value.
             wcs: Box::new(unsafe { std::mem::zeroed() }),
             poll_fault: false,
+            post_fault: false,
+            completion_deadline: COMPLETION_DEADLINE,
         })
     }
 
@@ -349,6 +361,30 @@ impl RdmaEndpoint {
     #[doc(hidden)]
     pub fn inject_poll_failure(&mut self) {
         self.poll_fault = true;
+    }
+
+    /// For tests of failure handling: later requests to `node` carry a wrong rkey, so the node
+    /// refuses them (a remote access error).
+    #[doc(hidden)]
+    pub fn inject_wrong_rkey(&mut self, node: NodeId) {
+        if let Some(conn) = self.conns.iter_mut().find(|c| c.node.id == node) {
+            conn.rkey ^= 0x5a;
+        }
+    }
+
+    /// For tests of failure handling: the next `ibv_post_send` of this endpoint is reported as
+    /// failed (ENOMEM, a full send queue), so the connection it was for breaks.
+    #[doc(hidden)]
+    pub fn inject_post_failure(&mut self) {
+        self.post_fault = true;
+    }
+
+    /// How long an operation waits for its completion before it fails with
+    /// [`Error::Timeout`] (default 60 s; checked every few thousand empty polls, so it runs a
+    /// few milliseconds over). The queue pairs it waited on are then stopped: make a new
+    /// endpoint for those nodes.
+    pub fn set_completion_deadline(&mut self, deadline: Duration) {
+        self.completion_deadline = deadline;
     }
 
     fn conn_index(&self, node: NodeId) -> usize {
@@ -379,6 +415,8 @@ impl RdmaEndpoint {
     fn plan_round(&mut self, ops: &[Op<'_>], start: usize) -> Result<usize> {
         self.sides.clear();
         self.round_counts.iter_mut().for_each(|n| *n = 0);
+        self.round_last.iter_mut().for_each(|l| *l = None);
+        self.last_wr.iter_mut().for_each(|w| *w = None);
         let mut used = 0usize;
         let mut end = start;
         while end < ops.len() {
@@ -412,6 +450,7 @@ impl RdmaEndpoint {
             };
             if !matches!(side, LocalSide::Skip) {
                 self.round_counts[conn] += 1;
+                self.round_last[conn] = Some(end - start);
             }
             self.sides.push(side);
             used += need;
@@ -492,7 +531,7 @@ impl Endpoint for RdmaEndpoint {
         // SAFETY: the request's memory is either copied at post time (inline) or in
         // `self.behind`, which is not reused before the request is confirmed (behind_used is
         // reset only when no connection has write-behinds left).
-        unsafe { conn.post(&mut wr) }.map_err(|status| Error::Completion { op: OpKind::Write, addr: dst, status })?;
+        unsafe { conn.post(&mut wr) }.map_err(|errno| Error::Post { op: OpKind::Write, addr: dst, errno })?;
         let slot = (conn.behind_seq % conn.behind_addrs.len() as u64) as usize;
         conn.behind_addrs[slot] = dst;
         conn.behind_seq += 1;
@@ -568,21 +607,26 @@ impl Connection {
     /// Posts the linked list of requests starting at `first` (one doorbell). On failure the
     /// queue pair is moved to the error state (requests before the bad one may be in flight
     /// with nothing signaled; the error state stops the device touching their memory), marked
-    /// broken, and the reason returned.
+    /// broken, and the error number returned.
     ///
     /// # Safety
     /// `first` starts a well-formed list whose local memory is registered (or inline) and
     /// stays valid until the requests complete.
-    unsafe fn post(&mut self, first: *mut ibv_send_wr) -> std::result::Result<(), String> {
+    unsafe fn post(&mut self, first: *mut ibv_send_wr) -> std::result::Result<(), i32> {
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the queue pair is alive (owned by `self`); the list is the caller's promise.
         let rc = unsafe { ibv_post_send(self.qp.qp().as_ptr(), first, &mut bad) };
         if rc == 0 {
             return Ok(());
         }
+        self.fail_post(rc)
+    }
+
+    /// What a failed post leaves: the queue pair stopped and broken, `errno` returned.
+    fn fail_post(&mut self, errno: i32) -> std::result::Result<(), i32> {
         queue_pair::set_error(&mut self.qp);
         self.break_off();
-        Err(format!("ibv_post_send failed: {}", std::io::Error::from_raw_os_error(rc)))
+        Err(errno)
     }
 }
 
@@ -602,89 +646,13 @@ impl RdmaEndpoint {
 
     /// Posts one planned round (one doorbell per node), waits for it, copies results out.
     fn run_round(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
-        self.last_wr.iter_mut().for_each(|w| *w = None);
-        // Stage outgoing copies first.
-        let staging_addr = self.staging.addr();
-        for (op, side) in ops.iter().zip(&self.sides) {
-            if let (Op::Write { local, .. }, LocalSide::Staged { offset }) = (op, side) {
-                self.staging.as_mut_slice()[*offset..*offset + local.len()].copy_from_slice(local);
-            }
-        }
-        let staging_lkey = self.staging.lkey();
+        self.stage_writes(ops);
         let mut post_error = None;
         for c in 0..self.conns.len() {
-            let node = self.conns[c].node.id;
-            let Some(last) = (0..ops.len())
-                .rev()
-                .find(|&i| ops[i].remote().node() == node && !matches!(self.sides[i], LocalSide::Skip))
-            else {
-                continue;
-            };
-            let conn = &mut self.conns[c];
-            let (base, rkey) = (conn.pool_base, conn.rkey);
-            // This node's requests as a linked list, on the stack up to 64: one ibv_post_send,
-            // one doorbell, and one indirect call for the lot (perftest's way), where the
-            // ibv_wr_* API costs four per request.
-            let mut wrs: SmallVec<[ibv_send_wr; 64]> = SmallVec::new();
-            let mut sges: SmallVec<[ibv_sge; 64]> = SmallVec::new();
-            for (i, (op, &side)) in ops.iter().zip(&self.sides).enumerate().take(last + 1) {
-                if op.remote().node() != node || matches!(side, LocalSide::Skip) {
-                    continue;
-                }
-                let remote = base + op.remote().offset();
-                let (addr, lkey) = match (op, side) {
-                    (_, LocalSide::Registered { addr, lkey }) => (addr, lkey),
-                    (_, LocalSide::Staged { offset }) => (staging_addr + offset as u64, staging_lkey),
-                    // Inline: the device copies the bytes at post time; no key is needed.
-                    (Op::Write { local, .. }, LocalSide::Inline) => (local.as_ptr() as u64, 0),
-                    _ => unreachable!("only writes go inline; skipped ops are not posted"),
-                };
-                let mut flags = if i == last { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
-                // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
-                let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
-                wr.wr_id = i as u64;
-                wr.num_sge = 1;
-                match op {
-                    Op::Read { .. } => {
-                        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
-                        wr.wr.rdma = rdma_t { remote_addr: remote, rkey };
-                    }
-                    Op::Write { .. } => {
-                        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
-                        wr.wr.rdma = rdma_t { remote_addr: remote, rkey };
-                        if matches!(side, LocalSide::Inline) {
-                            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
-                        }
-                    }
-                    Op::CompareSwap { expected, new, .. } => {
-                        wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
-                        wr.wr.atomic = atomic_t { remote_addr: remote, compare_add: *expected, swap: *new, rkey };
-                    }
-                    Op::FetchAdd { add, .. } => {
-                        wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD;
-                        wr.wr.atomic = atomic_t { remote_addr: remote, compare_add: *add, swap: 0, rkey };
-                    }
-                }
-                wr.send_flags = flags;
-                wrs.push(wr);
-                sges.push(ibv_sge { addr, length: op.len() as u32, lkey });
-            }
-            // Link them now that neither vector moves any more.
-            let (wr_ptr, sge_ptr) = (wrs.as_mut_ptr(), sges.as_mut_ptr());
-            for k in 0..wrs.len() {
-                // SAFETY: k and k + 1 index the vectors (k + 1 only when in bounds); both stay
-                // in place until ibv_post_send returns, which copies the requests.
-                unsafe {
-                    (*wr_ptr.add(k)).sg_list = sge_ptr.add(k);
-                    (*wr_ptr.add(k)).next = if k + 1 < wrs.len() { wr_ptr.add(k + 1) } else { std::ptr::null_mut() };
-                }
-            }
-            // SAFETY: the list is well formed (above); its local memory is registered and
-            // borrowed by `ops` or owned by this endpoint until this function returns, after
-            // the round's last completion.
-            if let Err(status) = unsafe { conn.post(wr_ptr) } {
+            let Some(last) = self.round_last[c] else { continue };
+            if let Err(errno) = self.post_node(c, ops, last) {
                 // Other nodes' requests of this round are waited for below first.
-                post_error.get_or_insert(Error::Completion { op: ops[last].kind(), addr: ops[last].remote(), status });
+                post_error = Some(Error::Post { op: ops[last].kind(), addr: ops[last].remote(), errno });
                 break;
             }
             self.last_wr[c] = Some(last as u64);
@@ -694,7 +662,21 @@ impl RdmaEndpoint {
             return Err(e);
         }
         waited?;
-        // Copy staged results out.
+        self.unstage_results(ops);
+        Ok(())
+    }
+
+    /// Copies the round's staged WRITE payloads into the staging memory.
+    fn stage_writes(&mut self, ops: &[Op<'_>]) {
+        for (op, side) in ops.iter().zip(&self.sides) {
+            if let (Op::Write { local, .. }, LocalSide::Staged { offset }) = (op, side) {
+                self.staging.as_mut_slice()[*offset..*offset + local.len()].copy_from_slice(local);
+            }
+        }
+    }
+
+    /// Copies the round's staged READ data and atomics' old values out to the caller.
+    fn unstage_results(&self, ops: &mut [Op<'_>]) {
         for (op, side) in ops.iter_mut().zip(&self.sides) {
             let LocalSide::Staged { offset } = *side else { continue };
             let staged = &self.staging.as_slice()[offset..];
@@ -706,15 +688,41 @@ impl RdmaEndpoint {
                 Op::Write { .. } => {}
             }
         }
-        Ok(())
+    }
+
+    /// Posts connection `c`'s requests of the round, `ops[..=last]` on its node, as one linked
+    /// list: one ibv_post_send, one doorbell, and one indirect call for the lot (perftest's
+    /// way; the ibv_wr_* API costs four per request). Only the last is signaled. The list lives
+    /// in the endpoint's own storage, so no round allocates once it has grown.
+    fn post_node(&mut self, c: usize, ops: &[Op<'_>], last: usize) -> std::result::Result<(), i32> {
+        let node = self.conns[c].node.id;
+        let remote = RemoteKey { base: self.conns[c].pool_base, rkey: self.conns[c].rkey };
+        let staging = (self.staging.addr(), self.staging.lkey());
+        let list = &mut self.wr_list;
+        list.wrs.clear();
+        list.sges.clear();
+        for (i, (op, &side)) in ops.iter().zip(&self.sides).enumerate().take(last + 1) {
+            if op.remote().node() == node && !matches!(side, LocalSide::Skip) {
+                let (wr, sge) = build_wr(op, side, i as u64, i == last, remote, staging);
+                list.wrs.push(wr);
+                list.sges.push(sge);
+            }
+        }
+        let first = list.link();
+        if std::mem::take(&mut self.post_fault) {
+            return self.conns[c].fail_post(12); // ENOMEM
+        }
+        // SAFETY: the list is well formed (`link`); its local memory is registered and
+        // borrowed by `ops` or owned by this endpoint until run_round returns, after the
+        // round's last completion.
+        unsafe { self.conns[c].post(first) }
     }
 
     /// Polls until every connection's last request of the round completed; reports the first
     /// failed request (a flush caused by an earlier failure is not the cause, so it ranks last).
     fn wait_round(&mut self, ops: &[Op<'_>]) -> Result<()> {
         let mut pending = self.last_wr.iter().filter(|w| w.is_some()).count();
-        // The failed request (op kind and address), its status and vendor error.
-        let mut failure: Option<(OpKind, GlobalAddr, u32, u32)> = None;
+        let mut failure: Option<Failed> = None;
         let mut spins = 0u32;
         let mut deadline: Option<Instant> = None;
         // SAFETY: the pointer is used only in this function, while `self.cq` (an Arc) keeps the
@@ -731,70 +739,87 @@ impl RdmaEndpoint {
             if n < 0 {
                 // The device may still write into this round's buffers: stop it (queue pairs
                 // to the error state) before returning, like every other early exit.
-                let reason = format!("ibv_poll_cq failed: {}", std::io::Error::from_raw_os_error(-n));
-                return Err(self.abandon_round(ops, reason));
+                let (op, addr) = self.abandon_round(ops);
+                return Err(Error::Poll { op, addr, errno: -n });
             }
-            for wc in &self.wcs[..n as usize] {
-                // Completions carry the wr_id (the op index); the connection is found by QP
-                // number. Completions of queue pairs not in this round are stale (flushes of
-                // an abandoned round) and ignored.
-                let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) else { continue };
-                let failed = wc.status != WorkCompletionStatus::Success as u32;
-                let in_round = self.round_counts[c] > 0;
-                if wc.wr_id & BEHIND_TAG != 0 {
-                    // Only failed write-behinds complete (they are unsignaled). Keep the first
-                    // for the next operation to this node, unless this round reports it.
-                    let conn = &mut self.conns[c];
-                    let at = conn.behind_addrs[((wc.wr_id & !BEHIND_TAG) % conn.behind_addrs.len() as u64) as usize];
-                    let first = !conn.broken;
-                    conn.break_off();
-                    if in_round {
-                        failure = better_failure(failure, (OpKind::Write, at, wc.status, wc.vendor_err));
-                    } else if first {
-                        conn.failure = Some(completion_error(OpKind::Write, at, wc.status, wc.vendor_err));
-                    }
-                    continue;
-                }
-                if !in_round {
-                    continue;
-                }
-                if failed {
-                    self.conns[c].break_off();
-                    let op = &ops[wc.wr_id as usize];
-                    failure = better_failure(failure, (op.kind(), op.remote(), wc.status, wc.vendor_err));
-                }
-                if self.last_wr[c] == Some(wc.wr_id) {
-                    self.last_wr[c] = None;
-                    pending -= 1;
-                    if !failed {
-                        // Its completion confirms every write-behind posted before it.
-                        self.conns[c].behind = 0;
-                    }
-                }
+            for k in 0..n as usize {
+                let wc = self.wcs[k];
+                pending -= self.complete(&wc, ops, &mut failure) as usize;
             }
             if n == 0 {
                 spins = spins.wrapping_add(1);
                 // Every 4096 empty polls (a few ms; a clock read or a syscall costs about 1 us in
                 // the VM): is a waited-on node's control socket closed, or the deadline past?
                 if spins % 4096 == 0 {
-                    if let Some(c) = self.dead_node() {
-                        let reason =
-                            format!("memory node at {} closed its connection (stopped or died)", self.conns[c].peer);
-                        return Err(self.abandon_round(ops, reason));
-                    }
-                    let now = Instant::now();
-                    let limit = *deadline.get_or_insert(now + COMPLETION_DEADLINE);
-                    if now > limit {
-                        let reason = format!("no completion within {} s", COMPLETION_DEADLINE.as_secs());
-                        return Err(self.abandon_round(ops, reason));
-                    }
+                    self.check_stalled(ops, &mut deadline)?;
                 }
             }
         }
-        match failure {
-            None => Ok(()),
-            Some((op, addr, status, vendor)) => Err(completion_error(op, addr, status, vendor)),
+        failure.map_or(Ok(()), |f| Err(f.error()))
+    }
+
+    /// Takes one completion: records a failure in `failure`; true when it is the last request
+    /// of its connection this round. Completions carry the wr_id (the op index); the
+    /// connection is found by QP number. Completions of queue pairs not in this round are stale
+    /// (flushes of an abandoned round) and ignored.
+    fn complete(&mut self, wc: &ibv_wc, ops: &[Op<'_>], failure: &mut Option<Failed>) -> bool {
+        let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) else { return false };
+        let failed = wc.status != WorkCompletionStatus::Success as u32;
+        let in_round = self.round_counts[c] > 0;
+        if wc.wr_id & BEHIND_TAG != 0 {
+            self.write_behind_failed(c, wc, in_round, failure);
+            return false;
         }
+        if !in_round {
+            return false;
+        }
+        if failed {
+            self.conns[c].break_off();
+            let op = &ops[wc.wr_id as usize];
+            *failure = better_failure(*failure, Failed::of(op.kind(), op.remote(), wc));
+        }
+        if self.last_wr[c] != Some(wc.wr_id) {
+            return false;
+        }
+        self.last_wr[c] = None;
+        if !failed {
+            // Its completion confirms every write-behind posted before it.
+            self.conns[c].behind = 0;
+        }
+        true
+    }
+
+    /// A write-behind completed: only failed ones do (they are unsignaled). Keep the first for
+    /// the next operation to this node, unless this round reports it.
+    #[cold]
+    fn write_behind_failed(&mut self, c: usize, wc: &ibv_wc, in_round: bool, failure: &mut Option<Failed>) {
+        let conn = &mut self.conns[c];
+        let at = conn.behind_addrs[((wc.wr_id & !BEHIND_TAG) % conn.behind_addrs.len() as u64) as usize];
+        let first = !conn.broken;
+        conn.break_off();
+        if in_round {
+            *failure = better_failure(*failure, Failed::of(OpKind::Write, at, wc));
+        } else if first {
+            conn.failure = Some(Failed::of(OpKind::Write, at, wc).error());
+        }
+    }
+
+    /// No completion for a while: fails (abandoning the round) when a waited-on node's control
+    /// socket is closed, or the completion deadline (started at the first check) is past.
+    #[cold]
+    fn check_stalled(&mut self, ops: &[Op<'_>], deadline: &mut Option<Instant>) -> Result<()> {
+        if let Some(c) = self.dead_node() {
+            let peer = self.conns[c].peer.clone();
+            let (op, addr) = self.abandon_round(ops);
+            return Err(Error::NodeGone { op, addr, peer });
+        }
+        let now = Instant::now();
+        let limit = *deadline.get_or_insert(now + self.completion_deadline);
+        if now > limit {
+            let (op, addr) = self.abandon_round(ops);
+            return Err(Error::Timeout { op, addr, waited: self.completion_deadline });
+        }
+        Ok(())
     }
 
     /// The first connection still waited on whose control socket is closed.
@@ -811,8 +836,9 @@ impl RdmaEndpoint {
     }
 
     /// A round whose completions will not come: move the queue pairs still waited on to the
-    /// error state (the device stops touching their memory and flushes them), then fail.
-    fn abandon_round(&mut self, ops: &[Op<'_>], reason: String) -> Error {
+    /// error state (the device stops touching their memory and flushes them). Returns the
+    /// operation to name in the error.
+    fn abandon_round(&mut self, ops: &[Op<'_>]) -> (OpKind, GlobalAddr) {
         let mut first = None;
         for (c, last) in self.last_wr.iter().enumerate() {
             if let Some(wr) = last {
@@ -822,25 +848,124 @@ impl RdmaEndpoint {
             }
         }
         let op = &ops[first.unwrap_or(0)];
-        Error::Completion { op: op.kind(), addr: op.remote(), status: reason }
+        (op.kind(), op.remote())
+    }
+}
+
+/// Where a node's pool is, for building requests.
+#[derive(Clone, Copy)]
+struct RemoteKey {
+    base: u64,
+    rkey: u32,
+}
+
+/// The work request and scatter entry of `op` (its local side at `side`), numbered `wr_id`;
+/// signaled when `signaled`. `staging` is the staging memory's address and key. The list
+/// links (`next`, `sg_list`) are set by [`WrList::link`].
+fn build_wr(
+    op: &Op<'_>,
+    side: LocalSide,
+    wr_id: u64,
+    signaled: bool,
+    node: RemoteKey,
+    staging: (u64, u32),
+) -> (ibv_send_wr, ibv_sge) {
+    let (addr, lkey) = match (op, side) {
+        (_, LocalSide::Registered { addr, lkey }) => (addr, lkey),
+        (_, LocalSide::Staged { offset }) => (staging.0 + offset as u64, staging.1),
+        // Inline: the device copies the bytes at post time; no key is needed.
+        (Op::Write { local, .. }, LocalSide::Inline) => (local.as_ptr() as u64, 0),
+        _ => unreachable!("only writes go inline; skipped ops are not posted"),
+    };
+    let remote_addr = node.base + op.remote().offset();
+    let mut flags = if signaled { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
+    // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
+    let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+    wr.wr_id = wr_id;
+    wr.num_sge = 1;
+    match op {
+        Op::Read { .. } => {
+            wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+            wr.wr.rdma = rdma_t { remote_addr, rkey: node.rkey };
+        }
+        Op::Write { .. } => {
+            wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+            wr.wr.rdma = rdma_t { remote_addr, rkey: node.rkey };
+            if matches!(side, LocalSide::Inline) {
+                flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+            }
+        }
+        Op::CompareSwap { expected, new, .. } => {
+            wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
+            wr.wr.atomic = atomic_t { remote_addr, compare_add: *expected, swap: *new, rkey: node.rkey };
+        }
+        Op::FetchAdd { add, .. } => {
+            wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD;
+            wr.wr.atomic = atomic_t { remote_addr, compare_add: *add, swap: 0, rkey: node.rkey };
+        }
+    }
+    wr.send_flags = flags;
+    (wr, ibv_sge { addr, length: op.len() as u32, lkey })
+}
+
+/// An endpoint's storage for the work requests of one node's part of a round, reused by every
+/// round (it grows to the largest round and stays).
+#[derive(Default)]
+struct WrList {
+    wrs: Vec<ibv_send_wr>,
+    sges: Vec<ibv_sge>,
+}
+
+// SAFETY: the raw pointers inside the requests (`next`, `sg_list`) point into these vectors
+// and are set by `link` right before a post; they are never dereferenced outside that call
+// (the device copies the requests during ibv_post_send), so moving the list between threads
+// with its endpoint is sound.
+unsafe impl Send for WrList {}
+
+impl WrList {
+    /// Links the requests into a list (each to its scatter entry and the next request) now
+    /// that neither vector moves any more; returns its head.
+    fn link(&mut self) -> *mut ibv_send_wr {
+        let n = self.wrs.len();
+        let (wr_ptr, sge_ptr) = (self.wrs.as_mut_ptr(), self.sges.as_mut_ptr());
+        for k in 0..n {
+            // SAFETY: k and k + 1 index the vectors (k + 1 only when in bounds); both stay in
+            // place until the post that follows returns, which copies the requests.
+            unsafe {
+                (*wr_ptr.add(k)).sg_list = sge_ptr.add(k);
+                (*wr_ptr.add(k)).next = if k + 1 < n { wr_ptr.add(k + 1) } else { std::ptr::null_mut() };
+            }
+        }
+        wr_ptr
+    }
+}
+
+/// A failed request of a round: what it was, and what the device said.
+#[derive(Clone, Copy)]
+struct Failed {
+    op: OpKind,
+    addr: GlobalAddr,
+    status: u32,
+    vendor_err: u32,
+}
+
+impl Failed {
+    fn of(op: OpKind, addr: GlobalAddr, wc: &ibv_wc) -> Failed {
+        Failed { op, addr, status: wc.status, vendor_err: wc.vendor_err }
+    }
+
+    fn error(self) -> Error {
+        let Failed { op, addr, status, vendor_err } = self;
+        Error::Completion { op, addr, status: WcStatus::from_code(status), vendor_err }
     }
 }
 
 /// The failure to report of two: a flush is only the consequence of an earlier failure, so any
 /// other status ranks before it; otherwise the first one stays.
-fn better_failure(
-    first: Option<(OpKind, GlobalAddr, u32, u32)>,
-    next: (OpKind, GlobalAddr, u32, u32),
-) -> Option<(OpKind, GlobalAddr, u32, u32)> {
+fn better_failure(first: Option<Failed>, next: Failed) -> Option<Failed> {
     let flushed = |status: u32| status == WorkCompletionStatus::WorkRequestFlushedError as u32;
     match first {
-        Some(f) if !flushed(f.2) || flushed(next.2) => Some(f),
+        Some(f) if !flushed(f.status) || flushed(next.status) => Some(f),
         _ => Some(next),
     }
-}
-
-/// The error for a failed request.
-fn completion_error(op: OpKind, addr: GlobalAddr, status: u32, vendor: u32) -> Error {
-    let status = format!("{:?} (status {status}, vendor error {vendor:#x})", WorkCompletionStatus::from(status));
-    Error::Completion { op, addr, status }
 }

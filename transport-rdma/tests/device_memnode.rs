@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
-use rdmem_transport_rdma::{DeviceSelection, MemnodeChild, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::spawn::MemnodeChild;
+use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "device-test-token";
 

@@ -13,14 +13,14 @@
 //! WRITE) and rewrite a 4-word record, readers check the record is not torn; each section
 //! prints `section <r|w> <generation> <position> <enter> <exit>` (a remote event clock read
 //! with FAA inside the section), so the caller can check the order across processes with
-//! `rdmem_coherence::rwlock::check_history`. Offsets are raw pool offsets on node 0 (a fresh memory node's pool is zeroed).
+//! `rdmem_coherence::sync::rwlock::check_history`. Offsets are raw pool offsets on node 0 (a fresh memory node's pool is zeroed).
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use rdmem_coherence::rwlock::{Mode, Section};
+use rdmem_coherence::sync::rwlock::{Mode, Section};
 use rdmem_coherence::{CohortLock, RemoteBarrier, RemoteLock, RwLock};
 use rdmem_core::{ClusterConfig, Endpoint, GlobalAddr, NodeId, Transport};
 use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
@@ -146,7 +146,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let lease = Duration::from_millis(lease_ms);
             let (word, counter) = (at(lock_offset), at(counter_offset));
-            let shared = CohortLock::new(RemoteLock::new(word, process + 1, lease)?, 8, transport.endpoint()?);
+            let shared = CohortLock::new(RemoteLock::new(word, process + 1, lease)?, 8);
             let started = Instant::now();
             let results: Vec<Result<u64, String>> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..threads)
@@ -160,7 +160,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                             for i in 0..rounds {
                                 let stall = t == 0 && stall_after == Some(i);
                                 if cohort {
-                                    let mut g = shared.lock().map_err(|e| e.to_string())?;
+                                    let mut g = shared.lock(&mut ep).map_err(|e| e.to_string())?;
                                     section(g.endpoint(), counter, stall)?;
                                     g.unlock().map_err(|e| e.to_string())?;
                                 } else {

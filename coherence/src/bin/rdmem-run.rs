@@ -15,7 +15,7 @@
 //!
 //! Each rank `i` runs `PROGRAM ARGS...` (PROGRAM looked up on PATH like a shell does, then next
 //! to rdmem-run) with:
-//! - `RDMEM_RANK=i`, `RDMEM_SIZE=N`: read them with `rdmem_coherence::launch::Rank::from_env`;
+//! - `RDMEM_RANK=i`, `RDMEM_SIZE=N`: read them with `rdmem_coherence::dsm::launch::Rank::from_env`;
 //! - `RDMEM_MEMNODES=host:port,...`: the memory nodes in node-id order;
 //! - `RDMEM_TOKEN=...` when rdmem-run started the nodes (and no `RDMEM_TOKEN_FILE`).
 //!
@@ -54,10 +54,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rdmem_coherence::launch::{RANK_VAR, SIZE_VAR};
+use rdmem_coherence::dsm::launch::{RANK_VAR, SIZE_VAR};
 use rdmem_core::ClusterConfig;
-use rdmem_transport_rdma::child::{find_binary, fresh_token};
-use rdmem_transport_rdma::{MemnodeChild, PageSize};
+use rdmem_transport_rdma::PageSize;
+use rdmem_transport_rdma::spawn::MemnodeChild;
+use rdmem_transport_rdma::spawn::{find_binary, fresh_token};
 
 /// How often the ranks are polled for their exit.
 const POLL: Duration = Duration::from_millis(10);

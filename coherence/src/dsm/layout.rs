@@ -1,7 +1,7 @@
 //! The DSM's control block in remote memory, and how shared addresses map to homes.
 //!
 //! ```text
-//! allocator header word ROOT (node 0)   0 = no DSM, 1 = being created, else the control block
+//! allocator root "rdmem-dsm/control" (node 0): the control block's address, or empty
 //! control block (node 0), zeroed on creation:
 //!   0      MAGIC, JOB (hash of the job name), SIZE (ranks), JOINED, LEFT (fetch-and-add),
 //!          HEARTBEAT (every rank adds 1 every lease / 4: a job whose word stays put is dead),
@@ -21,7 +21,7 @@
 //! its stripes one after the other from its base address.
 
 use super::PageId;
-use crate::cache::PAGE_SIZE;
+use rdmem_cache::PAGE_SIZE;
 
 /// "RDMDSM01".
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RDMDSM01");

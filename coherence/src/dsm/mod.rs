@@ -1,10 +1,14 @@
 //! A distributed shared memory in JIAJIA's line: shared allocations, cached pages, locks and
 //! barriers with scope consistency, every remote access one-sided.
 //!
-//! ```no_run
+//! ```
+//! use std::sync::Arc;
 //! use rdmem_coherence::dsm::{Dsm, DsmOptions};
+//! use rdmem_core::LoopbackTransport;
 //!
-//! let dsm = Dsm::join(DsmOptions::from_env()?)?; // rank and size from rdmem-run, mpirun or srun
+//! // Over RDMA: Dsm::join(DsmOptions::from_env()?), rank and size from rdmem-run, mpirun or srun.
+//! let transport = Arc::new(LoopbackTransport::new(&[16 << 20]));
+//! let dsm = Dsm::join_with(transport, DsmOptions::new(0, 1))?;
 //! let counts = dsm.alloc(8 * 64)?;               // collective: every rank gets the same address
 //! dsm.lock(0)?;
 //! let n: u64 = dsm.get(counts)?;
@@ -50,24 +54,23 @@
 //!   threads of one process hand it to each other without network round trips.
 //! - Threads of one process share the cache, so they see each other's writes at once.
 
+pub mod launch;
 pub mod layout;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock as StdRwLock};
-use std::thread::ThreadId;
 use std::time::Duration;
 
-use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement};
+use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement, Root};
 use rdmem_core::heartbeat::{Heartbeat, beats_within};
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
-use crate::barrier::RemoteBarrier;
-use crate::cache::{CacheOptions, CacheStats, Home, Homes, PAGE_SIZE, PageCache, PageId};
-use crate::error::LockError;
-use crate::launch::{LaunchError, Rank};
-use crate::lock::{DEFAULT_LEASE, RemoteLock};
+use self::launch::{LaunchError, Rank};
+use crate::sync::{CohortLock, DEFAULT_LEASE, RemoteLock};
+use crate::sync::{LockError, RemoteBarrier};
+use rdmem_cache::{CacheOptions, CacheStats, Home, Homes, PAGE_SIZE, PageCache, PageId};
 
 /// Why a DSM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -139,9 +142,22 @@ pub enum DsmError {
         /// The limit.
         max: u64,
     },
-    /// The memory nodes hold the state of a different job, or a job of another size.
+    /// The options (or the environment they came from) cannot work: a rank outside the size,
+    /// a lease too short, more memory nodes than the DSM spreads over, a malformed variable.
     #[error("{0}")]
-    Join(String),
+    BadOptions(String),
+    /// The memory nodes are in use by another live job (another name or size, or all its ranks
+    /// joined), or the job's shared state is not what this rank expects.
+    #[error("{0}")]
+    JobConflict(String),
+    /// Other ranks did not do their part in time (one died, or they disagree on the job).
+    #[error("{what} after {waited:?}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        waited: Duration,
+    },
 }
 
 /// `Result` with [`DsmError`].
@@ -194,7 +210,7 @@ impl DsmOptions {
             cache: CacheOptions::default(),
             lease: DEFAULT_LEASE,
             max_handovers: 16,
-            barrier_timeout: crate::barrier::DEFAULT_BARRIER_TIMEOUT,
+            barrier_timeout: crate::sync::DEFAULT_BARRIER_TIMEOUT,
         }
     }
 
@@ -213,13 +229,13 @@ impl DsmOptions {
                 .filter(|s| *s > 0.0)
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .ok_or_else(|| {
-                    DsmError::Join(format!("RDMEM_BARRIER_TIMEOUT={secs} is not a positive number of seconds"))
+                    DsmError::BadOptions(format!("RDMEM_BARRIER_TIMEOUT={secs} is not a positive number of seconds"))
                 })?;
         }
         if let Ok(bytes) = std::env::var("RDMEM_CACHE_BYTES") {
             options.cache.capacity_bytes = bytes
                 .parse()
-                .map_err(|_| DsmError::Join(format!("RDMEM_CACHE_BYTES={bytes} is not a number of bytes")))?;
+                .map_err(|_| DsmError::BadOptions(format!("RDMEM_CACHE_BYTES={bytes} is not a number of bytes")))?;
         }
         Ok(options)
     }
@@ -256,26 +272,19 @@ impl Homes for Directory {
     }
 }
 
-/// A lock as this process sees it: the remote word, local queueing, and the notices seen.
-struct LocalLock {
-    busy: AtomicBool,
-    waiting: AtomicUsize,
-    state: Mutex<LockState>,
-}
-
-struct LockState {
-    /// The remote hold while this process holds the lock.
-    held: Option<u64>,
-    /// Local handovers since the remote lock was taken.
-    handovers: u32,
-    /// The thread holding it.
-    owner: Option<ThreadId>,
+/// What a DSM lock carries from holder to holder (the state of its [`CohortLock`]).
+#[derive(Default)]
+struct LockScope {
     /// The notice ring position this process has applied (or written) up to.
     seen: u64,
     /// Pages written under the lock by earlier local holders since the remote hold was taken:
     /// noticed at the remote release.
-    scope: HashSet<PageId>,
+    pages: HashSet<PageId>,
 }
+
+/// The allocator root (on the first memory node) that holds the address of the DSM's control
+/// block.
+pub const CONTROL_ROOT: &str = "rdmem-dsm/control";
 
 /// Numbers [`Dsm`] instances, so a thread's held locks name the DSM they belong to.
 static NEXT_DSM_ID: AtomicU64 = AtomicU64::new(1);
@@ -312,13 +321,16 @@ pub struct Dsm<T: Transport> {
     size: u32,
     options: DsmOptions,
     control: GlobalAddr,
+    /// The allocator root the control block is published under.
+    root: Root,
     /// One allocator per memory node (placement on that node).
     allocators: Vec<Allocator<T>>,
     cache: PageCache<<T::Endpoint as Endpoint>::Buffer>,
     directory: Directory,
     /// Endpoints not in use: each call takes one (threads get their own queue pairs).
     endpoints: Mutex<Vec<T::Endpoint>>,
-    locks: Vec<LocalLock>,
+    /// The locks: one cohort each (local handover), with its scope.
+    locks: Vec<CohortLock<LockScope>>,
     barrier: Mutex<BarrierState>,
     /// Collective allocations made so far by this rank.
     next_alloc: AtomicU64,
@@ -327,15 +339,14 @@ pub struct Dsm<T: Transport> {
     heartbeat: Mutex<Option<Heartbeat>>,
 }
 
+#[cfg(feature = "rdma")]
 impl Dsm<rdmem_transport_rdma::RdmaTransport> {
     /// Joins over RDMA, with the memory nodes of the cluster configuration
     /// ([`rdmem_core::ClusterConfig::load`]: `RDMEM_MEMNODES`, `RDMEM_TOKEN`, ...).
     pub fn join(options: DsmOptions) -> Result<Self> {
         let config = rdmem_core::ClusterConfig::load(None)?;
-        let rdma = rdmem_transport_rdma::RdmaOptions::from_config(&config)
-            .map_err(|e| DsmError::Join(format!("cannot connect: {e}")))?;
-        let transport = rdmem_transport_rdma::RdmaTransport::connect(rdma)
-            .map_err(|e| DsmError::Join(format!("cannot connect: {e}")))?;
+        let rdma = rdmem_transport_rdma::RdmaOptions::from_config(&config)?;
+        let transport = rdmem_transport_rdma::RdmaTransport::connect(rdma)?;
         Dsm::join_with(Arc::new(transport), options)
     }
 }
@@ -345,14 +356,14 @@ impl<T: Transport> Dsm<T> {
     /// and waits at a barrier until every rank joined.
     pub fn join_with(transport: Arc<T>, options: DsmOptions) -> Result<Self> {
         if options.size == 0 || options.rank >= options.size {
-            return Err(DsmError::Join(format!("rank {} of size {} is not a rank", options.rank, options.size)));
+            return Err(DsmError::BadOptions(format!("rank {} of size {} is not a rank", options.rank, options.size)));
         }
         if options.lease < Duration::from_millis(4) {
-            return Err(DsmError::Join(format!("a lease of {:?} is too short (at least 4 ms)", options.lease)));
+            return Err(DsmError::BadOptions(format!("a lease of {:?} is too short (at least 4 ms)", options.lease)));
         }
         let nodes: Vec<NodeId> = transport.nodes().iter().map(|n| n.id).collect();
         if nodes.len() > layout::MAX_NODES {
-            return Err(DsmError::Join(format!(
+            return Err(DsmError::BadOptions(format!(
                 "{} memory nodes; the DSM spreads over {} at most",
                 nodes.len(),
                 layout::MAX_NODES
@@ -371,7 +382,8 @@ impl<T: Transport> Dsm<T> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut ep = transport.endpoint()?;
         let cache = PageCache::new(&mut ep, CacheOptions { stripe_pages: layout::STRIPE_PAGES, ..options.cache })?;
-        let control = Self::find_control(&mut ep, &allocators[0], nodes[0], &options)?;
+        let root = allocators[0].thread()?.root(nodes[0], CONTROL_ROOT)?;
+        let control = Self::find_control(&mut ep, &allocators[0], &root, &options)?;
         // The job's heartbeat: every rank beats it, so a later job can tell this one is alive.
         let heartbeat = Heartbeat::start(
             Arc::clone(&transport),
@@ -379,18 +391,22 @@ impl<T: Transport> Dsm<T> {
             options.lease / 4,
         )?;
         let locks = (0..layout::LOCK_COUNT)
-            .map(|_| LocalLock {
-                busy: AtomicBool::new(false),
-                waiting: AtomicUsize::new(0),
-                state: Mutex::new(LockState { held: None, handovers: 0, owner: None, seen: 0, scope: HashSet::new() }),
+            .map(|id| -> Result<_> {
+                let remote = RemoteLock::new(
+                    control.checked_add(layout::lock_at(id)).expect("lock"),
+                    options.rank + 1,
+                    options.lease,
+                )?;
+                Ok(CohortLock::with_state(remote, options.max_handovers, LockScope::default()))
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let dsm = Dsm {
             id: NEXT_DSM_ID.fetch_add(1, Ordering::Relaxed),
             transport,
             rank: options.rank,
             size: options.size,
             control,
+            root,
             allocators,
             cache,
             directory: Directory { allocs: StdRwLock::new(Vec::new()) },
@@ -415,7 +431,7 @@ impl<T: Transport> Dsm<T> {
         };
         let joined = dsm.with_ep(|ep| ep.faa(dsm.at(layout::JOINED), 1))?;
         if joined >= dsm.size as u64 {
-            return Err(DsmError::Join(format!(
+            return Err(DsmError::JobConflict(format!(
                 "{} ranks joined a job of size {}: another job of the same name is joining these memory nodes at the same time (use another name, RDMEM_JOB)",
                 joined + 1,
                 dsm.size
@@ -425,35 +441,32 @@ impl<T: Transport> Dsm<T> {
         Ok(dsm)
     }
 
-    /// The control block: created by the first rank (CAS on the allocator header's ROOT
-    /// word), waited for by the others, and checked against this job. A block that is full
-    /// (every rank joined) or belongs to another job is checked for life: if its heartbeat
-    /// stays put for two leases, its job is dead, and this rank takes the memory nodes over
-    /// (frees the dead clients' memory, makes a fresh block); if it beats, that is an error
-    /// naming the live job.
+    /// The control block, published under the allocator's named root [`CONTROL_ROOT`] on the
+    /// first node: made by whichever rank finds the root empty first (a rank that loses the
+    /// race frees its own block and joins the winner's), and checked against this job. A block
+    /// that is full (every rank joined) or belongs to another job is checked for life: if its
+    /// heartbeat stays put for two leases, its job is dead, and the one rank that clears the
+    /// root takes the memory nodes over (frees the dead clients' memory) before a fresh block
+    /// is made; if it beats, that is an error naming the live job.
     fn find_control(
         ep: &mut T::Endpoint,
         allocator: &Allocator<T>,
-        node: NodeId,
+        root: &Root,
         options: &DsmOptions,
     ) -> Result<GlobalAddr> {
-        let root = GlobalAddr::new(node, rdmem_allocator::layout::header::ROOT).expect("header word");
         let job = layout::job_hash(&options.job);
         loop {
-            let mut value = ep.cas(root, 0, 1)?;
-            if value == 0 {
-                return Self::create_control(ep, allocator, root, job, options);
-            }
-            let mut waited = 0u32;
-            while value == 1 {
-                std::thread::sleep(Duration::from_millis(1));
-                waited += 1;
-                if waited > 30_000 {
-                    return Err(DsmError::Join("the DSM control block is still being created after 30 s (its creator died?); restart the memory nodes".into()));
+            let Some(control) = root.get(ep)? else {
+                let made = Self::create_control(ep, allocator, job, options)?;
+                if root.compare_exchange(ep, None, Some(made))?.is_ok() {
+                    return Ok(made);
                 }
-                value = ep.read_u64(root)?;
-            }
-            let control = GlobalAddr::from_raw(value);
+                // Another rank published first: join its block.
+                let alloc = allocator.thread()?;
+                alloc.free(made)?;
+                alloc.flush()?;
+                continue;
+            };
             let header = read_words(ep, control, 8)?;
             let instance = header[(layout::INSTANCE / 8) as usize];
             let (magic, their_job, size, joined) = (header[0], header[1], header[2], header[3]);
@@ -484,26 +497,22 @@ impl<T: Transport> Dsm<T> {
                 // Meanwhile another rank may have taken over and made a new block, even at the
                 // same address: then look again.
                 let now = read_words(ep, control, 8)?;
-                if ep.read_u64(root)? != value || now[(layout::INSTANCE / 8) as usize] != instance {
+                if root.get(ep)? != Some(control) || now[(layout::INSTANCE / 8) as usize] != instance {
                     continue;
                 }
                 if alive {
-                    return Err(DsmError::Join(format!(
+                    return Err(DsmError::JobConflict(format!(
                         "{trouble} (its heartbeat is live): wait for it to leave, or use another job name (RDMEM_JOB)"
                     )));
                 }
             }
-            // Dead (or gone): take over, unless another rank is doing it already.
-            if ep.cas(root, value, 1)? != value {
+            // Dead (or gone): take over, unless another rank is doing it already. Clearing the
+            // root first means exactly one rank reclaims; ranks that come meanwhile make and
+            // publish a fresh block (they are alive, so the reclaim leaves their memory alone).
+            if root.compare_exchange(ep, Some(control), None)?.is_err() {
                 continue;
             }
-            let reclaimed = match allocator.reclaim_dead_clients(&snapshot) {
-                Ok(r) => r,
-                Err(e) => {
-                    ep.write_u64(root, value)?; // put it back for someone else to try
-                    return Err(e.into());
-                }
-            };
+            let reclaimed = allocator.reclaim_dead_clients(&snapshot)?;
             tracing::warn!(
                 "the DSM control block at {control} belonged to a dead job ({}); taking the memory nodes over \
                  (reclaimed dead clients {:?}: chunks {:?})",
@@ -511,40 +520,25 @@ impl<T: Transport> Dsm<T> {
                 reclaimed.clients,
                 reclaimed.chunks
             );
-            return Self::create_control(ep, allocator, root, job, options);
         }
     }
 
-    /// Allocates and formats a fresh control block and publishes it in ROOT (which this rank
-    /// set to 1).
+    /// Allocates and formats a fresh control block (not published yet).
     fn create_control(
         ep: &mut T::Endpoint,
         allocator: &Allocator<T>,
-        root: GlobalAddr,
         job: u64,
         options: &DsmOptions,
     ) -> Result<GlobalAddr> {
-        let made = (|| -> Result<GlobalAddr> {
-            let control = allocator
-                .thread()?
-                .alloc(std::alloc::Layout::from_size_align(layout::CONTROL_BYTES as usize, 4096).expect("layout"))?;
-            write_zeros(ep, control, layout::CONTROL_BYTES)?;
-            write_words(ep, control, &[layout::MAGIC, job, options.size as u64])?;
-            ep.write_u64(control.checked_add(layout::CREATOR).expect("control block"), options.rank as u64 + 1)?;
-            let lease_ms = u64::try_from(options.lease.as_millis()).unwrap_or(u64::MAX).max(1);
-            write_words(ep, control.checked_add(layout::LEASE_MS).expect("control block"), &[lease_ms, instance_id()])?;
-            Ok(control)
-        })();
-        match made {
-            Ok(control) => {
-                ep.write_u64(root, control.to_raw())?;
-                Ok(control)
-            }
-            Err(e) => {
-                let _ = ep.write_u64(root, 0); // let the next rank try
-                Err(e)
-            }
-        }
+        let control = allocator
+            .thread()?
+            .alloc(std::alloc::Layout::from_size_align(layout::CONTROL_BYTES as usize, 4096).expect("layout"))?;
+        write_zeros(ep, control, layout::CONTROL_BYTES)?;
+        write_words(ep, control, &[layout::MAGIC, job, options.size as u64])?;
+        ep.write_u64(control.checked_add(layout::CREATOR).expect("control block"), options.rank as u64 + 1)?;
+        let lease_ms = u64::try_from(options.lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        write_words(ep, control.checked_add(layout::LEASE_MS).expect("control block"), &[lease_ms, instance_id()])?;
+        Ok(control)
     }
 
     fn at(&self, offset: u64) -> GlobalAddr {
@@ -610,10 +604,10 @@ impl<T: Transport> Dsm<T> {
             let started = std::time::Instant::now();
             while ep.read_u64(word(0))? != layout::ALLOC_READY {
                 if started.elapsed() > self.options.barrier_timeout {
-                    return Err(DsmError::Join(format!(
-                        "allocation #{index}: the rank making it has not finished after {:?} (it died?)",
-                        self.options.barrier_timeout
-                    )));
+                    return Err(DsmError::Timeout {
+                        what: format!("allocation #{index}: the rank making it has not finished (it died?)"),
+                        waited: self.options.barrier_timeout,
+                    });
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -716,55 +710,42 @@ impl<T: Transport> Dsm<T> {
         self.write(addr, bytemuck::cast_slice(src))
     }
 
-    fn local_lock(&self, id: u64) -> Result<&LocalLock> {
+    fn cohort(&self, id: u64) -> Result<&CohortLock<LockScope>> {
         self.locks.get(id as usize).ok_or(DsmError::LockId { id, count: layout::LOCK_COUNT })
     }
 
     /// Acquires lock `id` for this thread: threads of this process queue locally; the process
     /// takes the remote lock and then invalidates the pages other holders wrote under it.
     /// A thread that holds `id` already gets [`DsmError::AlreadyHeld`] (locks do not nest on
-    /// themselves); holding several different locks at once is fine.
+    /// themselves); holding several different locks at once is fine. Release it with
+    /// [`Dsm::unlock`] from the same thread, or use [`Dsm::guard`].
     pub fn lock(&self, id: u64) -> Result<()> {
-        let local = self.local_lock(id)?;
+        let cohort = self.cohort(id)?;
         if self.thread_holds(id) {
             return Err(DsmError::AlreadyHeld { id });
         }
-        local.waiting.fetch_add(1, Ordering::SeqCst);
-        while local.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            std::thread::yield_now();
-        }
-        local.waiting.fetch_sub(1, Ordering::SeqCst);
-        let mut state = locked(&local.state);
-        let result = if state.held.is_none() { self.acquire_remote(id, &mut state) } else { Ok(()) };
-        match result {
-            Ok(()) => {
-                state.owner = Some(std::thread::current().id());
-                HELD.with(|held| held.borrow_mut().push(Held { dsm: self.id, lock: id, pages: HashSet::new() }));
+        let base = cohort.remote().word();
+        self.with_ep(|ep| {
+            cohort.acquire_with(ep, |ep, scope| -> Result<()> {
+                // The notices: head, then the ring, in one READ.
+                let words = read_words(ep, base.checked_add(8).expect("lock"), 1 + layout::LOCK_RING as usize)?;
+                let head = words[0];
+                self.apply_notices(ep, scope.seen, head, layout::LOCK_RING, |pos| {
+                    words[1 + (pos % layout::LOCK_RING) as usize]
+                })?;
+                scope.seen = head;
                 Ok(())
-            }
-            Err(e) => {
-                drop(state);
-                local.busy.store(false, Ordering::Release);
-                Err(e)
-            }
-        }
+            })
+        })?;
+        HELD.with(|held| held.borrow_mut().push(Held { dsm: self.id, lock: id, pages: HashSet::new() }));
+        Ok(())
     }
 
-    fn acquire_remote(&self, id: u64, state: &mut LockState) -> Result<()> {
-        let base = self.at(layout::lock_at(id));
-        let remote = RemoteLock::new(base, self.rank + 1, self.options.lease)?;
-        self.with_ep(|ep| -> Result<()> {
-            state.held = Some(remote.acquire(ep)?);
-            state.handovers = 0;
-            // The notices: head, then the ring, in one READ.
-            let words = read_words(ep, base.checked_add(8).expect("lock"), 1 + layout::LOCK_RING as usize)?;
-            let head = words[0];
-            self.apply_notices(ep, state.seen, head, layout::LOCK_RING, |pos| {
-                words[1 + (pos % layout::LOCK_RING) as usize]
-            })?;
-            state.seen = head;
-            Ok(())
-        })
+    /// Acquires lock `id` for this thread, as [`Dsm::lock`], and returns a guard that releases
+    /// it with a fallible [`DsmGuard::unlock`] (dropping it unlocks and logs a failure).
+    pub fn guard(&self, id: u64) -> Result<DsmGuard<'_, T>> {
+        self.lock(id)?;
+        Ok(DsmGuard { dsm: self, id, released: false, _not_send: std::marker::PhantomData })
     }
 
     /// Invalidates the pages noticed at ring positions `from..to` (all pages when the ring has
@@ -790,40 +771,30 @@ impl<T: Transport> Dsm<T> {
     /// stay in the lock's scope and the lock stays held by the process (remotely), so the next
     /// local holder's unlock tries again.
     pub fn unlock(&self, id: u64) -> Result<()> {
-        let local = self.local_lock(id)?;
-        let mut state = locked(&local.state);
-        if state.owner != Some(std::thread::current().id()) || state.held.is_none() {
+        let cohort = self.cohort(id)?;
+        if !self.thread_holds(id) || !cohort.held_by_me() {
             return Err(DsmError::NotHolder { id });
         }
         let written = self.thread_releases(id);
-        state.scope.extend(written);
-        let base = self.at(layout::lock_at(id));
-        let handover = local.waiting.load(Ordering::SeqCst) > 0 && state.handovers < self.options.max_handovers;
-        let result = if handover {
-            state.handovers += 1;
-            Ok(())
-        } else {
-            self.with_ep(|ep| -> Result<()> {
-                let mut pages: Vec<PageId> = state.scope.iter().copied().collect();
+        cohort.with_state_mut(|scope| scope.pages.extend(written))?;
+        let base = cohort.remote().word();
+        self.with_ep(|ep| {
+            cohort.release_with(ep, |ep, scope| -> Result<()> {
+                let mut pages: Vec<PageId> = scope.pages.iter().copied().collect();
                 pages.sort_unstable();
                 self.cache.flush_pages(ep, &self.directory, &pages)?;
                 if !pages.is_empty() {
-                    let head = state.seen;
+                    let head = scope.seen;
                     append_ring(ep, base.checked_add(16).expect("ring"), layout::LOCK_RING, head, self.rank, &pages)?;
                     let new_head = head + pages.len() as u64;
                     ep.write_u64(base.checked_add(8).expect("head"), new_head)?;
-                    state.seen = new_head;
-                    state.scope.clear();
+                    scope.seen = new_head;
+                    scope.pages.clear();
                 }
-                let value = state.held.take().expect("held");
-                RemoteLock::new(base, self.rank + 1, self.options.lease)?.release(ep, value)?;
                 Ok(())
             })
-        };
-        state.owner = None;
-        drop(state);
-        local.busy.store(false, Ordering::Release);
-        result
+        })?;
+        Ok(())
     }
 
     /// Waits until every rank arrived; writes this process's changes home before, and
@@ -893,20 +864,27 @@ impl<T: Transport> Dsm<T> {
             self.with_ep(|ep| -> Result<()> {
                 while ep.read_u64(self.at(layout::LEFT))? < self.size as u64 {
                     if started.elapsed() > self.options.barrier_timeout {
-                        return Err(DsmError::Join(format!(
-                            "leave: not every rank left within {:?}; the control block stays (a later job takes it over)",
-                            self.options.barrier_timeout
-                        )));
+                        return Err(DsmError::Timeout {
+                            what: "leave: not every rank left; the control block stays (a later job takes it over)"
+                                .into(),
+                            waited: self.options.barrier_timeout,
+                        });
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 Ok(())
             })?;
+            // Unpublished first, so no later job finds the block once its memory is reused.
+            self.with_ep(|ep| Ok::<_, DsmError>(self.root.compare_exchange(ep, Some(self.control), None)?))?.map_err(
+                |now| {
+                    DsmError::JobConflict(format!(
+                        "leave: the DSM root holds {now:?}, not this job's control block {}",
+                        self.control
+                    ))
+                },
+            )?;
             threads[0].free(self.control)?;
             threads[0].flush()?;
-            let root =
-                GlobalAddr::new(self.control.node(), rdmem_allocator::layout::header::ROOT).expect("header word");
-            self.with_ep(|ep| Ok::<_, DsmError>(ep.cas(root, self.control.to_raw(), 0)?))?;
         }
         if let Some(h) = locked(&self.heartbeat).take() {
             h.stop();
@@ -922,6 +900,41 @@ impl<T: Transport> Drop for Dsm<T> {
             let flushed = self.with_ep(|ep| Ok::<_, DsmError>(self.cache.flush(ep, &self.directory)?));
             if let Err(e) = flushed {
                 tracing::error!("rank {} dropped without leave(); writing its changes home failed: {e}", self.rank);
+            }
+        }
+    }
+}
+
+/// Lock `id` held by this thread ([`Dsm::guard`]); release it with [`DsmGuard::unlock`]. It
+/// stays on the thread that took the lock (it is not `Send`).
+#[must_use = "the lock is held until unlock() (or drop, which cannot report errors)"]
+pub struct DsmGuard<'a, T: Transport> {
+    dsm: &'a Dsm<T>,
+    id: u64,
+    released: bool,
+    /// The lock belongs to the thread that took it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl<T: Transport> DsmGuard<'_, T> {
+    /// The lock's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Releases the lock ([`Dsm::unlock`]): the writes made under it reach its next holder.
+    pub fn unlock(mut self) -> Result<()> {
+        self.released = true;
+        self.dsm.unlock(self.id)
+    }
+}
+
+impl<T: Transport> Drop for DsmGuard<'_, T> {
+    fn drop(&mut self) {
+        if !self.released {
+            tracing::warn!("DSM lock {} dropped without unlock(); releasing it", self.id);
+            if let Err(e) = self.dsm.unlock(self.id) {
+                tracing::error!("releasing the dropped DSM lock {} failed: {e}", self.id);
             }
         }
     }

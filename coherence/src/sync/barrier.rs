@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr};
 
-use crate::error::{LockError, Result};
+use super::error::{LockError, Result};
 
 /// How long [`RemoteBarrier::wait`] waits for the others by default: generous (a slow rank's
 /// compute phase), but finite, so a broken program fails instead of hanging.

@@ -23,6 +23,12 @@ pub enum LockError {
         /// The holder id.
         holder: u32,
     },
+    /// A release by a thread that does not hold this cohort lock.
+    #[error("the cohort lock at {word} is not held by this thread")]
+    NotHolder {
+        /// The lock word.
+        word: GlobalAddr,
+    },
     /// The lease ran out and another holder took the lock over; or the unlocker was never
     /// the holder. The critical section may have overlapped another one.
     #[error("lease lost on the lock at {word}: it now holds {now:#x}, not this holder's value")]

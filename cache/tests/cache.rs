@@ -2,7 +2,7 @@
 //! with a raw READ of the home, read-ahead checked by counting READs, diffs of disjoint bytes,
 //! invalidation.
 
-use rdmem_coherence::cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, PageId};
+use rdmem_cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, PageId};
 use rdmem_core::{Endpoint, GlobalAddr, LoopbackBuffer, LoopbackTransport, NodeId, Transport};
 
 const BASE: u64 = 1 << 20;

@@ -9,8 +9,8 @@
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use rdmem_apps::{CHECKED_BY_RANK_0, Outcome, histogram, matmul, sor};
 use rdmem_coherence::dsm::{Dsm, DsmError, DsmOptions};
-use rdmem_coherence::programs::{CHECKED_BY_RANK_0, Outcome, histogram, matmul, sor};
 use rdmem_core::LoopbackTransport;
 
 /// A job that takes longer has hung (a rank failed and the others wait at a barrier).

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr};
 
-use crate::error::{LockError, Result};
+use super::error::{LockError, Result};
 
 /// The default lease: generous for Soft-RoCE's latency tails (milliseconds at p999 in the VM).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);

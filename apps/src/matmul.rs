@@ -11,8 +11,8 @@
 
 use std::time::Instant;
 
-use super::{Outcome, band};
-use crate::dsm::{Dsm, DsmError};
+use crate::{Outcome, band};
+use rdmem_coherence::dsm::{Dsm, DsmError};
 use rdmem_core::Transport;
 
 /// The matrices' size.
@@ -54,7 +54,7 @@ pub fn run<T: Transport>(dsm: &Dsm<T>, params: &Params) -> Result<Outcome, DsmEr
 
     let rows = band(n, dsm.rank(), dsm.size());
     if !rows.is_empty() {
-        let row_at = |m: crate::dsm::SharedAddr, i: usize| m.byte_add((i * n * 8) as u64);
+        let row_at = |m: rdmem_coherence::dsm::SharedAddr, i: usize| m.byte_add((i * n * 8) as u64);
         let mut a_rows = vec![0.0f64; rows.len() * n];
         let mut b_all = vec![0.0f64; n * n];
         dsm.read_slice(row_at(a, rows.start), &mut a_rows)?;

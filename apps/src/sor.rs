@@ -20,8 +20,8 @@
 
 use std::time::Instant;
 
-use super::{Outcome, band};
-use crate::dsm::{Dsm, DsmError};
+use crate::{Outcome, band};
+use rdmem_coherence::dsm::{Dsm, DsmError};
 use rdmem_core::Transport;
 
 /// The grid and the number of iterations.

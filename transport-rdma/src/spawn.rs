@@ -1,5 +1,6 @@
-//! Running `rdmem-memnode` as a child process: for benchmarks that start their own memory
-//! node, and for device tests.
+//! Starting `rdmem-memnode` as a child process, for programs that bring their own memory node:
+//! the launcher (`rdmem-run`), benchmarks, examples and the device tests. Not part of the data
+//! path; nothing in the library uses it.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -27,7 +27,7 @@
 /// An exact least-recently-used order over frame slots `0..capacity`.
 ///
 /// ```
-/// use rdmem_coherence::cache::lru::Lru;
+/// use rdmem_cache::lru::Lru;
 ///
 /// let mut lru = Lru::new(4);
 /// lru.push_most_recent(0);

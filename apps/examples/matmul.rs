@@ -1,9 +1,9 @@
-//! Matrix product on the DSM ([`rdmem_coherence::programs::matmul`]): rank 0 fills A and B,
+//! Matrix product on the DSM ([`rdmem_apps::matmul`]): rank 0 fills A and B,
 //! every rank computes a band of C's rows; rank 0 checks C against a sequential product.
 //!
 //! On Soft-RoCE, from the workspace root:
 //! ```sh
-//! cargo build --release -p rdmem-coherence --example matmul --bin rdmem-run
+//! cargo build --release -p rdmem-apps --example matmul -p rdmem-coherence --bin rdmem-run
 //! target/release/rdmem-run -n 4 target/release/examples/matmul -n 96
 //! ```
 //! Rank 0 prints `matmul: n=<n> ranks=<N> time=<s> s check=passed|FAILED (<detail>)`; the exit
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use rdmem_coherence::programs::{matmul, run_example};
+use rdmem_apps::{matmul, run_example};
 
 /// C = A x B on the DSM (start with rdmem-run).
 #[derive(Parser, Debug)]

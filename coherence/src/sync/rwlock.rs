@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr};
 
-use crate::error::{LockError, Result};
-use crate::lock::Clock;
+use super::error::{LockError, Result};
+use super::lock::Clock;
 
 const FIELD_BITS: u32 = 13;
 const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;

@@ -15,8 +15,8 @@
 
 use std::time::Instant;
 
-use super::Outcome;
-use crate::dsm::{Dsm, DsmError, SharedAddr};
+use crate::Outcome;
+use rdmem_coherence::dsm::{Dsm, DsmError, SharedAddr};
 use rdmem_core::Transport;
 
 /// Sizes of the histogram and of the work.

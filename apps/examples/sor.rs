@@ -1,9 +1,9 @@
-//! Red-black SOR on the DSM ([`rdmem_coherence::programs::sor`]): row bands per rank, two
+//! Red-black SOR on the DSM ([`rdmem_apps::sor`]): row bands per rank, two
 //! barriers per iteration; rank 0 checks every cell against a sequential run.
 //!
 //! On Soft-RoCE, from the workspace root:
 //! ```sh
-//! cargo build --release -p rdmem-coherence --example sor --bin rdmem-run
+//! cargo build --release -p rdmem-apps --example sor -p rdmem-coherence --bin rdmem-run
 //! target/release/rdmem-run -n 4 target/release/examples/sor --rows 128 --iterations 10
 //! ```
 //! Rank 0 prints `sor: n=<rows>[x<cols>] ranks=<N> time=<s> s check=passed|FAILED (<detail>)`;
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use rdmem_coherence::programs::{run_example, sor};
+use rdmem_apps::{run_example, sor};
 
 /// Red-black successive over-relaxation on the DSM (start with rdmem-run).
 #[derive(Parser, Debug)]

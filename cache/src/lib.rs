@@ -286,6 +286,20 @@ impl<B: LocalBuffer> PageCache<B> {
             bump(&self.counters.hits, 1);
             return Ok(slot);
         }
+        self.miss(shard, ep, homes, page, ahead)
+    }
+
+    /// [`PageCache::cached`]'s slow path: `page` is not cached; READ it (and what read-ahead
+    /// brings) into free frames.
+    #[cold]
+    fn miss<E: Endpoint<Buffer = B>>(
+        &self,
+        shard: &mut Shard<B>,
+        ep: &mut E,
+        homes: &impl Homes,
+        page: PageId,
+        ahead: bool,
+    ) -> rdmem_core::Result<u32> {
         bump(&self.counters.misses, 1);
         let home = homes.home(page)?;
         let sequential = page > 0 && self.last_miss.load(Ordering::Relaxed) == page - 1;

@@ -1,4 +1,4 @@
-//! Application kernels on the [`Dsm`](crate::dsm::Dsm), in the spirit of the JIAJIA and
+//! Application kernels on the [`Dsm`](rdmem_coherence::dsm::Dsm), in the spirit of the JIAJIA and
 //! TreadMarks suites: each one computes in shared memory, then rank 0 checks the result against
 //! the same computation done sequentially in local memory.
 //!
@@ -25,7 +25,7 @@ pub mod sor;
 use std::ops::Range;
 use std::process::ExitCode;
 
-use crate::dsm::{Dsm, DsmError, DsmOptions};
+use rdmem_coherence::dsm::{Dsm, DsmError, DsmOptions};
 
 /// The detail that ranks other than 0 report: only rank 0 checks.
 pub const CHECKED_BY_RANK_0: &str = "checked by rank 0";

@@ -1,10 +1,10 @@
-//! A lock-heavy histogram on the DSM ([`rdmem_coherence::programs::histogram`]): ranks add
+//! A lock-heavy histogram on the DSM ([`rdmem_apps::histogram`]): ranks add
 //! batches of counts into shared buckets under 8 locks; rank 0 checks every bucket and the
 //! total against the sequential histogram.
 //!
 //! On Soft-RoCE, from the workspace root:
 //! ```sh
-//! cargo build --release -p rdmem-coherence --example histogram --bin rdmem-run
+//! cargo build --release -p rdmem-apps --example histogram -p rdmem-coherence --bin rdmem-run
 //! target/release/rdmem-run -n 4 target/release/examples/histogram -n 64 --values 512
 //! ```
 //! Rank 0 prints `histogram: n=<buckets> ranks=<N> time=<s> s check=passed|FAILED (<detail>)`;
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::builder::RangedU64ValueParser;
-use rdmem_coherence::programs::{histogram, run_example};
+use rdmem_apps::{histogram, run_example};
 
 /// A parallel histogram under DSM locks (start with rdmem-run).
 #[derive(Parser, Debug)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rdmem_core::GlobalAddr;
 
-use crate::error::{LockError, Result};
-use crate::lock::RemoteLock;
+use super::error::{LockError, Result};
+use super::lock::RemoteLock;
 
 /// Where the lock words are: one 8-aligned region per memory node.
 #[derive(Debug, Clone)]

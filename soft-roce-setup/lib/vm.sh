@@ -1,0 +1,220 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2154 # the caller sets the variables listed below
+# The Soft-RoCE VM as a library, shared by vm-run (one VM) and the cluster runner: host
+# packages, the cached kernel (with its module closure) and initramfs, the workspace build and
+# test discovery, and qemu supervision. Sourced after common.sh, never run. The caller sets:
+#   here       the soft-roce-setup directory     workspace  the workspace root
+#   cache      the image cache (.vm)             verbose    1 to show the VM's setup steps
+#   rebuild    1 to rebuild the cached image     device_tests  1 to list test harnesses
+#   vm_ip      the VM's address in /etc/hosts    timeout, boot_timeout  seconds, for vm_wait
+
+# --- host packages ---------------------------------------------------------------------------
+# Installs what booting a VM needs; sets `busybox` to a static busybox.
+vm_host_packages() {
+    local libdir
+    libdir=$(multiarch_libdir)
+    install_missing \
+        qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio gzip:gzip \
+        ibv_devinfo:ibverbs-utils ib_read_lat:perftest rdma:iproute2 \
+        "$libdir/libibverbs/librxe-rdmav34.so:ibverbs-providers" \
+        "$libdir/librdmacm.so.1:librdmacm1" apt-get:apt jq:jq
+    busybox=$(command -v busybox)
+    # The initramfs needs a static busybox: busybox-static replaces the dynamically linked one.
+    if ldd "$busybox" >/dev/null 2>&1; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null ||
+            die "$busybox is dynamically linked and busybox-static could not be installed"
+        busybox=$(command -v busybox)
+    fi
+    [ -L /lib ] || die "this host does not have a merged /usr (/lib is not a symlink); the VM shares /usr only"
+}
+
+# --- kernel and initramfs (cached) -----------------------------------------------------------
+# The modules the init loads, by name; their dependencies are added in load order.
+boot_modules="virtio_pci 9pnet_virtio 9p"
+# crc32_generic is only a soft dependency of rdma_rxe, which fails without it.
+rdma_modules="crc32_generic dummy rdma_rxe ib_uverbs rdma_ucm"
+
+# Prints the module names a .ko depends on, one per line (from its .modinfo "depends=").
+ko_depends() {
+    local deps
+    deps=$(LC_ALL=C grep -a -o -m1 'depends=[A-Za-z0-9_,-]*' "$1" | head -n1 || true)
+    deps=${deps#depends=}
+    [ -n "$deps" ] && tr ',' '\n' <<<"$deps"
+    return 0
+}
+
+# Fetches the kernel package, keeps vmlinuz and the modules we load, writes the load orders.
+fetch_kernel() {
+    local dest=$1 tmp pkg ko name
+    tmp=$(mktemp -d)
+    pkg=${RDMEM_VM_KERNEL_PKG:-}
+    if [ -z "$pkg" ]; then
+        (cd "$tmp" && apt-get download linux-image-amd64) >/dev/null 2>&1 || {
+            as_root apt-get update -qq >/dev/null
+            (cd "$tmp" && apt-get download linux-image-amd64) >/dev/null 2>&1
+        } || die "cannot download linux-image-amd64 (a Debian kernel with CONFIG_RDMA_RXE=m); set RDMEM_VM_KERNEL_PKG"
+        pkg=$(dpkg-deb -f "$tmp"/linux-image-amd64_*.deb Depends | grep -o 'linux-image-[0-9][^ ,]*' | head -n1)
+        [ -n "$pkg" ] || die "cannot tell which kernel linux-image-amd64 depends on"
+    fi
+    say "fetching kernel package $pkg (once; cached under $cache)"
+    (cd "$tmp" && apt-get download "$pkg") >/dev/null 2>&1 || die "cannot download $pkg"
+    dpkg-deb -x "$tmp/$pkg"_*.deb "$tmp/x"
+    mkdir -p "$dest.tmp/modules"
+    cp "$tmp"/x/boot/vmlinuz-* "$dest.tmp/vmlinuz"
+    # Index every module by its name (file names may spell _ as -), then resolve dependencies.
+    declare -A path_of=() done_mods=()
+    while IFS= read -r ko; do
+        name=${ko##*/}
+        name=${name%%.ko*}
+        path_of[${name//-/_}]=$ko
+    done < <(find "$tmp"/x/lib/modules -name '*.ko*')
+    add_module() { # name order-file
+        local n=${1//-/_} src d
+        [ -n "${done_mods[$n]:-}" ] && return 0
+        src=${path_of[$n]:-}
+        [ -n "$src" ] || die "kernel package has no module $n (does it have CONFIG_RDMA_RXE=m?)"
+        local file
+        file=$(basename "$src")
+        case $file in
+        *.ko.xz) xz -dc "$src" >"$dest.tmp/modules/$n.ko" ;;
+        *.ko.zst) zstd -qdc "$src" >"$dest.tmp/modules/$n.ko" ;;
+        *.ko.gz) gzip -dc "$src" >"$dest.tmp/modules/$n.ko" ;;
+        *) cp "$src" "$dest.tmp/modules/$n.ko" ;;
+        esac
+        done_mods[$n]=1
+        for d in $(ko_depends "$dest.tmp/modules/$n.ko"); do add_module "$d" "$2"; done
+        echo "$n.ko" >>"$2"
+    }
+    : >"$dest.tmp/modules/boot.order"
+    : >"$dest.tmp/modules/rdma.order"
+    for m in $boot_modules; do add_module "$m" "$dest.tmp/modules/boot.order"; done
+    for m in $rdma_modules; do add_module "$m" "$dest.tmp/modules/rdma.order"; done
+    echo "$pkg" >"$dest.tmp/package"
+    rm -rf "$tmp" "$dest"
+    mv "$dest.tmp" "$dest"
+}
+
+# Builds the initramfs: busybox, the init, the modules, /etc files for libibverbs and libc.
+build_initramfs() {
+    local out=$1 root f
+    root=$(mktemp -d)
+    mkdir -p "$root"/{rdmem/bin,etc,usr,proc,sys,dev,tmp,run,root}
+    cp "$busybox" "$root/rdmem/bin/busybox"
+    for f in $("$busybox" --list); do
+        [ "$f" = busybox ] || ln -s busybox "$root/rdmem/bin/$f"
+    done
+    for f in bin lib lib64 sbin; do [ -L "/$f" ] && ln -s "usr/$f" "$root/$f"; done
+    cp -r "$cache/kernel/modules" "$root/rdmem/modules"
+    install -m 0755 "$here/vm/init" "$root/init"
+    # libibverbs finds providers through /etc/libibverbs.d; the rest serve libc and tools.
+    for f in libibverbs.d rdma ld.so.cache ld.so.conf ld.so.conf.d nsswitch.conf services \
+        protocols passwd group iproute2; do
+        [ -e "/etc/$f" ] && cp -r "/etc/$f" "$root/etc/"
+    done
+    printf '127.0.0.1 localhost\n%s rdmem-vm\n' "$vm_ip" >"$root/etc/hosts"
+    echo rdmem-vm >"$root/etc/hostname"
+    (cd "$root" && find . | cpio -o -H newc --quiet) | gzip -1 >"$out.tmp"
+    mv "$out.tmp" "$out"
+    rm -rf "$root"
+}
+
+# Makes sure the cached kernel and initramfs under $cache are there and current.
+vm_prepare_image() {
+    mkdir -p "$cache"
+    [ -f "$cache/.gitignore" ] || echo '*' >"$cache/.gitignore"
+    exec 9>"$cache/lock"
+    flock 9
+    if [ "$rebuild" = 1 ]; then rm -rf "$cache/kernel" "$cache/initramfs.img"; fi
+    [ -f "$cache/kernel/package" ] || fetch_kernel "$cache/kernel"
+    # Inputs of the initramfs; it is rebuilt when any of them changed.
+    local key
+    key=$({
+        echo "format 1"
+        cat "$cache/kernel/package" "$here/vm/init"
+        sha256sum "$busybox" | cut -d' ' -f1
+        ls -l /etc/libibverbs.d
+        printf '%s\n' "$boot_modules" "$rdma_modules"
+    } | sha256sum | cut -d' ' -f1)
+    if [ ! -f "$cache/initramfs.img" ] || [ "$(cat "$cache/initramfs.key" 2>/dev/null)" != "$key" ]; then
+        [ "$verbose" = 1 ] && say "building initramfs"
+        build_initramfs "$cache/initramfs.img"
+        echo "$key" >"$cache/initramfs.key"
+    fi
+    exec 9>&-
+}
+
+# --- workspace build -------------------------------------------------------------------------
+# Builds the workspace's release binaries and examples; with `device_tests=1` also its test
+# harnesses, listed in `test_binaries` (from cargo's JSON messages, parsed with jq).
+test_binaries=()
+vm_build_workspace() {
+    [ -f "$workspace/Cargo.toml" ] || return 0
+    command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs) or pass --no-build"
+    # sideway's rdma-mummy-sys builds a C stub with cmake and generates bindings with libclang.
+    install_missing cmake:cmake gcc:gcc :libclang-dev
+    (cd "$workspace" && cargo build --release --workspace --bins --examples --quiet) ||
+        die "cargo build --release failed"
+    [ "$device_tests" = 1 ] || return 0
+    # Test harnesses are the artifacts built with the test profile that have an executable.
+    local line json
+    json=$(cd "$workspace" && cargo test --release --workspace --no-run --quiet --message-format=json) ||
+        die "cargo test --release --no-run failed"
+    while IFS= read -r line; do
+        test_binaries+=("$line")
+    done < <(jq -r 'select(.reason == "compiler-artifact" and .profile.test and .executable != null)
+        | .executable' <<<"$json")
+    [ "${#test_binaries[@]}" -gt 0 ] ||
+        die "cargo test --release --no-run built no test binaries (run it by hand to see why)"
+}
+
+# --- qemu supervision -----------------------------------------------------------------------
+# Runs qemu with the arguments given, in the background; sets `qemu_pid`.
+vm_start() { # run-dir qemu-args...
+    local run=$1
+    shift
+    qemu-system-x86_64 "$@" </dev/null 2>"$run/qemu.log" &
+    qemu_pid=$!
+}
+
+# Waits for the VM `qemu_pid` to end; kills it when its command has not started (no
+# $run/started) within `boot_timeout` seconds or runs past `timeout` (0: never), counted from
+# SECONDS=0. Sets `verdict` to "", "boot" or "timeout" and `qemu_status` to qemu's status.
+vm_wait() { # run-dir
+    local run=$1
+    verdict=
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        if [ ! -e "$run/started" ] && [ "$SECONDS" -gt "$boot_timeout" ]; then
+            verdict=boot
+            break
+        fi
+        if [ "$timeout" -gt 0 ] && [ "$SECONDS" -gt "$timeout" ]; then
+            verdict=timeout
+            break
+        fi
+        sleep 0.2
+    done
+    if [ -n "$verdict" ]; then
+        kill "$qemu_pid" 2>/dev/null || true
+    fi
+    qemu_status=0
+    wait "$qemu_pid" || qemu_status=$?
+    qemu_pid=
+}
+
+# Exits with the VM's outcome: CMD's status when it wrote one, 124 when it ran past the
+# timeout, 125 (DIE_STATUS) with what is known when the VM itself failed.
+vm_exit() { # run-dir
+    local run=$1
+    if [ -f "$run/status" ]; then
+        exit "$(cat "$run/status")"
+    fi
+    case $verdict in
+    timeout) DIE_STATUS=124 die "CMD ran past --timeout ${timeout}s; the VM was killed" ;;
+    boot)
+        tail -n 20 "$run/kernel.log" >&2 2>/dev/null || true
+        die "the VM did not start CMD within ${boot_timeout}s (--boot-timeout); rerun with --verbose to see the boot" ;;
+    esac
+    [ -f "$run/setup-error" ] && die "the VM's setup failed: $(cat "$run/setup-error")"
+    tail -n 20 "$run/qemu.log" "$run/kernel.log" >&2 2>/dev/null || true
+    die "the VM stopped (qemu exit status $qemu_status) before CMD finished; rerun with --verbose"
+}
