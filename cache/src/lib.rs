@@ -238,7 +238,10 @@ impl<B: LocalBuffer> PageCache<B> {
     ) -> rdmem_core::Result<()> {
         for (page, in_page, part) in pieces(addr, dst.len()) {
             let mut shard = lock(self.shard(page));
-            let slot = self.cached(&mut shard, ep, homes, page, true)?;
+            let slot = match self.hit(&mut shard, page) {
+                Some(slot) => slot,
+                None => self.miss(&mut shard, ep, homes, page, true)?,
+            };
             let start = frame(slot).start;
             dst[part].copy_from_slice(&shard.buf[start + in_page.start..start + in_page.end]);
         }
@@ -256,7 +259,10 @@ impl<B: LocalBuffer> PageCache<B> {
     ) -> rdmem_core::Result<()> {
         for (page, in_page, part) in pieces(addr, src.len()) {
             let mut shard = lock(self.shard(page));
-            let slot = self.cached(&mut shard, ep, homes, page, false)?;
+            let slot = match self.hit(&mut shard, page) {
+                Some(slot) => slot,
+                None => self.miss(&mut shard, ep, homes, page, false)?,
+            };
             let range = frame(slot);
             let shard = &mut *shard;
             let entry = shard.slots[slot as usize].as_mut().expect("a cached slot has a page");
@@ -271,26 +277,17 @@ impl<B: LocalBuffer> PageCache<B> {
         Ok(())
     }
 
-    /// The slot holding `page`, READing it (and, on a sequential miss when `ahead`, the pages
-    /// after it) when it is not cached. Counts the hit or miss and makes the page most recent.
-    fn cached<E: Endpoint<Buffer = B>>(
-        &self,
-        shard: &mut Shard<B>,
-        ep: &mut E,
-        homes: &impl Homes,
-        page: PageId,
-        ahead: bool,
-    ) -> rdmem_core::Result<u32> {
-        if let Some(&slot) = shard.table.get(&page) {
-            shard.lru.touch(slot as usize);
-            bump(&self.counters.hits, 1);
-            return Ok(slot);
-        }
-        self.miss(shard, ep, homes, page, ahead)
+    /// The slot holding `page` if it is cached (counted as a hit, made most recent).
+    #[inline]
+    fn hit(&self, shard: &mut Shard<B>, page: PageId) -> Option<u32> {
+        let slot = *shard.table.get(&page)?;
+        shard.lru.touch(slot as usize);
+        bump(&self.counters.hits, 1);
+        Some(slot)
     }
 
-    /// [`PageCache::cached`]'s slow path: `page` is not cached; READ it (and what read-ahead
-    /// brings) into free frames.
+    /// The slow path: `page` is not cached. READs it (and, on a sequential miss when `ahead`,
+    /// the pages after it) into free frames; counts the miss and makes the page most recent.
     #[cold]
     fn miss<E: Endpoint<Buffer = B>>(
         &self,

@@ -30,6 +30,14 @@ fn options(addrs: &[&str], token: &str) -> RdmaOptions {
     }
 }
 
+/// A memory node (node 0), a transport connected to it, and an endpoint.
+fn one_node() -> (MemnodeChild, RdmaTransport, rdmem_transport_rdma::RdmaEndpoint) {
+    let node = memnode(0);
+    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
+    let ep = transport.endpoint().expect("endpoint");
+    (node, transport, ep)
+}
+
 fn scratch(node: u16) -> GlobalAddr {
     GlobalAddr::new(NodeId(node), 1 << 20).unwrap()
 }
@@ -167,9 +175,7 @@ fn a_killed_memory_node_gives_an_error_not_a_hang() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn a_failed_poll_abandons_the_round_before_returning() {
-    let node = memnode(0);
-    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
-    let mut ep = transport.endpoint().expect("endpoint");
+    let (_node, transport, mut ep) = one_node();
     ep.write_u64(scratch(0), 7).expect("write");
     // A READ into a registered buffer whose poll fails: the error must come only after the
     // queue pair was stopped (so the device no longer writes into the buffer), which shows as
@@ -205,9 +211,7 @@ fn a_node_that_never_answers_the_handshake_times_out_with_that_message() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn a_refused_access_is_a_completion_error_with_its_status() {
-    let node = memnode(0);
-    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
-    let mut ep = transport.endpoint().expect("endpoint");
+    let (_node, transport, mut ep) = one_node();
     ep.inject_wrong_rkey(NodeId(0));
     let e = ep.read_u64(scratch(0)).expect_err("the node refuses a wrong rkey");
     assert!(
@@ -235,9 +239,7 @@ fn a_failed_post_is_a_post_error_and_breaks_only_that_connection() {
 #[test]
 #[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
 fn an_operation_past_its_deadline_times_out_and_stops_its_queue_pair() {
-    let node = memnode(0);
-    let transport = RdmaTransport::connect(options(&[node.addr()], TOKEN)).expect("connect");
-    let mut ep = transport.endpoint().expect("endpoint");
+    let (_node, transport, mut ep) = one_node();
     // A 15 MiB READ takes rxe far longer than the few thousand empty polls after which a zero
     // deadline is checked (and found past).
     let len = 15 << 20;
