@@ -36,7 +36,8 @@ use crate::error::{AllocError, Result};
 use crate::layout;
 
 /// A named root on one node: read it with [`Root::get`], change it with
-/// [`Root::compare_exchange`]. Cheap to copy; it holds only the slot's address.
+/// [`Root::compare_exchange`]. It holds the name and the slot's address; share it between
+/// threads, or open it again (opening a name that has its slot costs one READ).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Root {
     name: String,
@@ -57,8 +58,11 @@ impl Root {
         }
         let key = key(name);
         let slot_at = |i: u64| {
-            GlobalAddr::new(node, layout::ROOTS + ((key + i) % layout::ROOT_SLOTS) * layout::ROOT_SLOT_BYTES)
-                .expect("inside the header")
+            GlobalAddr::new(
+                node,
+                layout::ROOTS + ((key % layout::ROOT_SLOTS + i) % layout::ROOT_SLOTS) * layout::ROOT_SLOT_BYTES,
+            )
+            .expect("inside the header")
         };
         for i in 0..layout::ROOT_SLOTS {
             let slot = slot_at(i);
@@ -97,7 +101,8 @@ impl Root {
 
     /// Publishes `new` (or clears the root, with `None`) if the root holds `current` now, as
     /// one compare-and-swap: `Ok(Ok(()))` when it did, `Ok(Err(what_it_holds))` when another
-    /// value was there. The address 0 of node 0 cannot be published (it stands for "empty").
+    /// value was there. The address 0 of node 0 cannot be published: it stands for "empty", so
+    /// `Some` of it as `current` means the same as `None`.
     pub fn compare_exchange<E: Endpoint>(
         &self,
         ep: &mut E,

@@ -340,3 +340,25 @@ fn cohort_acquire_and_release_across_calls_with_hooks_and_misuse_errors() {
     assert!(!cohort.held_by_me());
     assert_eq!(ep.read_u64(counter).unwrap(), 1);
 }
+
+#[test]
+fn a_release_that_fails_on_the_network_does_not_lock_the_process_out() {
+    // One process, so nobody would ever take the lock over: after a release that failed on a
+    // broken connection, the process must still be able to take its own lock again.
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let word = at(4096);
+    let cohort = CohortLock::new(RemoteLock::new(word, 7, LEASE).unwrap(), 8);
+    let mut ep = transport.endpoint().unwrap();
+    cohort.acquire(&mut ep).unwrap();
+    transport.set_node_down(NodeId(0), true);
+    assert!(matches!(cohort.release(&mut ep), Err(LockError::Transport(_))), "the release could not reach the node");
+    assert!(!cohort.held_by_me(), "the thread let go of it");
+    transport.set_node_down(NodeId(0), false);
+    let mut fresh = transport.endpoint().unwrap();
+    assert_ne!(fresh.read_u64(word).unwrap(), 0, "the word still holds this process's value");
+    cohort.acquire(&mut fresh).expect("the process still holds it: no AlreadyHeld against itself");
+    cohort.release(&mut fresh).unwrap();
+    assert_eq!(fresh.read_u64(word).unwrap(), 0, "released for real this time");
+    cohort.acquire(&mut fresh).unwrap();
+    cohort.release(&mut fresh).unwrap();
+}

@@ -209,7 +209,9 @@ pub enum Error {
         vendor_err: u32,
     },
     /// The operation could not be posted (`ibv_post_send` failed: the send queue is full, or
-    /// the queue pair is in the error state). Nothing of it reached the node.
+    /// the queue pair is in the error state), so it did not take effect. In a batch, the
+    /// operations before it to the same node may have been posted and taken effect; the
+    /// connection to that node is broken afterwards.
     #[error("{op} at {addr} could not be posted: {}", std::io::Error::from_raw_os_error(*errno))]
     Post {
         /// The operation.

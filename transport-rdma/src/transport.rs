@@ -531,7 +531,7 @@ impl Endpoint for RdmaEndpoint {
         // SAFETY: the request's memory is either copied at post time (inline) or in
         // `self.behind`, which is not reused before the request is confirmed (behind_used is
         // reset only when no connection has write-behinds left).
-        unsafe { conn.post(&mut wr) }.map_err(|errno| Error::Post { op: OpKind::Write, addr: dst, errno })?;
+        unsafe { conn.post(&mut wr) }.map_err(|(errno, _)| Error::Post { op: OpKind::Write, addr: dst, errno })?;
         let slot = (conn.behind_seq % conn.behind_addrs.len() as u64) as usize;
         conn.behind_addrs[slot] = dst;
         conn.behind_seq += 1;
@@ -607,19 +607,22 @@ impl Connection {
     /// Posts the linked list of requests starting at `first` (one doorbell). On failure the
     /// queue pair is moved to the error state (requests before the bad one may be in flight
     /// with nothing signaled; the error state stops the device touching their memory), marked
-    /// broken, and the error number returned.
+    /// broken, and the error number returned with the `wr_id` of the first request not
+    /// posted (when the device named it).
     ///
     /// # Safety
     /// `first` starts a well-formed list whose local memory is registered (or inline) and
     /// stays valid until the requests complete.
-    unsafe fn post(&mut self, first: *mut ibv_send_wr) -> std::result::Result<(), i32> {
+    unsafe fn post(&mut self, first: *mut ibv_send_wr) -> std::result::Result<(), (i32, Option<u64>)> {
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the queue pair is alive (owned by `self`); the list is the caller's promise.
         let rc = unsafe { ibv_post_send(self.qp.qp().as_ptr(), first, &mut bad) };
         if rc == 0 {
             return Ok(());
         }
-        self.fail_post(rc)
+        // SAFETY: a non-null `bad` points at a request of the caller's list, still alive.
+        let wr_id = (!bad.is_null()).then(|| unsafe { (*bad).wr_id });
+        self.fail_post(rc).map_err(|errno| (errno, wr_id))
     }
 
     /// What a failed post leaves: the queue pair stopped and broken, `errno` returned.
@@ -650,9 +653,10 @@ impl RdmaEndpoint {
         let mut post_error = None;
         for c in 0..self.conns.len() {
             let Some(last) = self.round_last[c] else { continue };
-            if let Err(errno) = self.post_node(c, ops, last) {
+            if let Err((errno, bad)) = self.post_node(c, ops, last) {
                 // Other nodes' requests of this round are waited for below first.
-                post_error = Some(Error::Post { op: ops[last].kind(), addr: ops[last].remote(), errno });
+                let op = &ops[bad.map_or(last, |i| i as usize)];
+                post_error = Some(Error::Post { op: op.kind(), addr: op.remote(), errno });
                 break;
             }
             self.last_wr[c] = Some(last as u64);
@@ -694,7 +698,7 @@ impl RdmaEndpoint {
     /// list: one ibv_post_send, one doorbell, and one indirect call for the lot (perftest's
     /// way; the ibv_wr_* API costs four per request). Only the last is signaled. The list lives
     /// in the endpoint's own storage, so no round allocates once it has grown.
-    fn post_node(&mut self, c: usize, ops: &[Op<'_>], last: usize) -> std::result::Result<(), i32> {
+    fn post_node(&mut self, c: usize, ops: &[Op<'_>], last: usize) -> std::result::Result<(), (i32, Option<u64>)> {
         let node = self.conns[c].node.id;
         let remote = RemoteKey { base: self.conns[c].pool_base, rkey: self.conns[c].rkey };
         let staging = (self.staging.addr(), self.staging.lkey());
@@ -710,7 +714,7 @@ impl RdmaEndpoint {
         }
         let first = list.link();
         if std::mem::take(&mut self.post_fault) {
-            return self.conns[c].fail_post(12); // ENOMEM
+            return self.conns[c].fail_post(12).map_err(|errno| (errno, None)); // ENOMEM
         }
         // SAFETY: the list is well formed (`link`); its local memory is registered and
         // borrowed by `ops` or owned by this endpoint until run_round returns, after the
@@ -739,7 +743,7 @@ impl RdmaEndpoint {
             if n < 0 {
                 // The device may still write into this round's buffers: stop it (queue pairs
                 // to the error state) before returning, like every other early exit.
-                let (op, addr) = self.abandon_round(ops);
+                let (op, addr) = self.abandon_round(ops, None);
                 return Err(Error::Poll { op, addr, errno: -n });
             }
             for k in 0..n as usize {
@@ -810,13 +814,13 @@ impl RdmaEndpoint {
     fn check_stalled(&mut self, ops: &[Op<'_>], deadline: &mut Option<Instant>) -> Result<()> {
         if let Some(c) = self.dead_node() {
             let peer = self.conns[c].peer.clone();
-            let (op, addr) = self.abandon_round(ops);
+            let (op, addr) = self.abandon_round(ops, Some(c));
             return Err(Error::NodeGone { op, addr, peer });
         }
         let now = Instant::now();
         let limit = *deadline.get_or_insert(now + self.completion_deadline);
         if now > limit {
-            let (op, addr) = self.abandon_round(ops);
+            let (op, addr) = self.abandon_round(ops, None);
             return Err(Error::Timeout { op, addr, waited: self.completion_deadline });
         }
         Ok(())
@@ -838,8 +842,10 @@ impl RdmaEndpoint {
     /// A round whose completions will not come: move the queue pairs still waited on to the
     /// error state (the device stops touching their memory and flushes them). Returns the
     /// operation to name in the error.
-    fn abandon_round(&mut self, ops: &[Op<'_>]) -> (OpKind, GlobalAddr) {
-        let mut first = None;
+    /// `name` is the connection whose operation the error should name (the dead node's), or
+    /// `None` for the first one still waited on.
+    fn abandon_round(&mut self, ops: &[Op<'_>], name: Option<usize>) -> (OpKind, GlobalAddr) {
+        let mut first = name.and_then(|c| self.last_wr[c]).map(|wr| wr as usize);
         for (c, last) in self.last_wr.iter().enumerate() {
             if let Some(wr) = last {
                 queue_pair::set_error(&mut self.conns[c].qp);

@@ -1,7 +1,8 @@
 //! The DSM's control block in remote memory, and how shared addresses map to homes.
 //!
 //! ```text
-//! allocator root "rdmem-dsm/control" (node 0): the control block's address, or empty
+//! allocator root "rdmem-dsm/control" (node 0): the control block's address with its instance
+//!   in the low 12 bits (a tag: a later block at the same address is another value), or empty
 //! control block (node 0), zeroed on creation:
 //!   0      MAGIC, JOB (hash of the job name), SIZE (ranks), JOINED, LEFT (fetch-and-add),
 //!          HEARTBEAT (every rank adds 1 every lease / 4: a job whose word stays put is dead),

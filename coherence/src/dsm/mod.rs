@@ -321,8 +321,9 @@ pub struct Dsm<T: Transport> {
     size: u32,
     options: DsmOptions,
     control: GlobalAddr,
-    /// The allocator root the control block is published under.
+    /// The allocator root the control block is published under, and the value published.
     root: Root,
+    published: GlobalAddr,
     /// One allocator per memory node (placement on that node).
     allocators: Vec<Allocator<T>>,
     cache: PageCache<<T::Endpoint as Endpoint>::Buffer>,
@@ -383,7 +384,7 @@ impl<T: Transport> Dsm<T> {
         let mut ep = transport.endpoint()?;
         let cache = PageCache::new(&mut ep, CacheOptions { stripe_pages: layout::STRIPE_PAGES, ..options.cache })?;
         let root = allocators[0].thread()?.root(nodes[0], CONTROL_ROOT)?;
-        let control = Self::find_control(&mut ep, &allocators[0], &root, &options)?;
+        let (control, published) = Self::find_control(&mut ep, &allocators[0], &root, &options)?;
         // The job's heartbeat: every rank beats it, so a later job can tell this one is alive.
         let heartbeat = Heartbeat::start(
             Arc::clone(&transport),
@@ -407,6 +408,7 @@ impl<T: Transport> Dsm<T> {
             size: options.size,
             control,
             root,
+            published,
             allocators,
             cache,
             directory: Directory { allocs: StdRwLock::new(Vec::new()) },
@@ -453,13 +455,14 @@ impl<T: Transport> Dsm<T> {
         allocator: &Allocator<T>,
         root: &Root,
         options: &DsmOptions,
-    ) -> Result<GlobalAddr> {
+    ) -> Result<(GlobalAddr, GlobalAddr)> {
         let job = layout::job_hash(&options.job);
         loop {
-            let Some(control) = root.get(ep)? else {
-                let made = Self::create_control(ep, allocator, job, options)?;
-                if root.compare_exchange(ep, None, Some(made))?.is_ok() {
-                    return Ok(made);
+            let Some(value) = root.get(ep)? else {
+                let (made, instance) = Self::create_control(ep, allocator, job, options)?;
+                let value = published(made, instance);
+                if root.compare_exchange(ep, None, Some(value))?.is_ok() {
+                    return Ok((made, value));
                 }
                 // Another rank published first: join its block.
                 let alloc = allocator.thread()?;
@@ -467,11 +470,12 @@ impl<T: Transport> Dsm<T> {
                 alloc.flush()?;
                 continue;
             };
+            let control = GlobalAddr::from_raw(value.to_raw() & !TAG_MASK);
             let header = read_words(ep, control, 8)?;
             let instance = header[(layout::INSTANCE / 8) as usize];
             let (magic, their_job, size, joined) = (header[0], header[1], header[2], header[3]);
             let their_lease = Duration::from_millis(header[(layout::LEASE_MS / 8) as usize]);
-            let trouble = if magic != layout::MAGIC {
+            let trouble = if magic != layout::MAGIC || published(control, instance) != value {
                 // Its memory was reclaimed and reused: nothing of that job is left.
                 None
             } else if their_job != job {
@@ -487,7 +491,7 @@ impl<T: Transport> Dsm<T> {
                     options.job
                 ))
             } else {
-                return Ok(control); // a job forming: join it
+                return Ok((control, value)); // a job forming: join it
             };
             let snapshot = allocator.client_snapshot()?;
             if let Some(trouble) = &trouble {
@@ -497,7 +501,7 @@ impl<T: Transport> Dsm<T> {
                 // Meanwhile another rank may have taken over and made a new block, even at the
                 // same address: then look again.
                 let now = read_words(ep, control, 8)?;
-                if root.get(ep)? != Some(control) || now[(layout::INSTANCE / 8) as usize] != instance {
+                if root.get(ep)? != Some(value) || now[(layout::INSTANCE / 8) as usize] != instance {
                     continue;
                 }
                 if alive {
@@ -509,7 +513,7 @@ impl<T: Transport> Dsm<T> {
             // Dead (or gone): take over, unless another rank is doing it already. Clearing the
             // root first means exactly one rank reclaims; ranks that come meanwhile make and
             // publish a fresh block (they are alive, so the reclaim leaves their memory alone).
-            if root.compare_exchange(ep, Some(control), None)?.is_err() {
+            if root.compare_exchange(ep, Some(value), None)?.is_err() {
                 continue;
             }
             let reclaimed = allocator.reclaim_dead_clients(&snapshot)?;
@@ -523,13 +527,14 @@ impl<T: Transport> Dsm<T> {
         }
     }
 
-    /// Allocates and formats a fresh control block (not published yet).
+    /// Allocates and formats a fresh control block (not published yet); returns it and its
+    /// instance number.
     fn create_control(
         ep: &mut T::Endpoint,
         allocator: &Allocator<T>,
         job: u64,
         options: &DsmOptions,
-    ) -> Result<GlobalAddr> {
+    ) -> Result<(GlobalAddr, u64)> {
         let control = allocator
             .thread()?
             .alloc(std::alloc::Layout::from_size_align(layout::CONTROL_BYTES as usize, 4096).expect("layout"))?;
@@ -537,15 +542,17 @@ impl<T: Transport> Dsm<T> {
         write_words(ep, control, &[layout::MAGIC, job, options.size as u64])?;
         ep.write_u64(control.checked_add(layout::CREATOR).expect("control block"), options.rank as u64 + 1)?;
         let lease_ms = u64::try_from(options.lease.as_millis()).unwrap_or(u64::MAX).max(1);
-        write_words(ep, control.checked_add(layout::LEASE_MS).expect("control block"), &[lease_ms, instance_id()])?;
-        Ok(control)
+        let instance = instance_id();
+        write_words(ep, control.checked_add(layout::LEASE_MS).expect("control block"), &[lease_ms, instance])?;
+        Ok((control, instance))
     }
 
     fn at(&self, offset: u64) -> GlobalAddr {
         self.control.checked_add(offset).expect("inside the control block")
     }
 
-    /// Runs `f` with an endpoint of this process (taken from the pool, or made).
+    /// Runs `f` with an endpoint of this process (taken from the pool, or made; dropped when
+    /// `f` fails).
     fn with_ep<R, E: From<rdmem_core::Error>>(&self, f: impl FnOnce(&mut T::Endpoint) -> Result<R, E>) -> Result<R, E> {
         let taken = locked(&self.endpoints).pop();
         let mut ep = match taken {
@@ -553,7 +560,11 @@ impl<T: Transport> Dsm<T> {
             None => self.transport.endpoint()?,
         };
         let result = f(&mut ep);
-        locked(&self.endpoints).push(ep);
+        // An endpoint whose operation failed may have a broken connection: make a fresh one
+        // next time rather than hand that on.
+        if result.is_ok() {
+            locked(&self.endpoints).push(ep);
+        }
         result
     }
 
@@ -854,6 +865,10 @@ impl<T: Transport> Dsm<T> {
         for t in &threads {
             t.flush()?;
         }
+        // No beat may land after LEFT: the creator frees the block once everyone has left.
+        if let Some(h) = locked(&self.heartbeat).take() {
+            h.stop();
+        }
         let creator = self.with_ep(|ep| -> Result<u64> {
             ep.faa(self.at(layout::LEFT), 1)?;
             Ok(ep.read_u64(self.at(layout::CREATOR))?)
@@ -875,19 +890,15 @@ impl<T: Transport> Dsm<T> {
                 Ok(())
             })?;
             // Unpublished first, so no later job finds the block once its memory is reused.
-            self.with_ep(|ep| Ok::<_, DsmError>(self.root.compare_exchange(ep, Some(self.control), None)?))?.map_err(
-                |now| {
+            self.with_ep(|ep| Ok::<_, DsmError>(self.root.compare_exchange(ep, Some(self.published), None)?))?
+                .map_err(|now| {
                     DsmError::JobConflict(format!(
                         "leave: the DSM root holds {now:?}, not this job's control block {}",
                         self.control
                     ))
-                },
-            )?;
+                })?;
             threads[0].free(self.control)?;
             threads[0].flush()?;
-        }
-        if let Some(h) = locked(&self.heartbeat).take() {
-            h.stop();
         }
         Ok(())
     }
@@ -938,6 +949,17 @@ impl<T: Transport> Drop for DsmGuard<'_, T> {
             }
         }
     }
+}
+
+/// The low bits of a published control block's address that carry its instance tag (blocks
+/// are 4 KiB aligned).
+const TAG_MASK: u64 = 0xfff;
+
+/// What the root holds for the control block at `control` made as `instance`: its address with
+/// a tag of the instance in the low 12 bits, so that a block made later at the same address is
+/// another value, and a takeover's compare-and-swap cannot unpublish it by mistake.
+fn published(control: GlobalAddr, instance: u64) -> GlobalAddr {
+    GlobalAddr::from_raw(control.to_raw() | (1 + instance % TAG_MASK))
 }
 
 /// A number that tells this control block from any other made at the same address: clock,

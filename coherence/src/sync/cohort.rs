@@ -4,9 +4,10 @@
 //! local thread is waiting and fewer than `max_handovers` handovers happened in a row, the
 //! remote lock stays held and the local flag passes to the waiter: no network round trip.
 //! Otherwise the remote lock is released, so other processes get their turn (the bound keeps
-//! them from starving). Invariants: `held.is_some()` exactly while this process holds the
-//! remote word; only the thread that owns the local flag (`owner`) changes `held`, `handovers`
-//! and the lock's state `S`.
+//! them from starving). Invariants: the remote word holds this process's value only while
+//! `held` is set (a failed release or renewal keeps `held`, since the word may still hold it);
+//! only the thread that set the local flag (`busy`) touches `held`, `handovers` and the lock's
+//! state `S`, and `owner` names it between acquire and release.
 //!
 //! # Two ways to use it
 //! - [`CohortLock::lock`] returns a `#[must_use]` guard, released with a fallible
@@ -39,14 +40,17 @@ use super::lock::RemoteLock;
 use super::primitive::{AtomicBool, AtomicUsize, Mutex, MutexGuard, Ordering, ThreadId, current_thread, yield_now};
 
 struct Cohort<S> {
-    /// The remote hold value while this process holds the lock.
+    /// The remote hold value this process may have in the word: set when the remote lock is
+    /// taken, cleared when it is released or known lost. A release or renewal that fails
+    /// for another reason (a broken connection) keeps it, since the word may still hold it:
+    /// the next acquire renews it (or learns it was lost) instead of waiting on itself.
     held: Option<u64>,
+    /// The `taken` hook has run for this hold.
+    primed: bool,
     /// Local handovers since the remote lock was taken.
     handovers: u32,
     /// When the remote hold was taken or last renewed.
     since: Instant,
-    /// The thread holding the lock locally.
-    owner: Option<ThreadId>,
     /// The user's state, carried from holder to holder.
     state: S,
 }
@@ -55,13 +59,32 @@ struct Cohort<S> {
 /// from holder to holder. Share it between threads (`&` or `Arc`).
 pub struct CohortLock<S = ()> {
     remote: RemoteLock,
-    /// The local lock: set while a thread of this process holds the cohort lock.
+    /// The local lock: set while a thread of this process holds the cohort lock (or is taking
+    /// or releasing it).
     busy: AtomicBool,
     waiting: AtomicUsize,
     max_handovers: u32,
-    /// Touched only by the thread that set `busy` (and, briefly, by the ownership checks), so
-    /// it is never contended for long.
+    /// The thread holding the lock locally; locked only briefly, never across remote work.
+    owner: Mutex<Option<ThreadId>>,
+    /// Locked only by the thread that set `busy`, so never contended.
     cohort: Mutex<Cohort<S>>,
+}
+
+/// Clears `busy` (and the owner, once set) when dropped: also when a hook panics, so that the
+/// other threads are not left spinning on a lock nobody holds.
+struct Unbusy<'a, S> {
+    lock: &'a CohortLock<S>,
+    /// The lock stays held: dropping changes nothing.
+    keep: bool,
+}
+
+impl<S> Drop for Unbusy<'_, S> {
+    fn drop(&mut self) {
+        if !self.keep {
+            *self.lock.owner() = None;
+            self.lock.busy.store(false, Ordering::Release);
+        }
+    }
 }
 
 impl CohortLock<()> {
@@ -80,7 +103,8 @@ impl<S> CohortLock<S> {
             busy: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             max_handovers,
-            cohort: Mutex::new(Cohort { held: None, handovers: 0, since: Instant::now(), owner: None, state }),
+            owner: Mutex::new(None),
+            cohort: Mutex::new(Cohort { held: None, primed: false, handovers: 0, since: Instant::now(), state }),
         }
     }
 
@@ -96,7 +120,11 @@ impl<S> CohortLock<S> {
 
     /// True when the calling thread holds the lock.
     pub fn held_by_me(&self) -> bool {
-        self.cohort().owner == Some(current_thread())
+        *self.owner() == Some(current_thread())
+    }
+
+    fn owner(&self) -> MutexGuard<'_, Option<ThreadId>> {
+        self.owner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cohort(&self) -> MutexGuard<'_, Cohort<S>> {
@@ -110,9 +138,10 @@ impl<S> CohortLock<S> {
         self.acquire_with(ep, |_, _| Ok::<(), LockError>(()))
     }
 
-    /// [`CohortLock::acquire`], running `taken(ep, state)` right after the remote lock is taken
-    /// (not after a local handover). If `taken` fails, the remote lock is released again and
-    /// its error returned: the lock is then not held.
+    /// [`CohortLock::acquire`], running `taken(ep, state)` once the remote lock is taken (not
+    /// after a local handover); `Ok(true)` when it ran. If `taken` fails, the remote lock is
+    /// released again and its error returned: the lock is then not held (should that release
+    /// fail too, the process keeps the remote lock and the next acquire runs `taken` again).
     pub fn acquire_with<E, Er>(
         &self,
         ep: &mut E,
@@ -123,7 +152,7 @@ impl<S> CohortLock<S> {
         Er: From<LockError>,
     {
         let me = current_thread();
-        if self.cohort().owner == Some(me) {
+        if *self.owner() == Some(me) {
             return Err(LockError::AlreadyHeld { word: self.remote.word(), holder: self.remote.holder() }.into());
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -133,22 +162,15 @@ impl<S> CohortLock<S> {
             yield_now();
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        let mut cohort = self.cohort();
-        let result = self.take_remote(ep, &mut cohort, taken);
-        match result {
-            Ok(fresh) => {
-                cohort.owner = Some(me);
-                Ok(fresh)
-            }
-            Err(e) => {
-                drop(cohort);
-                self.busy.store(false, Ordering::Release);
-                Err(e)
-            }
-        }
+        let mut unbusy = Unbusy { lock: self, keep: false };
+        let fresh = self.take_remote(ep, &mut self.cohort(), taken)?;
+        *self.owner() = Some(me);
+        unbusy.keep = true;
+        Ok(fresh)
     }
 
-    /// Takes (or renews) the remote hold for the thread that just set `busy`.
+    /// Takes (or renews) the remote hold for the thread that just set `busy`, and runs `taken`
+    /// if it has not run for this hold yet. True when it ran.
     fn take_remote<E, Er>(
         &self,
         ep: &mut E,
@@ -161,20 +183,10 @@ impl<S> CohortLock<S> {
     {
         match cohort.held {
             None => {
-                let value = self.remote.acquire(ep)?;
-                if let Err(e) = taken(ep, &mut cohort.state) {
-                    if let Err(release) = self.remote.release(ep, value) {
-                        tracing::error!(
-                            "releasing {} after a failed acquire hook failed: {release}",
-                            self.remote.word()
-                        );
-                    }
-                    return Err(e);
-                }
-                cohort.held = Some(value);
+                cohort.held = Some(self.remote.acquire(ep)?);
+                cohort.primed = false;
                 cohort.handovers = 0;
                 cohort.since = self.remote.now();
-                Ok(true)
             }
             // Held across handovers for a while: restart the lease before it runs out.
             Some(value) if self.remote.now().saturating_duration_since(cohort.since) > self.remote.lease() / 2 => {
@@ -182,22 +194,43 @@ impl<S> CohortLock<S> {
                     Ok(renewed) => {
                         cohort.held = Some(renewed);
                         cohort.since = self.remote.now();
-                        Ok(false)
                     }
                     Err(e) => {
-                        // Taken over meanwhile: this process no longer holds it.
-                        cohort.held = None;
-                        Err(e.into())
+                        if matches!(e, LockError::LeaseLost { .. }) {
+                            cohort.held = None; // taken over: no longer this process's
+                        }
+                        return Err(e.into());
                     }
                 }
             }
-            Some(_) => Ok(false),
+            Some(_) => {}
         }
+        if cohort.primed {
+            return Ok(false);
+        }
+        if let Err(e) = taken(ep, &mut cohort.state) {
+            let value = cohort.held.expect("held above");
+            match self.remote.release(ep, value) {
+                Ok(()) | Err(LockError::LeaseLost { .. }) => cohort.held = None,
+                Err(release) => tracing::error!(
+                    "releasing {} after a failed acquire hook failed ({release}); this process keeps it",
+                    self.remote.word()
+                ),
+            }
+            return Err(e);
+        }
+        cohort.primed = true;
+        Ok(true)
     }
 
     /// Releases the lock held by this thread: hands it to a waiting thread of this process
-    /// (`Ok(true)`; this thread's posted writes are waited for first), or releases it remotely
-    /// (`Ok(false)`; [`LockError::LeaseLost`] if the lease expired meanwhile).
+    /// (`Ok(true)`), or releases it remotely (`Ok(false)`; [`LockError::LeaseLost`] if the
+    /// lease expired meanwhile).
+    ///
+    /// A handover first waits for this thread's posted writes, since the next holder uses its
+    /// own queue pairs. If that wait fails (the endpoint's connection broke), the error is
+    /// returned and the lock still passes on: those writes may or may not have landed, as with
+    /// any failed write.
     pub fn release<E: Endpoint>(&self, ep: &mut E) -> Result<bool> {
         self.release_with(ep, |_, _| Ok::<(), LockError>(()))
     }
@@ -206,7 +239,7 @@ impl<S> CohortLock<S> {
     /// (not before a local handover). If `releasing` fails, the process keeps the remote lock
     /// (the next local holder's release runs the hook again, or, with no one waiting, the next
     /// acquire of this process finds it held), this thread no longer holds it, and the error is
-    /// returned.
+    /// returned. So does a remote release that fails for another reason than a lost lease.
     pub fn release_with<E, Er>(
         &self,
         ep: &mut E,
@@ -216,15 +249,11 @@ impl<S> CohortLock<S> {
         E: Endpoint,
         Er: From<LockError> + From<rdmem_core::Error>,
     {
-        let mut cohort = self.cohort();
-        if cohort.owner != Some(current_thread()) {
+        if *self.owner() != Some(current_thread()) {
             return Err(LockError::NotHolder { word: self.remote.word() }.into());
         }
-        let result = self.hand_on(ep, &mut cohort, releasing);
-        cohort.owner = None;
-        drop(cohort);
-        self.busy.store(false, Ordering::Release);
-        result
+        let _unbusy = Unbusy { lock: self, keep: false };
+        self.hand_on(ep, &mut self.cohort(), releasing)
     }
 
     /// The release decision: local handover or remote release.
@@ -239,26 +268,33 @@ impl<S> CohortLock<S> {
         Er: From<LockError> + From<rdmem_core::Error>,
     {
         if self.waiting.load(Ordering::SeqCst) > 0 && cohort.handovers < self.max_handovers {
-            // The next holder uses its own queue pairs: this section's posted writes must have
-            // landed before it starts.
-            ep.flush()?;
             cohort.handovers += 1;
+            ep.flush()?;
             return Ok(true);
         }
         releasing(ep, &mut cohort.state)?;
-        let value = cohort.held.take().expect("the cohort holds the remote lock while locked");
+        let value = cohort.held.expect("the cohort holds the remote lock while locked");
         // After the section's operations, posted writes included (see RemoteLock::release).
-        self.remote.release(ep, value)?;
-        Ok(false)
+        match self.remote.release(ep, value) {
+            Ok(()) => {
+                cohort.held = None;
+                Ok(false)
+            }
+            Err(e) => {
+                if matches!(e, LockError::LeaseLost { .. }) {
+                    cohort.held = None;
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Runs `f` on the lock's state; only the holding thread may ([`LockError::NotHolder`]).
     pub fn with_state_mut<R>(&self, f: impl FnOnce(&mut S) -> R) -> Result<R> {
-        let mut cohort = self.cohort();
-        if cohort.owner != Some(current_thread()) {
+        if !self.held_by_me() {
             return Err(LockError::NotHolder { word: self.remote.word() });
         }
-        Ok(f(&mut cohort.state))
+        Ok(f(&mut self.cohort().state))
     }
 
     /// Acquires the lock for this thread, through this thread's endpoint `ep`.
