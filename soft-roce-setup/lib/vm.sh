@@ -7,6 +7,7 @@
 #   cache      the image cache (.vm)             verbose    1 to show the VM's setup steps
 #   rebuild    1 to rebuild the cached image     device_tests  1 to list test harnesses
 #   vm_ip      the VM's address in /etc/hosts    timeout, boot_timeout  seconds, for vm_wait
+#   mem, cpus, hugepages, accel                  the VM's size and qemu accelerator
 
 # --- host packages ---------------------------------------------------------------------------
 # Installs what booting a VM needs; sets `busybox` to a static busybox.
@@ -32,7 +33,7 @@ vm_host_packages() {
 # The modules the init loads, by name; their dependencies are added in load order.
 boot_modules="virtio_pci 9pnet_virtio 9p"
 # crc32_generic is only a soft dependency of rdma_rxe, which fails without it.
-rdma_modules="crc32_generic dummy rdma_rxe ib_uverbs rdma_ucm"
+rdma_modules="crc32_generic dummy virtio_net sch_netem rdma_rxe ib_uverbs rdma_ucm"
 
 # Prints the module names a .ko depends on, one per line (from its .modinfo "depends=").
 ko_depends() {
@@ -90,6 +91,7 @@ fetch_kernel() {
     for m in $boot_modules; do add_module "$m" "$dest.tmp/modules/boot.order"; done
     for m in $rdma_modules; do add_module "$m" "$dest.tmp/modules/rdma.order"; done
     echo "$pkg" >"$dest.tmp/package"
+    echo "$boot_modules|$rdma_modules" >"$dest.tmp/modules.list"
     rm -rf "$tmp" "$dest"
     mv "$dest.tmp" "$dest"
 }
@@ -125,7 +127,11 @@ vm_prepare_image() {
     exec 9>"$cache/lock"
     flock 9
     if [ "$rebuild" = 1 ]; then rm -rf "$cache/kernel" "$cache/initramfs.img"; fi
-    [ -f "$cache/kernel/package" ] || fetch_kernel "$cache/kernel"
+    # Fetched again when the modules it must carry changed.
+    if [ ! -f "$cache/kernel/package" ] ||
+        [ "$(cat "$cache/kernel/modules.list" 2>/dev/null)" != "$boot_modules|$rdma_modules" ]; then
+        fetch_kernel "$cache/kernel"
+    fi
     # Inputs of the initramfs; it is rebuilt when any of them changed.
     local key
     key=$({
@@ -165,6 +171,89 @@ vm_build_workspace() {
         | .executable' <<<"$json")
     [ "${#test_binaries[@]}" -gt 0 ] ||
         die "cargo test --release --no-run built no test binaries (run it by hand to see why)"
+}
+
+# --- what the VM runs ------------------------------------------------------------------------
+# Single-quotes a word for a POSIX shell.
+shell_quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+
+# Writes the script the VM's init runs: the workspace's binaries, examples and the VM helpers
+# (soft-roce-setup/vm/bin) first on PATH, then CMD; with `device_tests=1` every test binary's
+# ignored tier instead, with FILTER-ARGS (e.g. `--skip cluster_`) and CMD as extra arguments.
+vm_write_command() { # file [filter-args...] -- [cmd...]
+    local file=$1 w
+    shift
+    local filter=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do
+        filter+=("$1")
+        shift
+    done
+    [ "${1-}" = -- ] && shift
+    {
+        # shellcheck disable=SC2016 # $PATH is expanded in the VM
+        printf 'export PATH=%s:%s:%s:"$PATH"\n' "$(shell_quote "$workspace/target/release")" \
+            "$(shell_quote "$workspace/target/release/examples")" "$(shell_quote "$here/vm/bin")"
+        if [ "$device_tests" = 1 ]; then
+            # Run every test binary's ignored (device) tier; fail if any fails.
+            echo 'status=0'
+            for w in "${test_binaries[@]}"; do
+                printf 'echo "== %s"\n' "${w#"$workspace"/}"
+                printf '%s --ignored' "$(shell_quote "$w")"
+                for a in "${filter[@]}" "$@"; do printf ' %s' "$(shell_quote "$a")"; done
+                echo ' || status=1'
+            done
+            # shellcheck disable=SC2016 # expanded in the VM
+            echo 'exit "$status"'
+        else
+            printf 'exec'
+            for w in "$@"; do printf ' %s' "$(shell_quote "$w")"; done
+            echo
+        fi
+    } >"$file"
+}
+
+# Writes the run directory's env file, which the VM's init sources: where the workspace is, the
+# directory CMD starts in (the current one when it is inside the workspace), the VM's address
+# and huge pages; extra lines (`export NAME=value`) follow.
+vm_write_env() { # run-dir ip [lines...]
+    local run=$1 ip=$2 cwd line
+    shift 2
+    cwd=$(pwd)
+    case $cwd/ in "$workspace"/*) ;; *) cwd=$workspace ;; esac
+    {
+        echo "RDMEM_WORKSPACE=$(shell_quote "$workspace")"
+        echo "RDMEM_CWD=$(shell_quote "$cwd")"
+        echo "RDMEM_IP=$ip"
+        echo "RDMEM_HUGEPAGES=$hugepages"
+        echo "VERBOSE=$verbose"
+        for line in "$@"; do echo "$line"; done
+    } >"$run/env"
+}
+
+# Sets `qemu_args` for a VM whose run directory is RUN: TCG (or --accel), `mem` MiB and `cpus`
+# vCPUs, the cached kernel and initramfs, /usr (read-only), the workspace and RUN over 9p. CMD
+# talks on the first serial port (stdout); the kernel logs to the second one (RUN/kernel.log),
+# or to the first one as well with verbose=1. NET-ARGS give the network (`-nic none` for one
+# VM).
+vm_qemu_args() { # run-dir net-args...
+    local run=$1 append kernel_log
+    shift
+    append="panic=-1 rdinit=/init console=ttyS1"
+    kernel_log=file:$run/kernel.log
+    if [ "$verbose" = 1 ]; then
+        append="panic=-1 rdinit=/init console=ttyS0"
+        kernel_log=null
+    fi
+    # shellcheck disable=SC2034 # the caller passes it to vm_start
+    qemu_args=(
+        -accel "$accel" -cpu max -m "$mem" -smp "$cpus"
+        -display none -monitor none -serial stdio -serial "$kernel_log" -no-reboot "$@"
+        -kernel "$cache/kernel/vmlinuz" -initrd "$cache/initramfs.img" -append "$append"
+        -virtfs "local,path=/usr,mount_tag=usr,security_model=none,readonly=on"
+        -virtfs "local,path=$workspace,mount_tag=ws,security_model=none"
+        -virtfs "local,path=$run,mount_tag=run,security_model=none"
+        -pidfile "$run/qemu.pid"
+    )
 }
 
 # --- qemu supervision -----------------------------------------------------------------------
