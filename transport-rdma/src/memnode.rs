@@ -254,6 +254,8 @@ impl Memnode {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    // A client whose machine vanishes (no FIN) is dropped within DEAD_PEER_BOUND.
+                    let _ = crate::wire::keep_alive(&stream);
                     if pending.len() >= MAX_PENDING {
                         let oldest = pending.pop_front().expect("full");
                         warnings.warn(Warning::Crowded, || {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::error::RdmaError;
 
-/// A `rdmem-memnode` child process listening on 127.0.0.1, killed when dropped.
+/// A `rdmem-memnode` child process, killed when dropped.
 pub struct MemnodeChild {
     child: Child,
     addr: String,
@@ -23,12 +23,18 @@ impl MemnodeChild {
     /// directory up (test binaries live in `target/*/deps`), then on PATH. Its warnings and
     /// errors are passed on to stderr, prefixed with `name`.
     pub fn start(name: &str, token: &str, args: &[&str]) -> Result<Self, RdmaError> {
-        let program = find_binary("rdmem-memnode");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| RdmaError::io("picking a free port", e))?
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        Self::start_on(name, &format!("127.0.0.1:{port}"), token, args)
+    }
+
+    /// [`MemnodeChild::start`], listening on `addr` (`HOST:PORT`, e.g. this machine's address
+    /// in a cluster, for clients on other machines).
+    pub fn start_on(name: &str, addr: &str, token: &str, args: &[&str]) -> Result<Self, RdmaError> {
+        let program = find_binary("rdmem-memnode");
+        let addr = addr.to_owned();
         let token = token.to_owned();
         let mut child = Command::new(&program)
             .args(["--listen", &addr])
@@ -62,7 +68,7 @@ impl MemnodeChild {
         Ok(MemnodeChild { child, addr, token })
     }
 
-    /// `127.0.0.1:<port>`.
+    /// Where it listens: `127.0.0.1:<port>`, or the address given to `start_on`.
     pub fn addr(&self) -> &str {
         &self.addr
     }
@@ -114,5 +120,97 @@ pub fn fresh_token() -> String {
             let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
             format!("rdmem-{}-{nanos:x}", std::process::id())
         }
+    }
+}
+
+/// For programs that run on every machine of a test cluster at once (`soft-roce-setup/vm-cluster`
+/// sets the variables; so can a batch system): which machine this is, where the others are,
+/// and a rendezvous so that they can wait for each other without fixed sleeps.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// This machine's index, `0..ips.len()` (`RDMEM_NODE`).
+    pub index: usize,
+    /// Every machine's address, in index order (`RDMEM_NODE_IPS`).
+    pub ips: Vec<String>,
+}
+
+impl ClusterNode {
+    /// From `RDMEM_NODE`, `RDMEM_NODES` and `RDMEM_NODE_IPS`; an error saying what is missing
+    /// outside a cluster.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| {
+            std::env::var(name)
+                .map_err(|_| format!("{name} is not set: run this on a cluster (soft-roce-setup/vm-cluster)"))
+        };
+        let index: usize = var("RDMEM_NODE")?.parse().map_err(|_| "RDMEM_NODE is not a number".to_owned())?;
+        let nodes: usize = var("RDMEM_NODES")?.parse().map_err(|_| "RDMEM_NODES is not a number".to_owned())?;
+        let ips: Vec<String> = var("RDMEM_NODE_IPS")?.split_whitespace().map(str::to_owned).collect();
+        if ips.len() != nodes || index >= nodes {
+            return Err(format!("RDMEM_NODE={index}, RDMEM_NODES={nodes} and {} addresses do not agree", ips.len()));
+        }
+        Ok(ClusterNode { index, ips })
+    }
+
+    /// Machines in the cluster.
+    pub fn nodes(&self) -> usize {
+        self.ips.len()
+    }
+
+    /// `HOST:PORT` of machine `k`.
+    pub fn addr(&self, k: usize, port: u16) -> String {
+        format!("{}:{port}", self.ips[k])
+    }
+
+    /// Waits until every machine in `members` (this one among them) has called this with the
+    /// same `port`: the first member listens there, the others connect (retrying until it
+    /// listens) and are answered once all are in. Fails after `timeout`.
+    pub fn meet(&self, members: &[usize], port: u16, timeout: Duration) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let leader = *members.first().ok_or_else(|| std::io::Error::other("no members"))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let late =
+            || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("meeting on port {port}: not everyone came"));
+        if self.index == leader {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            listener.set_nonblocking(true)?;
+            let mut came = Vec::new();
+            while came.len() + 1 < members.len() {
+                match listener.accept() {
+                    Ok((stream, _)) => came.push(stream),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            return Err(late());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for mut stream in came {
+                stream.set_nonblocking(false)?;
+                stream.write_all(b"go")?;
+            }
+            return Ok(());
+        }
+        let addr = self.addr(leader, port);
+        loop {
+            match std::net::TcpStream::connect(&addr) {
+                Ok(mut stream) => {
+                    let left =
+                        deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
+                    stream.set_read_timeout(Some(left))?;
+                    let mut go = [0u8; 2];
+                    return stream.read_exact(&mut go).map_err(|_| late());
+                }
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => return Err(late()),
+            }
+        }
+    }
+
+    /// [`ClusterNode::meet`] of every machine.
+    pub fn meet_all(&self, port: u16, timeout: Duration) -> std::io::Result<()> {
+        let all: Vec<usize> = (0..self.nodes()).collect();
+        self.meet(&all, port, timeout)
     }
 }

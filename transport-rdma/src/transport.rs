@@ -225,6 +225,7 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| wire::keep_alive(&stream))
         .map_err(|e| fail(e.to_string()))?;
     let hello = Hello {
         version: wire::VERSION,

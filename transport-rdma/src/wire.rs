@@ -17,6 +17,31 @@
 
 use std::io::{self, Read, Write};
 
+/// How long the other end of a control connection may be silent before its machine is taken
+/// for dead: TCP keepalive probes start after [`KEEPALIVE_IDLE`] and [`KEEPALIVE_PROBES`]
+/// unanswered ones, [`KEEPALIVE_INTERVAL`] apart, close the connection (unacknowledged data
+/// gives up after the same bound). A machine that vanishes without a FIN or RST (powered off,
+/// crashed, cut off) is therefore noticed within about this long.
+pub const DEAD_PEER_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+/// Idle time before the first keepalive probe.
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Unanswered probes that end the connection.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns on the keepalive of [`DEAD_PEER_BOUND`] on a control connection (both ends set it:
+/// the client learns its memory node's machine died, the memory node that a client's did).
+pub fn keep_alive(stream: &std::net::TcpStream) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(stream, true)?;
+    sockopt::set_tcp_keepidle(stream, KEEPALIVE_IDLE)?;
+    sockopt::set_tcp_keepintvl(stream, KEEPALIVE_INTERVAL)?;
+    sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES)?;
+    sockopt::set_tcp_user_timeout(stream, DEAD_PEER_BOUND.as_millis() as u32)?;
+    Ok(())
+}
+
 /// Identifies rdmem's handshake.
 pub const MAGIC: [u8; 6] = *b"RDMEM\0";
 /// The protocol version this build speaks.
