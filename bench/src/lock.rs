@@ -68,12 +68,12 @@ pub(crate) fn run(args: &LockArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut ep = transport.endpoint()?;
     for (name, cohort) in [("cas-spin", false), ("cohort", true)] {
         let remote = RemoteLock::new(at(4096), 1, DEFAULT_LEASE)?;
-        let shared = CohortLock::new(remote, args.max_handovers);
+        let shared = CohortLock::with_endpoint(remote, args.max_handovers, transport.endpoint()?);
         let mut hist = new_histogram()?;
         for i in 0..200 + args.iters {
             let start = tsc.now();
             if cohort {
-                shared.lock(&mut ep)?.unlock()?;
+                shared.lock_own()?.unlock()?;
             } else {
                 remote.lock(&mut ep)?.unlock()?;
             }
@@ -248,7 +248,9 @@ impl Contended {
     ) -> Result<(std::time::Duration, u64), Box<dyn std::error::Error>> {
         let local = AtomicU64::new(0);
         let remote = RemoteLock::new(self.word, process + 1, DEFAULT_LEASE)?;
-        let shared = CohortLock::new(remote, self.max_handovers);
+        // The lock's own endpoint goes to each holder: a section's posted WRITE is waited for by
+        // neither the handover nor the release.
+        let shared = CohortLock::with_endpoint(remote, self.max_handovers, transport.endpoint()?);
         let section = Section { remote: self.remote_section.then_some(self.counter), local: &local };
         let (elapsed, results) = harness::timed(threads, |t, start| -> Result<(), String> {
             let holder = 1000 * (process + 1) + t as u32 + 1;
@@ -272,7 +274,7 @@ impl Contended {
             for _ in 0..self.sections {
                 match &own {
                     None => {
-                        let mut g = shared.lock(&mut ep).map_err(|e| fail(&e))?;
+                        let mut g = shared.lock_own().map_err(|e| fail(&e))?;
                         section.run(g.endpoint()).map_err(|e| fail(&e))?;
                         g.unlock().map_err(|e| fail(&e))?;
                     }

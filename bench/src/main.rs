@@ -42,6 +42,13 @@ enum Bench {
     Cache(cache::CacheArgs),
     /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock, cache.
     Suite(SuiteArgs),
+    /// Starts perftest servers on this machine on request, for `verbs --perftest-server` on
+    /// another machine (cross-machine comparisons).
+    PerftestServer {
+        /// Where to listen, `HOST:PORT`.
+        #[arg(long, default_value = "0.0.0.0:18400")]
+        listen: String,
+    },
     /// One participant of the cross-process barrier measurement (started by `lock`).
     #[command(hide = true)]
     BarrierWorker(lock::BarrierWorkerArgs),
@@ -98,6 +105,7 @@ fn main() {
         Bench::Lock(args) => lock::run(args),
         Bench::Cache(args) => cache::run(args),
         Bench::Suite(args) => suite(args),
+        Bench::PerftestServer { listen } => perftest::serve(listen),
         Bench::BarrierWorker(args) => lock::barrier_worker(args),
         Bench::LockWorker(args) => lock::lock_worker(args),
     };

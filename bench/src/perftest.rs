@@ -107,6 +107,10 @@ impl LatencyTest {
 /// Where perftest runs: the RDMA device both ends use, and how the client reaches the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// `HOST:PORT` of an `rdmem-bench perftest-server` on another machine that starts the
+    /// servers there (with its own device and GID), or `None` to start them here. With it,
+    /// `ip` is that machine's address.
+    pub remote: Option<String>,
     /// RDMA device name (`-d`), e.g. `mlx5_0` or `rxe0`.
     pub device: String,
     /// GID index (`-x`); RoCE needs the index of the device's IPv4-mapped RoCE v2 GID. `None` leaves
@@ -243,7 +247,7 @@ pub fn run_latency(
         None => args.extend(["-s".into(), size.to_string().into()]),
     }
     let client_args = with_server_ip(&args, target);
-    let stdout = run_pair(tool, OsStr::new(tool), &args, &client_args, LIMITS)?;
+    let stdout = run_pair(target, tool, OsStr::new(tool), &args, &client_args, LIMITS)?;
     parse_latency(test, &stdout)
 }
 
@@ -269,7 +273,7 @@ pub fn run_read_bandwidth(
     // Gb/sec has six decimals where MB/sec has two (0.44 MB/sec for 8-byte reads on Soft-RoCE).
     args.push("--report_gbits".into());
     let client_args = with_server_ip(&args, target);
-    let stdout = run_pair(READ_BW_TOOL, OsStr::new(READ_BW_TOOL), &args, &client_args, LIMITS)?;
+    let stdout = run_pair(target, READ_BW_TOOL, OsStr::new(READ_BW_TOOL), &args, &client_args, LIMITS)?;
     parse_bandwidth(&stdout, post_list)
 }
 
@@ -385,6 +389,7 @@ fn is_connect_failure(output: &str) -> bool {
 /// the client while it cannot connect; returns the client's stdout once it succeeds. The server is
 /// killed (if it has not exited by itself) and reaped before this returns, whatever happens.
 fn run_pair(
+    target: &Target,
     tool: &'static str,
     program: &OsStr,
     server_args: &[OsString],
@@ -393,7 +398,10 @@ fn run_pair(
 ) -> Result<String, PerftestError> {
     let deadline = Instant::now() + limits.timeout;
     let timeout = PerftestError::Timeout { tool, after: limits.timeout };
-    let mut server = Running::spawn(tool, program, server_args)?;
+    let mut server = match &target.remote {
+        None => Server::Local(Running::spawn(tool, program, server_args)?),
+        Some(addr) => Server::Remote(RemoteServer::start(tool, addr, server_args)?),
+    };
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -495,6 +503,167 @@ impl Drop for Running {
         let _ = self.child.wait();
         // The reader threads end by themselves now that the pipes' writer is gone.
     }
+}
+
+/// The server end of a perftest pair: a child here, or one that an `rdmem-bench
+/// perftest-server` started on another machine.
+enum Server {
+    Local(Running),
+    Remote(RemoteServer),
+}
+
+impl Server {
+    fn try_wait(&mut self, tool: &'static str) -> Result<Option<ExitStatus>, PerftestError> {
+        match self {
+            Server::Local(running) => running.try_wait(tool),
+            Server::Remote(remote) => remote.try_wait(tool),
+        }
+    }
+
+    fn wait_until(&mut self, tool: &'static str, deadline: Instant) -> Result<Option<ExitStatus>, PerftestError> {
+        loop {
+            if let Some(status) = self.try_wait(tool)? {
+                return Ok(Some(status));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            thread::sleep(POLL_INTERVAL.min(deadline - now));
+        }
+    }
+
+    fn output(&mut self) -> (String, String) {
+        match self {
+            Server::Local(running) => running.output(),
+            Server::Remote(remote) => (String::new(), remote.said.clone()),
+        }
+    }
+}
+
+/// A perftest server on another machine, through its `rdmem-bench perftest-server`: the
+/// request is one line (the arguments, tab-separated), the answers `started` and then
+/// `exit CODE` (with the server's output before it if it failed). Dropping the connection
+/// kills the server there.
+struct RemoteServer {
+    stream: std::net::TcpStream,
+    said: String,
+    status: Option<ExitStatus>,
+}
+
+impl RemoteServer {
+    fn start(tool: &'static str, addr: &str, args: &[OsString]) -> Result<Self, PerftestError> {
+        use std::io::{BufRead, Write};
+        let spawn_error = |source: io::Error| PerftestError::Spawn { tool, source };
+        let mut stream = std::net::TcpStream::connect(addr).map_err(spawn_error)?;
+        let mut line = tool.to_owned();
+        for a in args {
+            line.push('\t');
+            line.push_str(&a.to_string_lossy());
+        }
+        line.push('\n');
+        stream.write_all(line.as_bytes()).map_err(spawn_error)?;
+        let mut reader = io::BufReader::new(stream.try_clone().map_err(spawn_error)?);
+        let mut answer = String::new();
+        reader.read_line(&mut answer).map_err(spawn_error)?;
+        if answer.trim() != "started" {
+            return Err(spawn_error(io::Error::other(format!("the perftest server at {addr} said: {answer}"))));
+        }
+        stream.set_nonblocking(true).map_err(spawn_error)?;
+        Ok(RemoteServer { stream, said: String::new(), status: None })
+    }
+
+    fn try_wait(&mut self, tool: &'static str) -> Result<Option<ExitStatus>, PerftestError> {
+        use std::io::Read as _;
+        use std::os::unix::process::ExitStatusExt;
+        if self.status.is_some() {
+            return Ok(self.status);
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.said.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(source) => return Err(PerftestError::Spawn { tool, source }),
+            }
+        }
+        // The connection ended: the last line is "exit CODE".
+        let code = self.said.lines().last().and_then(|l| l.strip_prefix("exit ")).and_then(|c| c.parse::<i32>().ok());
+        self.status = Some(ExitStatus::from_raw(code.unwrap_or(1) << 8));
+        Ok(self.status)
+    }
+}
+
+/// `rdmem-bench perftest-server`: starts perftest servers on this machine for clients on other
+/// machines (see [`Target::remote`]), one per connection, with this machine's device and GID
+/// (`RDMEM_DEVICE`, `RDMEM_GID_INDEX`). Only perftest's tools are started.
+pub fn serve(listen: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind(listen)?;
+    eprintln!("rdmem-bench: perftest servers on request at {listen}");
+    for stream in listener.incoming() {
+        let mut stream = stream?;
+        let mut line = String::new();
+        io::BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+        let mut words = line.trim_end().split('\t');
+        let tool = words.next().unwrap_or_default().to_owned();
+        if !["ib_read_lat", "ib_write_lat", "ib_atomic_lat", READ_BW_TOOL].contains(&tool.as_str()) {
+            let _ = writeln!(stream, "not a perftest tool: {tool:?}");
+            continue;
+        }
+        // This machine's own device and GID replace the client's.
+        let mut args: Vec<String> = Vec::new();
+        let mut given = words.map(str::to_owned);
+        while let Some(a) = given.next() {
+            if a == "-d" || a == "-x" {
+                given.next();
+            } else {
+                args.push(a);
+            }
+        }
+        if let Ok(device) = std::env::var("RDMEM_DEVICE") {
+            args.extend(["-d".into(), device]);
+        }
+        if let Ok(gid) = std::env::var("RDMEM_GID_INDEX") {
+            args.extend(["-x".into(), gid]);
+        }
+        let spawned =
+            Command::new(&tool).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = writeln!(stream, "cannot start {tool}: {e}");
+                continue;
+            }
+        };
+        let (stdout, stderr) = (child.stdout.take().map(drain), child.stderr.take().map(drain));
+        writeln!(stream, "started")?;
+        // A client that goes away (its connection closes) takes its server with it.
+        let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+        let watcher = {
+            let (child, mut conn) = (std::sync::Arc::clone(&child), stream.try_clone()?);
+            thread::spawn(move || {
+                let _ = io::Read::read(&mut conn, &mut [0u8; 1]);
+                let _ = child.lock().map(|mut c| c.kill());
+            })
+        };
+        let status = loop {
+            if let Some(status) = child.lock().map_err(|_| "poisoned")?.try_wait()? {
+                break status;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        if !status.success() {
+            for reader in [stdout, stderr].into_iter().flatten() {
+                let _ = stream.write_all(&reader.join().unwrap_or_default());
+            }
+        }
+        let _ = writeln!(stream, "exit {}", status.code().unwrap_or(1));
+        drop(stream);
+        drop(watcher); // it ends once the client closes its side
+    }
+    Ok(())
 }
 
 /// Reads `pipe` to its end on a new thread.
@@ -870,7 +1039,8 @@ Post List requested - CQ moderation will be the size of the post list
 
     #[test]
     fn builds_perftest_arguments() {
-        let mut target = Target { device: "rxe0".into(), gid_index: Some(1), ip: "10.77.0.1".into(), port: 18600 };
+        let mut target =
+            Target { remote: None, device: "rxe0".into(), gid_index: Some(1), ip: "10.77.0.1".into(), port: 18600 };
         let args = common_args(&target, 200);
         assert_eq!(args, ["-d", "rxe0", "-x", "1", "-p", "18600", "-n", "200", "-F"]);
         assert_eq!(with_server_ip(&args, &target).last().unwrap(), "10.77.0.1");
@@ -880,7 +1050,7 @@ Post List requested - CQ moderation will be the size of the post list
 
     #[test]
     fn refuses_arguments_perftest_would_refuse() {
-        let target = Target { device: "none".into(), gid_index: None, ip: "127.0.0.1".into(), port: 1 };
+        let target = Target { remote: None, device: "none".into(), gid_index: None, ip: "127.0.0.1".into(), port: 1 };
         for test in [LatencyTest::CompareSwap, LatencyTest::FetchAdd] {
             let error = run_latency(&target, test, 16, 100).unwrap_err();
             assert!(matches!(error, PerftestError::InvalidArgument { tool: "ib_atomic_lat", .. }), "{error:?}");
@@ -934,7 +1104,8 @@ Post List requested - CQ moderation will be the size of the post list
 
     #[test]
     fn missing_tool_is_not_installed() {
-        let error = run_pair("ib_nothing", OsStr::new("rdmem-no-such-perftest-tool"), &[], &[], FAST).unwrap_err();
+        let error =
+            run_pair(&local(), "ib_nothing", OsStr::new("rdmem-no-such-perftest-tool"), &[], &[], FAST).unwrap_err();
         assert!(matches!(error, PerftestError::NotInstalled { tool: "ib_nothing" }), "{error:?}");
     }
 
@@ -947,7 +1118,7 @@ Post List requested - CQ moderation will be the size of the post list
              echo ' #bytes #iterations'; echo ' 8 200'",
             dir = dir.display()
         ));
-        let stdout = run_pair("fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, FAST).unwrap();
+        let stdout = run_pair(&local(), "fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, FAST).unwrap();
         assert_eq!(stdout, " #bytes #iterations\n 8 200\n");
         assert_eq!(std::fs::read_to_string(dir.join("tries")).unwrap().trim(), "3");
         assert!(server_is_gone(&dir));
@@ -958,7 +1129,8 @@ Post List requested - CQ moderation will be the size of the post list
     fn gives_up_after_the_last_try() {
         let dir = scratch("give-up");
         let client = sh(format!("echo x >> {}/tries; echo \"Couldn't connect to here\" >&2; exit 1", dir.display()));
-        let error = run_pair("fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, FAST).unwrap_err();
+        let error =
+            run_pair(&local(), "fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, FAST).unwrap_err();
         assert!(
             matches!(&error, PerftestError::Failed { output, .. } if output.contains("Couldn't connect")),
             "{error:?}"
@@ -972,7 +1144,8 @@ Post List requested - CQ moderation will be the size of the post list
     fn other_client_failures_are_not_retried() {
         let dir = scratch("no-retry");
         let client = sh(format!("echo x >> {}/tries; echo 'Message size cannot be changed'; exit 1", dir.display()));
-        let error = run_pair("fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, FAST).unwrap_err();
+        let error =
+            run_pair(&local(), "fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, FAST).unwrap_err();
         match &error {
             PerftestError::Failed { tool: "fake", status, output } => {
                 assert_eq!(status.code(), Some(1));
@@ -990,7 +1163,7 @@ Post List requested - CQ moderation will be the size of the post list
         let server = sh("echo 'Number of iterations must be a multiple of post list size' >&2; exit 1".into());
         // The client keeps failing to connect, as it would with no server.
         let client = sh("sleep 0.05; echo \"Couldn't connect to here\" >&2; exit 1".into());
-        let error = run_pair("fake", OsStr::new("sh"), &server, &client, FAST).unwrap_err();
+        let error = run_pair(&local(), "fake", OsStr::new("sh"), &server, &client, FAST).unwrap_err();
         match &error {
             PerftestError::Failed { status, output, .. } => {
                 assert_eq!(status.code(), Some(1));
@@ -1006,7 +1179,8 @@ Post List requested - CQ moderation will be the size of the post list
         let client = sh(format!("echo $$ > {}/client.pid; exec sleep 60", dir.display()));
         let limits = Limits { timeout: Duration::from_millis(300), ..FAST };
         let started = Instant::now();
-        let error = run_pair("fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, limits).unwrap_err();
+        let error =
+            run_pair(&local(), "fake", OsStr::new("sh"), &pid_recording_server(&dir), &client, limits).unwrap_err();
         assert!(matches!(error, PerftestError::Timeout { tool: "fake", .. }), "{error:?}");
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(server_is_gone(&dir));
@@ -1016,9 +1190,15 @@ Post List requested - CQ moderation will be the size of the post list
     }
 
     /// The target soft-roce-setup/vm-run describes in its environment.
+    /// A target whose servers run here.
+    fn local() -> Target {
+        Target { remote: None, device: "none".into(), gid_index: None, ip: "127.0.0.1".into(), port: 1 }
+    }
+
     fn target_from_env() -> Target {
         let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run in vm-run"));
         Target {
+            remote: None,
             device: var("RDMEM_DEVICE"),
             gid_index: std::env::var("RDMEM_GID_INDEX").ok().map(|index| index.parse().unwrap()),
             ip: var("RDMEM_IP"),

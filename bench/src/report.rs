@@ -48,6 +48,9 @@ pub(crate) struct Row {
     /// How the figures compare, when that needs saying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The client and the memory node (and perftest's two ends) ran on different machines.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cross_machine: bool,
 }
 
 impl Row {
@@ -81,6 +84,7 @@ impl Row {
             hit_ratio: None,
             cache_bytes: None,
             note: None,
+            cross_machine: false,
         }
     }
 
@@ -116,6 +120,7 @@ impl Row {
             hit_ratio: None,
             cache_bytes: None,
             note: None,
+            cross_machine: false,
         }
     }
 
@@ -130,14 +135,28 @@ impl Row {
 pub(crate) struct Printer {
     json: bool,
     last_kind: Option<bool>,
+    cross_machine: bool,
 }
 
 impl Printer {
     pub(crate) fn new(json: bool) -> Self {
-        Printer { json, last_kind: None }
+        Printer { json, last_kind: None, cross_machine: false }
+    }
+
+    /// Marks every row printed as measured across machines.
+    pub(crate) fn cross_machine(mut self, yes: bool) -> Self {
+        self.cross_machine = yes;
+        self
     }
 
     pub(crate) fn print(&mut self, row: &Row) {
+        let marked;
+        let row = if self.cross_machine {
+            marked = Row { cross_machine: true, ..row.clone() };
+            &marked
+        } else {
+            row
+        };
         if self.json {
             println!("{}", serde_json::to_string(row).expect("rows serialize"));
             return;
@@ -162,7 +181,11 @@ impl Printer {
             .map(|r| format!("{r:.3}"))
             .or(row.rdma_ops_per_op.map(|r| format!("{r:.4}/op")))
             .unwrap_or_else(|| "-".into());
-        let note = row.note.as_deref().unwrap_or("");
+        let note = match (row.note.as_deref(), row.cross_machine) {
+            (Some(note), true) => format!("cross-machine; {note}"),
+            (None, true) => "cross-machine".to_owned(),
+            (note, false) => note.unwrap_or("").to_owned(),
+        };
         if latency {
             println!(
                 "{:<9} {:<6} {:>8} {:>3} {:>5} {:>10.2} {:>10.2} {:>10.2} {:>8}  {note}",

@@ -66,6 +66,11 @@ pub(crate) struct VerbsArgs {
     /// TCP port perftest's server uses.
     #[arg(long, default_value_t = 18515)]
     perftest_port: u16,
+    /// Across machines: `HOST:PORT` of an `rdmem-bench perftest-server` on the memory node's
+    /// machine, so perftest runs between the same two machines as rdmem (needs --memnode on
+    /// that machine). Rows then say `"cross_machine": true`.
+    #[arg(long, requires = "memnodes")]
+    perftest_server: Option<String>,
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
@@ -122,16 +127,20 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{} has {} bytes; this run needs {need}", node.id, node.pool_size).into());
     }
     let device = transport.device();
+    let remote_host =
+        args.perftest_server.as_deref().map(|a| a.rsplit_once(':').map_or(a, |(host, _)| host).to_owned());
     let target = Target {
+        remote: args.perftest_server.clone(),
         device: device.name().to_owned(),
         gid_index: Some(device.gid_index()),
-        ip: std::env::var("RDMEM_IP").unwrap_or_else(|_| "127.0.0.1".into()),
+        ip: remote_host.clone().unwrap_or_else(|| std::env::var("RDMEM_IP").unwrap_or_else(|_| "127.0.0.1".into())),
         port: args.perftest_port,
     };
-    if args.compare_perftest && std::env::var("RDMEM_IP").is_err() {
+    let cross_machine = args.perftest_server.is_some();
+    if args.compare_perftest && remote_host.is_none() && std::env::var("RDMEM_IP").is_err() {
         eprintln!("rdmem-bench: RDMEM_IP is not set; perftest's server is reached at 127.0.0.1");
     }
-    let mut out = Printer::new(args.json);
+    let mut out = Printer::new(args.json).cross_machine(cross_machine);
     let tsc = Tsc::calibrate();
     let base = GlobalAddr::new(node.id, 0).expect("offset 0");
 

@@ -362,3 +362,37 @@ fn a_release_that_fails_on_the_network_does_not_lock_the_process_out() {
     cohort.acquire(&mut fresh).unwrap();
     cohort.release(&mut fresh).unwrap();
 }
+
+#[test]
+fn cohort_with_its_own_endpoint_keeps_posted_writes_ordered_across_handovers() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let (word, counter) = (at(4096), at(8192));
+    let cohorts: Vec<_> = (1..=2)
+        .map(|p| CohortLock::with_endpoint(RemoteLock::new(word, p, LEASE).unwrap(), 8, transport.endpoint().unwrap()))
+        .collect();
+    let (threads, rounds) = (4, 300u64);
+    std::thread::scope(|s| {
+        for cohort in &cohorts {
+            for _ in 0..threads {
+                s.spawn(move || {
+                    for _ in 0..rounds {
+                        let mut g = cohort.lock_own().unwrap();
+                        let n = g.endpoint().read_u64(counter).unwrap();
+                        g.endpoint().post_write_u64(counter, n + 1).unwrap(); // not waited for
+                        g.unlock().unwrap();
+                    }
+                });
+            }
+        }
+    });
+    let mut ep = transport.endpoint().unwrap();
+    assert_eq!(ep.read_u64(counter).unwrap(), 2 * threads * rounds);
+    assert_eq!(ep.read_u64(word).unwrap(), 0, "released at the end");
+    // Misuse while a guard is out is an error, not a deadlock.
+    let g = cohorts[0].lock_own().unwrap();
+    assert!(matches!(cohorts[0].acquire(&mut ep), Err(LockError::AlreadyHeld { .. })));
+    assert!(matches!(cohorts[0].release(&mut ep), Err(LockError::AlreadyHeld { .. })));
+    assert!(matches!(cohorts[0].with_state_mut(|_| ()), Err(LockError::AlreadyHeld { .. })));
+    assert!(!g.unlock().unwrap());
+    assert_eq!(ep.read_u64(word).unwrap(), 0);
+}

@@ -146,7 +146,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let lease = Duration::from_millis(lease_ms);
             let (word, counter) = (at(lock_offset), at(counter_offset));
-            let shared = CohortLock::new(RemoteLock::new(word, process + 1, lease)?, 8);
+            let shared =
+                CohortLock::with_endpoint(RemoteLock::new(word, process + 1, lease)?, 8, transport.endpoint()?);
             let started = Instant::now();
             let results: Vec<Result<u64, String>> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..threads)
@@ -160,7 +161,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                             for i in 0..rounds {
                                 let stall = t == 0 && stall_after == Some(i);
                                 if cohort {
-                                    let mut g = shared.lock(&mut ep).map_err(|e| e.to_string())?;
+                                    let mut g = shared.lock_own().map_err(|e| e.to_string())?;
                                     section(g.endpoint(), counter, stall)?;
                                     g.unlock().map_err(|e| e.to_string())?;
                                 } else {

@@ -23,13 +23,19 @@
 //! [`LockError::NotHolder`].
 //!
 //! # Endpoints
-//! Each holder uses its own thread's endpoint; the lock owns none, so a process needs no queue
-//! pair per lock. Operations of one section therefore go on the holder's queue pairs, in order.
-//! A section can end with [`Endpoint::post_write`] and not wait for it: a local handover first
+//! Two forms. [`CohortLock::new`]: each holder uses its own thread's endpoint and the lock owns
+//! none, so a process needs no queue pair per lock (the DSM's 64 locks are of this form).
+//! [`CohortLock::with_endpoint`]: the lock owns an endpoint and lends it to each holder
+//! ([`CohortLock::lock_own`]), so a section's posted WRITE is waited for by neither a local
+//! handover nor the release; a queue pair per memory node per lock buys that, for a few hot
+//! locks.
+//!
+//! In the first form a section's operations go on the holder's queue pairs, in order. A
+//! section can end with [`Endpoint::post_write`] and not wait for it: a local handover first
 //! waits for the releasing thread's posted writes ([`Endpoint::flush`]), so the next local
-//! holder, on its own queue pairs, sees them; the remote release waits for posted writes to
-//! other nodes than the lock's ([`Endpoint::flush_for`]), and those to the lock's node are
-//! ordered before its release on the same queue pair.
+//! holder, on its own queue pairs, sees them. In both forms the remote release waits for
+//! posted writes to other nodes than the lock's ([`Endpoint::flush_for`]); those to the lock's
+//! node are ordered before its release on the same queue pair.
 
 use std::time::Instant;
 
@@ -37,9 +43,12 @@ use rdmem_core::Endpoint;
 
 use super::error::{LockError, Result};
 use super::lock::RemoteLock;
-use super::primitive::{AtomicBool, AtomicUsize, Mutex, MutexGuard, Ordering, ThreadId, current_thread, yield_now};
+use super::primitive::{
+    AtomicBool, AtomicUsize, Mutex, MutexGuard, Ordering, ThreadId, TryLockError, current_thread, yield_now,
+};
 
-struct Cohort<S> {
+/// The remote hold as this process sees it.
+struct Hold {
     /// The remote hold value this process may have in the word: set when the remote lock is
     /// taken, cleared when it is released or known lost. A release or renewal that fails
     /// for another reason (a broken connection) keeps it, since the word may still hold it:
@@ -51,6 +60,10 @@ struct Cohort<S> {
     handovers: u32,
     /// When the remote hold was taken or last renewed.
     since: Instant,
+}
+
+struct Cohort<S> {
+    hold: Hold,
     /// The user's state, carried from holder to holder.
     state: S,
 }
@@ -104,7 +117,10 @@ impl<S> CohortLock<S> {
             waiting: AtomicUsize::new(0),
             max_handovers,
             owner: Mutex::new(None),
-            cohort: Mutex::new(Cohort { held: None, primed: false, handovers: 0, since: Instant::now(), state }),
+            cohort: Mutex::new(Cohort {
+                hold: Hold { held: None, primed: false, handovers: 0, since: Instant::now() },
+                state,
+            }),
         }
     }
 
@@ -131,6 +147,19 @@ impl<S> CohortLock<S> {
         self.cohort.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The holder's access to the state: only the thread that set `busy` locks it, so it is
+    /// busy only while that same thread has an [`OwnGuard`] out (using the lock's endpoint):
+    /// that misuse is an error rather than a deadlock.
+    fn cohort_of_holder(&self) -> Result<MutexGuard<'_, Cohort<S>>> {
+        match self.cohort.try_lock() {
+            Ok(cohort) => Ok(cohort),
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                Err(LockError::AlreadyHeld { word: self.remote.word(), holder: self.remote.holder() })
+            }
+        }
+    }
+
     /// Acquires the lock for this thread, to be released by [`CohortLock::release`] from the
     /// same thread. `Ok(true)` when this call took the remote lock, `Ok(false)` when it was
     /// handed over by another thread of this process.
@@ -152,8 +181,20 @@ impl<S> CohortLock<S> {
         Er: From<LockError>,
     {
         let me = current_thread();
+        self.wait_turn(me)?;
+        let mut unbusy = Unbusy { lock: self, keep: false };
+        let cohort = &mut *self.cohort();
+        let fresh = self.take_remote(ep, &mut cohort.hold, &mut cohort.state, taken)?;
+        *self.owner() = Some(me);
+        unbusy.keep = true;
+        Ok(fresh)
+    }
+
+    /// Waits for the local flag (the lock among this process's threads); fails at once for a
+    /// thread that holds the lock already.
+    fn wait_turn(&self, me: ThreadId) -> Result<()> {
         if *self.owner() == Some(me) {
-            return Err(LockError::AlreadyHeld { word: self.remote.word(), holder: self.remote.holder() }.into());
+            return Err(LockError::AlreadyHeld { word: self.remote.word(), holder: self.remote.holder() });
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         // Spin (yielding) rather than sleep: waking a sleeping thread costs about as much as a
@@ -162,20 +203,17 @@ impl<S> CohortLock<S> {
             yield_now();
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        let mut unbusy = Unbusy { lock: self, keep: false };
-        let fresh = self.take_remote(ep, &mut self.cohort(), taken)?;
-        *self.owner() = Some(me);
-        unbusy.keep = true;
-        Ok(fresh)
+        Ok(())
     }
 
     /// Takes (or renews) the remote hold for the thread that just set `busy`, and runs `taken`
     /// if it has not run for this hold yet. True when it ran.
-    fn take_remote<E, Er>(
+    fn take_remote<E, T, Er>(
         &self,
         ep: &mut E,
-        cohort: &mut Cohort<S>,
-        taken: impl FnOnce(&mut E, &mut S) -> Result<(), Er>,
+        cohort: &mut Hold,
+        state: &mut T,
+        taken: impl FnOnce(&mut E, &mut T) -> Result<(), Er>,
     ) -> Result<bool, Er>
     where
         E: Endpoint,
@@ -208,7 +246,7 @@ impl<S> CohortLock<S> {
         if cohort.primed {
             return Ok(false);
         }
-        if let Err(e) = taken(ep, &mut cohort.state) {
+        if let Err(e) = taken(ep, state) {
             let value = cohort.held.expect("held above");
             match self.remote.release(ep, value) {
                 Ok(()) | Err(LockError::LeaseLost { .. }) => cohort.held = None,
@@ -252,16 +290,21 @@ impl<S> CohortLock<S> {
         if *self.owner() != Some(current_thread()) {
             return Err(LockError::NotHolder { word: self.remote.word() }.into());
         }
+        let mut cohort = self.cohort_of_holder()?;
         let _unbusy = Unbusy { lock: self, keep: false };
-        self.hand_on(ep, &mut self.cohort(), releasing)
+        let cohort = &mut *cohort;
+        // The next holder uses its own queue pairs: this section's posted writes must land first.
+        self.hand_on(ep, &mut cohort.hold, &mut cohort.state, releasing, true)
     }
 
     /// The release decision: local handover or remote release.
-    fn hand_on<E, Er>(
+    fn hand_on<E, T, Er>(
         &self,
         ep: &mut E,
-        cohort: &mut Cohort<S>,
-        releasing: impl FnOnce(&mut E, &mut S) -> Result<(), Er>,
+        cohort: &mut Hold,
+        state: &mut T,
+        releasing: impl FnOnce(&mut E, &mut T) -> Result<(), Er>,
+        flush_first: bool,
     ) -> Result<bool, Er>
     where
         E: Endpoint,
@@ -269,10 +312,12 @@ impl<S> CohortLock<S> {
     {
         if self.waiting.load(Ordering::SeqCst) > 0 && cohort.handovers < self.max_handovers {
             cohort.handovers += 1;
-            ep.flush()?;
+            if flush_first {
+                ep.flush()?;
+            }
             return Ok(true);
         }
-        releasing(ep, &mut cohort.state)?;
+        releasing(ep, state)?;
         let value = cohort.held.expect("the cohort holds the remote lock while locked");
         // After the section's operations, posted writes included (see RemoteLock::release).
         match self.remote.release(ep, value) {
@@ -294,7 +339,7 @@ impl<S> CohortLock<S> {
         if !self.held_by_me() {
             return Err(LockError::NotHolder { word: self.remote.word() });
         }
-        Ok(f(&mut self.cohort().state))
+        Ok(f(&mut self.cohort_of_holder()?.state))
     }
 
     /// Acquires the lock for this thread, through this thread's endpoint `ep`.
@@ -336,6 +381,78 @@ impl<E: Endpoint, S> Drop for CohortGuard<'_, E, S> {
         if !self.released {
             tracing::warn!("cohort lock at {} dropped without unlock(); releasing it", self.lock.remote.word());
             if let Err(e) = self.lock.release(self.ep) {
+                tracing::error!("releasing the dropped cohort lock failed: {e}");
+            }
+        }
+    }
+}
+
+/// The endpoint of a cohort lock made with [`CohortLock::with_endpoint`].
+pub struct OwnEndpoint<E>(E);
+
+impl<E: Endpoint> CohortLock<OwnEndpoint<E>> {
+    /// A cohort lock with an endpoint of its own, lent to each holder with the lock
+    /// ([`CohortLock::lock_own`]). A section can then end with a posted WRITE that neither a
+    /// local handover nor the release waits for: the next holder's operations go on the same
+    /// queue pairs, after it. The price is a queue pair per memory node per lock: use it for a
+    /// few hot locks, and the per-thread-endpoint form ([`CohortLock::new`]) for many.
+    pub fn with_endpoint(remote: RemoteLock, max_handovers: u32, ep: E) -> Self {
+        CohortLock::with_state(remote, max_handovers, OwnEndpoint(ep))
+    }
+
+    /// Acquires the lock for this thread; the section's operations go through the lock's own
+    /// endpoint ([`OwnGuard::endpoint`]).
+    pub fn lock_own(&self) -> Result<OwnGuard<'_, E>> {
+        let me = current_thread();
+        self.wait_turn(me)?;
+        let mut unbusy = Unbusy { lock: self, keep: false };
+        let mut cohort = self.cohort();
+        let Cohort { hold, state } = &mut *cohort;
+        self.take_remote(&mut state.0, hold, &mut (), |_, _| Ok::<(), LockError>(()))?;
+        *self.owner() = Some(me);
+        unbusy.keep = true;
+        Ok(OwnGuard { lock: self, cohort: Some(cohort) })
+    }
+}
+
+/// A cohort lock held through its own endpoint ([`CohortLock::lock_own`]); release with
+/// [`OwnGuard::unlock`] (dropping releases and logs). It stays on the thread that took it.
+#[must_use = "the lock is held until unlock() (or drop, which cannot report errors)"]
+pub struct OwnGuard<'a, E: Endpoint> {
+    lock: &'a CohortLock<OwnEndpoint<E>>,
+    cohort: Option<MutexGuard<'a, Cohort<OwnEndpoint<E>>>>,
+}
+
+impl<E: Endpoint> OwnGuard<'_, E> {
+    /// The lock's endpoint, for the critical section. A write that ends the section can be
+    /// posted ([`Endpoint::post_write`]): whoever comes next, here or in another process,
+    /// sees it.
+    pub fn endpoint(&mut self) -> &mut E {
+        &mut self.cohort.as_mut().expect("held until unlock").state.0
+    }
+
+    /// Releases: hands the lock to a waiting thread of this process (`true`, nothing waited
+    /// for), or releases it remotely (`false`; `LeaseLost` if the lease expired meanwhile).
+    pub fn unlock(mut self) -> Result<bool> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<bool> {
+        let mut cohort = self.cohort.take().expect("held until unlock");
+        let unbusy = Unbusy { lock: self.lock, keep: false };
+        let Cohort { hold, state } = &mut *cohort;
+        let result = self.lock.hand_on(&mut state.0, hold, &mut (), |_, _| Ok::<(), LockError>(()), false);
+        drop(cohort);
+        drop(unbusy);
+        result
+    }
+}
+
+impl<E: Endpoint> Drop for OwnGuard<'_, E> {
+    fn drop(&mut self) {
+        if self.cohort.is_some() {
+            tracing::warn!("cohort lock at {} dropped without unlock(); releasing it", self.lock.remote.word());
+            if let Err(e) = self.release() {
                 tracing::error!("releasing the dropped cohort lock failed: {e}");
             }
         }

@@ -8,11 +8,13 @@ pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub(crate) use loom::sync::{Mutex, MutexGuard};
 #[cfg(feature = "loom")]
 pub(crate) use loom::thread::{ThreadId, yield_now};
+#[cfg(feature = "loom")]
+pub(crate) use std::sync::TryLockError;
 
 #[cfg(not(feature = "loom"))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 #[cfg(not(feature = "loom"))]
-pub(crate) use std::sync::{Mutex, MutexGuard};
+pub(crate) use std::sync::{Mutex, MutexGuard, TryLockError};
 #[cfg(not(feature = "loom"))]
 pub(crate) use std::thread::{ThreadId, yield_now};
 
