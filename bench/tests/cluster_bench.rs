@@ -40,8 +40,8 @@ fn cluster_verbs_next_to_perftest_between_two_machines() {
                 "--compare-perftest",
                 "--json",
             ])
-            .args(["--sizes", "8,4096", "--ops", "read,cas", "--batches", "1,16", "--threads", "1"])
-            .args(["--iters", "300", "--rounds", "2", "--throughput-ops", "2048", "--perftest-port", "18600"])
+            .args(["--sizes", "8", "--ops", "read,cas", "--batches", "16", "--threads", "1", "--throughput-sizes", "8"])
+            .args(["--iters", "300", "--rounds", "1", "--throughput-ops", "2048", "--perftest-port", "18600"])
             .env("RDMEM_TOKEN", TOKEN)
             .output()
             .expect("run rdmem-bench");

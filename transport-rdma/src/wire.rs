@@ -22,13 +22,14 @@ use std::io::{self, Read, Write};
 /// unanswered ones, [`KEEPALIVE_INTERVAL`] apart, close the connection (unacknowledged data
 /// gives up after the same bound). A machine that vanishes without a FIN or RST (powered off,
 /// crashed, cut off) is therefore noticed within about this long.
-pub const DEAD_PEER_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+/// (Generous for emulated machines, which may go unscheduled for a second or two under load.)
+pub const DEAD_PEER_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
 /// Idle time before the first keepalive probe.
-pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Time between keepalive probes.
-pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Unanswered probes that end the connection.
-pub const KEEPALIVE_PROBES: u32 = 3;
+pub const KEEPALIVE_PROBES: u32 = 5;
 
 /// Turns on the keepalive of [`DEAD_PEER_BOUND`] on a control connection (both ends set it:
 /// the client learns its memory node's machine died, the memory node that a client's did).
