@@ -12,19 +12,16 @@ use std::time::Duration;
 use rdmem_allocator::conformance;
 use rdmem_allocator::{Allocator, AllocatorOptions};
 use rdmem_transport_rdma::spawn::{ClusterNode, MemnodeChild, find_binary};
-use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "cluster-alloc-test";
 const PORT: u16 = 7680;
 const MEET: Duration = Duration::from_secs(600);
 
 fn connect(addrs: &[String]) -> Arc<RdmaTransport> {
-    let options = RdmaOptions {
-        memnodes: addrs.to_vec(),
-        token: TOKEN.into(),
-        device: DeviceSelection::from_env().expect("RDMEM_* variables"),
-    };
-    Arc::new(RdmaTransport::connect(options).expect("connect to both memory node machines"))
+    Arc::new(
+        RdmaTransport::connect(RdmaOptions::for_memnodes(addrs, TOKEN).unwrap()).expect("connect to both machines"),
+    )
 }
 
 #[test]

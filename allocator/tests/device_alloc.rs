@@ -13,7 +13,7 @@ use rdmem_allocator::{Allocator, AllocatorOptions};
 use rdmem_core::{NodeId, Transport};
 use rdmem_transport_rdma::spawn::MemnodeChild;
 use rdmem_transport_rdma::spawn::find_binary;
-use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "allocator-device-test";
 
@@ -26,12 +26,11 @@ fn two_memnodes(pool: &str) -> [MemnodeChild; 2] {
 }
 
 fn connect(nodes: &[MemnodeChild; 2]) -> Arc<RdmaTransport> {
-    let options = RdmaOptions {
-        memnodes: nodes.iter().map(|n| n.addr().to_owned()).collect(),
-        token: TOKEN.into(),
-        device: DeviceSelection::from_env().expect("RDMEM_* variables"),
-    };
-    Arc::new(RdmaTransport::connect(options).expect("connect to both memory nodes"))
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr()).collect();
+    Arc::new(
+        RdmaTransport::connect(RdmaOptions::for_memnodes(&addrs, TOKEN).unwrap())
+            .expect("connect to both memory nodes"),
+    )
 }
 
 #[test]

@@ -74,18 +74,19 @@ fn cluster_dsm_programs_with_one_rank_per_machine() {
     }
     // The same small SOR without and with 5% loss on the memory node's link.
     let small = ["--rows", "64", "--iterations", "4"];
+    let timed_sor = |job: &str| {
+        let started = Instant::now();
+        let out = rank(&me, job, "sor", &small);
+        (out, started.elapsed().as_secs_f64())
+    };
     next();
-    let started = Instant::now();
-    let clean = rank(&me, "sor-clean", "sor", &small);
-    let clean_secs = started.elapsed().as_secs_f64();
+    let (clean, clean_secs) = timed_sor("sor-clean");
     next();
     if me.index == 0 {
         netem(&["add", "dev", "eth0", "root", "netem", "loss", "5%"]);
     }
     next();
-    let started = Instant::now();
-    let lossy = rank(&me, "sor-lossy", "sor", &small);
-    let lossy_secs = started.elapsed().as_secs_f64();
+    let (lossy, lossy_secs) = timed_sor("sor-lossy");
     next();
     if me.index == 0 {
         netem(&["del", "dev", "eth0", "root"]);

@@ -470,16 +470,7 @@ impl Running {
 
     /// Waits until the process exits (its status) or `deadline` passes (`None`).
     fn wait_until(&mut self, tool: &'static str, deadline: Instant) -> Result<Option<ExitStatus>, PerftestError> {
-        loop {
-            if let Some(status) = self.try_wait(tool)? {
-                return Ok(Some(status));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            thread::sleep(POLL_INTERVAL.min(deadline - now));
-        }
+        poll_until(deadline, || self.try_wait(tool))
     }
 
     /// Everything the process wrote to stdout and stderr. Call it only once it has exited: it waits for
@@ -505,6 +496,23 @@ impl Drop for Running {
     }
 }
 
+/// Polls `try_wait` every [`POLL_INTERVAL`] until it gives a status or `deadline` passes.
+fn poll_until(
+    deadline: Instant,
+    mut try_wait: impl FnMut() -> Result<Option<ExitStatus>, PerftestError>,
+) -> Result<Option<ExitStatus>, PerftestError> {
+    loop {
+        if let Some(status) = try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(POLL_INTERVAL.min(deadline - now));
+    }
+}
+
 /// The server end of a perftest pair: a child here, or one that an `rdmem-bench
 /// perftest-server` started on another machine.
 enum Server {
@@ -521,16 +529,7 @@ impl Server {
     }
 
     fn wait_until(&mut self, tool: &'static str, deadline: Instant) -> Result<Option<ExitStatus>, PerftestError> {
-        loop {
-            if let Some(status) = self.try_wait(tool)? {
-                return Ok(Some(status));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            thread::sleep(POLL_INTERVAL.min(deadline - now));
-        }
+        poll_until(deadline, || self.try_wait(tool))
     }
 
     fn output(&mut self) -> (String, String) {

@@ -236,16 +236,10 @@ impl<B: LocalBuffer> PageCache<B> {
         addr: u64,
         dst: &mut [u8],
     ) -> rdmem_core::Result<()> {
-        for (page, in_page, part) in pieces(addr, dst.len()) {
-            let mut shard = lock(self.shard(page));
-            let slot = match self.hit(&mut shard, page) {
-                Some(slot) => slot,
-                None => self.miss(&mut shard, ep, homes, page, true)?,
-            };
+        self.each_page(ep, homes, addr, dst.len(), true, |shard, slot, in_page, part| {
             let start = frame(slot).start;
             dst[part].copy_from_slice(&shard.buf[start + in_page.start..start + in_page.end]);
-        }
-        Ok(())
+        })
     }
 
     /// Writes `src` at byte address `addr` (in page space) into the cached pages; they become
@@ -257,14 +251,8 @@ impl<B: LocalBuffer> PageCache<B> {
         addr: u64,
         src: &[u8],
     ) -> rdmem_core::Result<()> {
-        for (page, in_page, part) in pieces(addr, src.len()) {
-            let mut shard = lock(self.shard(page));
-            let slot = match self.hit(&mut shard, page) {
-                Some(slot) => slot,
-                None => self.miss(&mut shard, ep, homes, page, false)?,
-            };
+        self.each_page(ep, homes, addr, src.len(), false, |shard, slot, in_page, part| {
             let range = frame(slot);
-            let shard = &mut *shard;
             let entry = shard.slots[slot as usize].as_mut().expect("a cached slot has a page");
             if entry.twin.is_none() {
                 let mut twin = shard.spare_twins.pop().unwrap_or_else(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
@@ -273,6 +261,28 @@ impl<B: LocalBuffer> PageCache<B> {
                 shard.dirty.push(slot);
             }
             shard.buf[range.start + in_page.start..range.start + in_page.end].copy_from_slice(&src[part]);
+        })
+    }
+
+    /// Runs `each(shard, slot, in_page, part)` for every page of the `len` bytes at `addr`, with
+    /// the page cached (READ on a miss; read-ahead when `ahead`) and its shard locked: `in_page`
+    /// is the range in the page, `part` the matching range of the caller's bytes.
+    fn each_page<E: Endpoint<Buffer = B>>(
+        &self,
+        ep: &mut E,
+        homes: &impl Homes,
+        addr: u64,
+        len: usize,
+        ahead: bool,
+        mut each: impl FnMut(&mut Shard<B>, u32, Range<usize>, Range<usize>),
+    ) -> rdmem_core::Result<()> {
+        for (page, in_page, part) in pieces(addr, len) {
+            let mut shard = lock(self.shard(page));
+            let slot = match self.hit(&mut shard, page) {
+                Some(slot) => slot,
+                None => self.miss(&mut shard, ep, homes, page, ahead)?,
+            };
+            each(&mut shard, slot, in_page, part);
         }
         Ok(())
     }

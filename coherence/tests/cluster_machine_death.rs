@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rdmem_coherence::RemoteLock;
 use rdmem_core::{Endpoint, Error, GlobalAddr, NodeId, Transport, WcStatus};
 use rdmem_transport_rdma::spawn::{ClusterNode, MemnodeChild};
-use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "cluster-death-test";
 const PORT: u16 = 7620;
@@ -23,12 +23,7 @@ const MEET: Duration = Duration::from_secs(300);
 const LEASE: Duration = Duration::from_secs(1);
 
 fn connect(addr: &str) -> RdmaTransport {
-    let options = RdmaOptions {
-        memnodes: vec![addr.to_owned()],
-        token: TOKEN.into(),
-        device: DeviceSelection::from_env().expect("RDMEM_* variables"),
-    };
-    RdmaTransport::connect(options).expect("connect to the memory node")
+    RdmaTransport::connect(RdmaOptions::for_memnodes(&[addr], TOKEN).unwrap()).expect("connect to the memory node")
 }
 
 /// One critical section: READ the counter, WRITE it plus one. Returns how long the acquire

@@ -87,6 +87,17 @@ pub struct RdmaOptions {
 }
 
 impl RdmaOptions {
+    /// Options for `memnodes` (`host:port`) and `token`, with the device picked as
+    /// [`DeviceSelection::from_env`] says (`RDMEM_DEVICE`, `RDMEM_PORT`, `RDMEM_GID_INDEX`, or
+    /// automatically).
+    pub fn for_memnodes<S: AsRef<str>>(memnodes: &[S], token: &str) -> Result<Self> {
+        Ok(RdmaOptions {
+            memnodes: memnodes.iter().map(|m| m.as_ref().to_owned()).collect(),
+            token: token.to_owned(),
+            device: DeviceSelection::from_env().map_err(RdmaError::from)?,
+        })
+    }
+
     /// Options from a cluster configuration (memory nodes, token, device).
     pub fn from_config(config: &ClusterConfig) -> Result<Self> {
         Ok(RdmaOptions {

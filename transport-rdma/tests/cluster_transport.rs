@@ -9,19 +9,15 @@ use std::time::{Duration, Instant};
 use rdmem_core::conformance;
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 use rdmem_transport_rdma::spawn::{ClusterNode, MemnodeChild};
-use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
+use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
 const TOKEN: &str = "cluster-transport-test";
 const PORT: u16 = 7610;
 const MEET: Duration = Duration::from_secs(300);
 
 fn connect(addr: &str) -> RdmaTransport {
-    let options = RdmaOptions {
-        memnodes: vec![addr.to_owned()],
-        token: TOKEN.into(),
-        device: DeviceSelection::from_env().expect("RDMEM_* variables"),
-    };
-    RdmaTransport::connect(options).expect("connect to the memory node on node 0")
+    RdmaTransport::connect(RdmaOptions::for_memnodes(&[addr], TOKEN).unwrap())
+        .expect("connect to the memory node on node 0")
 }
 
 /// Each client machine's own scratch area (conformance checks write there).
