@@ -1,6 +1,8 @@
 //! Cluster tier, machine deaths (a VM killed outright: no FIN, no RST, its memory gone).
 //! 1. A lock holder's machine dies inside its critical section: the other machine proceeds
 //!    after about a lease, and the counter equals the completed sections.
+//!    It also held allocator chunks (on another memory node of node 0): a reclaimer takes them
+//!    back once its heartbeat has stood still for two leases.
 //! 2. A memory node's machine dies while a client works on it: the client's operation fails
 //!    with a typed error (retry exceeded, node gone or timeout), never hangs.
 //!
@@ -10,8 +12,10 @@
 #![cfg(feature = "rdma")]
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdmem_allocator::{Allocator, AllocatorOptions};
 use rdmem_coherence::RemoteLock;
 use rdmem_core::{Endpoint, Error, GlobalAddr, NodeId, Transport, WcStatus};
 use rdmem_transport_rdma::spawn::{ClusterNode, MemnodeChild};
@@ -51,8 +55,11 @@ fn machine_death_of_a_lock_holder_and_of_a_memory_node() {
 
     // Part 1: node 2 dies holding the lock.
     let server = me.addr(0, PORT);
-    let _memnode = (me.index == 0).then(|| {
-        MemnodeChild::start_on("memnode", &server, TOKEN, &["--pool-size", "16M"]).expect("memory node on node 0")
+    let pool = me.addr(0, PORT + 5);
+    let _memnodes = (me.index == 0).then(|| {
+        let start =
+            |addr: &str| MemnodeChild::start_on("memnode", addr, TOKEN, &["--pool-size", "16M"]).expect("memnode");
+        (start(&server), start(&pool))
     });
     let (word, counter) = (GlobalAddr::new(NodeId(0), 4096).unwrap(), GlobalAddr::new(NodeId(0), 8192).unwrap());
     let (before, after) = (20u64, 40u64);
@@ -61,6 +68,14 @@ fn machine_death_of_a_lock_holder_and_of_a_memory_node() {
         0 => {
             me.meet_all(PORT + 2, MEET).expect("node 2 holds the lock");
             kill_node(2);
+            // Node 2's allocator client is dead: its chunks come back.
+            let transport = Arc::new(connect(&pool));
+            let options = AllocatorOptions { lease: LEASE, ..AllocatorOptions::default() };
+            let allocator = Allocator::new(transport, options).unwrap();
+            let reclaimed = allocator.reclaim_dead_clients_now().unwrap();
+            println!("node 0: reclaimed the dead machine's allocator client: {reclaimed:?}");
+            assert_eq!(reclaimed.clients.len(), 1, "node 2's client: {reclaimed:?}");
+            assert!(!reclaimed.chunks.is_empty(), "it held chunks: {reclaimed:?}");
             me.meet(&[0, 1], PORT + 3, MEET).expect("node 1 done");
         }
         1 => {
@@ -89,6 +104,13 @@ fn machine_death_of_a_lock_holder_and_of_a_memory_node() {
             for _ in 0..before {
                 section(&lock, &mut ep, counter);
             }
+            // Allocator chunks on the other pool, never freed: this machine dies with them.
+            let options = AllocatorOptions { lease: LEASE, ..AllocatorOptions::default() };
+            let allocator = Allocator::new(Arc::new(connect(&pool)), options).unwrap();
+            let alloc = allocator.thread().unwrap();
+            let blocks: Vec<_> =
+                (0..10).map(|_| alloc.alloc(std::alloc::Layout::from_size_align(4096, 8).unwrap()).unwrap()).collect();
+            assert_eq!(blocks.len(), 10);
             let mut guard = lock.lock(&mut ep).expect("acquire");
             let _ = guard.endpoint().read_u64(counter).expect("read");
             me.meet_all(PORT + 2, MEET).expect("holding");
