@@ -745,15 +745,26 @@ impl<T: Transport> ThreadAlloc<T> {
 
     /// The named root `name` on `node` ([`crate::roots`]): where programs publish and find
     /// the addresses of shared structures. Takes a slot in the node's root table the first
-    /// time a name is used.
+    /// time a name is used (a slot stays with its name for the pool's life; to look a name up
+    /// without taking one, [`ThreadAlloc::find_root`]).
     pub fn root(&self, node: NodeId, name: &str) -> Result<Root> {
+        self.open_root(node, name, true).map(|r| r.expect("a claimed slot"))
+    }
+
+    /// The named root `name` on `node` if some client opened it already, without taking a slot
+    /// for it (a mistyped name costs nothing): `None` when it has none.
+    pub fn find_root(&self, node: NodeId, name: &str) -> Result<Option<Root>> {
+        self.open_root(node, name, false)
+    }
+
+    fn open_root(&self, node: NodeId, name: &str, claim: bool) -> Result<Option<Root>> {
         if self.node_index(node).is_none() {
             return Err(AllocError::BadRoot {
                 name: name.into(),
                 reason: format!("no memory node {node} in this cluster"),
             });
         }
-        self.with_endpoint(|ep| Root::open(ep, node, name))
+        self.with_endpoint(|ep| Root::open(ep, node, name, claim))
     }
 
     /// The allocator this thread allocator belongs to.

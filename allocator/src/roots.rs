@@ -51,8 +51,9 @@ fn key(name: &str) -> u64 {
 }
 
 impl Root {
-    /// Finds (or takes) the slot of `name` in `node`'s root table, through `ep`.
-    pub(crate) fn open<E: Endpoint>(ep: &mut E, node: NodeId, name: &str) -> Result<Root> {
+    /// Finds (or, with `claim`, takes) the slot of `name` in `node`'s root table, through `ep`;
+    /// `None` when the name has no slot and `claim` is false.
+    pub(crate) fn open<E: Endpoint>(ep: &mut E, node: NodeId, name: &str, claim: bool) -> Result<Option<Root>> {
         if name.is_empty() {
             return Err(AllocError::BadRoot { name: name.into(), reason: "a root needs a nonempty name".into() });
         }
@@ -67,6 +68,9 @@ impl Root {
         for i in 0..layout::ROOT_SLOTS {
             let slot = slot_at(i);
             let mut found = ep.read_u64(slot)?;
+            if found == 0 && !claim {
+                return Ok(None); // names take slots in probe order: it would be here
+            }
             if found == 0 {
                 found = match ep.cas(slot, 0, key)? {
                     0 => key,
@@ -75,8 +79,11 @@ impl Root {
             }
             if found == key {
                 let value = slot.checked_add(8).expect("inside the header");
-                return Ok(Root { name: name.into(), value });
+                return Ok(Some(Root { name: name.into(), value }));
             }
+        }
+        if !claim {
+            return Ok(None);
         }
         Err(AllocError::BadRoot {
             name: name.into(),

@@ -205,6 +205,8 @@ fn named_roots_publish_and_find_addresses_with_compare_and_swap() {
     let b = Allocator::new(transport, options(Placement::RoundRobin, Mode::Stealing)).unwrap().thread().unwrap();
     let (ra, rb) = (a.root(NodeId(1), "test/index").unwrap(), b.root(NodeId(1), "test/index").unwrap());
     assert_eq!(ra.word(), rb.word(), "one name, one root, whichever client opens it");
+    assert_eq!(b.find_root(NodeId(1), "test/never-opened").unwrap(), None, "a lookup takes no slot");
+    assert_eq!(b.find_root(NodeId(1), "test/index").unwrap().map(|r| r.word()), Some(ra.word()));
     let other = a.root(NodeId(1), "test/other").unwrap();
     assert_ne!(other.word(), ra.word());
     let x = a.alloc(layout(64, 8)).unwrap();
@@ -239,6 +241,7 @@ fn the_root_table_fills_up_with_an_error() {
     let e = a.root(NodeId(0), "one too many").unwrap_err();
     assert!(matches!(e, rdmem_allocator::AllocError::BadRoot { .. }) && e.to_string().contains("full"), "{e}");
     a.root(NodeId(0), "name 3").expect("names already there are still found");
+    assert_eq!(a.find_root(NodeId(0), "one too many").unwrap(), None, "a lookup in a full table finds nothing");
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //!
 //! The defaults keep the shared data to a few hundred KiB at most and the synchronizations to a
 //! few dozen per rank, so a run of 4 ranks stays well under 20 s on an emulated device where a
-//! remote operation costs ~25 µs and a page miss ~40 µs.
+//! remote operation costs ~25-40 µs and a page miss ~80 µs.
 
 pub mod histogram;
 pub mod matmul;

@@ -390,8 +390,9 @@ fn cohort_with_its_own_endpoint_keeps_posted_writes_ordered_across_handovers() {
     assert_eq!(ep.read_u64(word).unwrap(), 0, "released at the end");
     // Misuse while a guard is out is an error, not a deadlock.
     let g = cohorts[0].lock_own().unwrap();
-    assert!(matches!(cohorts[0].acquire(&mut ep), Err(LockError::AlreadyHeld { .. })));
-    assert!(matches!(cohorts[0].release(&mut ep), Err(LockError::AlreadyHeld { .. })));
+    assert!(matches!(cohorts[0].acquire(&mut ep), Err(LockError::OwnEndpoint { .. })), "one form per lock");
+    assert!(matches!(cohorts[0].release(&mut ep), Err(LockError::OwnEndpoint { .. })));
+    assert!(matches!(cohorts[0].lock(&mut ep), Err(LockError::OwnEndpoint { .. })));
     assert!(matches!(cohorts[0].with_state_mut(|_| ()), Err(LockError::AlreadyHeld { .. })));
     assert!(!g.unlock().unwrap());
     assert_eq!(ep.read_u64(word).unwrap(), 0);

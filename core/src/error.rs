@@ -223,7 +223,7 @@ pub enum Error {
     },
     /// The memory node went away while an operation waited on it (its process stopped or
     /// died, its machine is gone); whether the operation took effect is unknown.
-    #[error("{op} at {addr}: the memory node at {peer} is gone (closed its connection)")]
+    #[error("{op} at {addr}: the memory node at {peer} is gone (its connection closed or stopped answering)")]
     NodeGone {
         /// The operation.
         op: OpKind,

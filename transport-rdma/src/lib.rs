@@ -7,7 +7,8 @@
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
 //! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it);
-//!   [`spawn`] runs that binary as a child process (launchers, benchmarks, device tests).
+//!   [`spawn`] runs that binary as a child process and helps programs that run on several
+//!   machines of a test cluster (launchers, benchmarks, device and cluster tests).
 //!
 //! # Quick start (needs an RDMA device: run it with `soft-roce-setup/vm-run`)
 //! ```no_run

@@ -1,6 +1,7 @@
-//! Starting `rdmem-memnode` as a child process, for programs that bring their own memory node:
-//! the launcher (`rdmem-run`), benchmarks, examples and the device tests. Not part of the data
-//! path; nothing in the library uses it.
+//! Processes around the data path, for launchers, benchmarks, examples and tests: starting
+//! `rdmem-memnode` as a child process ([`MemnodeChild`]), finding binaries, fresh tokens, and
+//! [`ClusterNode`] for programs that run on every machine of a test cluster at once (which
+//! machine this is, and a rendezvous). Nothing in the library's data path uses it.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -50,8 +50,9 @@
 //! - `alloc` is collective: every rank calls it with the same sizes in the same order (the
 //!   first to arrive allocates; the others check the size and share it).
 //! - `barrier` is collective: one call per rank (one thread of it) per round.
-//! - `lock`/`unlock` work from any thread; a lock is held by the thread that took it, and
-//!   threads of one process hand it to each other without network round trips.
+//! - `lock`/`unlock` work from any thread, but a lock is held by the thread that took it: that
+//!   thread unlocks it (another gets [`DsmError::NotHolder`]); threads of one process hand it to
+//!   each other without network round trips.
 //! - Threads of one process share the cache, so they see each other's writes at once.
 
 pub mod launch;
@@ -187,7 +188,8 @@ pub struct DsmOptions {
     pub rank: u32,
     /// Processes in the job.
     pub size: u32,
-    /// The job's name: all ranks must agree (from `RDMEM_JOB`, else "default").
+    /// The job's name: all ranks must agree ("default"; [`DsmOptions::from_env`] reads
+    /// `RDMEM_JOB`).
     pub job: String,
     /// The page cache.
     pub cache: CacheOptions,
@@ -215,7 +217,8 @@ impl DsmOptions {
     }
 
     /// Rank and size from the environment ([`Rank::from_env`]: rdmem-run, mpirun, srun), the job
-    /// name from `RDMEM_JOB`, the cache size from `RDMEM_CACHE_BYTES`.
+    /// name from `RDMEM_JOB`, the cache size from `RDMEM_CACHE_BYTES`, the barrier timeout
+    /// from `RDMEM_BARRIER_TIMEOUT` (seconds).
     pub fn from_env() -> Result<Self> {
         let rank = Rank::from_env()?;
         let mut options = DsmOptions::new(rank.rank, rank.size);

@@ -26,9 +26,12 @@
 //! Two forms. [`CohortLock::new`]: each holder uses its own thread's endpoint and the lock owns
 //! none, so a process needs no queue pair per lock (the DSM's 64 locks are of this form).
 //! [`CohortLock::with_endpoint`]: the lock owns an endpoint and lends it to each holder
-//! ([`CohortLock::lock_own`]), so a section's posted WRITE is waited for by neither a local
-//! handover nor the release; a queue pair per memory node per lock buys that, for a few hot
-//! locks.
+//! ([`CohortLock::lock_own`]), so a section's posted WRITE is not waited for by a local
+//! handover (and the release waits only for posted writes to other nodes than the lock's); a
+//! queue pair per memory node per lock buys that, for a few hot locks. A lock is used in one
+//! form: `acquire`, `release` and `lock(&mut ep)` on a lock made `with_endpoint` return
+//! [`LockError::OwnEndpoint`]. Release through the endpoint that acquired (its posted writes
+//! are the ones a handover waits for).
 //!
 //! In the first form a section's operations go on the holder's queue pairs, in order. A
 //! section can end with [`Endpoint::post_write`] and not wait for it: a local handover first
@@ -81,6 +84,8 @@ pub struct CohortLock<S = ()> {
     owner: Mutex<Option<ThreadId>>,
     /// Locked only by the thread that set `busy`, so never contended.
     cohort: Mutex<Cohort<S>>,
+    /// Made with [`CohortLock::with_endpoint`]: taken with `lock_own` only.
+    own_endpoint: bool,
 }
 
 /// Clears `busy` (and the owner, once set) when dropped: also when a hook panics, so that the
@@ -121,7 +126,13 @@ impl<S> CohortLock<S> {
                 hold: Hold { held: None, primed: false, handovers: 0, since: Instant::now() },
                 state,
             }),
+            own_endpoint: false,
         }
+    }
+
+    /// The per-thread-endpoint calls on a lock that lends its own endpoint are refused.
+    fn check_form(&self) -> Result<()> {
+        if self.own_endpoint { Err(LockError::OwnEndpoint { word: self.remote.word() }) } else { Ok(()) }
     }
 
     /// The remote lock underneath.
@@ -180,6 +191,7 @@ impl<S> CohortLock<S> {
         E: Endpoint,
         Er: From<LockError>,
     {
+        self.check_form()?;
         let me = current_thread();
         self.wait_turn(me)?;
         let mut unbusy = Unbusy { lock: self, keep: false };
@@ -287,6 +299,7 @@ impl<S> CohortLock<S> {
         E: Endpoint,
         Er: From<LockError> + From<rdmem_core::Error>,
     {
+        self.check_form()?;
         if *self.owner() != Some(current_thread()) {
             return Err(LockError::NotHolder { word: self.remote.word() }.into());
         }
@@ -397,7 +410,7 @@ impl<E: Endpoint> CohortLock<OwnEndpoint<E>> {
     /// queue pairs, after it. The price is a queue pair per memory node per lock: use it for a
     /// few hot locks, and the per-thread-endpoint form ([`CohortLock::new`]) for many.
     pub fn with_endpoint(remote: RemoteLock, max_handovers: u32, ep: E) -> Self {
-        CohortLock::with_state(remote, max_handovers, OwnEndpoint(ep))
+        CohortLock { own_endpoint: true, ..CohortLock::with_state(remote, max_handovers, OwnEndpoint(ep)) }
     }
 
     /// Acquires the lock for this thread; the section's operations go through the lock's own

@@ -15,13 +15,21 @@ pub enum LockError {
         /// The word.
         word: GlobalAddr,
     },
-    /// This holder id holds the lock already (a second acquire would deadlock).
-    #[error("the lock at {word} is already held by holder {holder} (this same id)")]
+    /// This holder id holds the lock already, or, for a cohort lock, this thread does (a
+    /// second acquire would wait for itself).
+    #[error("the lock at {word} is already held by holder {holder} (this same id, or this thread of it)")]
     AlreadyHeld {
         /// The lock word.
         word: GlobalAddr,
         /// The holder id.
         holder: u32,
+    },
+    /// A cohort lock made with its own endpoint ([`crate::CohortLock::with_endpoint`]) is taken
+    /// with `lock_own` only: the per-thread-endpoint calls would skip the ordering it relies on.
+    #[error("the cohort lock at {word} lends its own endpoint: take it with lock_own()")]
+    OwnEndpoint {
+        /// The lock word.
+        word: GlobalAddr,
     },
     /// A release by a thread that does not hold this cohort lock.
     #[error("the cohort lock at {word} is not held by this thread")]
