@@ -323,6 +323,12 @@ fn cohort_acquire_and_release_across_calls_with_hooks_and_misuse_errors() {
     assert!(!handed.unwrap(), "nobody waits: released remotely");
     assert_eq!(ep.read_u64(word).unwrap(), 0);
     assert!(matches!(cohort.release(&mut ep), Err(LockError::NotHolder { .. })), "released twice");
+    // Taken with a guard: only the guard releases it (a release through another endpoint
+    // would skip the guard endpoint's posted writes).
+    let mut other = transport.endpoint().unwrap();
+    let guard = cohort.lock(&mut other).unwrap();
+    assert!(matches!(cohort.release(&mut ep), Err(LockError::HeldByGuard { .. })));
+    assert!(!guard.unlock().unwrap());
     cohort.acquire(&mut ep).unwrap();
     assert_eq!(cohort.with_state_mut(|s| *s).unwrap(), (1, 1));
     // A failing release hook keeps the remote lock for the process; the next acquire finds it

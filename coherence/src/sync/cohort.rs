@@ -20,7 +20,8 @@
 //!
 //! A lock is held by a thread: a second acquire by the holding thread is
 //! [`LockError::AlreadyHeld`] (it would wait for itself), and a release by any other thread is
-//! [`LockError::NotHolder`].
+//! [`LockError::NotHolder`]. A lock taken with a guard is released by the guard
+//! ([`LockError::HeldByGuard`] otherwise).
 //!
 //! # Endpoints
 //! Two forms. [`CohortLock::new`]: each holder uses its own thread's endpoint and the lock owns
@@ -63,6 +64,8 @@ struct Hold {
     handovers: u32,
     /// When the remote hold was taken or last renewed.
     since: Instant,
+    /// The holder took it with [`CohortLock::lock`]: only the guard releases it.
+    guarded: bool,
 }
 
 struct Cohort<S> {
@@ -123,7 +126,7 @@ impl<S> CohortLock<S> {
             max_handovers,
             owner: Mutex::new(None),
             cohort: Mutex::new(Cohort {
-                hold: Hold { held: None, primed: false, handovers: 0, since: Instant::now() },
+                hold: Hold { held: None, primed: false, handovers: 0, since: Instant::now(), guarded: false },
                 state,
             }),
             own_endpoint: false,
@@ -299,11 +302,30 @@ impl<S> CohortLock<S> {
         E: Endpoint,
         Er: From<LockError> + From<rdmem_core::Error>,
     {
+        self.release_inner(ep, releasing, false)
+    }
+
+    /// [`CohortLock::release_with`]; `by_guard` when a [`CohortGuard`] releases what it took
+    /// (a lock taken with a guard is released by the guard only).
+    fn release_inner<E, Er>(
+        &self,
+        ep: &mut E,
+        releasing: impl FnOnce(&mut E, &mut S) -> Result<(), Er>,
+        by_guard: bool,
+    ) -> Result<bool, Er>
+    where
+        E: Endpoint,
+        Er: From<LockError> + From<rdmem_core::Error>,
+    {
         self.check_form()?;
         if *self.owner() != Some(current_thread()) {
             return Err(LockError::NotHolder { word: self.remote.word() }.into());
         }
         let mut cohort = self.cohort_of_holder()?;
+        if cohort.hold.guarded && !by_guard {
+            return Err(LockError::HeldByGuard { word: self.remote.word() }.into());
+        }
+        cohort.hold.guarded = false;
         let _unbusy = Unbusy { lock: self, keep: false };
         let cohort = &mut *cohort;
         // The next holder uses its own queue pairs: this section's posted writes must land first.
@@ -358,7 +380,13 @@ impl<S> CohortLock<S> {
     /// Acquires the lock for this thread, through this thread's endpoint `ep`.
     pub fn lock<'a, E: Endpoint>(&'a self, ep: &'a mut E) -> Result<CohortGuard<'a, E, S>> {
         self.acquire(ep)?;
+        self.cohort().hold.guarded = true;
         Ok(CohortGuard { lock: self, ep, released: false, _not_send: std::marker::PhantomData })
+    }
+
+    /// The guard's release.
+    fn release_guarded<E: Endpoint>(&self, ep: &mut E) -> Result<bool> {
+        self.release_inner(ep, |_, _| Ok::<(), LockError>(()), true)
     }
 }
 
@@ -385,7 +413,7 @@ impl<E: Endpoint, S> CohortGuard<'_, E, S> {
     /// releases it remotely (`false`; `LeaseLost` if the lease expired meanwhile).
     pub fn unlock(mut self) -> Result<bool> {
         self.released = true;
-        self.lock.release(self.ep)
+        self.lock.release_guarded(self.ep)
     }
 }
 
@@ -393,7 +421,7 @@ impl<E: Endpoint, S> Drop for CohortGuard<'_, E, S> {
     fn drop(&mut self) {
         if !self.released {
             tracing::warn!("cohort lock at {} dropped without unlock(); releasing it", self.lock.remote.word());
-            if let Err(e) = self.lock.release(self.ep) {
+            if let Err(e) = self.lock.release_guarded(self.ep) {
                 tracing::error!("releasing the dropped cohort lock failed: {e}");
             }
         }

@@ -31,6 +31,12 @@ pub enum LockError {
         /// The lock word.
         word: GlobalAddr,
     },
+    /// A cohort lock taken with a guard ([`crate::CohortLock::lock`]) is released by the guard.
+    #[error("the cohort lock at {word} is held through a guard: release it with the guard's unlock()")]
+    HeldByGuard {
+        /// The lock word.
+        word: GlobalAddr,
+    },
     /// A release by a thread that does not hold this cohort lock.
     #[error("the cohort lock at {word} is not held by this thread")]
     NotHolder {
