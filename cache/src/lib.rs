@@ -96,22 +96,29 @@ pub struct CacheStats {
     pub bytes_written: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    evictions: AtomicU64,
-    write_backs: AtomicU64,
-    invalidations: AtomicU64,
-    read_ahead: AtomicU64,
-    page_reads: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
+/// A hasher for page numbers: one multiplication (Fibonacci hashing), where the standard
+/// SipHash costs tens of nanoseconds per hit. Page numbers are not attacker-chosen keys here:
+/// they come from the program's own addresses.
+#[derive(Default, Clone, Copy)]
+struct PageHasher(u64);
+
+impl std::hash::Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
-fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
-}
+type PageTable = HashMap<PageId, u32, std::hash::BuildHasherDefault<PageHasher>>;
 
 /// A frame's page and, when dirty, its twin.
 struct Slot {
@@ -124,8 +131,11 @@ struct Shard<B> {
     buf: B,
     frames: usize,
     slots: Vec<Option<Slot>>,
-    table: HashMap<PageId, u32>,
+    table: PageTable,
     lru: Lru,
+    /// This shard's counters (summed by [`PageCache::stats`]): a hit touches nothing shared
+    /// but its shard.
+    counts: CacheStats,
     free: Vec<u32>,
     /// Slots with a twin.
     dirty: Vec<u32>,
@@ -161,6 +171,26 @@ fn pieces(addr: u64, len: usize) -> impl Iterator<Item = (PageId, Range<usize>, 
     })
 }
 
+/// The page of the `len` bytes at `addr` and their range in it, when they lie in one page.
+fn one_page(addr: u64, len: usize) -> Option<(PageId, Range<usize>)> {
+    let offset = (addr % PAGE_SIZE as u64) as usize;
+    (len > 0 && offset + len <= PAGE_SIZE).then(|| (addr / PAGE_SIZE as u64, offset..offset + len))
+}
+
+/// Writes `src` at `in_page` of the cached page in `slot`, making its twin first if it was
+/// clean.
+fn write_frame<B: LocalBuffer>(shard: &mut Shard<B>, slot: u32, in_page: Range<usize>, src: &[u8]) {
+    let range = frame(slot);
+    let entry = shard.slots[slot as usize].as_mut().expect("a cached slot has a page");
+    if entry.twin.is_none() {
+        let mut twin = shard.spare_twins.pop().unwrap_or_else(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+        twin.copy_from_slice(&shard.buf[range.clone()]);
+        entry.twin = Some(twin);
+        shard.dirty.push(slot);
+    }
+    shard.buf[range.start + in_page.start..range.start + in_page.end].copy_from_slice(src);
+}
+
 fn frame(slot: u32) -> Range<usize> {
     let start = slot as usize * PAGE_SIZE;
     start..start + PAGE_SIZE
@@ -170,7 +200,6 @@ fn frame(slot: u32) -> Range<usize> {
 pub struct PageCache<B> {
     shards: Vec<Mutex<Shard<B>>>,
     options: CacheOptions,
-    counters: Counters,
     /// The last page the latest miss brought in (for sequential detection); `u64::MAX` for none.
     last_miss: AtomicU64,
     /// Pages written home since the last [`PageCache::take_written`].
@@ -193,7 +222,8 @@ impl<B: LocalBuffer> PageCache<B> {
                     buf: ep.buffer((frames + staging) * PAGE_SIZE)?,
                     frames,
                     slots: (0..frames).map(|_| None).collect(),
-                    table: HashMap::with_capacity(frames),
+                    table: PageTable::with_capacity_and_hasher(frames, Default::default()),
+                    counts: CacheStats::default(),
                     lru: Lru::new(frames),
                     free: (0..frames as u32).rev().collect(),
                     dirty: Vec::new(),
@@ -202,13 +232,7 @@ impl<B: LocalBuffer> PageCache<B> {
                 }))
             })
             .collect::<rdmem_core::Result<Vec<_>>>()?;
-        Ok(PageCache {
-            shards,
-            options,
-            counters: Counters::default(),
-            last_miss: AtomicU64::new(u64::MAX),
-            written: Mutex::new(HashSet::new()),
-        })
+        Ok(PageCache { shards, options, last_miss: AtomicU64::new(u64::MAX), written: Mutex::new(HashSet::new()) })
     }
 
     /// The capacity in pages.
@@ -252,15 +276,7 @@ impl<B: LocalBuffer> PageCache<B> {
         src: &[u8],
     ) -> rdmem_core::Result<()> {
         self.each_page(ep, homes, addr, src.len(), false, |shard, slot, in_page, part| {
-            let range = frame(slot);
-            let entry = shard.slots[slot as usize].as_mut().expect("a cached slot has a page");
-            if entry.twin.is_none() {
-                let mut twin = shard.spare_twins.pop().unwrap_or_else(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
-                twin.copy_from_slice(&shard.buf[range.clone()]);
-                entry.twin = Some(twin);
-                shard.dirty.push(slot);
-            }
-            shard.buf[range.start + in_page.start..range.start + in_page.end].copy_from_slice(&src[part]);
+            write_frame(shard, slot, in_page, &src[part]);
         })
     }
 
@@ -292,7 +308,7 @@ impl<B: LocalBuffer> PageCache<B> {
     fn hit(&self, shard: &mut Shard<B>, page: PageId) -> Option<u32> {
         let slot = *shard.table.get(&page)?;
         shard.lru.touch(slot as usize);
-        bump(&self.counters.hits, 1);
+        shard.counts.hits += 1;
         Some(slot)
     }
 
@@ -307,7 +323,7 @@ impl<B: LocalBuffer> PageCache<B> {
         page: PageId,
         ahead: bool,
     ) -> rdmem_core::Result<u32> {
-        bump(&self.counters.misses, 1);
+        shard.counts.misses += 1;
         let home = homes.home(page)?;
         let sequential = page > 0 && self.last_miss.load(Ordering::Relaxed) == page - 1;
         let mut count = 1;
@@ -354,12 +370,12 @@ impl<B: LocalBuffer> PageCache<B> {
                 let from = staging + i * PAGE_SIZE;
                 shard.buf.copy_within(from..from + PAGE_SIZE, frame(slot).start);
             }
-            bump(&self.counters.read_ahead, count as u64 - 1);
+            shard.counts.read_ahead += count as u64 - 1;
         }
         // The next miss is sequential if it comes right after the last page brought in.
         self.last_miss.store(page + count as u64 - 1, Ordering::Relaxed);
-        bump(&self.counters.page_reads, 1);
-        bump(&self.counters.bytes_read, bytes as u64);
+        shard.counts.page_reads += 1;
+        shard.counts.bytes_read += bytes as u64;
         // The pages read ahead first, so the one asked for is the most recent.
         for i in (0..count).rev() {
             let (p, slot) = (page + i as u64, slots[i]);
@@ -393,7 +409,7 @@ impl<B: LocalBuffer> PageCache<B> {
         shard.lru.remove(victim as usize);
         let page = shard.slots[victim as usize].take().expect("a linked slot has a page").page;
         shard.table.remove(&page);
-        bump(&self.counters.evictions, 1);
+        shard.counts.evictions += 1;
         Ok(victim)
     }
 
@@ -431,8 +447,8 @@ impl<B: LocalBuffer> PageCache<B> {
             }
         }
         batch.submit()?;
-        bump(&self.counters.write_backs, pages.len() as u64);
-        bump(&self.counters.bytes_written, bytes as u64);
+        shard.counts.write_backs += pages.len() as u64;
+        shard.counts.bytes_written += bytes as u64;
         let mut written = lock(&self.written);
         for &(slot, ..) in &pages {
             let entry = entries[slot as usize].as_mut().expect("a dirty slot has a page");
@@ -526,7 +542,7 @@ impl<B: LocalBuffer> PageCache<B> {
         shard.table.remove(&entry.page);
         shard.lru.remove(slot as usize);
         shard.free.push(slot);
-        bump(&self.counters.invalidations, 1);
+        shard.counts.invalidations += 1;
     }
 
     /// The pages written home (by a flush, an eviction or an invalidation) since the last call,
@@ -539,19 +555,42 @@ impl<B: LocalBuffer> PageCache<B> {
 
     /// The cache's counters.
     pub fn stats(&self) -> CacheStats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        CacheStats {
-            hits: get(&c.hits),
-            misses: get(&c.misses),
-            evictions: get(&c.evictions),
-            write_backs: get(&c.write_backs),
-            invalidations: get(&c.invalidations),
-            read_ahead: get(&c.read_ahead),
-            page_reads: get(&c.page_reads),
-            bytes_read: get(&c.bytes_read),
-            bytes_written: get(&c.bytes_written),
+        let mut total = CacheStats::default();
+        for shard in &self.shards {
+            let c = lock(shard).counts;
+            total.hits += c.hits;
+            total.misses += c.misses;
+            total.evictions += c.evictions;
+            total.write_backs += c.write_backs;
+            total.invalidations += c.invalidations;
+            total.read_ahead += c.read_ahead;
+            total.page_reads += c.page_reads;
+            total.bytes_read += c.bytes_read;
+            total.bytes_written += c.bytes_written;
         }
+        total
+    }
+
+    /// The hit path alone, with no endpoint: copies the `dst.len()` bytes at `addr` when they
+    /// lie in one page that is cached (`true`, counted as a hit); does nothing otherwise
+    /// (`false`: use [`PageCache::read`]).
+    pub fn read_if_cached(&self, addr: u64, dst: &mut [u8]) -> bool {
+        let Some((page, in_page)) = one_page(addr, dst.len()) else { return false };
+        let mut shard = lock(self.shard(page));
+        let Some(slot) = self.hit(&mut shard, page) else { return false };
+        let start = frame(slot).start;
+        dst.copy_from_slice(&shard.buf[start + in_page.start..start + in_page.end]);
+        true
+    }
+
+    /// The hit path of [`PageCache::write`], with no endpoint: writes `src` at `addr` when it
+    /// lies in one page that is cached (`true`); does nothing otherwise (`false`).
+    pub fn write_if_cached(&self, addr: u64, src: &[u8]) -> bool {
+        let Some((page, in_page)) = one_page(addr, src.len()) else { return false };
+        let mut shard = lock(self.shard(page));
+        let Some(slot) = self.hit(&mut shard, page) else { return false };
+        write_frame(&mut shard, slot, in_page, src);
+        true
     }
 
     /// The pages of `page`'s shard, least recently used first (for tests and debugging).

@@ -61,7 +61,7 @@ pub mod layout;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock as StdRwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rdmem_allocator::{AllocError, Allocator, AllocatorOptions, Placement, Root};
@@ -253,18 +253,24 @@ struct Allocation {
     owner: u32,
 }
 
-/// Maps pages to homes through the allocations this process knows.
+/// Maps pages to homes through the allocations this process knows: one slot per allocation
+/// number, set once when the allocation is made or learned, so lookups take no lock.
 struct Directory {
-    allocs: StdRwLock<Vec<Allocation>>,
+    allocs: Vec<OnceLock<Allocation>>,
+}
+
+impl Directory {
+    fn get(&self, index: usize) -> Option<&Allocation> {
+        self.allocs.get(index).and_then(OnceLock::get)
+    }
 }
 
 impl Homes for Directory {
     fn home(&self, page: PageId) -> rdmem_core::Result<Home> {
         let shift = layout::ALLOC_SHIFT - PAGE_SIZE.trailing_zeros();
         let (index, in_alloc) = ((page >> shift) as usize, page & ((1 << shift) - 1));
-        let allocs = self.allocs.read().unwrap_or_else(|p| p.into_inner());
         let bad = |reason: String| rdmem_core::Error::Config(format!("page {page:#x}: {reason}"));
-        let a = allocs.get(index).ok_or_else(|| bad(format!("allocation #{index} does not exist")))?;
+        let a = self.get(index).ok_or_else(|| bad(format!("allocation #{index} does not exist")))?;
         let pages = a.bytes.div_ceil(PAGE_SIZE as u64);
         if in_alloc >= pages {
             return Err(bad(format!("beyond the end of allocation #{index} ({} bytes)", a.bytes)));
@@ -414,7 +420,7 @@ impl<T: Transport> Dsm<T> {
             published,
             allocators,
             cache,
-            directory: Directory { allocs: StdRwLock::new(Vec::new()) },
+            directory: Directory { allocs: (0..layout::ALLOC_COUNT).map(|_| OnceLock::new()).collect() },
             endpoints: Mutex::new(vec![ep]),
             locks,
             barrier: Mutex::new(BarrierState {
@@ -632,19 +638,15 @@ impl<T: Transport> Dsm<T> {
             let bases = fields[4..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
             Ok(Allocation { bytes, bases, owner: fields[3] as u32 })
         })?;
-        let mut allocs = self.directory.allocs.write().unwrap_or_else(|p| p.into_inner());
-        if allocs.len() as u64 <= index {
-            allocs.resize(index as usize + 1, Allocation { bytes: 0, bases: Vec::new(), owner: 0 });
-        }
-        allocs[index as usize] = allocation;
+        // Each rank makes or learns allocation `index` once (next_alloc hands each index out once).
+        let _ = self.directory.allocs[index as usize].set(allocation);
         Ok(SharedAddr(index << layout::ALLOC_SHIFT))
     }
 
     fn check_range(&self, addr: SharedAddr, len: usize) -> Result<()> {
         let index = (addr.0 >> layout::ALLOC_SHIFT) as usize;
         let offset = addr.0 & ((1 << layout::ALLOC_SHIFT) - 1);
-        let allocs = self.directory.allocs.read().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = allocs.get(index).filter(|a| !a.bases.is_empty()) else {
+        let Some(a) = self.directory.get(index) else {
             return Err(DsmError::BadAddress { addr: addr.0, reason: format!("no allocation #{index}") });
         };
         if offset + len as u64 > a.bytes {
@@ -656,13 +658,18 @@ impl<T: Transport> Dsm<T> {
         Ok(())
     }
 
-    /// Reads `dst.len()` bytes at `addr`.
+    /// Reads `dst.len()` bytes at `addr`. A read within one cached page takes no endpoint and
+    /// no process-wide lock (only its cache shard's).
     pub fn read(&self, addr: SharedAddr, dst: &mut [u8]) -> Result<()> {
         self.check_range(addr, dst.len())?;
+        if self.cache.read_if_cached(addr.0, dst) {
+            return Ok(());
+        }
         self.with_ep(|ep| Ok(self.cache.read(ep, &self.directory, addr.0, dst)?))
     }
 
-    /// Writes `src` at `addr`. It is published by this thread's unlock of a lock it holds now
+    /// Writes `src` at `addr` (within one cached page: no endpoint, no process-wide lock). It
+    /// is published by this thread's unlock of a lock it holds now
     /// (to that lock's next holders), and by the next barrier (to everyone); see the module
     /// docs' scope rule.
     pub fn write(&self, addr: SharedAddr, src: &[u8]) -> Result<()> {
@@ -670,6 +677,9 @@ impl<T: Transport> Dsm<T> {
         // In the scopes first: a write that fails halfway is still noticed (an extra notice
         // costs one invalidation; a missing one, a stale read).
         self.note_in_scopes(addr, src.len());
+        if self.cache.write_if_cached(addr.0, src) {
+            return Ok(());
+        }
         self.with_ep(|ep| Ok(self.cache.write(ep, &self.directory, addr.0, src)?))
     }
 
@@ -858,9 +868,8 @@ impl<T: Transport> Dsm<T> {
     pub fn leave(self) -> Result<()> {
         self.barrier()?;
         self.left.store(true, Ordering::SeqCst);
-        let allocs = self.directory.allocs.read().unwrap_or_else(|p| p.into_inner()).clone();
         let threads: Vec<_> = self.allocators.iter().map(|a| a.thread()).collect::<Result<_, _>>()?;
-        for a in allocs.iter().filter(|a| !a.bases.is_empty() && a.owner == self.rank) {
+        for a in self.directory.allocs.iter().filter_map(OnceLock::get).filter(|a| a.owner == self.rank) {
             for (i, &base) in a.bases.iter().enumerate() {
                 threads[i].free(base)?;
             }

@@ -1,0 +1,118 @@
+//! The page cache's hit path next to a plain map: an 8-byte read of a cached page through
+//! `PageCache::read` (with an endpoint, as the DSM's slow path calls it) and through
+//! `PageCache::read_if_cached` (no endpoint), next to a `HashMap<u64, Box<[u8; 4096]>>`
+//! lookup plus the same copy, at 1 and 2 threads. With 2 threads each does the iterations
+//! (time per iteration per thread: equal to 1 thread's means perfect scaling).
+//!
+//! `cargo bench -p rdmem-cache --bench hit`
+#![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use rdmem_cache::{CacheOptions, Home, Homes, PAGE_SIZE, PageCache, PageId};
+use rdmem_core::{GlobalAddr, LoopbackBuffer, LoopbackTransport, NodeId, Transport};
+
+const PAGES: u64 = 64;
+
+struct Flat;
+
+impl Homes for Flat {
+    fn home(&self, page: PageId) -> rdmem_core::Result<Home> {
+        Ok(Home { addr: GlobalAddr::new(NodeId(0), page * PAGE_SIZE as u64).unwrap(), run: 1 })
+    }
+}
+
+fn warm_cache(transport: &LoopbackTransport) -> PageCache<LoopbackBuffer> {
+    let mut ep = transport.endpoint().unwrap();
+    // Room for every hot page in its shard (16 frames a shard, 4 hot pages each on average).
+    let options =
+        CacheOptions { capacity_bytes: 4 * PAGES * PAGE_SIZE as u64, shards: 16, stripe_pages: 1, read_ahead: 0 };
+    let cache = PageCache::new(&mut ep, options).unwrap();
+    let mut word = [0u8; 8];
+    for p in 0..PAGES {
+        cache.read(&mut ep, &Flat, p * PAGE_SIZE as u64, &mut word).unwrap();
+    }
+    cache
+}
+
+/// Runs `op(thread, i)` `iters` times on each of `threads` threads; the slowest thread's time.
+fn on_threads(threads: usize, iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> Duration {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let started = Instant::now();
+                    for i in 0..iters {
+                        op(t, i);
+                    }
+                    started.elapsed()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+    })
+}
+
+/// The page of iteration `i` of thread `t`: threads walk the hot set from different places.
+fn page_of(t: usize, i: u64) -> u64 {
+    (i.wrapping_mul(7) + t as u64 * 31) % PAGES
+}
+
+fn hits(c: &mut Criterion) {
+    let transport = LoopbackTransport::new(&[PAGES * PAGE_SIZE as u64 * 2]);
+    let cache = warm_cache(&transport);
+    let map: HashMap<u64, Box<[u8; PAGE_SIZE]>> = (0..PAGES).map(|p| (p, Box::new([p as u8; PAGE_SIZE]))).collect();
+    let mut group = c.benchmark_group("hit_8B");
+    for threads in [1, 2] {
+        group.bench_function(format!("hashmap_{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, &|t, i| {
+                    let mut word = [0u8; 8];
+                    let page = map.get(&page_of(t, i)).unwrap();
+                    word.copy_from_slice(&page[8..16]);
+                    black_box(word);
+                })
+            })
+        });
+        group.bench_function(format!("cache_read_if_cached_{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, &|t, i| {
+                    let mut word = [0u8; 8];
+                    assert!(cache.read_if_cached(page_of(t, i) * PAGE_SIZE as u64 + 8, &mut word));
+                    black_box(word);
+                })
+            })
+        });
+        group.bench_function(format!("cache_read_{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..threads)
+                        .map(|t| {
+                            let (cache, transport) = (&cache, &transport);
+                            s.spawn(move || {
+                                let mut ep = transport.endpoint().unwrap();
+                                let started = Instant::now();
+                                for i in 0..iters {
+                                    let mut word = [0u8; 8];
+                                    cache
+                                        .read(&mut ep, &Flat, page_of(t, i) * PAGE_SIZE as u64 + 8, &mut word)
+                                        .unwrap();
+                                    black_box(word);
+                                }
+                                started.elapsed()
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, hits);
+criterion_main!(benches);
