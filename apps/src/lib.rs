@@ -14,6 +14,12 @@
 //! computation; rank 0's sequential check is not timed. Ranks other than 0 report
 //! `check_passed = true` with the detail [`CHECKED_BY_RANK_0`].
 //!
+//! The programs are in `apps/examples/`: `sor`, `matmul` and `histogram` (each a thin command
+//! line around its kernel, started with `rdmem-run -n N`), and `litmus`, the scope-consistency
+//! litmus tests. `tests/programs.rs` runs the kernels on the loopback transport (ranks as
+//! threads), `tests/device_apps.rs` runs the programs across processes over rxe, and
+//! `tests/cluster_apps.rs` with one rank per machine.
+//!
 //! The defaults keep the shared data to a few hundred KiB at most and the synchronizations to a
 //! few dozen per rank, so a run of 4 ranks stays well under 20 s on an emulated device where a
 //! remote operation costs ~25-40 µs and a page miss ~80 µs.

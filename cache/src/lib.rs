@@ -4,8 +4,9 @@
 //! - **Frames** live in one registered buffer per shard, so a miss READs the page in place.
 //!   Pages map to shards by their read-ahead stripe, so a page and the pages after it that
 //!   read-ahead brings in share a shard.
-//! - **Page table and LRU**: each shard is a mutex around a hash map (page to frame slot) and an
-//!   exact LRU order ([`lru::Lru`]). Invariant, between operations: every frame is either free
+//! - **Page table and LRU**: each shard is a mutex around a hash map (page to frame slot, a
+//!   one-multiply hasher) and an exact LRU order ([`lru::Lru`]), with its own counters, so a hit
+//!   touches nothing but its shard ([`PageCache::read_if_cached`] needs no endpoint either). Invariant, between operations: every frame is either free
 //!   or holds a page in the LRU (`free + lru.len() == frames`), also after a failed READ or
 //!   write-back: a miss whose READ fails gives its frames back. With one shard the LRU is exact for the whole cache; with
 //!   more, within each shard (threads then rarely wait for each other).
