@@ -1,4 +1,4 @@
-//! Application kernels on the [`Dsm`](rdmem_coherence::dsm::Dsm), in the spirit of the JIAJIA and
+//! Application kernels on the DSM ([`rdmem_coherence::dsm::Dsm`]), in the spirit of the JIAJIA and
 //! TreadMarks suites: each one computes in shared memory, then rank 0 checks the result against
 //! the same computation done sequentially in local memory.
 //!

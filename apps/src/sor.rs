@@ -15,7 +15,7 @@
 //! Rank 0 then repeats the computation in local memory and compares every cell for *exact*
 //! equality. Exact is right, not lucky: in a phase every update reads only cells of the other
 //! colour, which that phase does not change, so each cell is computed from the same operands by
-//! the same expression ([`relax`]) whatever the partition or the order of the updates, and IEEE
+//! the same expression (`relax`) whatever the partition or the order of the updates, and IEEE
 //! 754 arithmetic gives the same bits for the same operations.
 
 use std::time::Instant;
