@@ -6,7 +6,7 @@
 #   here       the soft-roce-setup directory     workspace  the workspace root
 #   cache      the image cache (.vm)             verbose    1 to show the VM's setup steps
 #   rebuild    1 to rebuild the cached image     device_tests  1 to list test harnesses
-#   vm_ip      the VM's address in /etc/hosts    timeout, boot_timeout  seconds, for vm_wait
+#   vm_ip      the VM's address in /etc/hosts    timeout, boot_timeout  seconds, for vm_supervise
 #   mem, cpus, hugepages, accel                  the VM's size and qemu accelerator
 
 # --- host packages ---------------------------------------------------------------------------
@@ -257,53 +257,88 @@ vm_qemu_args() { # run-dir net-args...
 }
 
 # --- qemu supervision -----------------------------------------------------------------------
-# Runs qemu with the arguments given, in the background; sets `qemu_pid`.
-vm_start() { # run-dir qemu-args...
-    local run=$1
-    shift
-    qemu-system-x86_64 "$@" </dev/null 2>"$run/qemu.log" &
-    qemu_pid=$!
+# VMs started and not yet reaped, and their run directories (same index).
+vm_pids=()
+vm_dirs=()
+
+# Runs qemu with the arguments given, in the background, its console on stdout (each line
+# prefixed with LABEL when it is not empty); appends it to `vm_pids` and `vm_dirs`.
+vm_start() { # run-dir label qemu-args...
+    local run=$1 label=$2
+    shift 2
+    if [ -n "$label" ]; then
+        qemu-system-x86_64 "$@" </dev/null 2>"$run/qemu.log" > >(sed -u "s/^/$label /") &
+    else
+        qemu-system-x86_64 "$@" </dev/null 2>"$run/qemu.log" &
+    fi
+    vm_pids+=("$!")
+    vm_dirs+=("$run")
 }
 
-# Waits for the VM `qemu_pid` to end; kills it when its command has not started (no
-# $run/started) within `boot_timeout` seconds or runs past `timeout` (0: never), counted from
-# SECONDS=0. Sets `verdict` to "", "boot" or "timeout" and `qemu_status` to qemu's status.
-vm_wait() { # run-dir
-    local run=$1
+# Waits until every VM in `vm_pids` has ended, counting from SECONDS=0: carries out kill
+# requests (rdmem-vm-kill writes the victim's index to its own run directory's kill-request;
+# the victim gets SIGKILL, a machine death), and kills every VM when one has not started its
+# command (no started file) within `boot_timeout` seconds or they run past `timeout` (0:
+# never). Sets `verdict` ("", "timeout" or "boot:K"), `vm_killed` (indexes killed on
+# request) and `vm_status` (qemu's exit statuses), and reaps them all (`vm_pids` is emptied).
+vm_supervise() {
+    local k alive req victim
     verdict=
-    while kill -0 "$qemu_pid" 2>/dev/null; do
-        if [ ! -e "$run/started" ] && [ "$SECONDS" -gt "$boot_timeout" ]; then
-            verdict=boot
-            break
-        fi
-        if [ "$timeout" -gt 0 ] && [ "$SECONDS" -gt "$timeout" ]; then
-            verdict=timeout
-            break
-        fi
+    vm_killed=()
+    vm_status=()
+    while :; do
+        alive=0
+        for k in "${!vm_pids[@]}"; do
+            if [ -n "${vm_pids[k]}" ] && kill -0 "${vm_pids[k]}" 2>/dev/null; then
+                alive=$((alive + 1))
+                if [ ! -e "${vm_dirs[k]}/started" ] && [ "$SECONDS" -gt "$boot_timeout" ]; then
+                    verdict="boot:$k"
+                fi
+            fi
+            req=${vm_dirs[k]}/kill-request
+            [ -f "$req" ] || continue
+            victim=$(cat "$req")
+            if [[ $victim =~ ^[0-9]+$ ]] && [ "$victim" -lt "${#vm_pids[@]}" ]; then
+                say "node $k asked to kill node $victim: killing its VM"
+                if [ -n "${vm_pids[victim]}" ]; then
+                    kill -9 "${vm_pids[victim]}" 2>/dev/null || true
+                    wait "${vm_pids[victim]}" 2>/dev/null || true
+                fi
+                vm_pids[victim]=
+                vm_killed+=("$victim")
+            fi
+            rm -f "$req"
+        done
+        [ "$alive" -gt 0 ] || break
+        if [ "$timeout" -gt 0 ] && [ "$SECONDS" -gt "$timeout" ]; then verdict=timeout; fi
+        [ -z "$verdict" ] || break
         sleep 0.2
     done
-    if [ -n "$verdict" ]; then
-        kill "$qemu_pid" 2>/dev/null || true
-    fi
-    qemu_status=0
-    wait "$qemu_pid" || qemu_status=$?
-    qemu_pid=
+    for k in "${!vm_pids[@]}"; do
+        [ -n "${vm_pids[k]}" ] || continue
+        [ -n "$verdict" ] && kill -9 "${vm_pids[k]}" 2>/dev/null
+        vm_status[k]=0
+        wait "${vm_pids[k]}" 2>/dev/null || vm_status[k]=$?
+    done
+    vm_pids=()
 }
 
-# Exits with the VM's outcome: CMD's status when it wrote one, 124 when it ran past the
-# timeout, 125 (DIE_STATUS) with what is known when the VM itself failed.
-vm_exit() { # run-dir
-    local run=$1
-    if [ -f "$run/status" ]; then
-        exit "$(cat "$run/status")"
-    fi
+# Dies (124) when the VMs ran past the timeout, or (125) when VM K did not start its command.
+vm_die_verdict() {
+    local k
     case $verdict in
-    timeout) DIE_STATUS=124 die "CMD ran past --timeout ${timeout}s; the VM was killed" ;;
-    boot)
-        tail -n 20 "$run/kernel.log" >&2 2>/dev/null || true
-        die "the VM did not start CMD within ${boot_timeout}s (--boot-timeout); rerun with --verbose to see the boot" ;;
+    timeout) DIE_STATUS=124 die "ran past --timeout ${timeout}s; the VMs were killed" ;;
+    boot:*)
+        k=${verdict#boot:}
+        tail -n 20 "${vm_dirs[k]}/kernel.log" >&2 2>/dev/null || true
+        die "node $k did not start CMD within ${boot_timeout}s (--boot-timeout); rerun with --verbose to see the boot" ;;
     esac
-    [ -f "$run/setup-error" ] && die "the VM's setup failed: $(cat "$run/setup-error")"
-    tail -n 20 "$run/qemu.log" "$run/kernel.log" >&2 2>/dev/null || true
-    die "the VM stopped (qemu exit status $qemu_status) before CMD finished; rerun with --verbose"
+}
+
+# Dies (125) with what is known of VM K, which ended without its command's status.
+vm_die_unfinished() { # k
+    local dir=${vm_dirs[$1]}
+    [ -f "$dir/setup-error" ] && die "node $1: the VM's setup failed: $(cat "$dir/setup-error")"
+    tail -n 20 "$dir/qemu.log" "$dir/kernel.log" >&2 2>/dev/null || true
+    die "node $1: the VM stopped (qemu exit status ${vm_status[$1]-unknown}) before CMD finished; rerun with --verbose"
 }
