@@ -91,6 +91,11 @@ pub struct CohortLock<S = ()> {
     own_endpoint: bool,
 }
 
+/// The hook of the calls without one.
+fn no_hook<E, T>(_: &mut E, _: &mut T) -> Result<()> {
+    Ok(())
+}
+
 /// Clears `busy` (and the owner, once set) when dropped: also when a hook panics, so that the
 /// other threads are not left spinning on a lock nobody holds.
 struct Unbusy<'a, S> {
@@ -178,7 +183,7 @@ impl<S> CohortLock<S> {
     /// same thread. `Ok(true)` when this call took the remote lock, `Ok(false)` when it was
     /// handed over by another thread of this process.
     pub fn acquire<E: Endpoint>(&self, ep: &mut E) -> Result<bool> {
-        self.acquire_with(ep, |_, _| Ok::<(), LockError>(()))
+        self.acquire_with(ep, no_hook)
     }
 
     /// [`CohortLock::acquire`], running `taken(ep, state)` once the remote lock is taken (not
@@ -195,14 +200,25 @@ impl<S> CohortLock<S> {
         Er: From<LockError>,
     {
         self.check_form()?;
+        let (fresh, _cohort) = self.enter(|c| self.take_remote(ep, &mut c.hold, &mut c.state, taken))?;
+        Ok(fresh)
+    }
+
+    /// Takes this thread's turn (the local flag), then `take(cohort)` (the remote hold); the
+    /// thread holds the lock when both succeed, and nothing is held when either fails. Returns
+    /// what `take` returned and the state, still locked.
+    fn enter<R, Er: From<LockError>>(
+        &self,
+        take: impl FnOnce(&mut Cohort<S>) -> Result<R, Er>,
+    ) -> Result<(R, MutexGuard<'_, Cohort<S>>), Er> {
         let me = current_thread();
         self.wait_turn(me)?;
         let mut unbusy = Unbusy { lock: self, keep: false };
-        let cohort = &mut *self.cohort();
-        let fresh = self.take_remote(ep, &mut cohort.hold, &mut cohort.state, taken)?;
+        let mut cohort = self.cohort();
+        let taken = take(&mut cohort)?;
         *self.owner() = Some(me);
         unbusy.keep = true;
-        Ok(fresh)
+        Ok((taken, cohort))
     }
 
     /// Waits for the local flag (the lock among this process's threads); fails at once for a
@@ -285,7 +301,7 @@ impl<S> CohortLock<S> {
     /// returned and the lock still passes on: those writes may or may not have landed, as with
     /// any failed write.
     pub fn release<E: Endpoint>(&self, ep: &mut E) -> Result<bool> {
-        self.release_with(ep, |_, _| Ok::<(), LockError>(()))
+        self.release_with(ep, no_hook)
     }
 
     /// [`CohortLock::release`], running `releasing(ep, state)` right before the remote release
@@ -386,7 +402,7 @@ impl<S> CohortLock<S> {
 
     /// The guard's release.
     fn release_guarded<E: Endpoint>(&self, ep: &mut E) -> Result<bool> {
-        self.release_inner(ep, |_, _| Ok::<(), LockError>(()), true)
+        self.release_inner(ep, no_hook, true)
     }
 }
 
@@ -444,14 +460,10 @@ impl<E: Endpoint> CohortLock<OwnEndpoint<E>> {
     /// Acquires the lock for this thread; the section's operations go through the lock's own
     /// endpoint ([`OwnGuard::endpoint`]).
     pub fn lock_own(&self) -> Result<OwnGuard<'_, E>> {
-        let me = current_thread();
-        self.wait_turn(me)?;
-        let mut unbusy = Unbusy { lock: self, keep: false };
-        let mut cohort = self.cohort();
-        let Cohort { hold, state } = &mut *cohort;
-        self.take_remote(&mut state.0, hold, &mut (), |_, _| Ok::<(), LockError>(()))?;
-        *self.owner() = Some(me);
-        unbusy.keep = true;
+        let ((), cohort) = self.enter(|c| {
+            let Cohort { hold, state } = c;
+            self.take_remote(&mut state.0, hold, &mut (), no_hook).map(|_| ())
+        })?;
         Ok(OwnGuard { lock: self, cohort: Some(cohort) })
     }
 }
@@ -482,7 +494,7 @@ impl<E: Endpoint> OwnGuard<'_, E> {
         let mut cohort = self.cohort.take().expect("held until unlock");
         let unbusy = Unbusy { lock: self.lock, keep: false };
         let Cohort { hold, state } = &mut *cohort;
-        let result = self.lock.hand_on(&mut state.0, hold, &mut (), |_, _| Ok::<(), LockError>(()), false);
+        let result = self.lock.hand_on(&mut state.0, hold, &mut (), no_hook, false);
         drop(cohort);
         drop(unbusy);
         result
