@@ -4,6 +4,7 @@
 //! ```sh
 //! soft-roce-setup/vm-run rdmem-bench suite                              # everything, on Soft-RoCE
 //! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json
+//! soft-roce-setup/vm-run rdmem-bench verbs --async --json              # async face vs sync
 //! soft-roce-setup/vm-run rdmem-bench alloc --json
 //! soft-roce-setup/vm-run rdmem-bench lock --json
 //! soft-roce-setup/vm-run rdmem-bench cache --json
@@ -18,6 +19,7 @@ mod perftest;
 mod report;
 mod tsc;
 mod verbs;
+mod verbs_async;
 
 use clap::{Parser, Subcommand};
 

@@ -36,6 +36,10 @@ pub(crate) struct Row {
     /// throughput), when one was run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_vs_perftest: Option<f64>,
+    /// The async face over the sync one in the same run (`verbs --async`): latency for
+    /// latency rows, throughput for throughput rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_vs_sync: Option<f64>,
     /// Share of reader-writer sections that read (lock rows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_share: Option<f64>,
@@ -80,6 +84,7 @@ impl Row {
             ops: hist.len(),
             rdma_ops_per_op: None,
             ratio_vs_perftest: None,
+            ratio_vs_sync: None,
             read_share: None,
             hit_ratio: None,
             cache_bytes: None,
@@ -116,6 +121,7 @@ impl Row {
             ops,
             rdma_ops_per_op: None,
             ratio_vs_perftest: None,
+            ratio_vs_sync: None,
             read_share: None,
             hit_ratio: None,
             cache_bytes: None,

@@ -37,7 +37,7 @@ pub(crate) struct VerbsArgs {
     memnodes: Vec<String>,
     /// Operations to measure.
     #[arg(long, value_delimiter = ',', default_value = "read,write,cas,faa")]
-    ops: Vec<OpName>,
+    pub(crate) ops: Vec<OpName>,
     /// Transfer sizes in bytes for READ and WRITE latency (atomics are always 8 bytes).
     #[arg(long, value_delimiter = ',', default_value = "8,64,512,4096,65536,1048576")]
     sizes: Vec<usize>,
@@ -49,17 +49,17 @@ pub(crate) struct VerbsArgs {
     threads: Vec<usize>,
     /// Timed operations per latency round (sizes of 64 KiB and more use a tenth).
     #[arg(long, default_value_t = 3000)]
-    iters: u64,
+    pub(crate) iters: u64,
     /// Operations per thread per throughput point.
     #[arg(long, default_value_t = 16384)]
-    throughput_ops: u64,
+    pub(crate) throughput_ops: u64,
     /// Sizes for the throughput runs of READ and WRITE.
     #[arg(long, value_delimiter = ',', default_value = "8,4096")]
     throughput_sizes: Vec<usize>,
     /// Rounds per compared point, alternating rdmem and perftest; ratios and figures are
     /// medians over the rounds.
     #[arg(long, default_value_t = 7)]
-    rounds: usize,
+    pub(crate) rounds: usize,
     /// Run the matching perftest tools on the same device in the same run and print ratios.
     #[arg(long)]
     compare_perftest: bool,
@@ -71,13 +71,21 @@ pub(crate) struct VerbsArgs {
     /// that machine). Rows then say `"cross_machine": true`.
     #[arg(long, requires = "memnodes")]
     perftest_server: Option<String>,
+    /// Measure the async face instead: 8-byte latency of --ops next to the sync face, and
+    /// 8-byte READ throughput with --async-depths futures in flight next to sync batches of
+    /// the same depth.
+    #[arg(long = "async", conflicts_with_all = ["compare_perftest", "perftest_server"])]
+    async_face: bool,
+    /// Futures in flight for the --async throughput rows.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub(crate) async_depths: Vec<usize>,
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum OpName {
+pub(crate) enum OpName {
     Read,
     Write,
     Cas,
@@ -85,7 +93,7 @@ enum OpName {
 }
 
 impl OpName {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             OpName::Read => "read",
             OpName::Write => "write",
@@ -109,8 +117,8 @@ impl OpName {
 }
 
 /// Each thread works in its own part of the pool, this far apart.
-const THREAD_STRIDE: u64 = 64 << 20;
-const WARMUP: u64 = 200;
+pub(crate) const THREAD_STRIDE: u64 = 64 << 20;
+pub(crate) const WARMUP: u64 = 200;
 
 pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
     let max_threads = args.threads.iter().copied().max().unwrap_or(1).max(1);
@@ -143,6 +151,12 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = Printer::new(args.json).cross_machine(cross_machine);
     let tsc = Tsc::calibrate();
     let base = GlobalAddr::new(node.id, 0).expect("offset 0");
+    if args.async_face {
+        if args.async_depths.iter().any(|&d| d == 0 || d > rdmem_core::aio::MAX_SLOTS as usize) {
+            return Err(format!("--async-depths must be 1 to {}", rdmem_core::aio::MAX_SLOTS).into());
+        }
+        return crate::verbs_async::run(args, transport, &mut out, &tsc, base);
+    }
 
     for &op in &args.ops {
         let sizes: &[usize] = if op.is_atomic() { &[8] } else { &args.sizes };
@@ -236,7 +250,7 @@ pub(crate) fn run(args: &VerbsArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// One operation at a time, each timed.
-fn latency(
+pub(crate) fn latency(
     transport: &RdmaTransport,
     tsc: &Tsc,
     base: GlobalAddr,
@@ -272,7 +286,7 @@ fn latency(
 }
 
 /// `threads` threads, each posting `ops_per_thread` operations in batches of `batch`.
-fn throughput(
+pub(crate) fn throughput(
     transport: &RdmaTransport,
     base: GlobalAddr,
     op: OpName,

@@ -44,8 +44,8 @@ pub mod dsm;
 pub mod sync;
 
 pub use sync::{
-    Clock, CohortGuard, CohortLock, DEFAULT_LEASE, LockError, LockGuard, LockTable, OwnEndpoint, OwnGuard,
-    RemoteBarrier, RemoteLock, Result, RwGuard, RwLock,
+    AsyncLockGuard, Clock, CohortGuard, CohortLock, DEFAULT_LEASE, LockError, LockGuard, LockTable, OwnEndpoint,
+    OwnGuard, RemoteBarrier, RemoteLock, Result, RwGuard, RwLock,
 };
 
 // The README's examples are compiled as doc tests here (the top crate; the allocator is a

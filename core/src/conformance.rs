@@ -9,6 +9,8 @@
 use std::sync::Barrier;
 
 use crate::addr::{GlobalAddr, NodeId};
+pub use crate::aio::join_all;
+use crate::aio::{AsyncEndpoint, AsyncOptions, LocalFuture, Submit, block_on};
 use crate::endpoint::{Endpoint, LocalBuffer, Transport};
 use crate::error::{Error, OpKind};
 
@@ -269,6 +271,209 @@ pub fn concurrent_cas<T: Transport>(transport: &T, base: GlobalAddr, threads: us
     assert_eq!(transport.endpoint().expect("endpoint").read_u64(word).expect("read"), total, "lost CAS increment");
 }
 
+fn async_endpoint<T: Transport>(transport: &T) -> AsyncEndpoint<T::Endpoint>
+where
+    T::Endpoint: Submit,
+{
+    AsyncEndpoint::new(transport.endpoint().expect("endpoint")).expect("async endpoint")
+}
+
+/// The async face ([`crate::aio`]) does what the sync face does: READ and WRITE (aligned or
+/// not, through slots and in place through registered buffers), the atomics, a mixed batch in
+/// order, and the same errors for the same bad inputs. What it writes the sync face reads.
+pub fn async_semantics<T: Transport>(transport: &T, base: GlobalAddr)
+where
+    T::Endpoint: Submit,
+{
+    let ep = async_endpoint(transport);
+    let mut sync = transport.endpoint().expect("endpoint");
+    block_on(async {
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 31 + 7) as u8).collect();
+        ep.write(base, &pattern).await.expect("async WRITE 4 KiB");
+        let mut back = vec![0u8; 4096];
+        sync.read(base, &mut back).expect("sync READ");
+        assert_eq!(back, pattern, "the sync face reads what the async face wrote");
+        let mut back = vec![0u8; 4096];
+        ep.read(base, &mut back).await.expect("async READ 4 KiB");
+        assert_eq!(back, pattern, "async READ returns what was written");
+
+        ep.write(at(base, 13), b"hello").await.expect("unaligned WRITE");
+        let mut window = [0u8; 24];
+        ep.read(at(base, 8), &mut window).await.expect("unaligned READ");
+        let mut want = [0u8; 24];
+        want.copy_from_slice(&pattern[8..32]);
+        want[5..10].copy_from_slice(b"hello");
+        assert_eq!(window, want, "unaligned async WRITE changed bytes around it");
+
+        // In place, any length: the buffer goes in and comes back.
+        let big: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut buf = ep.buffer(big.len()).expect("buffer");
+        buf.copy_from_slice(&big);
+        let (r, buf) = ep.write_from(at(base, 8192), buf, 0..big.len()).await;
+        r.expect("async WRITE from a buffer");
+        let mut buf = buf;
+        buf.fill(0);
+        let (r, buf) = ep.read_into(at(base, 8192), buf, 1000..2000).await;
+        r.expect("async READ into a buffer");
+        assert_eq!(&buf[1000..2000], &big[..1000], "async READ into a registered buffer");
+        assert!(buf[..1000].iter().all(|&b| b == 0), "bytes outside the range are untouched");
+
+        let word = at(base, 4096);
+        ep.write_u64(word, 42).await.expect("write_u64");
+        assert_eq!(ep.cas(word, 42, 100).await.expect("CAS"), 42, "successful CAS returns the old value");
+        assert_eq!(ep.cas(word, 42, 7).await.expect("CAS"), 100, "failed CAS returns the current value");
+        assert_eq!(ep.faa(word, 5).await.expect("FAA"), 100, "FAA returns the old value");
+        ep.write_u64(word, u64::MAX).await.expect("write_u64");
+        assert_eq!(ep.faa(word, 2).await.expect("FAA"), u64::MAX);
+        assert_eq!(ep.read_u64(word).await.expect("read"), 1, "FAA wraps around");
+        assert_eq!(sync.read_u64(word).expect("sync read"), 1, "the sync face sees the async atomics");
+
+        // A mixed batch runs in order.
+        let (counter, lock) = (at(base, 4104), at(base, 4112));
+        ep.write_u64(counter, 10).await.expect("init");
+        ep.write_u64(lock, 0).await.expect("init");
+        let (mut faa_old, mut cas_ok, mut cas_fail, mut after) = (0, 0, 0, [0u8; 8]);
+        let mut batch = ep.batch();
+        batch
+            .faa(counter, 5, &mut faa_old)
+            .cas(lock, 0, 1, &mut cas_ok)
+            .cas(lock, 0, 2, &mut cas_fail)
+            .write(at(base, 4120), b"12345678")
+            .read(counter, &mut after);
+        assert_eq!(batch.len(), 5);
+        batch.submit().await.expect("mixed async batch");
+        assert_eq!((faa_old, cas_ok, cas_fail), (10, 0, 1), "a batch's atomics run in order");
+        assert_eq!(u64::from_le_bytes(after), 15, "a READ after an FAA in one batch sees the sum");
+        assert!(ep.batch().submit().await.is_ok(), "an empty batch is a no-op");
+
+        // Bad inputs: the sync face's errors, nothing posted, the endpoint still usable.
+        let nodes = ep.nodes();
+        let unknown = (0..=u16::MAX).map(NodeId).find(|id| nodes.iter().all(|n| n.id != *id)).expect("a free id");
+        let nowhere = GlobalAddr::new(unknown, 64).expect("address");
+        assert!(matches!(ep.read_u64(nowhere).await, Err(Error::UnknownNode { op: OpKind::Read, .. })));
+        let node = nodes.iter().find(|n| n.id == base.node()).copied().expect("base node");
+        let end = GlobalAddr::new(node.id, node.pool_size).expect("address");
+        assert!(matches!(ep.write_u64(end, 1).await, Err(Error::OutOfRange { op: OpKind::Write, .. })));
+        assert!(matches!(ep.cas(at(base, 4), 0, 1).await, Err(Error::Misaligned { op: OpKind::CompareSwap, .. })));
+        assert!(matches!(ep.faa(at(base, 1), 1).await, Err(Error::Misaligned { op: OpKind::FetchAdd, .. })));
+        let slot = ep.options().slot_bytes;
+        let mut long = vec![0u8; slot + 1];
+        assert!(
+            matches!(ep.read(base, &mut long).await, Err(Error::TooLong { max, .. }) if max == slot as u64),
+            "a copied READ longer than a slot"
+        );
+        let buf = ep.buffer(64).expect("buffer");
+        let (r, buf) = ep.read_into(base, buf, 32..96).await;
+        assert!(matches!(r, Err(Error::LocalRange { start: 32, end: 96, len: 64 })), "{r:?}");
+        let (r, _buf) = ep.write_from(end, buf, 0..8).await;
+        assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
+        ep.write_u64(counter, 5).await.expect("write");
+        let (mut a, mut b) = (0, 0);
+        let mut batch = ep.batch();
+        batch.faa(counter, 1, &mut a).faa(nowhere, 1, &mut b);
+        assert!(batch.submit().await.is_err(), "a batch with a bad op");
+        assert_eq!(ep.read_u64(counter).await.expect("read"), 5, "nothing in a refused batch took effect");
+        let too_many = ep.options().slots as usize + 1;
+        let mut words = vec![0u64; too_many];
+        let mut batch = ep.batch();
+        for w in words.iter_mut() {
+            batch.faa(counter, 1, w);
+        }
+        assert!(matches!(batch.submit().await, Err(Error::TooManyOps { .. })), "a batch larger than the slots");
+        assert_eq!(ep.faa(counter, 0).await.expect("FAA"), 5, "the endpoint is usable after every refusal");
+    });
+}
+
+/// Thousands of futures in flight from one thread on one endpoint (far more than its slots):
+/// `futures` fetch-and-adds of 1 to one word, and as many READs of words written before. The
+/// sum is exact, the old values are all distinct, and every READ returns its word.
+pub fn async_many_in_flight<T: Transport>(transport: &T, base: GlobalAddr, futures: usize)
+where
+    T::Endpoint: Submit,
+{
+    let ep = async_endpoint(transport);
+    let word = at(base, 0);
+    let table = at(base, 64);
+    let words = (futures as u64).min((SCRATCH_BYTES - 64) / 8);
+    block_on(async {
+        ep.write_u64(word, 0).await.expect("init");
+        let values: Vec<u8> = (0..words).flat_map(|i| (i * 0x9e37_79b9).to_le_bytes()).collect();
+        for (i, chunk) in values.chunks(4096).enumerate() {
+            ep.write(at(table, 4096 * i as u64), chunk).await.expect("fill");
+        }
+        let ep = &ep;
+        let mut all: Vec<LocalFuture<'_, (u64, u64)>> = Vec::new();
+        for i in 0..futures as u64 {
+            all.push(Box::pin(async move {
+                let old = ep.faa(word, 1).await.expect("FAA in flight");
+                let k = i % words;
+                (old, ep.read_u64(at(table, 8 * k)).await.expect("READ in flight") ^ (k * 0x9e37_79b9))
+            }));
+        }
+        let outs = join_all(all).await;
+        assert_eq!(ep.read_u64(word).await.expect("read"), futures as u64, "lost FAA among many in flight");
+        let mut olds: Vec<u64> = outs.iter().map(|o| o.0).collect();
+        olds.sort_unstable();
+        assert!(olds.iter().copied().eq(0..futures as u64), "every FAA in flight saw a distinct old value");
+        assert!(outs.iter().all(|o| o.1 == 0), "a READ in flight returned another word's value");
+    });
+}
+
+/// Futures dropped at every stage (before their first poll, queued and not posted, posted and
+/// in flight, with borrowed or moved-in memory) leave the endpoint consistent: no slot is lost
+/// (more operations than slots succeed afterwards), a dropped READ never writes into the memory
+/// it borrowed, and the memory can be reused at once.
+pub fn async_cancellation<T: Transport>(transport: &T, base: GlobalAddr, rounds: usize)
+where
+    T::Endpoint: Submit,
+{
+    let ep = AsyncEndpoint::with_options(
+        transport.endpoint().expect("endpoint"),
+        AsyncOptions { slots: 8, ..AsyncOptions::default() },
+    )
+    .expect("async endpoint");
+    let noop = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(noop);
+    let word = at(base, 0);
+    block_on(ep.write(at(base, 64), &[0x5a; 4096])).expect("fill");
+    block_on(ep.write_u64(word, 0)).expect("init");
+    let mut added = 0u64;
+    for round in 0..rounds {
+        let mut dsts = vec![[0u8; 64]; 12];
+        let buf = ep.buffer(1 << 16).expect("buffer");
+        {
+            let mut futs: Vec<LocalFuture<'_, ()>> = Vec::new();
+            for dst in dsts.iter_mut() {
+                futs.push(Box::pin(async { ep.read(at(base, 64), dst).await.expect("READ") }));
+            }
+            for _ in 0..4 {
+                futs.push(Box::pin(async {
+                    ep.faa(word, 1).await.expect("FAA");
+                }));
+            }
+            futs.push(Box::pin(async {
+                let _ = ep.read_into(at(base, 0), buf, 0..1 << 16).await;
+            }));
+            // Poll some of them 0, 1 or 2 times (not queued, queued, posted), then drop all.
+            for (k, f) in futs.iter_mut().enumerate() {
+                for _ in 0..(k + round) % 3 {
+                    let _ = f.as_mut().poll(&mut cx);
+                }
+            }
+        }
+        // The READs were dropped: their destinations are ours again, and stay as we leave them.
+        dsts.iter_mut().for_each(|d| d.fill(0xee));
+        // More operations than slots: a lost slot would leave one waiting for ever.
+        for _ in 0..20 {
+            added += 1;
+            block_on(ep.faa(word, 1)).expect("FAA after cancellation");
+        }
+        assert!(dsts.iter().all(|d| d.iter().all(|&b| b == 0xee)), "a dropped READ wrote into its memory");
+    }
+    let now = block_on(ep.read_u64(word)).expect("read");
+    assert!(now >= added && now <= added + 4 * rounds as u64, "FAAs after cancellation lost: {now} < {added}");
+}
+
 /// Every check above, in order, on one scratch area.
 pub fn all<T: Transport>(transport: &T, base: GlobalAddr) {
     read_write(transport, base);
@@ -278,4 +483,14 @@ pub fn all<T: Transport>(transport: &T, base: GlobalAddr) {
     bad_inputs(transport, base);
     concurrent_faa(transport, base, 4, 500);
     concurrent_cas(transport, base, 4, 200);
+}
+
+/// The async face's checks, in order, on one scratch area.
+pub fn all_async<T: Transport>(transport: &T, base: GlobalAddr)
+where
+    T::Endpoint: Submit,
+{
+    async_semantics(transport, base);
+    async_many_in_flight(transport, base, 4096);
+    async_cancellation(transport, base, 30);
 }

@@ -193,19 +193,25 @@ impl Op<'_> {
     /// atomics 8-byte aligned, length at most `max_len`. Every transport calls this before
     /// posting, so all of them reject the same inputs with the same errors.
     pub fn validate(&self, nodes: &[NodeInfo], max_len: u64) -> Result<()> {
-        let (op, addr, len) = (self.kind(), self.remote(), self.len());
-        let node = nodes.iter().find(|n| n.id == addr.node()).ok_or(Error::UnknownNode { op, addr })?;
-        if len > max_len {
-            return Err(Error::TooLong { op, addr, len, max: max_len });
-        }
-        if addr.offset().checked_add(len).is_none_or(|end| end > node.pool_size) {
-            return Err(Error::OutOfRange { op, addr, len, pool_size: node.pool_size });
-        }
-        if matches!(op, OpKind::CompareSwap | OpKind::FetchAdd) && !addr.is_aligned(8) {
-            return Err(Error::Misaligned { op, addr });
-        }
-        Ok(())
+        validate(self.kind(), self.remote(), self.len(), nodes, max_len)
     }
+}
+
+/// Checks an operation of kind `op` on `len` bytes at `addr` against the nodes: known node,
+/// range inside the pool, atomics 8-byte aligned, length at most `max_len` ([`Op::validate`]
+/// for operations not built as an [`Op`], such as the async face's).
+pub fn validate(op: OpKind, addr: GlobalAddr, len: u64, nodes: &[NodeInfo], max_len: u64) -> Result<()> {
+    let node = nodes.iter().find(|n| n.id == addr.node()).ok_or(Error::UnknownNode { op, addr })?;
+    if len > max_len {
+        return Err(Error::TooLong { op, addr, len, max: max_len });
+    }
+    if addr.offset().checked_add(len).is_none_or(|end| end > node.pool_size) {
+        return Err(Error::OutOfRange { op, addr, len, pool_size: node.pool_size });
+    }
+    if matches!(op, OpKind::CompareSwap | OpKind::FetchAdd) && !addr.is_aligned(8) {
+        return Err(Error::Misaligned { op, addr });
+    }
+    Ok(())
 }
 
 /// A process's way to reach remote memory; hands out per-thread [`Endpoint`]s.

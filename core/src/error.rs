@@ -266,6 +266,17 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// An async batch has more operations than its endpoint has slots, so it could never be
+    /// in flight at once ([`crate::aio::AsyncOptions::slots`]).
+    #[error(
+        "a batch of {ops} operations does not fit the endpoint's {slots} slots; split it or raise AsyncOptions::slots"
+    )]
+    TooManyOps {
+        /// Operations in the batch.
+        ops: usize,
+        /// The endpoint's slots.
+        slots: u32,
+    },
     /// An earlier failure broke this endpoint's connection to the node; make a new endpoint.
     #[error("the connection to {node} is broken by an earlier error; create a new endpoint")]
     Broken {

@@ -31,6 +31,8 @@
 //! - [`LoopbackTransport`]: the same traits over in-process pools, with latency and fault
 //!   injection, for tests of everything built on top.
 //! - [`ClusterConfig`]: memory nodes, token and device, from a TOML file, the environment and flags.
+//! - [`aio::AsyncEndpoint`]: the same operations as futures, many in flight from one thread,
+//!   on any executor.
 //! - [`heartbeat`]: a thread that moves a remote word, so others can tell live participants
 //!   from dead ones.
 //!
@@ -46,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod aio;
 pub mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -19,9 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::addr::NodeId;
-use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport};
-use crate::error::{Error, Result};
+use crate::addr::{GlobalAddr, NodeId};
+use crate::aio::{Completion, SlotOp, Submit, Wait};
+use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport, validate};
+use crate::error::{Error, OpKind, Result};
 
 /// The longest single transfer, as on RDMA (2 GiB).
 const MAX_TRANSFER: u64 = 1 << 31;
@@ -101,7 +102,11 @@ impl Transport for LoopbackTransport {
     type Endpoint = LoopbackEndpoint;
 
     fn endpoint(&self) -> Result<LoopbackEndpoint> {
-        Ok(LoopbackEndpoint { shared: Arc::clone(&self.shared), broken: vec![false; self.shared.pools.len()] })
+        Ok(LoopbackEndpoint {
+            shared: Arc::clone(&self.shared),
+            broken: vec![false; self.shared.pools.len()],
+            aio: AsyncSlots::default(),
+        })
     }
 
     fn nodes(&self) -> &[NodeInfo] {
@@ -114,6 +119,8 @@ pub struct LoopbackEndpoint {
     shared: Arc<Shared>,
     /// Per node: an earlier failure broke the "connection", as a QP in the error state.
     broken: Vec<bool>,
+    /// The async face's slots ([`crate::aio`]).
+    aio: AsyncSlots,
 }
 
 /// "Registered" memory of the loopback transport: a plain vector.
@@ -158,26 +165,185 @@ impl Endpoint for LoopbackEndpoint {
             std::thread::sleep(self.shared.options.latency);
         }
         for op in ops.iter_mut() {
-            let node = op.remote().node().0 as usize;
-            if self.broken[node] {
-                return Err(Error::Broken { node: op.remote().node() });
-            }
-            let pool = &self.shared.pools[node];
-            let count = self.shared.ops.fetch_add(1, Ordering::Relaxed) + 1;
-            let injected = self.shared.options.fail_every.is_some_and(|n| n > 0 && count % n == 0);
-            if injected || pool.down.load(Ordering::SeqCst) {
-                self.broken[node] = true;
-                let (op, addr) = (op.kind(), op.remote());
-                return Err(if injected {
-                    Error::Injected { op, addr }
-                } else {
-                    Error::NodeGone { op, addr, peer: format!("loopback node {}", addr.node().0) }
-                });
-            }
-            apply(&pool.words, op);
+            self.run_one(op)?;
         }
         Ok(())
     }
+}
+
+impl LoopbackEndpoint {
+    /// Performs one validated operation, or fails it as the node's state says (broken, down,
+    /// an injected fault); a failure breaks the connection to that node.
+    fn run_one(&mut self, op: &mut Op<'_>) -> Result<()> {
+        let node = op.remote().node().0 as usize;
+        if self.broken[node] {
+            return Err(Error::Broken { node: op.remote().node() });
+        }
+        let pool = &self.shared.pools[node];
+        let count = self.shared.ops.fetch_add(1, Ordering::Relaxed) + 1;
+        let injected = self.shared.options.fail_every.is_some_and(|n| n > 0 && count % n == 0);
+        if injected || pool.down.load(Ordering::SeqCst) {
+            self.broken[node] = true;
+            let (op, addr) = (op.kind(), op.remote());
+            return Err(if injected {
+                Error::Injected { op, addr }
+            } else {
+                Error::NodeGone { op, addr, peer: format!("loopback node {}", addr.node().0) }
+            });
+        }
+        apply(&pool.words, op);
+        Ok(())
+    }
+}
+
+/// The loopback side of the async face: operations run when they are posted
+/// ([`Submit::ring`]), in order, and complete at once. Latency injection does not apply to
+/// them (it would block the executor); fault injection and downed nodes do.
+#[derive(Default)]
+struct AsyncSlots {
+    slot_bytes: usize,
+    memory: Vec<u8>,
+    queued: Vec<(u32, Queued)>,
+    done: Vec<Completion<LoopbackBuffer>>,
+}
+
+/// A queued async operation; its local side is the slot's memory or the buffer moved in.
+enum Queued {
+    Read { remote: GlobalAddr, len: usize },
+    Write { remote: GlobalAddr, len: usize },
+    Buffer { remote: GlobalAddr, buf: LoopbackBuffer, range: std::ops::Range<usize>, write: bool },
+    CompareSwap { remote: GlobalAddr, expected: u64, new: u64 },
+    FetchAdd { remote: GlobalAddr, add: u64 },
+}
+
+/// Waits for nothing: loopback operations complete when they are posted.
+pub struct LoopbackWaiter;
+
+impl Wait for LoopbackWaiter {
+    fn wait(&mut self, timeout: std::time::Duration) -> bool {
+        std::thread::sleep(timeout);
+        false
+    }
+}
+
+impl Submit for LoopbackEndpoint {
+    type Waiter = LoopbackWaiter;
+
+    fn open_slots(&mut self, slots: u32, slot_bytes: usize) -> Result<LoopbackWaiter> {
+        self.aio = AsyncSlots { slot_bytes, memory: vec![0; slots as usize * slot_bytes], ..AsyncSlots::default() };
+        Ok(LoopbackWaiter)
+    }
+
+    fn queue(
+        &mut self,
+        slot: u32,
+        op: SlotOp<'_, LoopbackBuffer>,
+    ) -> std::result::Result<(), (Error, Option<LoopbackBuffer>)> {
+        let nodes = &self.shared.nodes;
+        let small = self.aio.slot_bytes as u64;
+        let at = slot as usize * self.aio.slot_bytes;
+        let queued = match op {
+            SlotOp::Read { remote, len } => {
+                validate(OpKind::Read, remote, len as u64, nodes, small).map_err(|e| (e, None))?;
+                Queued::Read { remote, len }
+            }
+            SlotOp::Write { remote, src } => {
+                validate(OpKind::Write, remote, src.len() as u64, nodes, small).map_err(|e| (e, None))?;
+                self.aio.memory[at..at + src.len()].copy_from_slice(src);
+                Queued::Write { remote, len: src.len() }
+            }
+            SlotOp::ReadInto { remote, buf, range } | SlotOp::WriteFrom { remote, buf, range }
+                if range.start > range.end || range.end > buf.len() =>
+            {
+                let e = Error::LocalRange { start: range.start, end: range.end, len: buf.len() };
+                let _ = remote;
+                return Err((e, Some(buf)));
+            }
+            SlotOp::ReadInto { remote, buf, range } => {
+                if let Err(e) = validate(OpKind::Read, remote, range.len() as u64, nodes, MAX_TRANSFER) {
+                    return Err((e, Some(buf)));
+                }
+                Queued::Buffer { remote, buf, range, write: false }
+            }
+            SlotOp::WriteFrom { remote, buf, range } => {
+                if let Err(e) = validate(OpKind::Write, remote, range.len() as u64, nodes, MAX_TRANSFER) {
+                    return Err((e, Some(buf)));
+                }
+                Queued::Buffer { remote, buf, range, write: true }
+            }
+            SlotOp::CompareSwap { remote, expected, new } => {
+                validate(OpKind::CompareSwap, remote, 8, nodes, 8).map_err(|e| (e, None))?;
+                Queued::CompareSwap { remote, expected, new }
+            }
+            SlotOp::FetchAdd { remote, add } => {
+                validate(OpKind::FetchAdd, remote, 8, nodes, 8).map_err(|e| (e, None))?;
+                Queued::FetchAdd { remote, add }
+            }
+        };
+        self.aio.queued.push((slot, queued));
+        Ok(())
+    }
+
+    fn ring(&mut self) {
+        let queued = std::mem::take(&mut self.aio.queued);
+        for (slot, q) in queued {
+            let at = slot as usize * self.aio.slot_bytes;
+            let mut memory = std::mem::take(&mut self.aio.memory);
+            let (result, buf) = match q {
+                Queued::Read { remote, len } => {
+                    (self.run_one(&mut Op::Read { remote, local: &mut memory[at..at + len], key: None }), None)
+                }
+                Queued::Write { remote, len } => {
+                    (self.run_one(&mut Op::Write { remote, local: &memory[at..at + len], key: None }), None)
+                }
+                Queued::Buffer { remote, mut buf, range, write } => {
+                    let result = if write {
+                        self.run_one(&mut Op::Write { remote, local: &buf[range], key: Some(0) })
+                    } else {
+                        self.run_one(&mut Op::Read { remote, local: &mut buf[range], key: Some(0) })
+                    };
+                    (result, Some(buf))
+                }
+                Queued::CompareSwap { remote, expected, new } => {
+                    let mut old = 0;
+                    let r = self.run_one(&mut Op::CompareSwap { remote, expected, new, old: &mut old });
+                    memory[at..at + 8].copy_from_slice(&old.to_le_bytes());
+                    (r, None)
+                }
+                Queued::FetchAdd { remote, add } => {
+                    let mut old = 0;
+                    let r = self.run_one(&mut Op::FetchAdd { remote, add, old: &mut old });
+                    memory[at..at + 8].copy_from_slice(&old.to_le_bytes());
+                    (r, None)
+                }
+            };
+            self.aio.memory = memory;
+            self.aio.done.push(Completion { slot, result, buf });
+        }
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(Completion<LoopbackBuffer>)) -> usize {
+        let n = self.aio.done.len();
+        for c in self.aio.done.drain(..) {
+            done(c);
+        }
+        n
+    }
+
+    fn slot_bytes(&self, slot: u32, len: usize) -> &[u8] {
+        let at = slot as usize * self.aio.slot_bytes;
+        &self.aio.memory[at..at + len]
+    }
+
+    fn slot_word(&self, slot: u32) -> u64 {
+        u64::from_le_bytes(self.slot_bytes(slot, 8).try_into().expect("8 bytes"))
+    }
+
+    fn arm(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn check_stalled(&mut self) {}
 }
 
 /// Performs one validated operation on a pool.

@@ -41,8 +41,10 @@ use rdmem_core::{
     ClusterConfig, Endpoint, Error, GlobalAddr, LocalBuffer, NodeId, NodeInfo, Op, OpKind, Result, Transport, WcStatus,
 };
 use sideway::ibverbs::AccessFlags;
+use std::os::fd::AsRawFd;
+
 use sideway::ibverbs::completion::{
-    BasicCompletionQueue, CompletionQueue, GenericCompletionQueue, WorkCompletionStatus,
+    BasicCompletionQueue, CompletionChannel, CompletionQueue, GenericCompletionQueue, WorkCompletionStatus,
 };
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair};
@@ -53,6 +55,8 @@ use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
 use crate::queue_pair::{self, QpLimits};
 use crate::wire::{self, Hello, Reply};
+
+mod aio;
 
 /// The longest single transfer (the verbs limit for one scatter/gather entry is 2^31 bytes).
 const MAX_TRANSFER: u64 = 1 << 31;
@@ -211,11 +215,25 @@ struct Connection {
     control: TcpStream,
 }
 
-fn connect_all(shared: &Shared) -> Result<(Arc<BasicCompletionQueue>, Vec<Connection>)> {
+/// A completion queue with its completion channel (the async face sleeps on the channel).
+struct Cq {
+    cq: Arc<BasicCompletionQueue>,
+    channel: Arc<CompletionChannel>,
+}
+
+fn connect_all(shared: &Shared) -> Result<(Cq, Vec<Connection>)> {
+    let channel =
+        shared.device.context().create_comp_channel().map_err(|e| RdmaError::verbs("ibv_create_comp_channel", e))?;
+    // SAFETY: the descriptor is the channel's own and stays open while `channel` lives (this call).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(channel.as_raw_fd()) };
+    rustix::io::ioctl_fionbio(fd, true)
+        .map_err(|e| RdmaError::verbs("setting the completion channel non-blocking", e))?;
     let mut builder = shared.device.context().create_cq_builder();
     builder.setup_cqe(SEND_DEPTH * shared.options.memnodes.len() as u32 + 16);
+    builder.setup_comp_channel(&channel, 0);
     let cq = builder.build().map_err(|e| RdmaError::verbs("ibv_create_cq", e))?;
-    let generic = GenericCompletionQueue::from(Arc::clone(&cq));
+    let cq = Cq { cq, channel };
+    let generic = GenericCompletionQueue::from(Arc::clone(&cq.cq));
     let conns =
         shared.options.memnodes.iter().map(|peer| connect_one(shared, &generic, peer)).collect::<Result<_>>()?;
     Ok((cq, conns))
@@ -317,6 +335,7 @@ pub struct RdmaEndpoint {
     // Queue pairs go before the completion queue they use (fields drop in order).
     conns: Vec<Connection>,
     cq: Arc<BasicCompletionQueue>,
+    channel: Arc<CompletionChannel>,
     staging: Region,
     /// Copies of write-behind data (see the module docs), used up to `behind_used`.
     behind: Region,
@@ -339,10 +358,14 @@ pub struct RdmaEndpoint {
     post_fault: bool,
     /// How long a round waits for its completions ([`RdmaEndpoint::set_completion_deadline`]).
     completion_deadline: Duration,
+    /// The async face's slots, once opened (after the queue pairs: they drop first, so the
+    /// device is done with this memory when it is freed).
+    aio: Option<aio::AsyncSlots>,
 }
 
 impl RdmaEndpoint {
-    fn with_connections(shared: Arc<Shared>, cq: Arc<BasicCompletionQueue>, conns: Vec<Connection>) -> Result<Self> {
+    fn with_connections(shared: Arc<Shared>, cq: Cq, conns: Vec<Connection>) -> Result<Self> {
+        let Cq { cq, channel } = cq;
         let staging = Region::new(&shared.pd, STAGING_BYTES, PageSize::Normal, AccessFlags::LocalWrite)
             .map_err(RdmaError::from)?;
         let behind = Region::new(&shared.pd, BEHIND_BYTES, PageSize::Normal, AccessFlags::LocalWrite)
@@ -351,6 +374,7 @@ impl RdmaEndpoint {
         Ok(RdmaEndpoint {
             conns,
             cq,
+            channel,
             staging,
             behind,
             behind_used: 0,
@@ -365,6 +389,7 @@ impl RdmaEndpoint {
             poll_fault: false,
             post_fault: false,
             completion_deadline: COMPLETION_DEADLINE,
+            aio: None,
         })
     }
 
@@ -782,6 +807,9 @@ impl RdmaEndpoint {
         let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) else { return false };
         let failed = wc.status != WorkCompletionStatus::Success as u32;
         let in_round = self.round_counts[c] > 0;
+        if wc.wr_id & BEHIND_TAG == 0 && wc.wr_id & aio::ASYNC_TAG != 0 {
+            return false; // an async slot's, whose future is gone (the endpoint is dropping)
+        }
         if wc.wr_id & BEHIND_TAG != 0 {
             self.write_behind_failed(c, wc, in_round, failure);
             return false;

@@ -19,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use rdmem_core::aio::{AsyncEndpoint, Submit};
 use rdmem_core::{Endpoint, GlobalAddr};
 
 use super::error::{LockError, Result};
@@ -88,43 +89,31 @@ impl RemoteLock {
 
     /// The acquisition itself: returns the value written (this hold's identity).
     pub(crate) fn acquire<E: Endpoint>(&self, ep: &mut E) -> Result<u64> {
-        let mut epoch = 1u32;
-        let mut expected = 0u64;
-        let mut backoff = Duration::from_micros(1);
-        // The held value seen last, and since when (for lease expiry).
-        let mut seen: Option<(u64, Instant)> = None;
+        let mut attempt = Acquiring::new();
         loop {
-            let mine = (self.holder as u64) << 32 | epoch as u64;
+            let (expected, mine) = attempt.next_cas(self);
             let old = ep.cas(self.word, expected, mine)?;
-            if old == expected {
-                return Ok(mine);
+            match attempt.after(self, old)? {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => std::thread::sleep(wait),
+                None => return Ok(mine),
             }
-            epoch = epoch.wrapping_add(1).max(1);
-            if old == 0 {
-                expected = 0;
-                continue;
+        }
+    }
+
+    /// Acquires the lock through an async endpoint: the same protocol as [`RemoteLock::lock`],
+    /// but waiting for the holder lets the executor run other tasks (the back-off is an
+    /// [`rdmem_core::aio::sleep`], not a blocked thread).
+    pub async fn lock_async<'e, E: Submit>(&self, ep: &'e AsyncEndpoint<E>) -> Result<AsyncLockGuard<'e, E>> {
+        let mut attempt = Acquiring::new();
+        loop {
+            let (expected, mine) = attempt.next_cas(self);
+            let old = ep.cas(self.word, expected, mine).await?;
+            match attempt.after(self, old)? {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => rdmem_core::aio::sleep(wait).await,
+                None => return Ok(AsyncLockGuard { ep, lock: *self, value: mine, released: false }),
             }
-            if old >> 32 == self.holder as u64 {
-                return Err(LockError::AlreadyHeld { word: self.word, holder: self.holder });
-            }
-            expected = 0;
-            match seen {
-                Some((value, since)) if value == old => {
-                    if self.now().saturating_duration_since(since) > self.lease {
-                        tracing::warn!(
-                            "lock at {}: holder {} kept it unchanged for more than the lease ({:?}); taking it over",
-                            self.word,
-                            old >> 32,
-                            self.lease
-                        );
-                        expected = old;
-                        continue;
-                    }
-                }
-                _ => seen = Some((old, self.now())),
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(1));
         }
     }
 
@@ -143,6 +132,111 @@ impl RemoteLock {
         let next = (value & !0xffff_ffff) | ((value as u32).wrapping_add(1).max(1) as u64);
         let old = ep.cas(self.word, value, next)?;
         if old == value { Ok(next) } else { Err(LockError::LeaseLost { word: self.word, now: old }) }
+    }
+}
+
+/// Where an acquisition stands between two CAS attempts (shared by the sync and async
+/// acquire, so both follow one protocol).
+struct Acquiring {
+    epoch: u32,
+    expected: u64,
+    backoff: Duration,
+    /// The held value seen last, and since when (for lease expiry).
+    seen: Option<(u64, Instant)>,
+}
+
+impl Acquiring {
+    fn new() -> Self {
+        Acquiring { epoch: 1, expected: 0, backoff: Duration::from_micros(1), seen: None }
+    }
+
+    /// The next CAS: (expected, the value to write).
+    fn next_cas(&self, lock: &RemoteLock) -> (u64, u64) {
+        (self.expected, (lock.holder as u64) << 32 | self.epoch as u64)
+    }
+
+    /// What a CAS that found `old` means: `None` when it took the lock, else how long to
+    /// wait before the next attempt (zero: at once).
+    fn after(&mut self, lock: &RemoteLock, old: u64) -> Result<Option<Duration>> {
+        if old == self.expected {
+            return Ok(None);
+        }
+        self.epoch = self.epoch.wrapping_add(1).max(1);
+        self.expected = 0;
+        if old == 0 {
+            return Ok(Some(Duration::ZERO));
+        }
+        if old >> 32 == lock.holder as u64 {
+            return Err(LockError::AlreadyHeld { word: lock.word, holder: lock.holder });
+        }
+        match self.seen {
+            Some((value, since)) if value == old => {
+                if lock.now().saturating_duration_since(since) > lock.lease {
+                    tracing::warn!(
+                        "lock at {}: holder {} kept it unchanged for more than the lease ({:?}); taking it over",
+                        lock.word,
+                        old >> 32,
+                        lock.lease
+                    );
+                    self.expected = old;
+                    return Ok(Some(Duration::ZERO));
+                }
+            }
+            _ => self.seen = Some((old, lock.now())),
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(1));
+        Ok(Some(wait))
+    }
+}
+
+/// A lock held through an async endpoint ([`RemoteLock::lock_async`]). Release it with
+/// [`AsyncLockGuard::unlock`]`.await`, after awaiting the critical section's writes (an async
+/// write has completed when its future has, so nothing is left to flush). Dropping the guard
+/// releases too, blocking the thread for that one CAS (it cannot await), and logs it.
+#[must_use = "the lock is held until unlock().await (or drop, which blocks and cannot report errors)"]
+pub struct AsyncLockGuard<'e, E: Submit> {
+    ep: &'e AsyncEndpoint<E>,
+    lock: RemoteLock,
+    value: u64,
+    released: bool,
+}
+
+impl<'e, E: Submit> AsyncLockGuard<'e, E> {
+    /// The endpoint, for the critical section's reads and writes.
+    pub fn endpoint(&self) -> &'e AsyncEndpoint<E> {
+        self.ep
+    }
+
+    /// Restarts the lease (one CAS); `LeaseLost` if a waiter already took the lock over.
+    pub async fn renew(&mut self) -> Result<()> {
+        let next = (self.value & !0xffff_ffff) | ((self.value as u32).wrapping_add(1).max(1) as u64);
+        let old = self.ep.cas(self.lock.word, self.value, next).await?;
+        if old != self.value {
+            return Err(LockError::LeaseLost { word: self.lock.word, now: old });
+        }
+        self.value = next;
+        Ok(())
+    }
+
+    /// Releases the lock; `LeaseLost` if the lease expired and someone took it over.
+    pub async fn unlock(mut self) -> Result<()> {
+        self.released = true;
+        let old = self.ep.cas(self.lock.word, self.value, 0).await?;
+        if old == self.value { Ok(()) } else { Err(LockError::LeaseLost { word: self.lock.word, now: old }) }
+    }
+}
+
+impl<E: Submit> Drop for AsyncLockGuard<'_, E> {
+    fn drop(&mut self) {
+        if !self.released {
+            tracing::warn!("async lock at {} dropped without unlock().await; releasing it", self.lock.word);
+            match rdmem_core::aio::block_on(self.ep.cas(self.lock.word, self.value, 0)) {
+                Ok(old) if old == self.value => {}
+                Ok(old) => tracing::error!("the dropped lock at {} was taken over (now {old:#x})", self.lock.word),
+                Err(e) => tracing::error!("releasing the dropped lock at {} failed: {e}", self.lock.word),
+            }
+        }
     }
 }
 

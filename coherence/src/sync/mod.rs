@@ -58,6 +58,6 @@ pub mod table;
 pub use barrier::{DEFAULT_BARRIER_TIMEOUT, RemoteBarrier};
 pub use cohort::{CohortGuard, CohortLock, OwnEndpoint, OwnGuard};
 pub use error::{LockError, Result};
-pub use lock::{Clock, DEFAULT_LEASE, LockGuard, RemoteLock};
+pub use lock::{AsyncLockGuard, Clock, DEFAULT_LEASE, LockGuard, RemoteLock};
 pub use rwlock::{RwGuard, RwLock};
 pub use table::LockTable;

@@ -1,0 +1,410 @@
+//! The RDMA side of the async face ([`rdmem_core::aio`]): slots of registered memory, one
+//! signaled work request per slot, one doorbell per node per [`Submit::ring`], completions
+//! routed back by `wr_id`, and the completion channel for an idle driver to sleep on.
+//!
+//! A slot's `wr_id` is [`ASYNC_TAG`], its generation (bumped at every queue) and its index, so
+//! a completion that arrives after its slot was failed early (a dead node, a deadline, a failed
+//! post or poll) is recognised as stale and dropped, even if the slot is in use again.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdma_mummy_sys::{
+    atomic_t, ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_poll_cq, ibv_req_notify_cq, ibv_send_flags, ibv_send_wr,
+    ibv_sge, ibv_wr_opcode, rdma_t,
+};
+use rdmem_core::aio::{Completion, SlotOp, Submit, Wait};
+use rdmem_core::endpoint::validate;
+use rdmem_core::{Error, GlobalAddr, LocalBuffer, OpKind, Result, WcStatus};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use sideway::ibverbs::AccessFlags;
+use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue, WorkCompletionStatus};
+use sideway::ibverbs::queue_pair::QueuePair;
+
+use super::{BEHIND_TAG, MAX_TRANSFER, POLL_BATCH, RdmaBuffer, RdmaEndpoint, WrList};
+use crate::error::RdmaError;
+use crate::memory::{PageSize, Region};
+use crate::queue_pair;
+
+/// The `wr_id` bit of async slots' requests (below [`BEHIND_TAG`]).
+pub(super) const ASYNC_TAG: u64 = 1 << 62;
+
+/// One slot: what is in flight in it.
+struct SlotInfo {
+    generation: u32,
+    in_flight: bool,
+    conn: usize,
+    op: OpKind,
+    remote: GlobalAddr,
+    /// A buffer moved in for the flight (read_into/write_from).
+    buf: Option<RdmaBuffer>,
+}
+
+/// An endpoint's async state: see the module docs.
+pub(crate) struct AsyncSlots {
+    memory: Region,
+    slot_bytes: usize,
+    slots: Vec<SlotInfo>,
+    /// Per connection: requests queued since the last ring, and the slot of each.
+    pending: Vec<(WrList, Vec<u32>)>,
+    /// Per connection: slots in flight, and since when (the first post after its last
+    /// completion) nothing of theirs completed.
+    in_flight: Vec<u32>,
+    stalled_since: Vec<Option<Instant>>,
+    /// Slots failed without a completion (failed post or poll, dead node, deadline), for the
+    /// next reap.
+    failed: Vec<Completion<RdmaBuffer>>,
+}
+
+impl AsyncSlots {
+    /// Ends slot `s`'s flight and returns its completion with `result`.
+    fn finish(&mut self, s: u32, result: Result<()>) -> Completion<RdmaBuffer> {
+        let info = &mut self.slots[s as usize];
+        info.in_flight = false;
+        self.in_flight[info.conn] -= 1;
+        Completion { slot: s, result, buf: info.buf.take() }
+    }
+
+    /// Fails every slot in flight to connection `c` with the error `make` builds.
+    fn fail_conn(&mut self, c: usize, make: &dyn Fn(OpKind, GlobalAddr) -> Error) {
+        for s in 0..self.slots.len() as u32 {
+            let info = &self.slots[s as usize];
+            if info.in_flight && info.conn == c {
+                let e = make(info.op, info.remote);
+                let done = self.finish(s, Err(e));
+                self.failed.push(done);
+            }
+        }
+        self.stalled_since[c] = None;
+    }
+}
+
+/// Sleeps on the endpoint's completion channel (see [`Wait`]).
+pub struct RdmaWaiter {
+    channel: Arc<CompletionChannel>,
+    // Keeps the completion queue alive while an event for it may be read.
+    _cq: Arc<BasicCompletionQueue>,
+}
+
+impl Wait for RdmaWaiter {
+    fn wait(&mut self, timeout: Duration) -> bool {
+        // SAFETY: the descriptor is the channel's, open while `self.channel` lives.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) };
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let ts = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+        if !matches!(rustix::event::poll(&mut fds, Some(&ts)), Ok(n) if n > 0) {
+            return false;
+        }
+        let mut cq: *mut ibv_cq = std::ptr::null_mut();
+        let mut context: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: the channel is alive; the descriptor is non-blocking, so this returns at once
+        // (-1 with EAGAIN when another reader took the event).
+        let rc = unsafe { ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut context) };
+        if rc == 0 {
+            // SAFETY: `cq` is the completion queue the event was for (ours, alive: `_cq`).
+            unsafe { ibv_ack_cq_events(cq, 1) };
+        }
+        rc == 0
+    }
+}
+
+impl RdmaEndpoint {
+    fn aio(&mut self) -> &mut AsyncSlots {
+        self.aio.as_mut().expect("AsyncEndpoint opens the slots first")
+    }
+
+    /// Checks `op` and builds its work request; the slot's memory or `buf` is its local side.
+    fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<(usize, ibv_send_wr, ibv_sge)> {
+        let nodes = &self.shared.nodes;
+        let small = self.aio.as_ref().expect("slots").slot_bytes as u64;
+        let (kind, remote, len) = match op {
+            SlotOp::Read { remote, len } => (OpKind::Read, *remote, *len as u64),
+            SlotOp::Write { remote, src } => (OpKind::Write, *remote, src.len() as u64),
+            SlotOp::ReadInto { remote, range, .. } => (OpKind::Read, *remote, range.len() as u64),
+            SlotOp::WriteFrom { remote, range, .. } => (OpKind::Write, *remote, range.len() as u64),
+            SlotOp::CompareSwap { remote, .. } => (OpKind::CompareSwap, *remote, 8),
+            SlotOp::FetchAdd { remote, .. } => (OpKind::FetchAdd, *remote, 8),
+        };
+        let max = if matches!(op, SlotOp::ReadInto { .. } | SlotOp::WriteFrom { .. }) { MAX_TRANSFER } else { small };
+        if let SlotOp::ReadInto { buf, range, .. } | SlotOp::WriteFrom { buf, range, .. } = op {
+            if range.start > range.end || range.end > buf.len() {
+                return Err(Error::LocalRange { start: range.start, end: range.end, len: buf.len() });
+            }
+        }
+        validate(kind, remote, len, nodes, max)?;
+        let c = self.conn_index(remote.node());
+        self.check_usable(c)?;
+        let conn = &self.conns[c];
+        let (base, rkey, max_inline) = (conn.pool_base, conn.rkey, conn.limits.max_inline);
+        let aio = self.aio.as_mut().expect("slots");
+        let at = slot as usize * aio.slot_bytes;
+        let slot_addr = aio.memory.addr() + at as u64;
+        let lkey = aio.memory.lkey();
+        let generation = aio.slots[slot as usize].generation.wrapping_add(1) & 0x3fff_ffff;
+        // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = ASYNC_TAG | (generation as u64) << 32 | slot as u64;
+        wr.num_sge = 1;
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        let remote_addr = base + remote.offset();
+        let mut sge = ibv_sge { addr: slot_addr, length: len as u32, lkey };
+        match op {
+            SlotOp::Read { .. } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+                wr.wr.rdma = rdma_t { remote_addr, rkey };
+            }
+            SlotOp::Write { src, .. } => {
+                // Copied now: the caller's bytes are free once this returns, and inline
+                // requests read their bytes at post time.
+                aio.memory.as_mut_slice()[at..at + src.len()].copy_from_slice(src);
+                wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                wr.wr.rdma = rdma_t { remote_addr, rkey };
+                if src.len() <= max_inline as usize {
+                    wr.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+                }
+            }
+            SlotOp::ReadInto { buf, range, .. } | SlotOp::WriteFrom { buf, range, .. } => {
+                wr.opcode = if kind == OpKind::Read {
+                    ibv_wr_opcode::IBV_WR_RDMA_READ
+                } else {
+                    ibv_wr_opcode::IBV_WR_RDMA_WRITE
+                };
+                wr.wr.rdma = rdma_t { remote_addr, rkey };
+                sge = ibv_sge { addr: buf.region.addr() + range.start as u64, length: len as u32, lkey: buf.key() };
+            }
+            SlotOp::CompareSwap { expected, new, .. } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
+                wr.wr.atomic = atomic_t { remote_addr, compare_add: *expected, swap: *new, rkey };
+            }
+            SlotOp::FetchAdd { add, .. } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD;
+                wr.wr.atomic = atomic_t { remote_addr, compare_add: *add, swap: 0, rkey };
+            }
+        }
+        let info = &mut aio.slots[slot as usize];
+        info.generation = generation;
+        info.conn = c;
+        info.op = kind;
+        info.remote = remote;
+        Ok((c, wr, sge))
+    }
+
+    /// Posts connection `c`'s queued requests as one list (one doorbell). A failed post stops
+    /// the queue pair; the requests not posted fail at once, those posted come back flushed.
+    fn ring_conn(&mut self, c: usize) {
+        let aio = self.aio.as_mut().expect("slots");
+        let list = &mut aio.pending[c].0;
+        if list.wrs.is_empty() {
+            return;
+        }
+        let first = list.link();
+        let posted = if std::mem::take(&mut self.post_fault) {
+            self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
+        } else {
+            // SAFETY: the list is well formed (`link`); its local memory is the slots' region or
+            // buffers the slots hold, both kept until the slots' completions are reaped.
+            unsafe { self.conns[c].post(first) }
+        };
+        let aio = self.aio.as_mut().expect("slots");
+        // The deadline runs from the first post after the connection's last completion (the
+        // clock is read after the doorbell, while the device works).
+        aio.stalled_since[c].get_or_insert_with(Instant::now);
+        let (list, slots) = &mut aio.pending[c];
+        list.wrs.clear();
+        list.sges.clear();
+        let slots = std::mem::take(slots);
+        if let Err((errno, bad)) = posted {
+            // Requests from the one the device named (or all, if it named none) were not posted.
+            let from = bad.and_then(|id| slots.iter().position(|&s| s == (id & 0xffff_ffff) as u32)).unwrap_or(0);
+            for &s in &slots[from..] {
+                let info = &aio.slots[s as usize];
+                let e = Error::Post { op: info.op, addr: info.remote, errno };
+                let done = aio.finish(s, Err(e));
+                aio.failed.push(done);
+            }
+        }
+        aio.pending[c].1 = slots;
+        aio.pending[c].1.clear();
+    }
+
+    /// The completion of a slot's request, or `None` for a stale one.
+    fn slot_completion(&mut self, wc: &rdma_mummy_sys::ibv_wc) -> Option<Completion<RdmaBuffer>> {
+        let aio = self.aio.as_mut().expect("slots");
+        let s = (wc.wr_id & 0xffff_ffff) as u32;
+        let generation = ((wc.wr_id >> 32) & 0x3fff_ffff) as u32;
+        let info = aio.slots.get(s as usize)?;
+        if !info.in_flight || info.generation != generation {
+            return None;
+        }
+        let c = info.conn;
+        aio.stalled_since[c] = None;
+        let result = if wc.status == WorkCompletionStatus::Success as u32 {
+            Ok(())
+        } else {
+            let (op, addr) = (info.op, info.remote);
+            self.conns[c].break_off();
+            Err(Error::Completion { op, addr, status: WcStatus::from_code(wc.status), vendor_err: wc.vendor_err })
+        };
+        Some(self.aio().finish(s, result))
+    }
+}
+
+impl Submit for RdmaEndpoint {
+    type Waiter = RdmaWaiter;
+
+    fn open_slots(&mut self, slots: u32, slot_bytes: usize) -> Result<RdmaWaiter> {
+        if let Some(conn) = self.conns.iter().find(|c| slots > c.limits.send_depth / 2) {
+            return Err(Error::Config(format!(
+                "{slots} async slots do not fit the send queue of {} ({} requests; at most half of it)",
+                conn.peer, conn.limits.send_depth
+            )));
+        }
+        let len = slots as usize * slot_bytes.next_multiple_of(8);
+        let page = if len >= PageSize::Huge2M.bytes() { PageSize::Huge2M } else { PageSize::Normal };
+        let memory = Region::new(&self.shared.pd, len, page, AccessFlags::LocalWrite).map_err(RdmaError::from)?;
+        let n = self.conns.len();
+        self.aio = Some(AsyncSlots {
+            memory,
+            slot_bytes: slot_bytes.next_multiple_of(8),
+            slots: (0..slots)
+                .map(|_| SlotInfo {
+                    generation: 0,
+                    in_flight: false,
+                    conn: 0,
+                    op: OpKind::Read,
+                    remote: GlobalAddr::NULL,
+                    buf: None,
+                })
+                .collect(),
+            pending: (0..n).map(|_| (WrList::default(), Vec::with_capacity(slots as usize))).collect(),
+            in_flight: vec![0; n],
+            stalled_since: vec![None; n],
+            failed: Vec::new(),
+        });
+        Ok(RdmaWaiter { channel: Arc::clone(&self.channel), _cq: Arc::clone(&self.cq) })
+    }
+
+    fn queue(&mut self, slot: u32, op: SlotOp<'_, RdmaBuffer>) -> std::result::Result<(), (Error, Option<RdmaBuffer>)> {
+        let built = self.build_slot_wr(slot, &op);
+        let buf = match op {
+            SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => Some(buf),
+            _ => None,
+        };
+        let (c, wr, sge) = match built {
+            Ok(b) => b,
+            Err(e) => return Err((e, buf)),
+        };
+        let aio = self.aio();
+        let info = &mut aio.slots[slot as usize];
+        info.in_flight = true;
+        info.buf = buf;
+        aio.in_flight[c] += 1;
+        let (list, slots) = &mut aio.pending[c];
+        list.wrs.push(wr);
+        list.sges.push(sge);
+        slots.push(slot);
+        Ok(())
+    }
+
+    fn ring(&mut self) {
+        for c in 0..self.conns.len() {
+            self.ring_conn(c);
+        }
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(Completion<RdmaBuffer>)) -> usize {
+        let mut count = 0;
+        while let Some(c) = self.aio().failed.pop() {
+            done(c);
+            count += 1;
+        }
+        let n = if std::mem::take(&mut self.poll_fault) {
+            -5 // EIO
+        } else {
+            // SAFETY: the completion queue is alive (`self.cq`) and `self.wcs` has room for
+            // POLL_BATCH completions, the most ibv_poll_cq writes.
+            unsafe { ibv_poll_cq(self.cq.cq().as_ptr(), POLL_BATCH as i32, self.wcs.as_mut_ptr()) }
+        };
+        if n < 0 {
+            // The device may still write into the slots: stop every queue pair with requests in
+            // flight first, then fail them.
+            for c in 0..self.conns.len() {
+                if self.aio().in_flight[c] > 0 {
+                    queue_pair::set_error(&mut self.conns[c].qp);
+                    self.conns[c].break_off();
+                    self.aio().fail_conn(c, &|op, addr| Error::Poll { op, addr, errno: -n });
+                }
+            }
+            while let Some(c) = self.aio().failed.pop() {
+                done(c);
+                count += 1;
+            }
+            return count;
+        }
+        for k in 0..n as usize {
+            let wc = self.wcs[k];
+            if wc.wr_id & BEHIND_TAG != 0 {
+                if let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) {
+                    self.write_behind_failed(c, &wc, false, &mut None);
+                }
+            } else if wc.wr_id & ASYNC_TAG != 0 {
+                if let Some(completion) = self.slot_completion(&wc) {
+                    done(completion);
+                    count += 1;
+                }
+            }
+            // Anything else is a flush of an abandoned sync round: nothing waits for it.
+        }
+        count
+    }
+
+    fn slot_bytes(&self, slot: u32, len: usize) -> &[u8] {
+        let aio = self.aio.as_ref().expect("slots");
+        let at = slot as usize * aio.slot_bytes;
+        &aio.memory.as_slice()[at..at + len]
+    }
+
+    fn slot_word(&self, slot: u32) -> u64 {
+        // The device stores atomics' old values in host order.
+        u64::from_ne_bytes(self.slot_bytes(slot, 8).try_into().expect("8 bytes"))
+    }
+
+    fn arm(&mut self) -> Result<()> {
+        // SAFETY: the completion queue is alive (`self.cq`).
+        let rc = unsafe { ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(RdmaError::verbs("ibv_req_notify_cq", std::io::Error::from_raw_os_error(rc)).into())
+        }
+    }
+
+    fn check_stalled(&mut self) {
+        let now = Instant::now();
+        let deadline = self.completion_deadline;
+        for c in 0..self.conns.len() {
+            if self.aio().in_flight[c] == 0 {
+                continue;
+            }
+            let mut byte = [0u8; 1];
+            let gone = match self.conns[c].control.peek(&mut byte) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted,
+            };
+            let since = *self.aio().stalled_since[c].get_or_insert(now);
+            if gone || now.saturating_duration_since(since) > deadline {
+                // Stop the device first: then the slots' memory is no longer written.
+                queue_pair::set_error(&mut self.conns[c].qp);
+                self.conns[c].break_off();
+                let peer = self.conns[c].peer.clone();
+                if gone {
+                    self.aio().fail_conn(c, &|op, addr| Error::NodeGone { op, addr, peer: peer.clone() });
+                } else {
+                    self.aio().fail_conn(c, &|op, addr| Error::Timeout { op, addr, waited: deadline });
+                }
+            }
+        }
+    }
+}
