@@ -56,8 +56,9 @@
 //! transport stops its queue pairs before it frees any memory.
 //!
 //! # Doorbells and completions
-//! An operation's future is queued on its first poll and yields once, so that every future the
-//! executor polls in the same pass is posted together, with one doorbell per node. All of them
+//! An operation's future is queued on its first poll and, when others are in flight, yields
+//! once, so that every future the executor polls in the same pass is posted together, with one
+//! doorbell per node (alone, it posts at once). All of them
 //! share the endpoint's one completion queue; each completion wakes the future of its slot
 //! (routed by `wr_id`). One waiting future at a time polls the completion queue (the *driver*);
 //! it busy-polls for [`AsyncOptions::spin`] after the last completion, then arms the completion
@@ -231,11 +232,17 @@ pub struct AsyncOptions {
     /// completion channel (default 500 us): long enough to cover a round trip, short enough that
     /// an idle endpoint stops spinning soon.
     pub spin: Duration,
+    /// Whether a future yields to the executor once before posting, so that the futures the
+    /// executor polls in one pass share one doorbell (default true). On Soft-RoCE an operation
+    /// on one machine often completes inside its doorbell's system call, so without this,
+    /// futures in flight together are posted, and complete, one by one. Code that keeps one
+    /// operation at a time saves that yield with `false`.
+    pub coalesce: bool,
 }
 
 impl Default for AsyncOptions {
     fn default() -> Self {
-        AsyncOptions { slots: MAX_SLOTS, slot_bytes: 4096, spin: Duration::from_micros(500) }
+        AsyncOptions { slots: MAX_SLOTS, slot_bytes: 4096, spin: Duration::from_micros(500), coalesce: true }
     }
 }
 
@@ -258,8 +265,10 @@ struct Inner<E: Submit> {
     /// Futures waiting for free slots, in order, with an id so a dropped one can leave.
     claimers: VecDeque<(u64, Waker)>,
     next_claimer: u64,
-    /// Something was queued and not yet posted.
-    unrung: bool,
+    /// Operations queued and not yet posted.
+    unrung: u32,
+    /// Doorbells rung (calls of [`Submit::ring`] that had something to post).
+    rings: u64,
     /// The slot whose future polls the completion queue.
     driver: Option<u32>,
     in_flight: u32,
@@ -272,7 +281,7 @@ struct Inner<E: Submit> {
 }
 
 /// Wakers to call once the endpoint is no longer borrowed (a waker may poll at once).
-type Wakes = SmallVec<[Waker; 8]>;
+type Wakes = SmallVec<[Waker; 2]>;
 
 /// What one step of driving the completion queue did.
 enum Drive {
@@ -327,22 +336,45 @@ impl<E: Submit> Inner<E> {
         }
     }
 
-    /// One step of driving: posts what is queued, takes completions, and when there were none
-    /// for `spin`, arms the completion queue and hands `waker` to the helper thread.
-    fn drive(&mut self, waker: &Waker, idle: &Idle, wakes: &mut Wakes) -> Drive {
-        if std::mem::take(&mut self.unrung) {
+    /// One step of driving: takes completions, and when there were none for `spin`, arms the
+    /// completion queue and hands `waker` to the helper thread.
+    /// Posts what is queued when the device is about to run dry: when no more requests are
+    /// posted and unfinished than wait to be posted. With many in flight, completions trickle
+    /// in one at a time, and so do their replacements: waiting until half the window is queued
+    /// posts them with one doorbell (one system call on Soft-RoCE), while a lone operation
+    /// (nothing posted) goes at once.
+    fn ring_if_due(&mut self) {
+        let posted = self.in_flight - self.unrung;
+        if self.unrung > 0 && posted <= self.unrung {
+            self.ring();
+        }
+    }
+
+    fn ring(&mut self) {
+        if self.unrung > 0 {
+            self.unrung = 0;
+            self.rings += 1;
             self.ep.ring();
         }
+    }
+
+    fn drive(&mut self, waker: &Waker, idle: &Idle, wakes: &mut Wakes) -> Drive {
+        self.ring_if_due();
         if self.reap(wakes) > 0 {
             return Drive::Progress;
         }
         self.empty_reaps = self.empty_reaps.wrapping_add(1);
-        // The clock costs about a microsecond in a VM: read it at the first empty reap (while
-        // the device works anyway) and then every 64.
-        let since = *self.idle_since.get_or_insert_with(Instant::now);
-        if self.empty_reaps % 64 != 0 || since.elapsed() < self.options.spin {
+        // The clock costs about a microsecond in a VM, as much as a dozen polls: read it only
+        // every 256 empty polls (a round trip usually ends before the first), and count the
+        // spin from there.
+        if self.empty_reaps % 256 != 0 {
             return Drive::Spin;
         }
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.options.spin {
+            return Drive::Spin;
+        }
+        self.ring(); // nothing may stay unposted while the driver sleeps
         self.ep.check_stalled();
         if self.ep.arm().is_err() {
             return Drive::Spin; // cannot sleep: keep polling
@@ -394,21 +426,25 @@ impl<E: Submit> Inner<E> {
         if let Some(done) = self.take_done(slot, wakes) {
             return Poll::Ready(done);
         }
-        match &mut self.slots[slot as usize] {
-            Slot::Queued(w) if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => *w = Some(cx.waker().clone()),
-            _ => {}
-        }
         if !*yielded {
             *yielded = true;
-            if self.unrung {
-                // Let the other futures of this pass queue theirs: one doorbell for all.
+            if self.unrung > 0 && self.options.coalesce {
+                // Let the other futures of this executor pass queue theirs, so one doorbell
+                // posts them all.
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
         }
+        // Only here, after the yield, is anything posted, so the futures of one pass go
+        // together when the first of them is polled again.
+        self.ring_if_due();
         if self.driver.is_some_and(|d| d != slot) {
-            if std::mem::take(&mut self.unrung) {
-                self.ep.ring(); // the driver may be asleep
+            // The driver's reap wakes this future (the driver itself needs no stored waker: it
+            // wakes itself, or the helper thread does).
+            if let Slot::Queued(w) = &mut self.slots[slot as usize] {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
             }
             return Poll::Pending;
         }
@@ -524,7 +560,8 @@ impl<E: Submit> AsyncEndpoint<E> {
             free: (0..n).rev().collect(),
             claimers: VecDeque::new(),
             next_claimer: 0,
-            unrung: false,
+            unrung: 0,
+            rings: 0,
             driver: None,
             in_flight: 0,
             empty_reaps: 0,
@@ -552,96 +589,73 @@ impl<E: Submit> AsyncEndpoint<E> {
         self.inner.borrow().sleeps
     }
 
+    /// How many doorbells were rung: operations over doorbells is the batching achieved.
+    pub fn doorbells(&self) -> u64 {
+        self.inner.borrow().rings
+    }
+
     /// The options in use.
     pub fn options(&self) -> AsyncOptions {
         self.inner.borrow().options.clone()
     }
 
     /// READs `dst.len()` bytes (at most [`AsyncOptions::slot_bytes`]) at `src` into `dst`.
-    pub async fn read(&self, src: GlobalAddr, dst: &mut [u8]) -> Result<()> {
-        self.check(OpKind::Read, src, dst.len())?;
-        if dst.is_empty() {
-            return Ok(());
-        }
-        let slots = self.claim(1).await?;
-        self.queue(&slots, 0, SlotOp::Read { remote: src, len: dst.len() })?;
-        self.wait(&slots, 0).await.0?;
-        dst.copy_from_slice(self.inner.borrow().ep.slot_bytes(slots.ids[0], dst.len()));
-        Ok(())
+    pub fn read<'a>(&'a self, src: GlobalAddr, dst: &'a mut [u8]) -> impl Future<Output = Result<()>> + 'a {
+        OpFuture::new(self, Single::Read { remote: src, dst }, |o| o.unit())
     }
 
     /// WRITEs `src` (at most [`AsyncOptions::slot_bytes`]) to `dst`. The bytes are taken when
     /// the operation is posted.
-    pub async fn write(&self, dst: GlobalAddr, src: &[u8]) -> Result<()> {
-        self.check(OpKind::Write, dst, src.len())?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        let slots = self.claim(1).await?;
-        self.queue(&slots, 0, SlotOp::Write { remote: dst, src })?;
-        self.wait(&slots, 0).await.0
+    pub fn write<'a>(&'a self, dst: GlobalAddr, src: &'a [u8]) -> impl Future<Output = Result<()>> + 'a {
+        OpFuture::new(self, Single::Write { remote: dst, src }, |o| o.unit())
     }
 
     /// READs the 8-byte little-endian word at `addr`.
-    pub async fn read_u64(&self, addr: GlobalAddr) -> Result<u64> {
-        let mut word = [0u8; 8];
-        self.read(addr, &mut word).await?;
-        Ok(u64::from_le_bytes(word))
+    pub fn read_u64(&self, addr: GlobalAddr) -> impl Future<Output = Result<u64>> + '_ {
+        OpFuture::new(self, Single::ReadWord { remote: addr }, |o| o.word())
     }
 
     /// WRITEs `value` as an 8-byte little-endian word at `addr`.
-    pub async fn write_u64(&self, addr: GlobalAddr, value: u64) -> Result<()> {
-        self.write(addr, &value.to_le_bytes()).await
+    pub fn write_u64(&self, addr: GlobalAddr, value: u64) -> impl Future<Output = Result<()>> + '_ {
+        OpFuture::new(self, Single::WriteWord { remote: addr, value: value.to_le_bytes() }, |o| o.unit())
     }
 
     /// Compare-and-swap on the 8-byte word at `addr`; returns the value it held before.
-    pub async fn cas(&self, addr: GlobalAddr, expected: u64, new: u64) -> Result<u64> {
-        self.atomic(OpKind::CompareSwap, addr, SlotOp::CompareSwap { remote: addr, expected, new }).await
+    pub fn cas(&self, addr: GlobalAddr, expected: u64, new: u64) -> impl Future<Output = Result<u64>> + '_ {
+        OpFuture::new(self, Single::CompareSwap { remote: addr, expected, new }, |o| o.word())
     }
 
     /// Fetch-and-add (wrapping) on the 8-byte word at `addr`; returns the value it held before.
-    pub async fn faa(&self, addr: GlobalAddr, add: u64) -> Result<u64> {
-        self.atomic(OpKind::FetchAdd, addr, SlotOp::FetchAdd { remote: addr, add }).await
+    pub fn faa(&self, addr: GlobalAddr, add: u64) -> impl Future<Output = Result<u64>> + '_ {
+        OpFuture::new(self, Single::FetchAdd { remote: addr, add }, |o| o.word())
     }
 
     /// READs `range.len()` bytes at `src` into `buf[range]`, in place (no copy, any length up to
     /// the transport's limit). The buffer comes back with the result; if the future is dropped
     /// in flight, the buffer is dropped once the device is done with it.
-    pub async fn read_into(&self, src: GlobalAddr, buf: E::Buffer, range: Range<usize>) -> (Result<()>, E::Buffer) {
-        self.owned(SlotOp::ReadInto { remote: src, buf, range }).await
+    pub fn read_into(
+        &self,
+        src: GlobalAddr,
+        buf: E::Buffer,
+        range: Range<usize>,
+    ) -> impl Future<Output = (Result<()>, E::Buffer)> + '_ {
+        OpFuture::new(self, Single::ReadInto { remote: src, buf: Some(buf), range }, |o| o.buffer())
     }
 
     /// WRITEs `buf[range]` to `dst` from where it is; the buffer comes back with the result
     /// (see [`AsyncEndpoint::read_into`]).
-    pub async fn write_from(&self, dst: GlobalAddr, buf: E::Buffer, range: Range<usize>) -> (Result<()>, E::Buffer) {
-        self.owned(SlotOp::WriteFrom { remote: dst, buf, range }).await
+    pub fn write_from(
+        &self,
+        dst: GlobalAddr,
+        buf: E::Buffer,
+        range: Range<usize>,
+    ) -> impl Future<Output = (Result<()>, E::Buffer)> + '_ {
+        OpFuture::new(self, Single::WriteFrom { remote: dst, buf: Some(buf), range }, |o| o.buffer())
     }
 
     /// Starts a batch: operations posted together (one doorbell per node) and awaited together.
     pub fn batch<'b>(&self) -> AsyncBatch<'_, 'b, E> {
         AsyncBatch { ep: self, ops: SmallVec::new() }
-    }
-
-    async fn atomic(&self, kind: OpKind, addr: GlobalAddr, op: SlotOp<'_, E::Buffer>) -> Result<u64> {
-        self.check(kind, addr, 8)?;
-        let slots = self.claim(1).await?;
-        self.queue(&slots, 0, op)?;
-        self.wait(&slots, 0).await.0?;
-        Ok(self.inner.borrow().ep.slot_word(slots.ids[0]))
-    }
-
-    async fn owned(&self, op: SlotOp<'_, E::Buffer>) -> (Result<()>, E::Buffer) {
-        let slots = match self.claim(1).await {
-            Ok(s) => s,
-            Err(e) => return (Err(e), take_buf(op)),
-        };
-        let queued = self.inner.borrow_mut().ep.queue(slots.ids[0], op);
-        if let Err((e, buf)) = queued {
-            return (Err(e), buf.expect("the transport hands a moved-in buffer back"));
-        }
-        self.mark_queued(&slots, 0);
-        let (result, buf) = self.wait(&slots, 0).await;
-        (result, buf.expect("the transport hands a moved-in buffer back"))
     }
 
     /// Validates an operation on a slot's memory (the transport checks again).
@@ -665,7 +679,7 @@ impl<E: Submit> AsyncEndpoint<E> {
         let mut inner = self.inner.borrow_mut();
         inner.slots[slots.ids[k] as usize] = Slot::Queued(None);
         inner.in_flight += 1;
-        inner.unrung = true;
+        inner.unrung += 1;
     }
 
     /// Waits for slot `k` of `slots` to complete.
@@ -675,7 +689,7 @@ impl<E: Submit> AsyncEndpoint<E> {
         std::future::poll_fn(|cx| {
             let mut wakes = Wakes::new();
             let out = self.inner.borrow_mut().poll_slot(slot, &mut yielded, cx, &self.idle, &mut wakes);
-            wake_all(wakes);
+            wake_all(&mut wakes);
             out
         })
         .await
@@ -683,32 +697,252 @@ impl<E: Submit> AsyncEndpoint<E> {
 
     /// Posts what is queued now (a batch does not wait for other futures).
     fn ring(&self) {
-        let mut inner = self.inner.borrow_mut();
-        if std::mem::take(&mut inner.unrung) {
-            inner.ep.ring();
-        }
+        self.inner.borrow_mut().ring();
     }
 }
 
 impl<E: Submit> Drop for AsyncEndpoint<E> {
     fn drop(&mut self) {
         let inner = self.inner.get_mut();
-        if inner.unrung {
-            inner.ep.ring(); // queued by futures since dropped: they run, as posted ones do
-        }
+        inner.ring(); // queued by futures since dropped: they run, as posted ones do
     }
 }
 
-fn wake_all(wakes: Wakes) {
-    for w in wakes {
+fn wake_all(wakes: &mut Wakes) {
+    for w in wakes.drain(..) {
         w.wake();
     }
 }
 
-fn take_buf<B>(op: SlotOp<'_, B>) -> B {
-    match op {
-        SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => buf,
-        _ => unreachable!("only owned operations carry a buffer"),
+/// A single operation's parameters, and where its result goes.
+enum Single<'a, B> {
+    Read { remote: GlobalAddr, dst: &'a mut [u8] },
+    ReadWord { remote: GlobalAddr },
+    Write { remote: GlobalAddr, src: &'a [u8] },
+    WriteWord { remote: GlobalAddr, value: [u8; 8] },
+    CompareSwap { remote: GlobalAddr, expected: u64, new: u64 },
+    FetchAdd { remote: GlobalAddr, add: u64 },
+    ReadInto { remote: GlobalAddr, buf: Option<B>, range: Range<usize> },
+    WriteFrom { remote: GlobalAddr, buf: Option<B>, range: Range<usize> },
+}
+
+/// What a single operation ended with, before its method's output is made of it.
+enum Outcome<B> {
+    Unit(Result<()>),
+    Word(Result<u64>),
+    Buffer(Result<()>, B),
+}
+
+impl<B> Outcome<B> {
+    fn unit(self) -> Result<()> {
+        match self {
+            Outcome::Unit(r) | Outcome::Buffer(r, _) => r,
+            Outcome::Word(r) => r.map(|_| ()),
+        }
+    }
+
+    fn word(self) -> Result<u64> {
+        match self {
+            Outcome::Word(r) => r,
+            Outcome::Unit(r) | Outcome::Buffer(r, _) => r.map(|()| 0),
+        }
+    }
+
+    fn buffer(self) -> (Result<()>, B) {
+        match self {
+            Outcome::Buffer(r, b) => (r, b),
+            _ => unreachable!("only buffer operations end with a buffer"),
+        }
+    }
+}
+
+enum Stage {
+    /// Not polled yet, or waiting for a slot (with its place among the claimers).
+    Start(Option<u64>),
+    /// Queued in this slot; whether it yielded once already.
+    Flight(u32, bool),
+    Finished,
+}
+
+/// The future of one operation: claims a slot, queues the operation, waits for its completion
+/// and copies its result out, with one borrow of the endpoint per poll. (Written out by hand:
+/// every nanosecond here is on the latency path.)
+struct OpFuture<'a, E: Submit, T> {
+    ep: &'a AsyncEndpoint<E>,
+    op: Single<'a, E::Buffer>,
+    stage: Stage,
+    output: fn(Outcome<E::Buffer>) -> T,
+}
+
+impl<'a, E: Submit, T> OpFuture<'a, E, T> {
+    fn new(ep: &'a AsyncEndpoint<E>, op: Single<'a, E::Buffer>, output: fn(Outcome<E::Buffer>) -> T) -> Self {
+        OpFuture { ep, op, stage: Stage::Start(None), output }
+    }
+
+    /// The operation as the transport takes it (a buffer moves in).
+    fn slot_op<'s>(op: &'s mut Single<'a, E::Buffer>) -> SlotOp<'s, E::Buffer> {
+        match op {
+            Single::Read { remote, dst } => SlotOp::Read { remote: *remote, len: dst.len() },
+            Single::ReadWord { remote } => SlotOp::Read { remote: *remote, len: 8 },
+            Single::Write { remote, src } => SlotOp::Write { remote: *remote, src },
+            Single::WriteWord { remote, value } => SlotOp::Write { remote: *remote, src: &value[..] },
+            Single::CompareSwap { remote, expected, new } => {
+                SlotOp::CompareSwap { remote: *remote, expected: *expected, new: *new }
+            }
+            Single::FetchAdd { remote, add } => SlotOp::FetchAdd { remote: *remote, add: *add },
+            Single::ReadInto { remote, buf, range } => {
+                SlotOp::ReadInto { remote: *remote, buf: buf.take().expect("queued once"), range: range.clone() }
+            }
+            Single::WriteFrom { remote, buf, range } => {
+                SlotOp::WriteFrom { remote: *remote, buf: buf.take().expect("queued once"), range: range.clone() }
+            }
+        }
+    }
+
+    /// A zero-length transfer: validated, and done without a slot.
+    fn empty(&self) -> Option<(OpKind, GlobalAddr)> {
+        match &self.op {
+            Single::Read { remote, dst: [] } => Some((OpKind::Read, *remote)),
+            Single::Write { remote, src: [] } => Some((OpKind::Write, *remote)),
+            _ => None,
+        }
+    }
+
+    /// The outcome of a failure before or at queueing (a moved-in buffer comes back).
+    fn failed(op: &mut Single<'a, E::Buffer>, e: Error, buf: Option<E::Buffer>) -> Outcome<E::Buffer> {
+        match op {
+            Single::ReadInto { buf: mine, .. } | Single::WriteFrom { buf: mine, .. } => {
+                Outcome::Buffer(Err(e), buf.or_else(|| mine.take()).expect("the buffer comes back"))
+            }
+            Single::CompareSwap { .. } | Single::FetchAdd { .. } | Single::ReadWord { .. } => Outcome::Word(Err(e)),
+            _ => Outcome::Unit(Err(e)),
+        }
+    }
+
+    /// The outcome of a completion: results copied out of the slot.
+    fn completed(
+        op: &mut Single<'a, E::Buffer>,
+        ep: &E,
+        slot: u32,
+        result: Result<()>,
+        buf: Option<E::Buffer>,
+    ) -> Outcome<E::Buffer> {
+        match op {
+            Single::ReadInto { .. } | Single::WriteFrom { .. } => {
+                Outcome::Buffer(result, buf.expect("the transport hands a moved-in buffer back"))
+            }
+            Single::Read { dst, .. } => {
+                Outcome::Unit(result.map(|()| dst.copy_from_slice(ep.slot_bytes(slot, dst.len()))))
+            }
+            Single::ReadWord { .. } => {
+                Outcome::Word(result.map(|()| u64::from_le_bytes(ep.slot_bytes(slot, 8).try_into().expect("8 bytes"))))
+            }
+            Single::CompareSwap { .. } | Single::FetchAdd { .. } => Outcome::Word(result.map(|()| ep.slot_word(slot))),
+            Single::Write { .. } | Single::WriteWord { .. } => Outcome::Unit(result),
+        }
+    }
+}
+
+// Nothing in it is pinned (it never hands out pinned references to its fields; a buffer in it
+// only moves into the transport), so moving it is fine.
+impl<E: Submit, T> Unpin for OpFuture<'_, E, T> {}
+
+impl<E: Submit, T> Future for OpFuture<'_, E, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        let mut wakes = Wakes::new();
+        let out = this.step(cx, &mut wakes);
+        wake_all(&mut wakes);
+        out.map(this.output)
+    }
+}
+
+impl<'a, E: Submit, T> OpFuture<'a, E, T> {
+    fn step(&mut self, cx: &mut Context<'_>, wakes: &mut Wakes) -> Poll<Outcome<E::Buffer>> {
+        let ep = self.ep;
+        let mut inner = ep.inner.borrow_mut();
+        if let Stage::Start(place) = self.stage {
+            if let Some((kind, addr)) = self.empty() {
+                self.stage = Stage::Finished;
+                let r = validate(kind, addr, 0, inner.ep.nodes(), 0);
+                return Poll::Ready(Outcome::Unit(r));
+            }
+            if let Some(mine) = place {
+                if let Ok(at) = inner.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
+                    inner.claimers.remove(at);
+                }
+                self.stage = Stage::Start(None);
+            }
+            let Some(slot) = inner.free.pop() else {
+                let mine = inner.next_claimer;
+                inner.next_claimer += 1;
+                inner.claimers.push_back((mine, cx.waker().clone()));
+                self.stage = Stage::Start(Some(mine));
+                // Slots free only when someone reaps; with no driver, this future drives.
+                if inner.driver.is_none() && inner.in_flight > 0 {
+                    match inner.drive(cx.waker(), &ep.idle, wakes) {
+                        Drive::Sleep => {}
+                        Drive::Progress | Drive::Spin => cx.waker().wake_by_ref(),
+                    }
+                }
+                return Poll::Pending;
+            };
+            let queued = inner.ep.queue(slot, Self::slot_op(&mut self.op));
+            if let Err((e, buf)) = queued {
+                inner.free.push(slot);
+                self.stage = Stage::Finished;
+                return Poll::Ready(Self::failed(&mut self.op, e, buf));
+            }
+            inner.slots[slot as usize] = Slot::Queued(None);
+            inner.in_flight += 1;
+            inner.unrung += 1;
+            self.stage = Stage::Flight(slot, false);
+        }
+        let Stage::Flight(slot, ref mut yielded) = self.stage else {
+            panic!("an rdmem operation future polled after it completed");
+        };
+        let (result, buf) = std::task::ready!(inner.poll_slot(slot, yielded, cx, &ep.idle, wakes));
+        let out = Self::completed(&mut self.op, &inner.ep, slot, result, buf);
+        inner.slots[slot as usize] = Slot::Free;
+        inner.free.push(slot);
+        inner.wake_claimers(1, wakes);
+        self.stage = Stage::Finished;
+        Poll::Ready(out)
+    }
+}
+
+impl<E: Submit, T> Drop for OpFuture<'_, E, T> {
+    fn drop(&mut self) {
+        let mut wakes = Wakes::new();
+        if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
+            match self.stage {
+                Stage::Start(Some(mine)) => {
+                    if let Ok(at) = inner.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
+                        inner.claimers.remove(at);
+                    }
+                    if !inner.free.is_empty() {
+                        inner.wake_claimers(1, &mut wakes); // a slot freed for this one
+                    }
+                }
+                Stage::Flight(slot, _) => match inner.slots[slot as usize] {
+                    Slot::Queued(_) => {
+                        // In flight: the slot (and a buffer in it) waits for the completion.
+                        inner.slots[slot as usize] = Slot::Orphan;
+                        inner.resign(slot, &mut wakes);
+                    }
+                    _ => {
+                        inner.slots[slot as usize] = Slot::Free; // done, result not taken
+                        inner.free.push(slot);
+                        inner.resign(slot, &mut wakes);
+                        inner.wake_claimers(1, &mut wakes);
+                    }
+                },
+                Stage::Start(None) | Stage::Finished => {}
+            }
+        }
+        wake_all(&mut wakes);
     }
 }
 
@@ -741,8 +975,13 @@ impl<'a, E: Submit> Future for Claim<'a, E> {
                     inner.claimers.remove(at);
                 }
                 self.id = None;
-                let at = inner.free.len() - n;
-                let ids: SmallVec<[u32; 4]> = inner.free.drain(at..).collect();
+                let mut ids: SmallVec<[u32; 4]> = SmallVec::new();
+                if n == 1 {
+                    ids.push(inner.free.pop().expect("a free slot"));
+                } else {
+                    let at = inner.free.len() - n;
+                    ids.extend(inner.free.drain(at..));
+                }
                 for &s in &ids {
                     inner.slots[s as usize] = Slot::Claimed;
                 }
@@ -776,7 +1015,7 @@ impl<'a, E: Submit> Future for Claim<'a, E> {
                 Poll::Pending
             }
         };
-        wake_all(wakes);
+        wake_all(&mut wakes);
         out
     }
 }
@@ -793,7 +1032,7 @@ impl<E: Submit> Drop for Claim<'_, E> {
                 inner.wake_claimers(1, &mut wakes);
             }
         }
-        wake_all(wakes);
+        wake_all(&mut wakes);
     }
 }
 
@@ -826,7 +1065,7 @@ impl<E: Submit> Drop for Slots<'_, E> {
             }
             inner.wake_claimers(freed, &mut wakes);
         }
-        wake_all(wakes);
+        wake_all(&mut wakes);
     }
 }
 

@@ -457,7 +457,9 @@ where
             // Poll some of them 0, 1 or 2 times (not queued, queued, posted), then drop all.
             for (k, f) in futs.iter_mut().enumerate() {
                 for _ in 0..(k + round) % 3 {
-                    let _ = f.as_mut().poll(&mut cx);
+                    if f.as_mut().poll(&mut cx).is_ready() {
+                        break;
+                    }
                 }
             }
         }

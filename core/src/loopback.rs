@@ -285,8 +285,8 @@ impl Submit for LoopbackEndpoint {
     }
 
     fn ring(&mut self) {
-        let queued = std::mem::take(&mut self.aio.queued);
-        for (slot, q) in queued {
+        let mut queued = std::mem::take(&mut self.aio.queued);
+        for (slot, q) in queued.drain(..) {
             let at = slot as usize * self.aio.slot_bytes;
             let mut memory = std::mem::take(&mut self.aio.memory);
             let (result, buf) = match q {
@@ -320,6 +320,7 @@ impl Submit for LoopbackEndpoint {
             self.aio.memory = memory;
             self.aio.done.push(Completion { slot, result, buf });
         }
+        self.aio.queued = queued; // keeps its allocation
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(Completion<LoopbackBuffer>)) -> usize {

@@ -183,10 +183,12 @@ fn dropping_futures_and_the_endpoint_mid_flight_is_safe() {
             let mut big = Box::pin(ep.read_into(GlobalAddr::new(NodeId(0), 0).unwrap(), buf, 0..8 << 20));
             let mut small = Box::pin(ep.read(scratch(0), &mut dst));
             let mut add = Box::pin(ep.faa(scratch(0).checked_add(8192).unwrap(), 1));
+            // Each polled until it is in flight (or done): twice at most.
+            let (mut b, mut s, mut a) = (false, false, false);
             for _ in 0..2 {
-                let _ = big.as_mut().poll(&mut cx);
-                let _ = small.as_mut().poll(&mut cx);
-                let _ = add.as_mut().poll(&mut cx);
+                b = b || big.as_mut().poll(&mut cx).is_ready();
+                s = s || small.as_mut().poll(&mut cx).is_ready();
+                a = a || add.as_mut().poll(&mut cx).is_ready();
             }
         }
         dst.fill(0xee); // the READ was dropped: its destination is ours

@@ -39,6 +39,9 @@ struct SlotInfo {
     remote: GlobalAddr,
     /// A buffer moved in for the flight (read_into/write_from).
     buf: Option<RdmaBuffer>,
+    /// When this slot's request was the signaled last of its doorbell: the unsignaled slots
+    /// posted before it, which its successful completion completes too (RC completes in order).
+    covers: Vec<u32>,
 }
 
 /// An endpoint's async state: see the module docs.
@@ -48,8 +51,8 @@ pub(crate) struct AsyncSlots {
     slots: Vec<SlotInfo>,
     /// Per connection: requests queued since the last ring, and the slot of each.
     pending: Vec<(WrList, Vec<u32>)>,
-    /// Per connection: slots in flight, and since when (the first post after its last
-    /// completion) nothing of theirs completed.
+    /// Per connection: slots in flight, and since when (the first stall check after its last
+    /// completion: the clock is not read on the data path) nothing of theirs completed.
     in_flight: Vec<u32>,
     stalled_since: Vec<Option<Instant>>,
     /// Slots failed without a completion (failed post or poll, dead node, deadline), for the
@@ -194,11 +197,21 @@ impl RdmaEndpoint {
     /// the queue pair; the requests not posted fail at once, those posted come back flushed.
     fn ring_conn(&mut self, c: usize) {
         let aio = self.aio.as_mut().expect("slots");
-        let list = &mut aio.pending[c].0;
-        if list.wrs.is_empty() {
+        let (list, slots) = &mut aio.pending[c];
+        let n = list.wrs.len();
+        if n == 0 {
             return;
         }
-        let first = list.link();
+        // Only the last request is signaled: its completion stands for the others, unless one
+        // fails (a failed request completes, signaled or not, and flushes the rest).
+        for wr in &mut list.wrs[..n - 1] {
+            wr.send_flags &= !ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        let last = slots[n - 1] as usize;
+        let covers = &mut aio.slots[last].covers;
+        covers.clear();
+        covers.extend_from_slice(&slots[..n - 1]);
+        let first = aio.pending[c].0.link();
         let posted = if std::mem::take(&mut self.post_fault) {
             self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
         } else {
@@ -207,9 +220,6 @@ impl RdmaEndpoint {
             unsafe { self.conns[c].post(first) }
         };
         let aio = self.aio.as_mut().expect("slots");
-        // The deadline runs from the first post after the connection's last completion (the
-        // clock is read after the doorbell, while the device works).
-        aio.stalled_since[c].get_or_insert_with(Instant::now);
         let (list, slots) = &mut aio.pending[c];
         list.wrs.clear();
         list.sges.clear();
@@ -228,25 +238,39 @@ impl RdmaEndpoint {
         aio.pending[c].1.clear();
     }
 
-    /// The completion of a slot's request, or `None` for a stale one.
-    fn slot_completion(&mut self, wc: &rdma_mummy_sys::ibv_wc) -> Option<Completion<RdmaBuffer>> {
+    /// Hands the slots a completion finishes to `done` (none for a stale one); how many.
+    fn slot_completions(&mut self, wc: &rdma_mummy_sys::ibv_wc, done: &mut dyn FnMut(Completion<RdmaBuffer>)) -> usize {
         let aio = self.aio.as_mut().expect("slots");
         let s = (wc.wr_id & 0xffff_ffff) as u32;
         let generation = ((wc.wr_id >> 32) & 0x3fff_ffff) as u32;
-        let info = aio.slots.get(s as usize)?;
+        let Some(info) = aio.slots.get(s as usize) else { return 0 };
         if !info.in_flight || info.generation != generation {
-            return None;
+            return 0;
         }
-        let c = info.conn;
+        let (c, op, addr) = (info.conn, info.op, info.remote);
         aio.stalled_since[c] = None;
+        // The unsignaled requests rung before it that are still in flight succeeded: a failed
+        // one completes (signaled or not), and completions come in order. So they are done,
+        // whatever this one's status.
+        let mut covers = std::mem::take(&mut aio.slots[s as usize].covers);
+        let mut n = 0;
+        for &k in &covers {
+            let info = &aio.slots[k as usize];
+            if info.in_flight && info.conn == c {
+                done(aio.finish(k, Ok(())));
+                n += 1;
+            }
+        }
+        covers.clear();
+        aio.slots[s as usize].covers = covers;
         let result = if wc.status == WorkCompletionStatus::Success as u32 {
             Ok(())
         } else {
-            let (op, addr) = (info.op, info.remote);
             self.conns[c].break_off();
             Err(Error::Completion { op, addr, status: WcStatus::from_code(wc.status), vendor_err: wc.vendor_err })
         };
-        Some(self.aio().finish(s, result))
+        done(self.aio().finish(s, result));
+        n + 1
     }
 }
 
@@ -275,6 +299,7 @@ impl Submit for RdmaEndpoint {
                     op: OpKind::Read,
                     remote: GlobalAddr::NULL,
                     buf: None,
+                    covers: Vec::with_capacity(slots as usize),
                 })
                 .collect(),
             pending: (0..n).map(|_| (WrList::default(), Vec::with_capacity(slots as usize))).collect(),
@@ -349,10 +374,7 @@ impl Submit for RdmaEndpoint {
                     self.write_behind_failed(c, &wc, false, &mut None);
                 }
             } else if wc.wr_id & ASYNC_TAG != 0 {
-                if let Some(completion) = self.slot_completion(&wc) {
-                    done(completion);
-                    count += 1;
-                }
+                count += self.slot_completions(&wc, done);
             }
             // Anything else is a flush of an abandoned sync round: nothing waits for it.
         }
@@ -394,7 +416,7 @@ impl Submit for RdmaEndpoint {
                 Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted,
             };
             let since = *self.aio().stalled_since[c].get_or_insert(now);
-            if gone || now.saturating_duration_since(since) > deadline {
+            if gone || now.saturating_duration_since(since) >= deadline {
                 // Stop the device first: then the slots' memory is no longer written.
                 queue_pair::set_error(&mut self.conns[c].qp);
                 self.conns[c].break_off();
