@@ -25,6 +25,12 @@
 //! An unsignaled request that fails still produces a completion; it is kept on its connection
 //! and reported by the next operation to that node.
 //!
+//! # The async face ([`rdmem_core::aio::Submit`], in `transport/aio.rs`)
+//! Slots of registered memory owned by the endpoint; each doorbell posts one node's queued
+//! requests as one list with only the last signaled; completions are routed back by `wr_id`
+//! (slot and generation); the completion queue has a completion channel that an idle driver
+//! sleeps on.
+//!
 //! A failed completion marks that node's queue pair broken (it is in the error state) and is
 //! reported as [`Error::Completion`] naming the operation and the remote address; the queue pair
 //! flushes the rest. A node that dies shows up as "retry counter exceeded" within seconds.
@@ -419,7 +425,9 @@ impl RdmaEndpoint {
     /// How long an operation waits for its completion before it fails with
     /// [`Error::Timeout`] (default 60 s; checked every few thousand empty polls, so it runs a
     /// few milliseconds over). The queue pairs it waited on are then stopped: make a new
-    /// endpoint for those nodes.
+    /// endpoint for those nodes. Under the async face ([`rdmem_core::aio`]) it counts from the
+    /// first time the waiting driver checks (after its spin) and is checked at least every
+    /// 100 ms while it sleeps.
     pub fn set_completion_deadline(&mut self, deadline: Duration) {
         self.completion_deadline = deadline;
     }

@@ -34,6 +34,8 @@
 //! # Model
 //! - [`RemoteLock`]: one 8-byte word, `holder << 32 | epoch`; CAS to acquire and release;
 //!   leases let waiters take over from a holder that stopped changing the word (crashed).
+//!   [`RemoteLock::lock_async`] takes it through an async endpoint ([`rdmem_core::aio`]):
+//!   the same protocol, and a waiting task lets the executor run others.
 //! - [`CohortLock`]: a process's threads hand a held remote lock to each other locally, a
 //!   bounded number of times in a row, so contention inside a process costs no round trips.
 //!   The one local handover implementation: the DSM's locks are cohort locks too.
