@@ -110,3 +110,24 @@ fn the_sync_and_async_faces_exclude_each_other() {
     });
     assert_eq!(transport.endpoint().unwrap().read_u64(counter).unwrap(), 600);
 }
+
+#[test]
+fn a_guard_dropped_while_another_operation_is_in_flight_releases_without_blocking() {
+    // Completions that take a while, so the other operation is really in flight.
+    let options = rdmem_core::LoopbackOptions { async_reaps: 200, ..Default::default() };
+    let transport = LoopbackTransport::with_options(&[1 << 20], options);
+    let ep = AsyncEndpoint::new(transport.endpoint().unwrap()).unwrap();
+    let lock = RemoteLock::new(addr(0), 1, Duration::from_secs(30)).unwrap();
+    block_on(async {
+        let guard = lock.lock_async(&ep).await.unwrap();
+        let mut other = Box::pin(ep.faa(addr(64), 1));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(other.as_mut().poll(&mut cx).is_pending(), "queued");
+        drop(guard); // posts the release and returns at once
+        assert_eq!(other.await.unwrap(), 0);
+        // The release lands: the same holder can take the lock again.
+        let again = lock.lock_async(&ep).await.unwrap();
+        again.unlock().await.unwrap();
+    });
+    assert_eq!(transport.endpoint().unwrap().read_u64(addr(0)).unwrap(), 0);
+}

@@ -53,12 +53,20 @@
 //! the completion arrives, then is recycled (the buffer is dropped). Your `&mut [u8]` is not
 //! written after the drop. The operation itself may or may not take effect, as with any
 //! operation whose outcome is not awaited. Dropping the `AsyncEndpoint` waits for nothing: the
-//! transport stops its queue pairs before it frees any memory.
+//! transport stops its queue pairs before it frees any memory (it may wait up to 100 ms for its
+//! helper thread). A future dropped before its operation was posted has it posted at once.
+//!
+//! **Keep polling what you start.** One waiting future polls the completion queue for all of
+//! them. If its task stops polling it (say a `select` returned the other branch and the first
+//! is kept for later), another future of the same endpoint takes the driving over when it is
+//! polled twice with no progress in between; a future held unpolled in one task can still hold
+//! up futures of *other* tasks on the same endpoint until it is polled or dropped.
 //!
 //! # Doorbells and completions
-//! An operation's future is queued on its first poll and, when others are in flight, yields
-//! once, so that every future the executor polls in the same pass is posted together, with one
-//! doorbell per node (alone, it posts at once). All of them
+//! An operation's future is queued on its first poll and yields once
+//! ([`AsyncOptions::coalesce`]), so that every future the executor polls in the same pass is
+//! posted together, with one doorbell per node; with many in flight, new ones are posted when
+//! the device is about to run dry (no more posted than waiting). All of them
 //! share the endpoint's one completion queue; each completion wakes the future of its slot
 //! (routed by `wr_id`). One waiting future at a time polls the completion queue (the *driver*);
 //! it busy-polls for [`AsyncOptions::spin`] after the last completion, then arms the completion
@@ -279,6 +287,11 @@ struct Inner<E: Submit> {
     unrung: u32,
     /// Doorbells rung (calls of [`Submit::ring`] that had something to post).
     rings: u64,
+    /// Steps of driving so far: a waiting future that sees no step between two of its polls
+    /// takes the driving over (the driver's task may not be polling it).
+    drives: u64,
+    /// When the driver last checked for dead nodes and deadlines.
+    last_check: Option<Instant>,
     /// The slot whose future polls the completion queue.
     driver: Option<u32>,
     in_flight: u32,
@@ -290,7 +303,8 @@ struct Inner<E: Submit> {
     options: AsyncOptions,
 }
 
-/// Wakers to call once the endpoint is no longer borrowed (a waker may poll at once).
+/// Wakers to call once the endpoint is no longer borrowed (a waker may poll at once; only a
+/// future's wake of itself happens under the borrow).
 type Wakes = SmallVec<[Waker; 2]>;
 
 /// What one step of driving the completion queue did.
@@ -354,7 +368,7 @@ impl<E: Submit> Inner<E> {
     /// posts them with one doorbell (one system call on Soft-RoCE), while a lone operation
     /// (nothing posted) goes at once.
     fn ring_if_due(&mut self) {
-        let posted = self.in_flight - self.unrung;
+        let posted = self.in_flight.saturating_sub(self.unrung);
         if self.unrung > 0 && posted <= self.unrung {
             self.ring();
         }
@@ -369,6 +383,7 @@ impl<E: Submit> Inner<E> {
     }
 
     fn drive(&mut self, waker: &Waker, idle: &Idle, wakes: &mut Wakes) -> Drive {
+        self.drives = self.drives.wrapping_add(1);
         self.ring_if_due();
         // Polls in a row before going back to the executor: a round trip through it costs
         // many polls' worth, so a completion is seen sooner, and the executor still runs others
@@ -388,11 +403,18 @@ impl<E: Submit> Inner<E> {
         if self.empty_reaps % 256 != 0 {
             return Drive::Spin;
         }
-        let since = *self.idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < self.options.spin {
+        let now = Instant::now();
+        // Dead nodes and deadlines are checked while others still complete too (every 100 ms).
+        if self.last_check.is_none_or(|t| now.saturating_duration_since(t) >= IDLE_CHECK) {
+            self.last_check = Some(now);
+            self.ep.check_stalled();
+        }
+        let since = *self.idle_since.get_or_insert(now);
+        if now.saturating_duration_since(since) < self.options.spin {
             return Drive::Spin;
         }
         self.ring(); // nothing may stay unposted while the driver sleeps
+        self.last_check = Some(now);
         self.ep.check_stalled();
         if self.ep.arm().is_err() {
             return Drive::Spin; // cannot sleep: keep polling
@@ -424,23 +446,24 @@ impl<E: Submit> Inner<E> {
         }
         self.driver = None;
         if self.in_flight > 0 {
-            if let Some(waker) = self.slots.iter().find_map(|s| match s {
+            let waiting = self.slots.iter().find_map(|s| match s {
                 Slot::Queued(Some(w)) => Some(w.clone()),
                 _ => None,
-            }) {
-                wakes.push(waker);
-            }
+            });
+            // Only orphans left in flight: a future waiting for a slot drives (it stays first).
+            wakes.extend(waiting.or_else(|| self.claimers.front().map(|(_, w)| w.clone())));
         }
     }
 
     fn poll_slot(
         &mut self,
         slot: u32,
-        yielded: &mut bool,
+        wait: &mut Waiting,
         cx: &mut Context<'_>,
         idle: &Idle,
         wakes: &mut Wakes,
     ) -> Poll<(Result<()>, Option<E::Buffer>)> {
+        let yielded = &mut wait.yielded;
         if let Some(done) = self.take_done(slot, wakes) {
             return Poll::Ready(done);
         }
@@ -456,15 +479,25 @@ impl<E: Submit> Inner<E> {
         // Only here, after the yield, is anything posted, so the futures of one pass go
         // together when the first of them is polled again.
         self.ring_if_due();
-        if self.driver.is_some_and(|d| d != slot) {
-            // The driver's reap wakes this future (the driver itself needs no stored waker: it
-            // wakes itself, or the helper thread does).
-            if let Slot::Queued(w) = &mut self.slots[slot as usize] {
-                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *w = Some(cx.waker().clone());
-                }
+        // Whoever reaps this slot's completion wakes this future (even if it drives now: another
+        // may take the driving over).
+        if let Slot::Queued(w) = &mut self.slots[slot as usize] {
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
             }
-            return Poll::Pending;
+        }
+        if self.driver.is_some_and(|d| d != slot) {
+            // The driver polls for everyone, unless it made no step since this future's last
+            // poll: its task may be holding it without polling it (a select that returned the
+            // other branch, say). Then this one drives.
+            if wait.drives_seen != Some(self.drives) {
+                // The first time, look again after one more pass, so that a task that polls only
+                // this future finds out.
+                if wait.drives_seen.replace(self.drives).is_none() {
+                    cx.waker().wake_by_ref();
+                }
+                return Poll::Pending;
+            }
         }
         self.driver = Some(slot);
         match self.drive(cx.waker(), idle, wakes) {
@@ -478,6 +511,15 @@ impl<E: Submit> Inner<E> {
             },
         }
     }
+}
+
+/// A waiting future's own state, kept between its polls.
+#[derive(Default)]
+struct Waiting {
+    /// It yielded once already (coalescing).
+    yielded: bool,
+    /// The driver's step count at its last poll as a non-driver.
+    drives_seen: Option<u64>,
 }
 
 /// The helper thread that sleeps on the completion channel for an idle driver.
@@ -580,6 +622,8 @@ impl<E: Submit> AsyncEndpoint<E> {
             next_claimer: 0,
             unrung: 0,
             rings: 0,
+            drives: 0,
+            last_check: None,
             driver: None,
             in_flight: 0,
             empty_reaps: 0,
@@ -605,6 +649,26 @@ impl<E: Submit> AsyncEndpoint<E> {
     /// [`AsyncOptions::spin`] without a completion) instead of polling.
     pub fn sleeps(&self) -> u64 {
         self.inner.borrow().sleeps
+    }
+
+    /// Posts a compare-and-swap that nobody waits for (its slot is recycled when it completes),
+    /// for a release from a `Drop`, which cannot await. Fails when no slot is free or the
+    /// operation is refused.
+    #[doc(hidden)]
+    pub fn post_detached_cas(&self, addr: GlobalAddr, expected: u64, new: u64) -> Result<()> {
+        let mut inner = self.inner.borrow_mut();
+        let Some(slot) = inner.free.pop() else {
+            return Err(Error::TooManyOps { ops: 1, slots: 0 });
+        };
+        if let Err((e, _)) = inner.ep.queue(slot, SlotOp::CompareSwap { remote: addr, expected, new }) {
+            inner.free.push(slot);
+            return Err(e);
+        }
+        inner.slots[slot as usize] = Slot::Orphan;
+        inner.in_flight += 1;
+        inner.unrung += 1;
+        inner.ring();
+        Ok(())
     }
 
     /// How many doorbells were rung: operations over doorbells is the batching achieved.
@@ -703,10 +767,10 @@ impl<E: Submit> AsyncEndpoint<E> {
     /// Waits for slot `k` of `slots` to complete.
     async fn wait(&self, slots: &Slots<'_, E>, k: usize) -> (Result<()>, Option<E::Buffer>) {
         let slot = slots.ids[k];
-        let mut yielded = false;
+        let mut wait = Waiting::default();
         std::future::poll_fn(|cx| {
             let mut wakes = Wakes::new();
-            let out = self.inner.borrow_mut().poll_slot(slot, &mut yielded, cx, &self.idle, &mut wakes);
+            let out = self.inner.borrow_mut().poll_slot(slot, &mut wait, cx, &self.idle, &mut wakes);
             wake_all(&mut wakes);
             out
         })
@@ -777,8 +841,8 @@ impl<B> Outcome<B> {
 enum Stage {
     /// Not polled yet, or waiting for a slot (with its place among the claimers).
     Start(Option<u64>),
-    /// Queued in this slot; whether it yielded once already.
-    Flight(u32, bool),
+    /// Queued in this slot, and how its waiting stands.
+    Flight(u32, Waiting),
     Finished,
 }
 
@@ -916,12 +980,12 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
             inner.slots[slot as usize] = Slot::Queued(None);
             inner.in_flight += 1;
             inner.unrung += 1;
-            self.stage = Stage::Flight(slot, false);
+            self.stage = Stage::Flight(slot, Waiting::default());
         }
-        let Stage::Flight(slot, ref mut yielded) = self.stage else {
+        let Stage::Flight(slot, ref mut wait) = self.stage else {
             panic!("an rdmem operation future polled after it completed");
         };
-        let (result, buf) = std::task::ready!(inner.poll_slot(slot, yielded, cx, &ep.idle, wakes));
+        let (result, buf) = std::task::ready!(inner.poll_slot(slot, wait, cx, &ep.idle, wakes));
         let out = Self::completed(&mut self.op, &inner.ep, slot, result, buf);
         inner.slots[slot as usize] = Slot::Free;
         inner.free.push(slot);
@@ -947,7 +1011,10 @@ impl<E: Submit, T> Drop for OpFuture<'_, E, T> {
                 Stage::Flight(slot, _) => match inner.slots[slot as usize] {
                     Slot::Queued(_) => {
                         // In flight: the slot (and a buffer in it) waits for the completion.
+                        // Queued and not posted yet, it is posted now, not at some later
+                        // doorbell behind younger operations.
                         inner.slots[slot as usize] = Slot::Orphan;
+                        inner.ring();
                         inner.resign(slot, &mut wakes);
                     }
                     _ => {
@@ -1071,6 +1138,7 @@ impl<E: Submit> Drop for Slots<'_, E> {
                 match inner.slots[s as usize] {
                     Slot::Queued(_) => {
                         inner.slots[s as usize] = Slot::Orphan;
+                        inner.ring(); // posted now, not behind later operations
                         inner.resign(s, &mut wakes);
                     }
                     _ => {
@@ -1327,9 +1395,17 @@ mod timer {
         let mut guard = timer.heap.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let now = Instant::now();
+            let mut due = Vec::new();
             while guard.0.peek().is_some_and(|Reverse(e)| e.0 <= now) {
                 let Reverse(Entry(_, _, waker)) = guard.0.pop().expect("peeked");
-                waker.wake();
+                due.push(waker);
+            }
+            if !due.is_empty() {
+                // Woken without the lock: a waker may register a new sleep at once.
+                drop(guard);
+                due.into_iter().for_each(Waker::wake);
+                guard = timer.heap.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
             }
             guard = match guard.0.peek().map(|Reverse(e)| e.0) {
                 Some(next) => timer.changed.wait_timeout(guard, next - now).unwrap_or_else(|p| p.into_inner()).0,

@@ -35,6 +35,10 @@ pub struct LoopbackOptions {
     /// When set, every `n`-th operation (counted over the whole transport, from 1) fails with
     /// [`Error::Injected`] without taking effect.
     pub fail_every: Option<u64>,
+    /// The async face only: an operation's completion shows up this many
+    /// [`Submit::reap`]s after it was posted (0: at the next), so tests can hold operations in
+    /// flight, as a device does.
+    pub async_reaps: u32,
 }
 
 struct Pool {
@@ -197,14 +201,17 @@ impl LoopbackEndpoint {
 }
 
 /// The loopback side of the async face: operations run when they are posted
-/// ([`Submit::ring`]), in order, and complete at once. Latency injection does not apply to
+/// ([`Submit::ring`]), in order, and complete at once (or after
+/// [`LoopbackOptions::async_reaps`] reaps). Latency injection does not apply to
 /// them (it would block the executor); fault injection and downed nodes do.
 #[derive(Default)]
 struct AsyncSlots {
     slot_bytes: usize,
     memory: Vec<u8>,
     queued: Vec<(u32, Queued)>,
-    done: Vec<Completion<LoopbackBuffer>>,
+    /// Completions, with the reap count from which they show.
+    done: std::collections::VecDeque<(u64, Completion<LoopbackBuffer>)>,
+    reaps: u64,
 }
 
 /// A queued async operation; its local side is the slot's memory or the buffer moved in.
@@ -318,15 +325,19 @@ impl Submit for LoopbackEndpoint {
                 }
             };
             self.aio.memory = memory;
-            self.aio.done.push(Completion { slot, result, buf });
+            let at = self.aio.reaps + self.shared.options.async_reaps as u64;
+            self.aio.done.push_back((at, Completion { slot, result, buf }));
         }
         self.aio.queued = queued; // keeps its allocation
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(Completion<LoopbackBuffer>)) -> usize {
-        let n = self.aio.done.len();
-        for c in self.aio.done.drain(..) {
-            done(c);
+        let now = self.aio.reaps;
+        self.aio.reaps += 1;
+        let mut n = 0;
+        while self.aio.done.front().is_some_and(|(at, _)| *at <= now) {
+            done(self.aio.done.pop_front().expect("front").1);
+            n += 1;
         }
         n
     }

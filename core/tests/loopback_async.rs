@@ -82,3 +82,112 @@ fn bad_options_are_refused() {
         assert!(matches!(r, Err(Error::Config(_))), "{options:?}");
     }
 }
+
+/// Completions that show only a few reaps after their doorbell, as on a device.
+fn delayed(reaps: u32) -> LoopbackTransport {
+    LoopbackTransport::with_options(&[1 << 20], LoopbackOptions { async_reaps: reaps, ..Default::default() })
+}
+
+/// A task as an executor keeps it: a waker that remembers it was woken.
+struct Task(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Task {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Task {
+    fn new() -> (std::sync::Arc<Task>, std::task::Waker) {
+        let task = std::sync::Arc::new(Task(std::sync::atomic::AtomicBool::new(false)));
+        let waker = std::task::Waker::from(std::sync::Arc::clone(&task));
+        (task, waker)
+    }
+
+    fn poll<F: std::future::Future>(waker: &std::task::Waker, f: &mut std::pin::Pin<Box<F>>) -> Option<F::Output> {
+        match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// Polls `f` only after a wake, as an executor would, at most `n` times: its output, or
+    /// `None` if it stalled (pending, and nobody woke the task).
+    fn run<F: std::future::Future>(
+        self: &std::sync::Arc<Self>,
+        waker: &std::task::Waker,
+        f: &mut std::pin::Pin<Box<F>>,
+        n: usize,
+    ) -> Option<F::Output> {
+        for _ in 0..n {
+            if !self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(v) = Task::poll(waker, f) {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
+/// Polls `f` with a waker that does nothing, at most `n` times; its output if it finished.
+fn poll_n<F: std::future::Future>(f: &mut std::pin::Pin<Box<F>>, n: usize) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    (0..n).find_map(|_| match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    })
+}
+
+#[test]
+fn the_same_semantics_with_completions_that_take_a_while() {
+    conformance::async_semantics(&delayed(7), scratch(0));
+    conformance::async_many_in_flight(&delayed(3), scratch(0), 3000);
+    conformance::async_cancellation(&delayed(5), scratch(0), 40);
+}
+
+#[test]
+fn a_dropped_driver_hands_over_to_a_future_waiting_for_a_slot() {
+    let transport = delayed(1000);
+    let options = rdmem_core::aio::AsyncOptions { slots: 1, ..Default::default() };
+    let ep = AsyncEndpoint::with_options(transport.endpoint().unwrap(), options).unwrap();
+    let mut a = Box::pin(ep.faa(scratch(0), 1));
+    assert!(poll_n(&mut a, 5).is_none(), "in flight, and driving");
+    let (task, waker) = Task::new();
+    let mut b = Box::pin(ep.faa(scratch(0), 1));
+    assert!(Task::poll(&waker, &mut b).is_none(), "waiting for the one slot");
+    drop(a); // its slot stays in flight as an orphan; only B is left to reap it
+    let got = task.run(&waker, &mut b, 100_000).expect("B was woken and took the driving over");
+    assert!(got.unwrap() <= 1);
+}
+
+#[test]
+fn a_driver_its_task_stops_polling_does_not_stall_the_others() {
+    let transport = delayed(1000);
+    let ep = AsyncEndpoint::new(transport.endpoint().unwrap()).unwrap();
+    // One task: A and B. A drives, then the task keeps A without polling it again (as after a
+    // select that returned the other branch) and awaits B.
+    let (task, waker) = Task::new();
+    let mut a = Box::pin(ep.faa(scratch(0), 1));
+    for _ in 0..3 {
+        assert!(Task::poll(&waker, &mut a).is_none(), "in flight, and driving");
+    }
+    let mut b = Box::pin(ep.faa(scratch(0).checked_add(8).unwrap(), 1));
+    task.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = task.run(&waker, &mut b, 100_000).expect("B finished although the task never polled A again");
+    assert_eq!(got.unwrap(), 0);
+    assert_eq!(poll_n(&mut a, 100_000).expect("A finishes too").unwrap(), 0);
+}
+
+#[test]
+fn an_unposted_operation_of_a_dropped_future_is_posted_at_once() {
+    let transport = delayed(0);
+    let ep = AsyncEndpoint::new(transport.endpoint().unwrap()).unwrap();
+    let mut a = Box::pin(ep.write_u64(scratch(0), 7));
+    assert!(poll_n(&mut a, 1).is_none(), "queued, yielding before its doorbell");
+    drop(a);
+    // Posted by the drop, so another endpoint sees it without this one doing anything else.
+    let other = AsyncEndpoint::new(transport.endpoint().unwrap()).unwrap();
+    assert_eq!(block_on(other.read_u64(scratch(0))).unwrap(), 7);
+}

@@ -104,6 +104,9 @@ impl RemoteLock {
     /// Acquires the lock through an async endpoint: the same protocol as [`RemoteLock::lock`],
     /// but waiting for the holder lets the executor run other tasks (the back-off is an
     /// [`rdmem_core::aio::sleep`], not a blocked thread).
+    ///
+    /// Cancellation: dropping this future while its CAS is in flight may leave the lock taken
+    /// with no guard to release it; the lease then frees it (others wait about one lease).
     pub async fn lock_async<'e, E: Submit>(&self, ep: &'e AsyncEndpoint<E>) -> Result<AsyncLockGuard<'e, E>> {
         let mut attempt = Acquiring::new();
         loop {
@@ -193,8 +196,9 @@ impl Acquiring {
 /// A lock held through an async endpoint ([`RemoteLock::lock_async`]). Release it with
 /// [`AsyncLockGuard::unlock`]`.await`, after awaiting the critical section's writes (an async
 /// write has completed when its future has, so nothing is left to flush). Dropping the guard
-/// releases too, blocking the thread for that one CAS (it cannot await), and logs it.
-#[must_use = "the lock is held until unlock().await (or drop, which blocks and cannot report errors)"]
+/// releases too: it posts the releasing CAS without waiting for it (a `Drop` cannot await) and
+/// logs that; if that cannot be posted, the lease frees the lock.
+#[must_use = "the lock is held until unlock().await (or drop, which cannot report errors)"]
 pub struct AsyncLockGuard<'e, E: Submit> {
     ep: &'e AsyncEndpoint<E>,
     lock: RemoteLock,
@@ -231,10 +235,8 @@ impl<E: Submit> Drop for AsyncLockGuard<'_, E> {
     fn drop(&mut self) {
         if !self.released {
             tracing::warn!("async lock at {} dropped without unlock().await; releasing it", self.lock.word);
-            match rdmem_core::aio::block_on(self.ep.cas(self.lock.word, self.value, 0)) {
-                Ok(old) if old == self.value => {}
-                Ok(old) => tracing::error!("the dropped lock at {} was taken over (now {old:#x})", self.lock.word),
-                Err(e) => tracing::error!("releasing the dropped lock at {} failed: {e}", self.lock.word),
+            if let Err(e) = self.ep.post_detached_cas(self.lock.word, self.value, 0) {
+                tracing::error!("cannot release the dropped lock at {} ({e}); its lease will free it", self.lock.word);
             }
         }
     }

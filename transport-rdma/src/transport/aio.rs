@@ -65,12 +65,19 @@ impl AsyncSlots {
     fn finish(&mut self, s: u32, result: Result<()>) -> Completion<RdmaBuffer> {
         let info = &mut self.slots[s as usize];
         info.in_flight = false;
+        // Its list stands for a doorbell that is over: a later use of the slot must not inherit it.
+        info.covers.clear();
         self.in_flight[info.conn] -= 1;
         Completion { slot: s, result, buf: info.buf.take() }
     }
 
     /// Fails every slot in flight to connection `c` with the error `make` builds.
     fn fail_conn(&mut self, c: usize, make: &dyn Fn(OpKind, GlobalAddr) -> Error) {
+        // What was queued and not posted goes too: it is failed here, never posted.
+        let (list, queued) = &mut self.pending[c];
+        list.wrs.clear();
+        list.sges.clear();
+        queued.clear();
         for s in 0..self.slots.len() as u32 {
             let info = &self.slots[s as usize];
             if info.in_flight && info.conn == c {
@@ -186,6 +193,7 @@ impl RdmaEndpoint {
             }
         }
         let info = &mut aio.slots[slot as usize];
+        info.covers.clear();
         info.generation = generation;
         info.conn = c;
         info.op = kind;
