@@ -428,6 +428,89 @@ impl<E: Submit> Inner<E> {
         Drive::Sleep
     }
 
+    /// Claims `n` free slots (all at once, so batches cannot deadlock on each other) for the
+    /// claimer whose place in the queue is `place`. Without enough, it takes or keeps its place
+    /// (its waker refreshed) and, if nobody drives, drives: slots free only when someone reaps.
+    fn claim(
+        &mut self,
+        n: usize,
+        place: &mut Option<u64>,
+        cx: &mut Context<'_>,
+        idle: &Idle,
+        wakes: &mut Wakes,
+    ) -> Option<SmallVec<[u32; 4]>> {
+        // Ids only grow, so the queue is sorted by id; a wake for free slots took it out.
+        let at = place.and_then(|mine| self.claimers.binary_search_by_key(&mine, |(i, _)| *i).ok());
+        if self.free.len() >= n {
+            if let Some(at) = at {
+                self.claimers.remove(at);
+            }
+            *place = None;
+            let mut ids: SmallVec<[u32; 4]> = SmallVec::new();
+            if n == 1 {
+                ids.push(self.free.pop().expect("a free slot"));
+            } else {
+                let from = self.free.len() - n;
+                ids.extend(self.free.drain(from..));
+            }
+            for &s in &ids {
+                self.slots[s as usize] = Slot::Claimed;
+            }
+            if !self.free.is_empty() {
+                self.wake_claimers(1, wakes); // others may fit in what is left
+            }
+            return Some(ids);
+        }
+        match at {
+            Some(at) => {
+                let waker = &mut self.claimers[at].1;
+                if !waker.will_wake(cx.waker()) {
+                    *waker = cx.waker().clone();
+                }
+            }
+            None => {
+                let mine = self.next_claimer;
+                self.next_claimer += 1;
+                self.claimers.push_back((mine, cx.waker().clone()));
+                *place = Some(mine);
+            }
+        }
+        if self.driver.is_none() && self.in_flight > 0 {
+            match self.drive(cx.waker(), idle, wakes) {
+                Drive::Sleep => {}
+                Drive::Progress | Drive::Spin => cx.waker().wake_by_ref(),
+            }
+        }
+        None
+    }
+
+    /// A claim dropped while it waits: gives up its place, and a slot freed for it goes on.
+    fn withdraw(&mut self, place: Option<u64>, wakes: &mut Wakes) {
+        let Some(mine) = place else { return };
+        if let Ok(at) = self.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
+            self.claimers.remove(at);
+        }
+        if !self.free.is_empty() {
+            self.wake_claimers(1, wakes);
+        }
+    }
+
+    /// A future lets `slot` go: in flight, it stays with the endpoint as an orphan (posted now
+    /// if it was only queued, not at some later doorbell behind younger operations) until its
+    /// completion; otherwise (claimed, or done and not taken: a buffer in it is dropped) it is
+    /// free again at once.
+    fn release(&mut self, slot: u32, wakes: &mut Wakes) {
+        if matches!(self.slots[slot as usize], Slot::Queued(_)) {
+            self.slots[slot as usize] = Slot::Orphan;
+            self.ring();
+        } else {
+            self.slots[slot as usize] = Slot::Free;
+            self.free.push(slot);
+            self.wake_claimers(1, wakes);
+        }
+        self.resign(slot, wakes);
+    }
+
     /// The result of `slot` if it completed (the slot stays claimed by its future).
     fn take_done(&mut self, slot: u32, wakes: &mut Wakes) -> Option<(Result<()>, Option<E::Buffer>)> {
         let s = slot as usize;
@@ -945,35 +1028,19 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
     fn step(&mut self, cx: &mut Context<'_>, wakes: &mut Wakes) -> Poll<Outcome<E::Buffer>> {
         let ep = self.ep;
         let mut inner = ep.inner.borrow_mut();
-        if let Stage::Start(place) = self.stage {
+        if let Stage::Start(mut place) = self.stage {
             if let Some((kind, addr)) = self.empty() {
                 self.stage = Stage::Finished;
                 let r = validate(kind, addr, 0, inner.ep.nodes(), 0);
                 return Poll::Ready(Outcome::Unit(r));
             }
-            if let Some(mine) = place {
-                if let Ok(at) = inner.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
-                    inner.claimers.remove(at);
-                }
-                self.stage = Stage::Start(None);
-            }
-            let Some(slot) = inner.free.pop() else {
-                let mine = inner.next_claimer;
-                inner.next_claimer += 1;
-                inner.claimers.push_back((mine, cx.waker().clone()));
-                self.stage = Stage::Start(Some(mine));
-                // Slots free only when someone reaps; with no driver, this future drives.
-                if inner.driver.is_none() && inner.in_flight > 0 {
-                    match inner.drive(cx.waker(), &ep.idle, wakes) {
-                        Drive::Sleep => {}
-                        Drive::Progress | Drive::Spin => cx.waker().wake_by_ref(),
-                    }
-                }
-                return Poll::Pending;
-            };
+            let claimed = inner.claim(1, &mut place, cx, &ep.idle, wakes);
+            self.stage = Stage::Start(place);
+            let Some(ids) = claimed else { return Poll::Pending };
+            let slot = ids[0];
             let queued = inner.ep.queue(slot, Self::slot_op(&mut self.op));
             if let Err((e, buf)) = queued {
-                inner.free.push(slot);
+                inner.release(slot, wakes);
                 self.stage = Stage::Finished;
                 return Poll::Ready(Self::failed(&mut self.op, e, buf));
             }
@@ -987,9 +1054,7 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
         };
         let (result, buf) = std::task::ready!(inner.poll_slot(slot, wait, cx, &ep.idle, wakes));
         let out = Self::completed(&mut self.op, &inner.ep, slot, result, buf);
-        inner.slots[slot as usize] = Slot::Free;
-        inner.free.push(slot);
-        inner.wake_claimers(1, wakes);
+        inner.release(slot, wakes);
         self.stage = Stage::Finished;
         Poll::Ready(out)
     }
@@ -1000,31 +1065,9 @@ impl<E: Submit, T> Drop for OpFuture<'_, E, T> {
         let mut wakes = Wakes::new();
         if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
             match self.stage {
-                Stage::Start(Some(mine)) => {
-                    if let Ok(at) = inner.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
-                        inner.claimers.remove(at);
-                    }
-                    if !inner.free.is_empty() {
-                        inner.wake_claimers(1, &mut wakes); // a slot freed for this one
-                    }
-                }
-                Stage::Flight(slot, _) => match inner.slots[slot as usize] {
-                    Slot::Queued(_) => {
-                        // In flight: the slot (and a buffer in it) waits for the completion.
-                        // Queued and not posted yet, it is posted now, not at some later
-                        // doorbell behind younger operations.
-                        inner.slots[slot as usize] = Slot::Orphan;
-                        inner.ring();
-                        inner.resign(slot, &mut wakes);
-                    }
-                    _ => {
-                        inner.slots[slot as usize] = Slot::Free; // done, result not taken
-                        inner.free.push(slot);
-                        inner.resign(slot, &mut wakes);
-                        inner.wake_claimers(1, &mut wakes);
-                    }
-                },
-                Stage::Start(None) | Stage::Finished => {}
+                Stage::Start(place) => inner.withdraw(place, &mut wakes),
+                Stage::Flight(slot, _) => inner.release(slot, &mut wakes),
+                Stage::Finished => {}
             }
         }
         wake_all(&mut wakes);
@@ -1046,76 +1089,27 @@ impl<'a, E: Submit> Future for Claim<'a, E> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (ep, n) = (self.ep, self.n);
         let mut wakes = Wakes::new();
-        let out = {
+        let claimed = {
             let mut inner = ep.inner.borrow_mut();
             let total = inner.options.slots;
             if n > total as usize {
                 return Poll::Ready(Err(Error::TooManyOps { ops: n, slots: total }));
             }
-            // Its place in the queue (ids only grow, so the queue is sorted by id), if it
-            // still has one: a wake for free slots took it out.
-            let place = self.id.and_then(|mine| inner.claimers.binary_search_by_key(&mine, |(i, _)| *i).ok());
-            if inner.free.len() >= n {
-                if let Some(at) = place {
-                    inner.claimers.remove(at);
-                }
-                self.id = None;
-                let mut ids: SmallVec<[u32; 4]> = SmallVec::new();
-                if n == 1 {
-                    ids.push(inner.free.pop().expect("a free slot"));
-                } else {
-                    let at = inner.free.len() - n;
-                    ids.extend(inner.free.drain(at..));
-                }
-                for &s in &ids {
-                    inner.slots[s as usize] = Slot::Claimed;
-                }
-                if !inner.free.is_empty() {
-                    inner.wake_claimers(1, &mut wakes); // others may fit in what is left
-                }
-                Poll::Ready(Ok(Slots { ep, ids }))
-            } else {
-                match place {
-                    Some(at) => {
-                        let waker = &mut inner.claimers[at].1;
-                        if !waker.will_wake(cx.waker()) {
-                            *waker = cx.waker().clone();
-                        }
-                    }
-                    None => {
-                        let mine = inner.next_claimer;
-                        inner.next_claimer += 1;
-                        inner.claimers.push_back((mine, cx.waker().clone()));
-                        self.id = Some(mine);
-                    }
-                }
-                // Slots free only when someone reaps; with no driver (every in-flight future
-                // was dropped, say), this claim drives.
-                if inner.driver.is_none() && inner.in_flight > 0 {
-                    match inner.drive(cx.waker(), &ep.idle, &mut wakes) {
-                        Drive::Sleep => {}
-                        Drive::Progress | Drive::Spin => cx.waker().wake_by_ref(),
-                    }
-                }
-                Poll::Pending
-            }
+            inner.claim(n, &mut self.id, cx, &ep.idle, &mut wakes)
         };
         wake_all(&mut wakes);
-        out
+        match claimed {
+            Some(ids) => Poll::Ready(Ok(Slots { ep, ids })),
+            None => Poll::Pending,
+        }
     }
 }
 
 impl<E: Submit> Drop for Claim<'_, E> {
     fn drop(&mut self) {
-        let Some(mine) = self.id else { return };
         let mut wakes = Wakes::new();
         if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
-            if let Ok(at) = inner.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
-                inner.claimers.remove(at);
-            }
-            if !inner.free.is_empty() {
-                inner.wake_claimers(1, &mut wakes);
-            }
+            inner.withdraw(self.id, &mut wakes);
         }
         wake_all(&mut wakes);
     }
@@ -1131,25 +1125,10 @@ struct Slots<'a, E: Submit> {
 impl<E: Submit> Drop for Slots<'_, E> {
     fn drop(&mut self) {
         let mut wakes = Wakes::new();
-        {
-            let Ok(mut inner) = self.ep.inner.try_borrow_mut() else { return };
-            let mut freed = 0;
+        if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
             for &s in &self.ids {
-                match inner.slots[s as usize] {
-                    Slot::Queued(_) => {
-                        inner.slots[s as usize] = Slot::Orphan;
-                        inner.ring(); // posted now, not behind later operations
-                        inner.resign(s, &mut wakes);
-                    }
-                    _ => {
-                        // Claimed, or done and not taken (its buffer is dropped here).
-                        inner.slots[s as usize] = Slot::Free;
-                        inner.free.push(s);
-                        freed += 1;
-                    }
-                }
+                inner.release(s, &mut wakes);
             }
-            inner.wake_claimers(freed, &mut wakes);
         }
         wake_all(&mut wakes);
     }
