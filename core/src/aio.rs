@@ -165,6 +165,32 @@ pub enum SlotOp<'a, B> {
     },
 }
 
+impl<B: std::ops::Deref<Target = [u8]>> SlotOp<'_, B> {
+    /// Checks the operation as every transport must before queueing it ([`Op::validate`]'s
+    /// rules): a moved-in buffer's range inside the buffer, the remote range on a known node
+    /// and inside its pool, atomics aligned, and a transfer through the slot's memory at most
+    /// `slot_bytes` (one through a buffer at most `max_transfer`).
+    ///
+    /// [`Op::validate`]: crate::Op::validate
+    pub fn validate(&self, nodes: &[NodeInfo], slot_bytes: usize, max_transfer: u64) -> Result<()> {
+        let small = slot_bytes as u64;
+        let (kind, remote, len, max) = match self {
+            SlotOp::Read { remote, len } => (OpKind::Read, *remote, *len as u64, small),
+            SlotOp::Write { remote, src } => (OpKind::Write, *remote, src.len() as u64, small),
+            SlotOp::ReadInto { remote, buf, range } | SlotOp::WriteFrom { remote, buf, range } => {
+                if range.start > range.end || range.end > buf.len() {
+                    return Err(Error::LocalRange { start: range.start, end: range.end, len: buf.len() });
+                }
+                let kind = if matches!(self, SlotOp::ReadInto { .. }) { OpKind::Read } else { OpKind::Write };
+                (kind, *remote, range.len() as u64, max_transfer)
+            }
+            SlotOp::CompareSwap { remote, .. } => (OpKind::CompareSwap, *remote, 8, 8),
+            SlotOp::FetchAdd { remote, .. } => (OpKind::FetchAdd, *remote, 8, 8),
+        };
+        validate(kind, remote, len, nodes, max)
+    }
+}
+
 /// A finished slot, as [`Submit::reap`] reports it.
 #[derive(Debug)]
 pub struct Completion<B> {

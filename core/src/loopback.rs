@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use crate::addr::{GlobalAddr, NodeId};
 use crate::aio::{Completion, SlotOp, Submit, Wait};
-use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport, validate};
-use crate::error::{Error, OpKind, Result};
+use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport};
+use crate::error::{Error, Result};
 
 /// The longest single transfer, as on RDMA (2 GiB).
 const MAX_TRANSFER: u64 = 1 << 31;
@@ -246,46 +246,24 @@ impl Submit for LoopbackEndpoint {
         slot: u32,
         op: SlotOp<'_, LoopbackBuffer>,
     ) -> std::result::Result<(), (Error, Option<LoopbackBuffer>)> {
-        let nodes = &self.shared.nodes;
-        let small = self.aio.slot_bytes as u64;
+        if let Err(e) = op.validate(&self.shared.nodes, self.aio.slot_bytes, MAX_TRANSFER) {
+            let buf = match op {
+                SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => Some(buf),
+                _ => None,
+            };
+            return Err((e, buf));
+        }
         let at = slot as usize * self.aio.slot_bytes;
         let queued = match op {
-            SlotOp::Read { remote, len } => {
-                validate(OpKind::Read, remote, len as u64, nodes, small).map_err(|e| (e, None))?;
-                Queued::Read { remote, len }
-            }
+            SlotOp::Read { remote, len } => Queued::Read { remote, len },
             SlotOp::Write { remote, src } => {
-                validate(OpKind::Write, remote, src.len() as u64, nodes, small).map_err(|e| (e, None))?;
                 self.aio.memory[at..at + src.len()].copy_from_slice(src);
                 Queued::Write { remote, len: src.len() }
             }
-            SlotOp::ReadInto { remote, buf, range } | SlotOp::WriteFrom { remote, buf, range }
-                if range.start > range.end || range.end > buf.len() =>
-            {
-                let e = Error::LocalRange { start: range.start, end: range.end, len: buf.len() };
-                let _ = remote;
-                return Err((e, Some(buf)));
-            }
-            SlotOp::ReadInto { remote, buf, range } => {
-                if let Err(e) = validate(OpKind::Read, remote, range.len() as u64, nodes, MAX_TRANSFER) {
-                    return Err((e, Some(buf)));
-                }
-                Queued::Buffer { remote, buf, range, write: false }
-            }
-            SlotOp::WriteFrom { remote, buf, range } => {
-                if let Err(e) = validate(OpKind::Write, remote, range.len() as u64, nodes, MAX_TRANSFER) {
-                    return Err((e, Some(buf)));
-                }
-                Queued::Buffer { remote, buf, range, write: true }
-            }
-            SlotOp::CompareSwap { remote, expected, new } => {
-                validate(OpKind::CompareSwap, remote, 8, nodes, 8).map_err(|e| (e, None))?;
-                Queued::CompareSwap { remote, expected, new }
-            }
-            SlotOp::FetchAdd { remote, add } => {
-                validate(OpKind::FetchAdd, remote, 8, nodes, 8).map_err(|e| (e, None))?;
-                Queued::FetchAdd { remote, add }
-            }
+            SlotOp::ReadInto { remote, buf, range } => Queued::Buffer { remote, buf, range, write: false },
+            SlotOp::WriteFrom { remote, buf, range } => Queued::Buffer { remote, buf, range, write: true },
+            SlotOp::CompareSwap { remote, expected, new } => Queued::CompareSwap { remote, expected, new },
+            SlotOp::FetchAdd { remote, add } => Queued::FetchAdd { remote, add },
         };
         self.aio.queued.push((slot, queued));
         Ok(())

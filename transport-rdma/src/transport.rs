@@ -672,9 +672,25 @@ impl Connection {
 
     /// What a failed post leaves: the queue pair stopped and broken, `errno` returned.
     fn fail_post(&mut self, errno: i32) -> std::result::Result<(), i32> {
+        self.stop();
+        Err(errno)
+    }
+
+    /// Moves the queue pair to the error state (the device stops touching the memory of its
+    /// requests and flushes them) and marks it broken.
+    fn stop(&mut self) {
         queue_pair::set_error(&mut self.qp);
         self.break_off();
-        Err(errno)
+    }
+
+    /// True when the node's control socket is closed: its process (or machine) is gone.
+    fn is_gone(&self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.control.peek(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted,
+        }
     }
 }
 
@@ -876,15 +892,7 @@ impl RdmaEndpoint {
 
     /// The first connection still waited on whose control socket is closed.
     fn dead_node(&self) -> Option<usize> {
-        let mut byte = [0u8; 1];
-        (0..self.conns.len()).find(|&c| {
-            self.last_wr[c].is_some()
-                && match self.conns[c].control.peek(&mut byte) {
-                    Ok(0) => true,
-                    Ok(_) => false,
-                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted,
-                }
-        })
+        (0..self.conns.len()).find(|&c| self.last_wr[c].is_some() && self.conns[c].is_gone())
     }
 
     /// A round whose completions will not come: move the queue pairs still waited on to the
@@ -896,8 +904,7 @@ impl RdmaEndpoint {
         let mut first = name.and_then(|c| self.last_wr[c]).map(|wr| wr as usize);
         for (c, last) in self.last_wr.iter().enumerate() {
             if let Some(wr) = last {
-                queue_pair::set_error(&mut self.conns[c].qp);
-                self.conns[c].break_off();
+                self.conns[c].stop();
                 first.get_or_insert(*wr as usize);
             }
         }

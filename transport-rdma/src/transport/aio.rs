@@ -15,7 +15,6 @@ use rdma_mummy_sys::{
     ibv_sge, ibv_wr_opcode, rdma_t,
 };
 use rdmem_core::aio::{Completion, SlotOp, Submit, Wait};
-use rdmem_core::endpoint::validate;
 use rdmem_core::{Error, GlobalAddr, LocalBuffer, OpKind, Result, WcStatus};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use sideway::ibverbs::AccessFlags;
@@ -25,7 +24,6 @@ use sideway::ibverbs::queue_pair::QueuePair;
 use super::{BEHIND_TAG, MAX_TRANSFER, POLL_BATCH, RdmaBuffer, RdmaEndpoint, WrList};
 use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
-use crate::queue_pair;
 
 /// The `wr_id` bit of async slots' requests (below [`BEHIND_TAG`]).
 pub(super) const ASYNC_TAG: u64 = 1 << 62;
@@ -126,8 +124,7 @@ impl RdmaEndpoint {
 
     /// Checks `op` and builds its work request; the slot's memory or `buf` is its local side.
     fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<(usize, ibv_send_wr, ibv_sge)> {
-        let nodes = &self.shared.nodes;
-        let small = self.aio.as_ref().expect("slots").slot_bytes as u64;
+        op.validate(&self.shared.nodes, self.aio.as_ref().expect("slots").slot_bytes, MAX_TRANSFER)?;
         let (kind, remote, len) = match op {
             SlotOp::Read { remote, len } => (OpKind::Read, *remote, *len as u64),
             SlotOp::Write { remote, src } => (OpKind::Write, *remote, src.len() as u64),
@@ -136,13 +133,6 @@ impl RdmaEndpoint {
             SlotOp::CompareSwap { remote, .. } => (OpKind::CompareSwap, *remote, 8),
             SlotOp::FetchAdd { remote, .. } => (OpKind::FetchAdd, *remote, 8),
         };
-        let max = if matches!(op, SlotOp::ReadInto { .. } | SlotOp::WriteFrom { .. }) { MAX_TRANSFER } else { small };
-        if let SlotOp::ReadInto { buf, range, .. } | SlotOp::WriteFrom { buf, range, .. } = op {
-            if range.start > range.end || range.end > buf.len() {
-                return Err(Error::LocalRange { start: range.start, end: range.end, len: buf.len() });
-            }
-        }
-        validate(kind, remote, len, nodes, max)?;
         let c = self.conn_index(remote.node());
         self.check_usable(c)?;
         let conn = &self.conns[c];
@@ -348,10 +338,6 @@ impl Submit for RdmaEndpoint {
 
     fn reap(&mut self, done: &mut dyn FnMut(Completion<RdmaBuffer>)) -> usize {
         let mut count = 0;
-        while let Some(c) = self.aio().failed.pop() {
-            done(c);
-            count += 1;
-        }
         let n = if std::mem::take(&mut self.poll_fault) {
             -5 // EIO
         } else {
@@ -364,18 +350,12 @@ impl Submit for RdmaEndpoint {
             // flight first, then fail them.
             for c in 0..self.conns.len() {
                 if self.aio().in_flight[c] > 0 {
-                    queue_pair::set_error(&mut self.conns[c].qp);
-                    self.conns[c].break_off();
+                    self.conns[c].stop();
                     self.aio().fail_conn(c, &|op, addr| Error::Poll { op, addr, errno: -n });
                 }
             }
-            while let Some(c) = self.aio().failed.pop() {
-                done(c);
-                count += 1;
-            }
-            return count;
         }
-        for k in 0..n as usize {
+        for k in 0..n.max(0) as usize {
             let wc = self.wcs[k];
             if wc.wr_id & BEHIND_TAG != 0 {
                 if let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) {
@@ -385,6 +365,11 @@ impl Submit for RdmaEndpoint {
                 count += self.slot_completions(&wc, done);
             }
             // Anything else is a flush of an abandoned sync round: nothing waits for it.
+        }
+        // And the slots failed without a completion (here, or by a post or a stall check).
+        while let Some(c) = self.aio().failed.pop() {
+            done(c);
+            count += 1;
         }
         count
     }
@@ -417,17 +402,11 @@ impl Submit for RdmaEndpoint {
             if self.aio().in_flight[c] == 0 {
                 continue;
             }
-            let mut byte = [0u8; 1];
-            let gone = match self.conns[c].control.peek(&mut byte) {
-                Ok(0) => true,
-                Ok(_) => false,
-                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted,
-            };
+            let gone = self.conns[c].is_gone();
             let since = *self.aio().stalled_since[c].get_or_insert(now);
             if gone || now.saturating_duration_since(since) >= deadline {
                 // Stop the device first: then the slots' memory is no longer written.
-                queue_pair::set_error(&mut self.conns[c].qp);
-                self.conns[c].break_off();
+                self.conns[c].stop();
                 let peer = self.conns[c].peer.clone();
                 if gone {
                     self.aio().fail_conn(c, &|op, addr| Error::NodeGone { op, addr, peer: peer.clone() });
