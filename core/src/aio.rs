@@ -290,25 +290,39 @@ impl Default for AsyncOptions {
     }
 }
 
-enum Slot<B> {
+/// Where a slot stands. (Plain values: what a state carries is in [`Inner::wakers`] and
+/// [`Inner::results`], so a change of state is one store.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
     Free,
     /// Held by a future, nothing queued in it yet (or its result taken).
     Claimed,
-    /// Queued or posted; the waker of its future.
-    Queued(Option<Waker>),
-    /// Completed, result not taken yet.
-    Done(Result<()>, Option<B>),
+    /// Queued or posted; its future's waker (registered when it last returned pending) is in
+    /// [`Inner::wakers`].
+    Queued,
+    /// Completed, result (in [`Inner::results`]) not taken yet.
+    Done,
     /// Its future was dropped while it was in flight: recycled at its completion.
     Orphan,
 }
 
+/// A completed slot's result, and the buffer its operation moved in.
+type Finished<B> = (Result<()>, Option<B>);
+
 struct Inner<E: Submit> {
     ep: E,
-    slots: Vec<Slot<E::Buffer>>,
+    slots: Vec<Slot>,
+    /// Per slot: the waker of a queued slot's future.
+    wakers: Vec<Option<Waker>>,
+    /// Per slot: a done slot's result.
+    results: Vec<Option<Finished<E::Buffer>>>,
     free: Vec<u32>,
     /// Futures waiting for free slots, in order, with an id so a dropped one can leave.
     claimers: VecDeque<(u64, Waker)>,
     next_claimer: u64,
+    /// Wakers to call once the endpoint is no longer borrowed (a waker may poll at once), in
+    /// order ([`AsyncEndpoint::wake_pending`]). Kept here so that waking allocates nothing.
+    wakes: VecDeque<Waker>,
     /// Operations queued and not yet posted.
     unrung: u32,
     /// Doorbells rung (calls of [`Submit::ring`] that had something to post).
@@ -329,10 +343,6 @@ struct Inner<E: Submit> {
     options: AsyncOptions,
 }
 
-/// Wakers to call once the endpoint is no longer borrowed (a waker may poll at once; only a
-/// future's wake of itself happens under the borrow).
-type Wakes = SmallVec<[Waker; 2]>;
-
 /// What one step of driving the completion queue did.
 enum Drive {
     /// Completions arrived (their futures are woken).
@@ -345,49 +355,57 @@ enum Drive {
 
 impl<E: Submit> Inner<E> {
     /// Takes the completions (waking their futures, recycling orphans).
-    fn reap(&mut self, wakes: &mut Wakes) -> usize {
-        let Inner { ep, slots, free, in_flight, .. } = self;
+    fn reap(&mut self) -> usize {
+        let Inner { ep, slots, wakers, results, free, in_flight, wakes, driver, .. } = self;
         let mut freed = 0usize;
         let n = ep.reap(&mut |c: Completion<E::Buffer>| {
             let s = c.slot as usize;
-            match std::mem::replace(&mut slots[s], Slot::Free) {
-                Slot::Queued(waker) => {
-                    slots[s] = Slot::Done(c.result, c.buf);
+            match slots[s] {
+                Slot::Queued => {
+                    // The driver is being polled right now, and looks at its own slot next.
+                    if let Some(w) = wakers[s].take().filter(|_| *driver != Some(c.slot)) {
+                        wakes.push_back(w);
+                    }
+                    slots[s] = Slot::Done;
+                    results[s] = Some((c.result, c.buf));
                     *in_flight -= 1;
-                    wakes.extend(waker);
                 }
                 Slot::Orphan => {
+                    slots[s] = Slot::Free;
                     *in_flight -= 1;
                     free.push(c.slot);
                     freed += 1;
                 }
-                other => {
+                _ => {
                     // Not ours to complete (a transport bug): leave it as it was.
                     tracing::error!("async endpoint: completion for slot {s}, which is not in flight");
-                    slots[s] = other;
                 }
             }
         });
         if n > 0 {
             self.empty_reaps = 0;
             self.idle_since = None;
+            if freed > 0 {
+                self.wake_claimers(freed);
+            }
         }
-        self.wake_claimers(freed, wakes);
         n
     }
 
     /// Wakes up to `n` futures waiting for slots.
-    fn wake_claimers(&mut self, n: usize, wakes: &mut Wakes) {
+    #[inline]
+    fn wake_claimers(&mut self, n: usize) {
+        if self.claimers.is_empty() {
+            return;
+        }
         for _ in 0..n {
             match self.claimers.pop_front() {
-                Some((_, waker)) => wakes.push(waker),
+                Some((_, waker)) => self.wakes.push_back(waker),
                 None => break,
             }
         }
     }
 
-    /// One step of driving: takes completions, and when there were none for `spin`, arms the
-    /// completion queue and hands `waker` to the helper thread.
     /// Posts what is queued when the device is about to run dry: when no more requests are
     /// posted and unfinished than wait to be posted. With many in flight, completions trickle
     /// in one at a time, and so do their replacements: waiting until half the window is queued
@@ -408,14 +426,16 @@ impl<E: Submit> Inner<E> {
         }
     }
 
-    fn drive(&mut self, waker: &Waker, idle: &Idle, wakes: &mut Wakes) -> Drive {
+    /// One step of driving: takes completions, and when there were none for `spin`, arms the
+    /// completion queue and hands `waker` to the helper thread.
+    fn drive(&mut self, waker: &Waker, idle: &Idle) -> Drive {
         self.drives = self.drives.wrapping_add(1);
         self.ring_if_due();
         // Polls in a row before going back to the executor: a round trip through it costs
         // many polls' worth, so a completion is seen sooner, and the executor still runs others
         // every few microseconds.
         for _ in 0..self.options.inline_polls.max(1) {
-            if self.reap(wakes) > 0 {
+            if self.reap() > 0 {
                 return Drive::Progress;
             }
             self.empty_reaps = self.empty_reaps.wrapping_add(1);
@@ -429,6 +449,12 @@ impl<E: Submit> Inner<E> {
         if self.empty_reaps % 256 != 0 {
             return Drive::Spin;
         }
+        self.drive_slowly(waker, idle)
+    }
+
+    /// The part of [`Inner::drive`] that reads the clock: stall checks, and going to sleep.
+    #[cold]
+    fn drive_slowly(&mut self, waker: &Waker, idle: &Idle) -> Drive {
         let now = Instant::now();
         // Dead nodes and deadlines are checked while others still complete too (every 100 ms).
         if self.last_check.is_none_or(|t| now.saturating_duration_since(t) >= IDLE_CHECK) {
@@ -446,7 +472,7 @@ impl<E: Submit> Inner<E> {
             return Drive::Spin; // cannot sleep: keep polling
         }
         // A completion between the last reap and arming raises no event: look once more.
-        if self.reap(wakes) > 0 {
+        if self.reap() > 0 {
             return Drive::Progress;
         }
         idle.sleep(waker.clone());
@@ -463,8 +489,17 @@ impl<E: Submit> Inner<E> {
         place: &mut Option<u64>,
         cx: &mut Context<'_>,
         idle: &Idle,
-        wakes: &mut Wakes,
     ) -> Option<SmallVec<[u32; 4]>> {
+        if n == 1 && place.is_none() {
+            // The common case, first poll of a single operation: nothing to leave.
+            if let Some(s) = self.free.pop() {
+                self.slots[s as usize] = Slot::Claimed;
+                if !self.free.is_empty() {
+                    self.wake_claimers(1); // others may fit in what is left
+                }
+                return Some(smallvec::smallvec![s]);
+            }
+        }
         // Ids only grow, so the queue is sorted by id; a wake for free slots took it out.
         let at = place.and_then(|mine| self.claimers.binary_search_by_key(&mine, |(i, _)| *i).ok());
         if self.free.len() >= n {
@@ -472,18 +507,13 @@ impl<E: Submit> Inner<E> {
                 self.claimers.remove(at);
             }
             *place = None;
-            let mut ids: SmallVec<[u32; 4]> = SmallVec::new();
-            if n == 1 {
-                ids.push(self.free.pop().expect("a free slot"));
-            } else {
-                let from = self.free.len() - n;
-                ids.extend(self.free.drain(from..));
-            }
+            let from = self.free.len() - n;
+            let ids: SmallVec<[u32; 4]> = self.free.drain(from..).collect();
             for &s in &ids {
                 self.slots[s as usize] = Slot::Claimed;
             }
             if !self.free.is_empty() {
-                self.wake_claimers(1, wakes); // others may fit in what is left
+                self.wake_claimers(1); // others may fit in what is left
             }
             return Some(ids);
         }
@@ -502,7 +532,7 @@ impl<E: Submit> Inner<E> {
             }
         }
         if self.driver.is_none() && self.in_flight > 0 {
-            match self.drive(cx.waker(), idle, wakes) {
+            match self.drive(cx.waker(), idle) {
                 Drive::Sleep => {}
                 Drive::Progress | Drive::Spin => cx.waker().wake_by_ref(),
             }
@@ -511,73 +541,98 @@ impl<E: Submit> Inner<E> {
     }
 
     /// A claim dropped while it waits: gives up its place, and a slot freed for it goes on.
-    fn withdraw(&mut self, place: Option<u64>, wakes: &mut Wakes) {
+    fn withdraw(&mut self, place: Option<u64>) {
         let Some(mine) = place else { return };
         if let Ok(at) = self.claimers.binary_search_by_key(&mine, |(i, _)| *i) {
             self.claimers.remove(at);
         }
         if !self.free.is_empty() {
-            self.wake_claimers(1, wakes);
+            self.wake_claimers(1);
         }
+    }
+
+    /// Marks claimed `slot` as queued (the transport took its operation).
+    fn queued(&mut self, slot: u32) {
+        self.slots[slot as usize] = Slot::Queued;
+        self.in_flight += 1;
+        self.unrung += 1;
     }
 
     /// A future lets `slot` go: in flight, it stays with the endpoint as an orphan (posted now
     /// if it was only queued, not at some later doorbell behind younger operations) until its
     /// completion; otherwise (claimed, or done and not taken: a buffer in it is dropped) it is
     /// free again at once.
-    fn release(&mut self, slot: u32, wakes: &mut Wakes) {
-        if matches!(self.slots[slot as usize], Slot::Queued(_)) {
-            self.slots[slot as usize] = Slot::Orphan;
+    fn release(&mut self, slot: u32) {
+        let s = slot as usize;
+        if self.slots[s] == Slot::Queued {
+            self.slots[s] = Slot::Orphan;
+            self.wakers[s] = None;
             self.ring();
         } else {
-            self.slots[slot as usize] = Slot::Free;
+            self.slots[s] = Slot::Free;
+            self.results[s] = None;
             self.free.push(slot);
-            self.wake_claimers(1, wakes);
+            self.wake_claimers(1);
         }
-        self.resign(slot, wakes);
+        self.resign(slot);
     }
 
-    /// The result of `slot` if it completed (the slot stays claimed by its future).
-    fn take_done(&mut self, slot: u32, wakes: &mut Wakes) -> Option<(Result<()>, Option<E::Buffer>)> {
+    /// The result of completed `slot`; with `keep`, the slot stays claimed by its future (whose
+    /// results are still in its memory), otherwise it is free again. (Its memory may be read
+    /// until the endpoint's borrow ends either way: nothing else queues in between.)
+    fn take_done(&mut self, slot: u32, keep: bool) -> Finished<E::Buffer> {
         let s = slot as usize;
-        if !matches!(self.slots[s], Slot::Done(..)) {
-            return None;
+        debug_assert_eq!(self.slots[s], Slot::Done);
+        self.slots[s] = if keep { Slot::Claimed } else { Slot::Free };
+        let (result, buf) = self.results[s].take().expect("a done slot has its result");
+        if !keep {
+            self.free.push(slot);
+            self.wake_claimers(1);
         }
-        let Slot::Done(result, buf) = std::mem::replace(&mut self.slots[s], Slot::Claimed) else { unreachable!() };
-        self.resign(slot, wakes);
-        Some((result, buf))
+        self.resign(slot);
+        (result, buf)
     }
 
     /// If `slot` was the driver, hands the driving to another waiting future.
-    fn resign(&mut self, slot: u32, wakes: &mut Wakes) {
-        if self.driver != Some(slot) {
-            return;
-        }
-        self.driver = None;
-        if self.in_flight > 0 {
-            let waiting = self.slots.iter().find_map(|s| match s {
-                Slot::Queued(Some(w)) => Some(w.clone()),
-                _ => None,
-            });
-            // Only orphans left in flight: a future waiting for a slot drives (it stays first).
-            wakes.extend(waiting.or_else(|| self.claimers.front().map(|(_, w)| w.clone())));
+    #[inline]
+    fn resign(&mut self, slot: u32) {
+        if self.driver == Some(slot) {
+            self.driver = None;
+            if self.in_flight > 0 {
+                self.hand_over();
+            }
         }
     }
 
-    fn poll_slot(
-        &mut self,
-        slot: u32,
-        wait: &mut Waiting,
-        cx: &mut Context<'_>,
-        idle: &Idle,
-        wakes: &mut Wakes,
-    ) -> Poll<(Result<()>, Option<E::Buffer>)> {
-        let yielded = &mut wait.yielded;
-        if let Some(done) = self.take_done(slot, wakes) {
-            return Poll::Ready(done);
+    #[cold]
+    fn hand_over(&mut self) {
+        let waiting = self.slots.iter().zip(&self.wakers).find_map(|(s, w)| match (s, w) {
+            (Slot::Queued, Some(w)) => Some(w.clone()),
+            _ => None,
+        });
+        // Only orphans left in flight: a future waiting for a slot drives (it stays first).
+        let next = waiting.or_else(|| self.claimers.front().map(|(_, w)| w.clone()));
+        self.wakes.extend(next);
+    }
+
+    /// Remembers `cx`'s waker as the one to wake at `slot`'s completion (a future returning
+    /// pending: whoever reaps the completion wakes it, even if it drives now, since another may
+    /// take the driving over).
+    fn register(&mut self, slot: u32, cx: &Context<'_>) {
+        let s = slot as usize;
+        if self.slots[s] == Slot::Queued && !self.wakers[s].as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.wakers[s] = Some(cx.waker().clone());
         }
-        if !*yielded {
-            *yielded = true;
+    }
+
+    /// Polls for queued `slot`'s completion (ready once it is done: take it with
+    /// [`Inner::take_done`]).
+    fn poll_slot(&mut self, slot: u32, wait: &mut Waiting, cx: &mut Context<'_>, idle: &Idle) -> Poll<()> {
+        if self.slots[slot as usize] == Slot::Done {
+            return Poll::Ready(());
+        }
+        if !wait.yielded {
+            wait.yielded = true;
             if self.unrung > 0 && self.options.coalesce {
                 // Let the other futures of this executor pass queue theirs, so one doorbell
                 // posts them all.
@@ -588,18 +643,12 @@ impl<E: Submit> Inner<E> {
         // Only here, after the yield, is anything posted, so the futures of one pass go
         // together when the first of them is polled again.
         self.ring_if_due();
-        // Whoever reaps this slot's completion wakes this future (even if it drives now: another
-        // may take the driving over).
-        if let Slot::Queued(w) = &mut self.slots[slot as usize] {
-            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *w = Some(cx.waker().clone());
-            }
-        }
         if self.driver.is_some_and(|d| d != slot) {
             // The driver polls for everyone, unless it made no step since this future's last
             // poll: its task may be holding it without polling it (a select that returned the
             // other branch, say). Then this one drives.
             if wait.drives_seen != Some(self.drives) {
+                self.register(slot, cx);
                 // The first time, look again after one more pass, so that a task that polls only
                 // this future finds out.
                 if wait.drives_seen.replace(self.drives).is_none() {
@@ -609,15 +658,19 @@ impl<E: Submit> Inner<E> {
             }
         }
         self.driver = Some(slot);
-        match self.drive(cx.waker(), idle, wakes) {
-            Drive::Sleep => Poll::Pending,
-            Drive::Progress | Drive::Spin => match self.take_done(slot, wakes) {
-                Some(done) => Poll::Ready(done),
-                None => {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
+        match self.drive(cx.waker(), idle) {
+            Drive::Sleep => {
+                self.register(slot, cx);
+                Poll::Pending
+            }
+            Drive::Progress | Drive::Spin => {
+                if self.slots[slot as usize] == Slot::Done {
+                    return Poll::Ready(());
                 }
-            },
+                self.register(slot, cx);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
         }
     }
 }
@@ -725,10 +778,13 @@ impl<E: Submit> AsyncEndpoint<E> {
         let n = options.slots;
         let inner = Inner {
             ep,
-            slots: (0..n).map(|_| Slot::Free).collect(),
+            slots: vec![Slot::Free; n as usize],
+            wakers: (0..n).map(|_| None).collect(),
+            results: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
             claimers: VecDeque::new(),
             next_claimer: 0,
+            wakes: VecDeque::new(),
             unrung: 0,
             rings: 0,
             drives: 0,
@@ -773,9 +829,8 @@ impl<E: Submit> AsyncEndpoint<E> {
             inner.free.push(slot);
             return Err(e);
         }
+        inner.queued(slot);
         inner.slots[slot as usize] = Slot::Orphan;
-        inner.in_flight += 1;
-        inner.unrung += 1;
         inner.ring();
         Ok(())
     }
@@ -867,23 +922,66 @@ impl<E: Submit> AsyncEndpoint<E> {
     }
 
     fn mark_queued(&self, slots: &Slots<'_, E>, k: usize) {
-        let mut inner = self.inner.borrow_mut();
-        inner.slots[slots.ids[k] as usize] = Slot::Queued(None);
-        inner.in_flight += 1;
-        inner.unrung += 1;
+        self.inner.borrow_mut().queued(slots.ids[k]);
     }
 
-    /// Waits for slot `k` of `slots` to complete.
+    /// Waits for slot `k` of `slots` to complete (the slot stays claimed: its results are read
+    /// when the whole batch is done).
     async fn wait(&self, slots: &Slots<'_, E>, k: usize) -> (Result<()>, Option<E::Buffer>) {
         let slot = slots.ids[k];
         let mut wait = Waiting::default();
         std::future::poll_fn(|cx| {
-            let mut wakes = Wakes::new();
-            let out = self.inner.borrow_mut().poll_slot(slot, &mut wait, cx, &self.idle, &mut wakes);
-            wake_all(&mut wakes);
-            out
+            self.with(|inner| {
+                let ready = inner.poll_slot(slot, &mut wait, cx, &self.idle);
+                ready.map(|()| inner.take_done(slot, true))
+            })
         })
         .await
+    }
+
+    /// Runs `f` on the borrowed state, then calls the wakers it left ([`Inner::wakes`]).
+    #[inline]
+    fn with<T>(&self, f: impl FnOnce(&mut Inner<E>) -> T) -> T {
+        let (out, woke) = {
+            let mut inner = self.inner.borrow_mut();
+            let out = f(&mut inner);
+            (out, !inner.wakes.is_empty())
+        };
+        if woke {
+            self.wake_pending();
+        }
+        out
+    }
+
+    /// [`AsyncEndpoint::with`] for a `Drop`, which may run while the endpoint is borrowed (a
+    /// future dropped by a waker): then it does nothing.
+    fn try_with(&self, f: impl FnOnce(&mut Inner<E>)) {
+        let woke = match self.inner.try_borrow_mut() {
+            Ok(mut inner) => {
+                f(&mut inner);
+                !inner.wakes.is_empty()
+            }
+            Err(_) => return,
+        };
+        if woke {
+            self.wake_pending();
+        }
+    }
+
+    /// Calls the wakers left in [`Inner::wakes`], in order, with the endpoint not borrowed (a
+    /// waker may poll a future of this endpoint at once; what that leaves is called here too).
+    #[cold]
+    fn wake_pending(&self) {
+        loop {
+            let next = match self.inner.try_borrow_mut() {
+                Ok(mut inner) => inner.wakes.pop_front(),
+                Err(_) => return, // called inside a borrow: its owner calls them
+            };
+            match next {
+                Some(w) => w.wake(),
+                None => return,
+            }
+        }
     }
 
     /// Posts what is queued now (a batch does not wait for other futures).
@@ -896,12 +994,6 @@ impl<E: Submit> Drop for AsyncEndpoint<E> {
     fn drop(&mut self) {
         let inner = self.inner.get_mut();
         inner.ring(); // queued by futures since dropped: they run, as posted ones do
-    }
-}
-
-fn wake_all(wakes: &mut Wakes) {
-    for w in wakes.drain(..) {
-        w.wake();
     }
 }
 
@@ -1043,44 +1135,40 @@ impl<E: Submit, T> Future for OpFuture<'_, E, T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let this = self.get_mut();
-        let mut wakes = Wakes::new();
-        let out = this.step(cx, &mut wakes);
-        wake_all(&mut wakes);
-        out.map(this.output)
+        let ep = this.ep;
+        ep.with(|inner| this.step(inner, cx)).map(this.output)
     }
 }
 
 impl<'a, E: Submit, T> OpFuture<'a, E, T> {
-    fn step(&mut self, cx: &mut Context<'_>, wakes: &mut Wakes) -> Poll<Outcome<E::Buffer>> {
-        let ep = self.ep;
-        let mut inner = ep.inner.borrow_mut();
+    fn step(&mut self, inner: &mut Inner<E>, cx: &mut Context<'_>) -> Poll<Outcome<E::Buffer>> {
+        let idle = &self.ep.idle;
         if let Stage::Start(mut place) = self.stage {
             if let Some((kind, addr)) = self.empty() {
                 self.stage = Stage::Finished;
                 let r = validate(kind, addr, 0, inner.ep.nodes(), 0);
                 return Poll::Ready(Outcome::Unit(r));
             }
-            let claimed = inner.claim(1, &mut place, cx, &ep.idle, wakes);
+            let claimed = inner.claim(1, &mut place, cx, idle);
             self.stage = Stage::Start(place);
             let Some(ids) = claimed else { return Poll::Pending };
             let slot = ids[0];
             let queued = inner.ep.queue(slot, Self::slot_op(&mut self.op));
             if let Err((e, buf)) = queued {
-                inner.release(slot, wakes);
+                inner.release(slot);
                 self.stage = Stage::Finished;
                 return Poll::Ready(Self::failed(&mut self.op, e, buf));
             }
-            inner.slots[slot as usize] = Slot::Queued(None);
-            inner.in_flight += 1;
-            inner.unrung += 1;
+            inner.queued(slot);
             self.stage = Stage::Flight(slot, Waiting::default());
         }
         let Stage::Flight(slot, ref mut wait) = self.stage else {
             panic!("an rdmem operation future polled after it completed");
         };
-        let (result, buf) = std::task::ready!(inner.poll_slot(slot, wait, cx, &ep.idle, wakes));
+        std::task::ready!(inner.poll_slot(slot, wait, cx, idle));
+        // The slot is free again, but its memory holds the results until the borrow ends.
+        let (result, buf) = inner.take_done(slot, false);
         let out = Self::completed(&mut self.op, &inner.ep, slot, result, buf);
-        inner.release(slot, wakes);
         self.stage = Stage::Finished;
         Poll::Ready(out)
     }
@@ -1088,15 +1176,15 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
 
 impl<E: Submit, T> Drop for OpFuture<'_, E, T> {
     fn drop(&mut self) {
-        let mut wakes = Wakes::new();
-        if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
-            match self.stage {
-                Stage::Start(place) => inner.withdraw(place, &mut wakes),
-                Stage::Flight(slot, _) => inner.release(slot, &mut wakes),
-                Stage::Finished => {}
-            }
+        let stage = std::mem::replace(&mut self.stage, Stage::Finished);
+        if matches!(stage, Stage::Finished) {
+            return;
         }
-        wake_all(&mut wakes);
+        self.ep.try_with(|inner| match stage {
+            Stage::Start(place) => inner.withdraw(place),
+            Stage::Flight(slot, _) => inner.release(slot),
+            Stage::Finished => {}
+        });
     }
 }
 
@@ -1114,30 +1202,24 @@ impl<'a, E: Submit> Future for Claim<'a, E> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (ep, n) = (self.ep, self.n);
-        let mut wakes = Wakes::new();
-        let claimed = {
-            let mut inner = ep.inner.borrow_mut();
+        let id = &mut self.id;
+        ep.with(|inner| {
             let total = inner.options.slots;
             if n > total as usize {
                 return Poll::Ready(Err(Error::TooManyOps { ops: n, slots: total }));
             }
-            inner.claim(n, &mut self.id, cx, &ep.idle, &mut wakes)
-        };
-        wake_all(&mut wakes);
-        match claimed {
-            Some(ids) => Poll::Ready(Ok(Slots { ep, ids })),
-            None => Poll::Pending,
-        }
+            match inner.claim(n, id, cx, &ep.idle) {
+                Some(ids) => Poll::Ready(Ok(Slots { ep, ids })),
+                None => Poll::Pending,
+            }
+        })
     }
 }
 
 impl<E: Submit> Drop for Claim<'_, E> {
     fn drop(&mut self) {
-        let mut wakes = Wakes::new();
-        if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
-            inner.withdraw(self.id, &mut wakes);
-        }
-        wake_all(&mut wakes);
+        let id = self.id;
+        self.ep.try_with(|inner| inner.withdraw(id));
     }
 }
 
@@ -1150,13 +1232,12 @@ struct Slots<'a, E: Submit> {
 
 impl<E: Submit> Drop for Slots<'_, E> {
     fn drop(&mut self) {
-        let mut wakes = Wakes::new();
-        if let Ok(mut inner) = self.ep.inner.try_borrow_mut() {
-            for &s in &self.ids {
-                inner.release(s, &mut wakes);
+        let ids = &self.ids;
+        self.ep.try_with(|inner| {
+            for &s in ids {
+                inner.release(s);
             }
-        }
-        wake_all(&mut wakes);
+        });
     }
 }
 

@@ -1,7 +1,7 @@
 //! The loopback transport's async face against the shared conformance checks, plus its fault
 //! injection and several threads each with their own async endpoint.
 
-use rdmem_core::aio::{AsyncEndpoint, block_on};
+use rdmem_core::aio::{AsyncEndpoint, AsyncOptions, block_on};
 use rdmem_core::conformance::{self, SCRATCH_BYTES};
 use rdmem_core::{Error, GlobalAddr, LoopbackOptions, LoopbackTransport, NodeId, Transport};
 
@@ -190,4 +190,46 @@ fn an_unposted_operation_of_a_dropped_future_is_posted_at_once() {
     // Posted by the drop, so another endpoint sees it without this one doing anything else.
     let other = AsyncEndpoint::new(transport.endpoint().unwrap()).unwrap();
     assert_eq!(block_on(other.read_u64(scratch(0))).unwrap(), 7);
+}
+
+/// A waker that counts its wakes.
+struct Counter(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Counter {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn futures_polled_in_one_pass_share_one_doorbell() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    for (coalesce, doorbells) in [(true, 1), (false, 16)] {
+        let options = AsyncOptions { coalesce, ..AsyncOptions::default() };
+        let ep = AsyncEndpoint::with_options(transport.endpoint().unwrap(), options).unwrap();
+        let futs = (0..16).map(|k| Box::pin(ep.faa(scratch(0).checked_add(8 * k).unwrap(), 1)) as _).collect();
+        for old in block_on(conformance::join_all::<rdmem_core::Result<u64>>(futs)) {
+            old.unwrap();
+        }
+        assert_eq!(ep.doorbells(), doorbells, "coalesce: {coalesce}");
+    }
+}
+
+#[test]
+fn a_lone_operation_wakes_its_task_only_to_yield() {
+    // The driver sees its own completion while it polls: being woken for it too would cost an
+    // executor pass per operation.
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    for (coalesce, wakes) in [(true, 1), (false, 0)] {
+        let options = AsyncOptions { coalesce, ..AsyncOptions::default() };
+        let ep = AsyncEndpoint::with_options(transport.endpoint().unwrap(), options).unwrap();
+        for round in 0..3 {
+            let counter = std::sync::Arc::new(Counter(std::sync::atomic::AtomicUsize::new(0)));
+            let waker = std::task::Waker::from(std::sync::Arc::clone(&counter));
+            let mut f = Box::pin(ep.faa(scratch(0), 1));
+            let polls = (1..=4).find(|_| Task::poll(&waker, &mut f).is_some()).expect("done within 4 polls");
+            assert_eq!(polls, 1 + wakes, "coalesce: {coalesce}, round {round}");
+            assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), wakes, "coalesce: {coalesce}");
+        }
+    }
 }
