@@ -66,7 +66,9 @@
 //! An operation's future is queued on its first poll and yields once
 //! ([`AsyncOptions::coalesce`]), so that every future the executor polls in the same pass is
 //! posted together, with one doorbell per node; with many in flight, new ones are posted when
-//! the device is about to run dry (no more posted than waiting). All of them
+//! the device is about to run dry (no more posted than waiting). An operation alone on the
+//! endpoint is posted and polled for in place, and once yields stop gathering company (one
+//! operation at a time) it skips the yield too. All of them
 //! share the endpoint's one completion queue; each completion wakes the future of its slot
 //! (routed by `wr_id`). One waiting future at a time polls the completion queue (the *driver*);
 //! it busy-polls for [`AsyncOptions::spin`] after the last completion, then arms the completion
@@ -106,6 +108,13 @@ use crate::error::{Error, OpKind, Result, WcStatus};
 /// The most slots an endpoint may have: half of a queue pair's send queue, so that slots and
 /// the sync face's write-behinds always find room.
 pub const MAX_SLOTS: u32 = 128;
+
+/// Coalescing yields in a row that gathered no other operation before lone operations skip
+/// theirs (see [`AsyncOptions::coalesce`]).
+const LONE_STREAK: u32 = 16;
+
+/// Of the lone operations that skip the coalescing yield, about one in this many yields anyway.
+const PROBE_ONE_IN: u32 = 8;
 
 /// How long the helper thread waits on the completion channel before it wakes the driver
 /// anyway, so that dead nodes and deadlines are checked while nothing completes.
@@ -191,17 +200,6 @@ impl<B: std::ops::Deref<Target = [u8]>> SlotOp<'_, B> {
     }
 }
 
-/// A finished slot, as [`Submit::reap`] reports it.
-#[derive(Debug)]
-pub struct Completion<B> {
-    /// The slot.
-    pub slot: u32,
-    /// How it went.
-    pub result: Result<()>,
-    /// The buffer the operation moved in, handed back.
-    pub buf: Option<B>,
-}
-
 /// Blocks a helper thread until an endpoint's completion queue has news (after
 /// [`Submit::arm`]). Transports give one from [`Submit::open_slots`].
 pub trait Wait: Send + 'static {
@@ -214,8 +212,9 @@ pub trait Wait: Send + 'static {
 /// users call [`AsyncEndpoint`].
 ///
 /// The contract: a slot given to [`Submit::queue`] is reported exactly once by
-/// [`Submit::reap`] (its completion, or the reason it failed); until then the transport keeps
-/// the slot's memory and any buffer moved in, and never reuses them.
+/// [`Submit::reap`] (completed, or failed); until then the transport keeps the slot's memory
+/// and any buffer moved in, and never reuses them. The slot's result and buffer then stay with
+/// the transport until [`Submit::take_result`] takes them, before the slot is queued again.
 pub trait Submit: Endpoint {
     /// What the helper thread waits on.
     type Waiter: Wait;
@@ -235,8 +234,28 @@ pub trait Submit: Endpoint {
     /// [`Submit::reap`] for each slot it concerned.
     fn ring(&mut self);
 
-    /// Hands every finished slot to `done`; returns how many.
-    fn reap(&mut self, done: &mut dyn FnMut(Completion<Self::Buffer>)) -> usize;
+    /// Hands every newly finished slot to `done`; returns how many.
+    fn reap(&mut self, done: impl FnMut(u32)) -> usize;
+
+    /// How finished `slot` went, and the buffer its operation moved in (once per finish).
+    fn take_result(&mut self, slot: u32) -> (Result<()>, Option<Self::Buffer>);
+
+    /// The latency path of a lone operation: posts what is queued, which is `slot`'s operation
+    /// and nothing else (nothing else is in flight either), and polls for its completion up to
+    /// `polls` times. True once it finished (its result is then taken with
+    /// [`Submit::take_result`]; [`Submit::reap`] does not report it), false while it is in flight
+    /// (`reap` reports it later, as usual). The default rings and reaps; a transport may do less.
+    fn ring_lone(&mut self, slot: u32, polls: u32) -> bool {
+        self.ring();
+        for _ in 0..polls.max(1) {
+            let mut mine = false;
+            self.reap(|s| mine |= s == slot);
+            if mine {
+                return true;
+            }
+        }
+        false
+    }
 
     /// The first `len` bytes of a finished READ's slot.
     fn slot_bytes(&self, slot: u32, len: usize) -> &[u8];
@@ -269,8 +288,10 @@ pub struct AsyncOptions {
     /// Whether a future yields to the executor once before posting, so that the futures the
     /// executor polls in one pass share one doorbell (default true). On Soft-RoCE an operation
     /// on one machine often completes inside its doorbell's system call, so without this,
-    /// futures in flight together are posted, and complete, one by one. Code that keeps one
-    /// operation at a time saves that yield with `false`.
+    /// futures in flight together are posted, and complete, one by one. The yield adapts: once
+    /// 16 yields in a row gathered no other operation (one operation at a time, as a loop of
+    /// awaits does), an operation alone on the endpoint skips it, but for about one in 8
+    /// (picked at random), which notices when others come along again. `false` never yields.
     pub coalesce: bool,
     /// Completion-queue polls the waiting driver makes in a row before it lets the executor run
     /// other tasks (default 32; at least 1): more sees a completion sooner, fewer shares the
@@ -290,8 +311,8 @@ impl Default for AsyncOptions {
     }
 }
 
-/// Where a slot stands. (Plain values: what a state carries is in [`Inner::wakers`] and
-/// [`Inner::results`], so a change of state is one store.)
+/// Where a slot stands. (Plain values: a queued slot's waker is in [`Inner::wakers`], a done
+/// one's result with the transport, so a change of state is one store.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     Free,
@@ -300,7 +321,7 @@ enum Slot {
     /// Queued or posted; its future's waker (registered when it last returned pending) is in
     /// [`Inner::wakers`].
     Queued,
-    /// Completed, result (in [`Inner::results`]) not taken yet.
+    /// Completed, result (still with the transport: [`Submit::take_result`]) not taken yet.
     Done,
     /// Its future was dropped while it was in flight: recycled at its completion.
     Orphan,
@@ -314,8 +335,6 @@ struct Inner<E: Submit> {
     slots: Vec<Slot>,
     /// Per slot: the waker of a queued slot's future.
     wakers: Vec<Option<Waker>>,
-    /// Per slot: a done slot's result.
-    results: Vec<Option<Finished<E::Buffer>>>,
     free: Vec<u32>,
     /// Futures waiting for free slots, in order, with an id so a dropped one can leave.
     claimers: VecDeque<(u64, Waker)>,
@@ -340,6 +359,10 @@ struct Inner<E: Submit> {
     idle_since: Option<Instant>,
     /// Times the driver went to sleep on the completion channel.
     sleeps: u64,
+    /// Yields in a row (of operations alone on the endpoint) that gathered no other operation
+    /// ([`Inner::skip_yield`]), and the state of the generator that picks the probing ones.
+    lone_yields: u32,
+    probe_state: u32,
     options: AsyncOptions,
 }
 
@@ -356,25 +379,23 @@ enum Drive {
 impl<E: Submit> Inner<E> {
     /// Takes the completions (waking their futures, recycling orphans).
     fn reap(&mut self) -> usize {
-        let Inner { ep, slots, wakers, results, free, in_flight, wakes, driver, .. } = self;
-        let mut freed = 0usize;
-        let n = ep.reap(&mut |c: Completion<E::Buffer>| {
-            let s = c.slot as usize;
+        let Inner { ep, slots, wakers, free, in_flight, wakes, driver, .. } = self;
+        let before = free.len();
+        let n = ep.reap(|slot| {
+            let s = slot as usize;
             match slots[s] {
                 Slot::Queued => {
                     // The driver is being polled right now, and looks at its own slot next.
-                    if let Some(w) = wakers[s].take().filter(|_| *driver != Some(c.slot)) {
+                    if let Some(w) = wakers[s].take().filter(|_| *driver != Some(slot)) {
                         wakes.push_back(w);
                     }
                     slots[s] = Slot::Done;
-                    results[s] = Some((c.result, c.buf));
                     *in_flight -= 1;
                 }
                 Slot::Orphan => {
                     slots[s] = Slot::Free;
                     *in_flight -= 1;
-                    free.push(c.slot);
-                    freed += 1;
+                    free.push(slot);
                 }
                 _ => {
                     // Not ours to complete (a transport bug): leave it as it was.
@@ -385,7 +406,12 @@ impl<E: Submit> Inner<E> {
         if n > 0 {
             self.empty_reaps = 0;
             self.idle_since = None;
+            let freed = self.free.len() - before;
             if freed > 0 {
+                // Orphans: their results (and buffers) are dropped.
+                for k in before..self.free.len() {
+                    drop(self.ep.take_result(self.free[k]));
+                }
                 self.wake_claimers(freed);
             }
         }
@@ -569,8 +595,10 @@ impl<E: Submit> Inner<E> {
             self.wakers[s] = None;
             self.ring();
         } else {
+            if self.slots[s] == Slot::Done {
+                drop(self.ep.take_result(slot)); // a buffer in it is dropped
+            }
             self.slots[s] = Slot::Free;
-            self.results[s] = None;
             self.free.push(slot);
             self.wake_claimers(1);
         }
@@ -581,16 +609,40 @@ impl<E: Submit> Inner<E> {
     /// results are still in its memory), otherwise it is free again. (Its memory may be read
     /// until the endpoint's borrow ends either way: nothing else queues in between.)
     fn take_done(&mut self, slot: u32, keep: bool) -> Finished<E::Buffer> {
-        let s = slot as usize;
-        debug_assert_eq!(self.slots[s], Slot::Done);
-        self.slots[s] = if keep { Slot::Claimed } else { Slot::Free };
-        let (result, buf) = self.results[s].take().expect("a done slot has its result");
-        if !keep {
+        debug_assert_eq!(self.slots[slot as usize], Slot::Done);
+        let done = self.ep.take_result(slot);
+        self.settle(slot, keep);
+        done
+    }
+
+    /// Whether an operation alone on the endpoint skips the coalescing yield: once
+    /// [`LONE_STREAK`] yields in a row gathered nobody (one operation at a time, as a loop of
+    /// awaits does), it is only a cost. One lone operation in [`PROBE_ONE_IN`], picked at
+    /// random (so that no burst size keeps missing them), still yields, to notice when others
+    /// come along again.
+    fn skip_yield(&mut self) -> bool {
+        if self.lone_yields < LONE_STREAK {
+            return false;
+        }
+        // xorshift32: cheap, and deterministic per endpoint.
+        let mut x = self.probe_state;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.probe_state = x;
+        x % PROBE_ONE_IN != 0
+    }
+
+    /// A slot whose result was taken: still claimed with `keep`, otherwise free.
+    fn settle(&mut self, slot: u32, keep: bool) {
+        if keep {
+            self.slots[slot as usize] = Slot::Claimed;
+        } else {
+            self.slots[slot as usize] = Slot::Free;
             self.free.push(slot);
             self.wake_claimers(1);
         }
         self.resign(slot);
-        (result, buf)
     }
 
     /// If `slot` was the driver, hands the driving to another waiting future.
@@ -625,23 +677,41 @@ impl<E: Submit> Inner<E> {
         }
     }
 
-    /// Polls for queued `slot`'s completion (ready once it is done: take it with
+    /// Polls for queued `slot`'s completion: ready once it is done (take its result with
     /// [`Inner::take_done`]).
     fn poll_slot(&mut self, slot: u32, wait: &mut Waiting, cx: &mut Context<'_>, idle: &Idle) -> Poll<()> {
         if self.slots[slot as usize] == Slot::Done {
             return Poll::Ready(());
         }
+        let alone = self.in_flight == 1 && self.unrung == 1;
         if !wait.yielded {
             wait.yielded = true;
-            if self.unrung > 0 && self.options.coalesce {
+            if self.unrung > 0 && self.options.coalesce && !(alone && self.skip_yield()) {
                 // Let the other futures of this executor pass queue theirs, so one doorbell
                 // posts them all.
+                wait.yielded_alone = alone;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
+        } else if std::mem::take(&mut wait.yielded_alone) {
+            self.lone_yields = if alone { self.lone_yields.saturating_add(1) } else { 0 };
         }
         // Only here, after the yield, is anything posted, so the futures of one pass go
         // together when the first of them is polled again.
+        if alone {
+            // Alone (only this one is queued, and nothing else in flight): post it and poll for
+            // it in place, without the driver's bookkeeping.
+            self.unrung = 0;
+            self.rings += 1;
+            self.drives = self.drives.wrapping_add(1);
+            if self.ep.ring_lone(slot, self.options.inline_polls) {
+                self.in_flight -= 1;
+                self.empty_reaps = 0;
+                self.idle_since = None;
+                self.slots[slot as usize] = Slot::Done;
+                return Poll::Ready(());
+            }
+        }
         self.ring_if_due();
         if self.driver.is_some_and(|d| d != slot) {
             // The driver polls for everyone, unless it made no step since this future's last
@@ -680,6 +750,9 @@ impl<E: Submit> Inner<E> {
 struct Waiting {
     /// It yielded once already (coalescing).
     yielded: bool,
+    /// It yielded while it was the only operation queued or in flight (to see whether the
+    /// yield gathered others).
+    yielded_alone: bool,
     /// The driver's step count at its last poll as a non-driver.
     drives_seen: Option<u64>,
 }
@@ -780,7 +853,6 @@ impl<E: Submit> AsyncEndpoint<E> {
             ep,
             slots: vec![Slot::Free; n as usize],
             wakers: (0..n).map(|_| None).collect(),
-            results: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
             claimers: VecDeque::new(),
             next_claimer: 0,
@@ -794,6 +866,8 @@ impl<E: Submit> AsyncEndpoint<E> {
             empty_reaps: 0,
             idle_since: None,
             sleeps: 0,
+            lone_yields: 0,
+            probe_state: 0x9e37_79b9,
             options,
         };
         Ok(AsyncEndpoint { inner: RefCell::new(inner), idle: Idle::start(waiter)? })
@@ -847,33 +921,33 @@ impl<E: Submit> AsyncEndpoint<E> {
 
     /// READs `dst.len()` bytes (at most [`AsyncOptions::slot_bytes`]) at `src` into `dst`.
     pub fn read<'a>(&'a self, src: GlobalAddr, dst: &'a mut [u8]) -> impl Future<Output = Result<()>> + 'a {
-        OpFuture::new(self, Single::Read { remote: src, dst }, |o| o.unit())
+        OpFuture::new(self, Single::Read { remote: src, dst }, Outcome::unit)
     }
 
     /// WRITEs `src` (at most [`AsyncOptions::slot_bytes`]) to `dst`. The bytes are taken when
     /// the operation is posted.
     pub fn write<'a>(&'a self, dst: GlobalAddr, src: &'a [u8]) -> impl Future<Output = Result<()>> + 'a {
-        OpFuture::new(self, Single::Write { remote: dst, src }, |o| o.unit())
+        OpFuture::new(self, Single::Write { remote: dst, src }, Outcome::unit)
     }
 
     /// READs the 8-byte little-endian word at `addr`.
     pub fn read_u64(&self, addr: GlobalAddr) -> impl Future<Output = Result<u64>> + '_ {
-        OpFuture::new(self, Single::ReadWord { remote: addr }, |o| o.word())
+        OpFuture::new(self, Single::ReadWord { remote: addr }, Outcome::word)
     }
 
     /// WRITEs `value` as an 8-byte little-endian word at `addr`.
     pub fn write_u64(&self, addr: GlobalAddr, value: u64) -> impl Future<Output = Result<()>> + '_ {
-        OpFuture::new(self, Single::WriteWord { remote: addr, value: value.to_le_bytes() }, |o| o.unit())
+        OpFuture::new(self, Single::WriteWord { remote: addr, value: value.to_le_bytes() }, Outcome::unit)
     }
 
     /// Compare-and-swap on the 8-byte word at `addr`; returns the value it held before.
     pub fn cas(&self, addr: GlobalAddr, expected: u64, new: u64) -> impl Future<Output = Result<u64>> + '_ {
-        OpFuture::new(self, Single::CompareSwap { remote: addr, expected, new }, |o| o.word())
+        OpFuture::new(self, Single::CompareSwap { remote: addr, expected, new }, Outcome::word)
     }
 
     /// Fetch-and-add (wrapping) on the 8-byte word at `addr`; returns the value it held before.
     pub fn faa(&self, addr: GlobalAddr, add: u64) -> impl Future<Output = Result<u64>> + '_ {
-        OpFuture::new(self, Single::FetchAdd { remote: addr, add }, |o| o.word())
+        OpFuture::new(self, Single::FetchAdd { remote: addr, add }, Outcome::word)
     }
 
     /// READs `range.len()` bytes at `src` into `buf[range]`, in place (no copy, any length up to
@@ -885,7 +959,7 @@ impl<E: Submit> AsyncEndpoint<E> {
         buf: E::Buffer,
         range: Range<usize>,
     ) -> impl Future<Output = (Result<()>, E::Buffer)> + '_ {
-        OpFuture::new(self, Single::ReadInto { remote: src, buf: Some(buf), range }, |o| o.buffer())
+        OpFuture::new(self, Single::ReadInto { remote: src, buf: Some(buf), range }, Outcome::buffer)
     }
 
     /// WRITEs `buf[range]` to `dst` from where it is; the buffer comes back with the result
@@ -896,7 +970,7 @@ impl<E: Submit> AsyncEndpoint<E> {
         buf: E::Buffer,
         range: Range<usize>,
     ) -> impl Future<Output = (Result<()>, E::Buffer)> + '_ {
-        OpFuture::new(self, Single::WriteFrom { remote: dst, buf: Some(buf), range }, |o| o.buffer())
+        OpFuture::new(self, Single::WriteFrom { remote: dst, buf: Some(buf), range }, Outcome::buffer)
     }
 
     /// Starts a batch: operations posted together (one doorbell per node) and awaited together.
@@ -931,10 +1005,7 @@ impl<E: Submit> AsyncEndpoint<E> {
         let slot = slots.ids[k];
         let mut wait = Waiting::default();
         std::future::poll_fn(|cx| {
-            self.with(|inner| {
-                let ready = inner.poll_slot(slot, &mut wait, cx, &self.idle);
-                ready.map(|()| inner.take_done(slot, true))
-            })
+            self.with(|inner| inner.poll_slot(slot, &mut wait, cx, &self.idle).map(|()| inner.take_done(slot, true)))
         })
         .await
     }
@@ -942,11 +1013,10 @@ impl<E: Submit> AsyncEndpoint<E> {
     /// Runs `f` on the borrowed state, then calls the wakers it left ([`Inner::wakes`]).
     #[inline]
     fn with<T>(&self, f: impl FnOnce(&mut Inner<E>) -> T) -> T {
-        let (out, woke) = {
-            let mut inner = self.inner.borrow_mut();
-            let out = f(&mut inner);
-            (out, !inner.wakes.is_empty())
-        };
+        let mut inner = self.inner.borrow_mut();
+        let out = f(&mut inner);
+        let woke = !inner.wakes.is_empty();
+        drop(inner);
         if woke {
             self.wake_pending();
         }
@@ -1050,15 +1120,16 @@ enum Stage {
 /// The future of one operation: claims a slot, queues the operation, waits for its completion
 /// and copies its result out, with one borrow of the endpoint per poll. (Written out by hand:
 /// every nanosecond here is on the latency path.)
-struct OpFuture<'a, E: Submit, T> {
+struct OpFuture<'a, E: Submit, F> {
     ep: &'a AsyncEndpoint<E>,
     op: Single<'a, E::Buffer>,
     stage: Stage,
-    output: fn(Outcome<E::Buffer>) -> T,
+    /// Makes the method's output (a closure: called directly, not through a pointer).
+    output: F,
 }
 
-impl<'a, E: Submit, T> OpFuture<'a, E, T> {
-    fn new(ep: &'a AsyncEndpoint<E>, op: Single<'a, E::Buffer>, output: fn(Outcome<E::Buffer>) -> T) -> Self {
+impl<'a, E: Submit, F> OpFuture<'a, E, F> {
+    fn new(ep: &'a AsyncEndpoint<E>, op: Single<'a, E::Buffer>, output: F) -> Self {
         OpFuture { ep, op, stage: Stage::Start(None), output }
     }
 
@@ -1128,26 +1199,29 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
 
 // Nothing in it is pinned (it never hands out pinned references to its fields; a buffer in it
 // only moves into the transport), so moving it is fine.
-impl<E: Submit, T> Unpin for OpFuture<'_, E, T> {}
+impl<E: Submit, F> Unpin for OpFuture<'_, E, F> {}
 
-impl<E: Submit, T> Future for OpFuture<'_, E, T> {
+impl<E: Submit, T, F: Fn(Outcome<E::Buffer>) -> T> Future for OpFuture<'_, E, F> {
     type Output = T;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let this = self.get_mut();
         let ep = this.ep;
-        ep.with(|inner| this.step(inner, cx)).map(this.output)
+        ep.with(|inner| this.step(inner, cx))
     }
 }
 
-impl<'a, E: Submit, T> OpFuture<'a, E, T> {
-    fn step(&mut self, inner: &mut Inner<E>, cx: &mut Context<'_>) -> Poll<Outcome<E::Buffer>> {
+impl<'a, E: Submit, F> OpFuture<'a, E, F> {
+    fn step<T>(&mut self, inner: &mut Inner<E>, cx: &mut Context<'_>) -> Poll<T>
+    where
+        F: Fn(Outcome<E::Buffer>) -> T,
+    {
         let idle = &self.ep.idle;
         if let Stage::Start(mut place) = self.stage {
             if let Some((kind, addr)) = self.empty() {
                 self.stage = Stage::Finished;
                 let r = validate(kind, addr, 0, inner.ep.nodes(), 0);
-                return Poll::Ready(Outcome::Unit(r));
+                return Poll::Ready((self.output)(Outcome::Unit(r)));
             }
             let claimed = inner.claim(1, &mut place, cx, idle);
             self.stage = Stage::Start(place);
@@ -1157,7 +1231,7 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
             if let Err((e, buf)) = queued {
                 inner.release(slot);
                 self.stage = Stage::Finished;
-                return Poll::Ready(Self::failed(&mut self.op, e, buf));
+                return Poll::Ready((self.output)(Self::failed(&mut self.op, e, buf)));
             }
             inner.queued(slot);
             self.stage = Stage::Flight(slot, Waiting::default());
@@ -1168,13 +1242,12 @@ impl<'a, E: Submit, T> OpFuture<'a, E, T> {
         std::task::ready!(inner.poll_slot(slot, wait, cx, idle));
         // The slot is free again, but its memory holds the results until the borrow ends.
         let (result, buf) = inner.take_done(slot, false);
-        let out = Self::completed(&mut self.op, &inner.ep, slot, result, buf);
         self.stage = Stage::Finished;
-        Poll::Ready(out)
+        Poll::Ready((self.output)(Self::completed(&mut self.op, &inner.ep, slot, result, buf)))
     }
 }
 
-impl<E: Submit, T> Drop for OpFuture<'_, E, T> {
+impl<E: Submit, F> Drop for OpFuture<'_, E, F> {
     fn drop(&mut self) {
         let stage = std::mem::replace(&mut self.stage, Stage::Finished);
         if matches!(stage, Stage::Finished) {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::addr::{GlobalAddr, NodeId};
-use crate::aio::{Completion, SlotOp, Submit, Wait};
+use crate::aio::{SlotOp, Submit, Wait};
 use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport};
 use crate::error::{Error, Result};
 
@@ -209,8 +209,10 @@ struct AsyncSlots {
     slot_bytes: usize,
     memory: Vec<u8>,
     queued: Vec<(u32, Queued)>,
-    /// Completions, with the reap count from which they show.
-    done: std::collections::VecDeque<(u64, Completion<LoopbackBuffer>)>,
+    /// Finished slots, with the reap count from which they show.
+    done: std::collections::VecDeque<(u64, u32)>,
+    /// Per slot: how it went, and the buffer moved in (until [`Submit::take_result`]).
+    results: Vec<Option<(Result<()>, Option<LoopbackBuffer>)>>,
     reaps: u64,
 }
 
@@ -237,7 +239,12 @@ impl Submit for LoopbackEndpoint {
     type Waiter = LoopbackWaiter;
 
     fn open_slots(&mut self, slots: u32, slot_bytes: usize) -> Result<LoopbackWaiter> {
-        self.aio = AsyncSlots { slot_bytes, memory: vec![0; slots as usize * slot_bytes], ..AsyncSlots::default() };
+        self.aio = AsyncSlots {
+            slot_bytes,
+            memory: vec![0; slots as usize * slot_bytes],
+            results: (0..slots).map(|_| None).collect(),
+            ..AsyncSlots::default()
+        };
         Ok(LoopbackWaiter)
     }
 
@@ -304,12 +311,13 @@ impl Submit for LoopbackEndpoint {
             };
             self.aio.memory = memory;
             let at = self.aio.reaps + self.shared.options.async_reaps as u64;
-            self.aio.done.push_back((at, Completion { slot, result, buf }));
+            self.aio.results[slot as usize] = Some((result, buf));
+            self.aio.done.push_back((at, slot));
         }
         self.aio.queued = queued; // keeps its allocation
     }
 
-    fn reap(&mut self, done: &mut dyn FnMut(Completion<LoopbackBuffer>)) -> usize {
+    fn reap(&mut self, mut done: impl FnMut(u32)) -> usize {
         let now = self.aio.reaps;
         self.aio.reaps += 1;
         let mut n = 0;
@@ -318,6 +326,10 @@ impl Submit for LoopbackEndpoint {
             n += 1;
         }
         n
+    }
+
+    fn take_result(&mut self, slot: u32) -> (Result<()>, Option<LoopbackBuffer>) {
+        self.aio.results[slot as usize].take().expect("take_result of a slot reported finished")
     }
 
     fn slot_bytes(&self, slot: u32, len: usize) -> &[u8] {

@@ -233,3 +233,38 @@ fn a_lone_operation_wakes_its_task_only_to_yield() {
         }
     }
 }
+
+#[test]
+fn lone_operations_stop_yielding_and_bursts_coalesce_again() {
+    let transport = LoopbackTransport::new(&[1 << 20]);
+    let ep = AsyncEndpoint::new(transport.endpoint().unwrap()).unwrap();
+    let counter = std::sync::Arc::new(Counter(std::sync::atomic::AtomicUsize::new(0)));
+    let waker = std::task::Waker::from(std::sync::Arc::clone(&counter));
+    let wakes = || counter.0.load(std::sync::atomic::Ordering::SeqCst);
+    let lone = |n: usize| {
+        for _ in 0..n {
+            let mut f = Box::pin(ep.faa(scratch(0), 1));
+            (1..=4).find(|_| Task::poll(&waker, &mut f).is_some()).expect("done within 4 polls");
+        }
+    };
+    // One operation at a time: at first each yields once (its task is woken to post it)...
+    lone(16);
+    assert_eq!(wakes(), 16);
+    // ...then yields that never gathered anyone are skipped, but for a probe now and then.
+    lone(64);
+    let probes = wakes() - 16;
+    assert!((2..=20).contains(&probes), "{probes} yields in 64 lone operations (about 8 expected)");
+    // A burst finds company at the next probe, and the one after it shares one doorbell again.
+    let burst = || {
+        let futs = (0..16).map(|k| Box::pin(ep.faa(scratch(0).checked_add(8 * k).unwrap(), 1)) as _).collect();
+        for old in block_on(conformance::join_all::<rdmem_core::Result<u64>>(futs)) {
+            old.unwrap();
+        }
+    };
+    for _ in 0..2 {
+        burst();
+    }
+    let before = ep.doorbells();
+    burst();
+    assert_eq!(ep.doorbells() - before, 1);
+}

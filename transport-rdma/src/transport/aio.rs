@@ -14,7 +14,7 @@ use rdma_mummy_sys::{
     atomic_t, ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_poll_cq, ibv_req_notify_cq, ibv_send_flags, ibv_send_wr,
     ibv_sge, ibv_wr_opcode, rdma_t,
 };
-use rdmem_core::aio::{Completion, SlotOp, Submit, Wait};
+use rdmem_core::aio::{SlotOp, Submit, Wait};
 use rdmem_core::{Error, GlobalAddr, LocalBuffer, OpKind, Result, WcStatus};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use sideway::ibverbs::AccessFlags;
@@ -35,8 +35,11 @@ struct SlotInfo {
     conn: usize,
     op: OpKind,
     remote: GlobalAddr,
-    /// A buffer moved in for the flight (read_into/write_from).
+    /// A buffer moved in for the flight (read_into/write_from); kept with the result until
+    /// [`Submit::take_result`].
     buf: Option<RdmaBuffer>,
+    /// How a finished flight failed (none: it succeeded), until [`Submit::take_result`].
+    error: Option<Error>,
     /// When this slot's request was the signaled last of its doorbell: the unsignaled slots
     /// posted before it, which its successful completion completes too (RC completes in order).
     covers: Vec<u32>,
@@ -55,18 +58,21 @@ pub(crate) struct AsyncSlots {
     stalled_since: Vec<Option<Instant>>,
     /// Slots failed without a completion (failed post or poll, dead node, deadline), for the
     /// next reap.
-    failed: Vec<Completion<RdmaBuffer>>,
+    failed: Vec<u32>,
 }
 
 impl AsyncSlots {
-    /// Ends slot `s`'s flight and returns its completion with `result`.
-    fn finish(&mut self, s: u32, result: Result<()>) -> Completion<RdmaBuffer> {
+    /// Ends slot `s`'s flight with `result` (kept for [`Submit::take_result`]); returns `s`.
+    fn finish(&mut self, s: u32, result: Result<()>) -> u32 {
         let info = &mut self.slots[s as usize];
         info.in_flight = false;
+        if let Err(e) = result {
+            info.error = Some(e); // (none before: taken with the previous result)
+        }
         // Its list stands for a doorbell that is over: a later use of the slot must not inherit it.
         info.covers.clear();
         self.in_flight[info.conn] -= 1;
-        Completion { slot: s, result, buf: info.buf.take() }
+        s
     }
 
     /// Fails every slot in flight to connection `c` with the error `make` builds.
@@ -122,8 +128,9 @@ impl RdmaEndpoint {
         self.aio.as_mut().expect("AsyncEndpoint opens the slots first")
     }
 
-    /// Checks `op` and builds its work request; the slot's memory or `buf` is its local side.
-    fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<(usize, ibv_send_wr, ibv_sge)> {
+    /// Checks `op` and queues its work request on its connection (whose index it returns); the
+    /// slot's memory or `buf` is its local side.
+    fn queue_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<usize> {
         op.validate(&self.shared.nodes, self.aio.as_ref().expect("slots").slot_bytes, MAX_TRANSFER)?;
         let (kind, remote, len) = match op {
             SlotOp::Read { remote, len } => (OpKind::Read, *remote, *len as u64),
@@ -188,7 +195,11 @@ impl RdmaEndpoint {
         info.conn = c;
         info.op = kind;
         info.remote = remote;
-        Ok((c, wr, sge))
+        let (list, slots) = &mut aio.pending[c];
+        list.wrs.push(wr);
+        list.sges.push(sge);
+        slots.push(slot);
+        Ok(c)
     }
 
     /// Posts connection `c`'s queued requests as one list (one doorbell). A failed post stops
@@ -237,7 +248,7 @@ impl RdmaEndpoint {
     }
 
     /// Hands the slots a completion finishes to `done` (none for a stale one); how many.
-    fn slot_completions(&mut self, wc: &rdma_mummy_sys::ibv_wc, done: &mut dyn FnMut(Completion<RdmaBuffer>)) -> usize {
+    fn slot_completions(&mut self, wc: &rdma_mummy_sys::ibv_wc, done: &mut impl FnMut(u32)) -> usize {
         let aio = self.aio.as_mut().expect("slots");
         let s = (wc.wr_id & 0xffff_ffff) as u32;
         let generation = ((wc.wr_id >> 32) & 0x3fff_ffff) as u32;
@@ -297,6 +308,7 @@ impl Submit for RdmaEndpoint {
                     op: OpKind::Read,
                     remote: GlobalAddr::NULL,
                     buf: None,
+                    error: None,
                     covers: Vec::with_capacity(slots as usize),
                 })
                 .collect(),
@@ -309,24 +321,24 @@ impl Submit for RdmaEndpoint {
     }
 
     fn queue(&mut self, slot: u32, op: SlotOp<'_, RdmaBuffer>) -> std::result::Result<(), (Error, Option<RdmaBuffer>)> {
-        let built = self.build_slot_wr(slot, &op);
+        let built = self.queue_slot_wr(slot, &op);
         let buf = match op {
             SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => Some(buf),
             _ => None,
         };
-        let (c, wr, sge) = match built {
-            Ok(b) => b,
+        let c = match built {
+            Ok(c) => c,
             Err(e) => return Err((e, buf)),
         };
         let aio = self.aio();
         let info = &mut aio.slots[slot as usize];
         info.in_flight = true;
-        info.buf = buf;
+        // Both are empty here: taken with the previous result.
+        debug_assert!(info.buf.is_none() && info.error.is_none());
+        if buf.is_some() {
+            info.buf = buf;
+        }
         aio.in_flight[c] += 1;
-        let (list, slots) = &mut aio.pending[c];
-        list.wrs.push(wr);
-        list.sges.push(sge);
-        slots.push(slot);
         Ok(())
     }
 
@@ -336,42 +348,42 @@ impl Submit for RdmaEndpoint {
         }
     }
 
-    fn reap(&mut self, done: &mut dyn FnMut(Completion<RdmaBuffer>)) -> usize {
-        let mut count = 0;
-        let n = if std::mem::take(&mut self.poll_fault) {
-            -5 // EIO
-        } else {
-            // SAFETY: the completion queue is alive (`self.cq`) and `self.wcs` has room for
-            // POLL_BATCH completions, the most ibv_poll_cq writes.
-            unsafe { ibv_poll_cq(self.cq.cq().as_ptr(), POLL_BATCH as i32, self.wcs.as_mut_ptr()) }
-        };
-        if n < 0 {
-            // The device may still write into the slots: stop every queue pair with requests in
-            // flight first, then fail them.
-            for c in 0..self.conns.len() {
-                if self.aio().in_flight[c] > 0 {
-                    self.conns[c].stop();
-                    self.aio().fail_conn(c, &|op, addr| Error::Poll { op, addr, errno: -n });
-                }
+    fn reap(&mut self, mut done: impl FnMut(u32)) -> usize {
+        let n = self.poll_cq();
+        self.handle_polled(n, &mut done)
+    }
+
+    fn ring_lone(&mut self, slot: u32, polls: u32) -> bool {
+        let info = &self.aio().slots[slot as usize];
+        let (c, want) = (info.conn, ASYNC_TAG | (info.generation as u64) << 32 | slot as u64);
+        // Nothing else is queued: only this connection has a request to post.
+        self.ring_conn(c);
+        for _ in 0..polls.max(1) {
+            let n = self.poll_cq();
+            let clean = self.aio().failed.is_empty(); // a failed post reports through `failed`
+            if n == 0 && clean {
+                continue;
+            }
+            let wc = &self.wcs[0];
+            if n == 1 && clean && wc.wr_id == want && wc.status == WorkCompletionStatus::Success as u32 {
+                // The usual case, in short: its own successful completion, and nothing else.
+                let aio = self.aio();
+                aio.stalled_since[c] = None;
+                aio.finish(slot, Ok(()));
+                return true;
+            }
+            let mut mine = false;
+            self.handle_polled(n, &mut |s| mine |= s == slot);
+            if mine {
+                return true;
             }
         }
-        for k in 0..n.max(0) as usize {
-            let wc = self.wcs[k];
-            if wc.wr_id & BEHIND_TAG != 0 {
-                if let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) {
-                    self.write_behind_failed(c, &wc, false, &mut None);
-                }
-            } else if wc.wr_id & ASYNC_TAG != 0 {
-                count += self.slot_completions(&wc, done);
-            }
-            // Anything else is a flush of an abandoned sync round: nothing waits for it.
-        }
-        // And the slots failed without a completion (here, or by a post or a stall check).
-        while let Some(c) = self.aio().failed.pop() {
-            done(c);
-            count += 1;
-        }
-        count
+        false
+    }
+
+    fn take_result(&mut self, slot: u32) -> (Result<()>, Option<RdmaBuffer>) {
+        let info = &mut self.aio().slots[slot as usize];
+        (info.error.take().map_or(Ok(()), Err), info.buf.take())
     }
 
     fn slot_bytes(&self, slot: u32, len: usize) -> &[u8] {
@@ -415,5 +427,51 @@ impl Submit for RdmaEndpoint {
                 }
             }
         }
+    }
+}
+
+impl RdmaEndpoint {
+    /// Polls the completion queue into `self.wcs`: how many it wrote, or a negative errno.
+    fn poll_cq(&mut self) -> i32 {
+        if std::mem::take(&mut self.poll_fault) {
+            -5 // EIO
+        } else {
+            // SAFETY: the completion queue is alive (`self.cq`) and `self.wcs` has room for
+            // POLL_BATCH completions, the most ibv_poll_cq writes.
+            unsafe { ibv_poll_cq(self.cq.cq().as_ptr(), POLL_BATCH as i32, self.wcs.as_mut_ptr()) }
+        }
+    }
+
+    /// Hands the slots that `n` polled completions (or a failed poll, `n` < 0) finished, and
+    /// those failed without one, to `done`; how many.
+    fn handle_polled(&mut self, n: i32, done: &mut impl FnMut(u32)) -> usize {
+        let mut count = 0;
+        if n < 0 {
+            // The device may still write into the slots: stop every queue pair with requests in
+            // flight first, then fail them.
+            for c in 0..self.conns.len() {
+                if self.aio().in_flight[c] > 0 {
+                    self.conns[c].stop();
+                    self.aio().fail_conn(c, &|op, addr| Error::Poll { op, addr, errno: -n });
+                }
+            }
+        }
+        for k in 0..n.max(0) as usize {
+            let wc = self.wcs[k];
+            if wc.wr_id & BEHIND_TAG != 0 {
+                if let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) {
+                    self.write_behind_failed(c, &wc, false, &mut None);
+                }
+            } else if wc.wr_id & ASYNC_TAG != 0 {
+                count += self.slot_completions(&wc, done);
+            }
+            // Anything else is a flush of an abandoned sync round: nothing waits for it.
+        }
+        // And the slots failed without a completion (here, or by a post or a stall check).
+        while let Some(c) = self.aio().failed.pop() {
+            done(c);
+            count += 1;
+        }
+        count
     }
 }
