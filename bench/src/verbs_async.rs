@@ -2,28 +2,36 @@
 //! the same device and memory node, in the same run.
 //!
 //! - Latency: one operation outstanding, 8 bytes, each timed with the TSC: `ep.op().await`
-//!   inside one [`block_on`] against the sync endpoint's call, with the default options and
-//!   with `coalesce: false` (no yield before posting). READ and WRITE go in place from
-//!   a registered buffer on both faces (the async face moves it in and back).
+//!   against the sync endpoint's call, with the default options and with `coalesce: false`
+//!   (no yield before posting). The three endpoints take turns in blocks of [`BLOCK`]
+//!   operations (the async ones inside a [`block_on`] per block), so that the VM's drifting
+//!   speed hits all three alike. READ and WRITE go in place from a registered buffer on both
+//!   faces (the async face moves it in and back).
 //! - Throughput: 8-byte READs from one thread, with `depth` futures in flight (`depth` tasks
 //!   each awaiting its READs in turn) against the sync face's batches of `depth` (one
-//!   doorbell, one wait per batch).
+//!   doorbell, one wait per batch), the two taking turns in blocks of [`THROUGHPUT_BLOCK`].
 //!
-//! Each point is measured `--rounds` times, alternating sync and async; the ratio is the median
-//! of the rounds' own ratios (async / sync for latency, async / sync for throughput).
+//! Each point is measured `--rounds` times (throughput alternating sync and async); the ratio is
+//! the median of the rounds' own ratios (async / sync: median latencies, or Mops).
 
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use rdmem_core::aio::{AsyncEndpoint, AsyncOptions, LocalFuture, block_on, join_all};
-use rdmem_core::{GlobalAddr, Transport};
-use rdmem_transport_rdma::RdmaTransport;
+use rdmem_core::{Endpoint, GlobalAddr, LocalBuffer, Transport};
+use rdmem_transport_rdma::{RdmaBuffer, RdmaEndpoint, RdmaTransport};
 
 use crate::report::{Printer, Row, median, new_histogram};
 use crate::tsc::Tsc;
 use crate::verbs::{self, OpName, VerbsArgs, WARMUP};
 
 type BoxError = Box<dyn std::error::Error>;
+
+/// Operations per turn of each endpoint in the latency rounds.
+const BLOCK: u64 = 100;
+
+/// Operations per turn of each face in the throughput rounds.
+const THROUGHPUT_BLOCK: u64 = 1024;
 
 /// The latency rows of `ops` and the throughput rows of `depths`, sync and async.
 pub(crate) fn run(
@@ -40,12 +48,11 @@ pub(crate) fn run(
         let (mut sync, mut asy, mut ratios) = (Vec::new(), [Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         let (mut sync_all, mut async_all) = (new_histogram()?, [new_histogram()?, new_histogram()?]);
         for _ in 0..rounds.max(1) {
-            let s = verbs::latency(transport, tsc, base, op, 8, iters)?;
+            let [s, a, b] = latency(transport, tsc, base, op, iters)?;
             let s50 = s.value_at_quantile(0.5) as f64 / 1000.0;
             sync.push(s50);
             sync_all.add(&s)?;
-            for (k, coalesce) in [true, false].into_iter().enumerate() {
-                let a = latency(transport, tsc, base, op, iters, coalesce)?;
+            for (k, a) in [a, b].into_iter().enumerate() {
                 let a50 = a.value_at_quantile(0.5) as f64 / 1000.0;
                 asy[k].push(a50);
                 ratios[k].push(a50 / s50);
@@ -69,8 +76,7 @@ pub(crate) fn run(
         let (mut sync, mut asy, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         let mut totals = ((0, 0.0), (0, 0.0));
         for _ in 0..rounds.max(1) {
-            let (sn, ss) = verbs::throughput(transport, base, OpName::Read, 8, depth, 1, throughput_ops)?;
-            let (an, asec) = throughput(transport, base, depth, throughput_ops)?;
+            let ((sn, ss), (an, asec)) = throughput(transport, base, depth, throughput_ops)?;
             let (sm, am) = (sn as f64 / ss / 1e6, an as f64 / asec / 1e6);
             sync.push(sm);
             asy.push(am);
@@ -92,22 +98,95 @@ pub(crate) fn run(
     Ok(())
 }
 
-/// One future at a time, each timed, all inside one `block_on`.
+/// One round of latency: `iters` operations on each of a sync endpoint, an async one with the
+/// default options and one with `coalesce: false`, taking turns in blocks of [`BLOCK`]; their
+/// histograms in that order.
 fn latency(
     transport: &RdmaTransport,
     tsc: &Tsc,
     base: GlobalAddr,
     op: OpName,
     iters: u64,
-    coalesce: bool,
-) -> Result<Histogram<u64>, BoxError> {
-    let ep = AsyncEndpoint::with_options(transport.endpoint()?, AsyncOptions { coalesce, ..AsyncOptions::default() })?;
-    let mut buf = Some(ep.buffer(8)?);
+) -> Result<[Histogram<u64>; 3], BoxError> {
+    let mut sync = transport.endpoint()?;
+    let mut sync_buf = sync.buffer(8)?;
+    let mut faces = Vec::new();
+    for coalesce in [true, false] {
+        let ep =
+            AsyncEndpoint::with_options(transport.endpoint()?, AsyncOptions { coalesce, ..AsyncOptions::default() })?;
+        let buf = Some(ep.buffer(8)?);
+        faces.push((ep, buf));
+    }
     let word = base.checked_add(4096).expect("in range");
+    // Every CAS succeeds, as in ib_atomic_lat: the three endpoints share the expected value.
+    let mut expected = sync.read_u64(word)?;
+    let mut hists = [new_histogram()?, new_histogram()?, new_histogram()?];
+    // A first untimed turn each (warm-up), then the timed ones.
+    let turns = iters.div_ceil(BLOCK);
+    for turn in 0..=turns {
+        let n = if turn == 0 { WARMUP.min(BLOCK) } else { BLOCK.min(iters - (turn - 1) * BLOCK) };
+        let [hs, ha, hb] = &mut hists;
+        let timed = turn > 0;
+        sync_turn(&mut sync, &mut sync_buf, tsc, base, word, op, n, &mut expected, timed.then_some(hs))?;
+        for ((ep, buf), h) in faces.iter_mut().zip([ha, hb]) {
+            async_turn(ep, buf, tsc, base, word, op, n, &mut expected, timed.then_some(h))?;
+        }
+    }
+    Ok(hists)
+}
+
+/// The next CAS's expected value, from the old value the last one returned.
+fn next_expected(expected: u64, old: u64) -> u64 {
+    if old == expected { expected.wrapping_add(1) } else { old }
+}
+
+/// `n` operations on the sync endpoint, each timed into `hist` (if any).
+#[allow(clippy::too_many_arguments, reason = "one turn of the loop above, spelled out")]
+fn sync_turn(
+    ep: &mut RdmaEndpoint,
+    buf: &mut RdmaBuffer,
+    tsc: &Tsc,
+    base: GlobalAddr,
+    word: GlobalAddr,
+    op: OpName,
+    n: u64,
+    expected: &mut u64,
+    mut hist: Option<&mut Histogram<u64>>,
+) -> Result<(), BoxError> {
+    for _ in 0..n {
+        let start = tsc.now();
+        match op {
+            OpName::Read => ep.read_into(base, buf, 0..8)?,
+            OpName::Write => ep.write_from(base, buf, 0..8)?,
+            OpName::Cas => *expected = next_expected(*expected, ep.cas(word, *expected, expected.wrapping_add(1))?),
+            OpName::Faa => {
+                ep.faa(word, 1)?;
+            }
+        }
+        let end = tsc.now();
+        if let Some(h) = hist.as_deref_mut() {
+            h.record(tsc.nanos(start, end).max(1))?;
+        }
+    }
+    Ok(())
+}
+
+/// `n` operations on an async endpoint, one future at a time inside one `block_on`, each timed
+/// into `hist` (if any).
+#[allow(clippy::too_many_arguments, reason = "one turn of the loop above, spelled out")]
+fn async_turn(
+    ep: &AsyncEndpoint<RdmaEndpoint>,
+    buf: &mut Option<RdmaBuffer>,
+    tsc: &Tsc,
+    base: GlobalAddr,
+    word: GlobalAddr,
+    op: OpName,
+    n: u64,
+    expected: &mut u64,
+    mut hist: Option<&mut Histogram<u64>>,
+) -> Result<(), BoxError> {
     block_on(async {
-        let mut hist = new_histogram()?;
-        let mut expected = ep.read_u64(word).await?;
-        for i in 0..WARMUP + iters {
+        for _ in 0..n {
             let start = tsc.now();
             match op {
                 OpName::Read | OpName::Write => {
@@ -117,55 +196,81 @@ fn latency(
                     } else {
                         ep.write_from(base, b, 0..8).await
                     };
-                    buf = Some(b);
+                    *buf = Some(b);
                     r?;
                 }
                 OpName::Cas => {
-                    let old = ep.cas(word, expected, expected.wrapping_add(1)).await?;
-                    expected = if old == expected { expected.wrapping_add(1) } else { old };
+                    *expected = next_expected(*expected, ep.cas(word, *expected, expected.wrapping_add(1)).await?);
                 }
                 OpName::Faa => {
                     ep.faa(word, 1).await?;
                 }
             }
             let end = tsc.now();
-            if i >= WARMUP {
-                hist.record(tsc.nanos(start, end).max(1))?;
+            if let Some(h) = hist.as_deref_mut() {
+                h.record(tsc.nanos(start, end).max(1))?;
             }
         }
-        Ok(hist)
+        Ok(())
     })
 }
 
-/// `ops` 8-byte READs with `depth` futures in flight from one thread: `depth` tasks, each
-/// awaiting its READs in turn, joined with [`join_all`]; (operations, seconds). (A
-/// `FuturesUnordered` refilled per completion measured 5-15% slower here: it allocates a task
-/// per future, which is the harness's cost, not the endpoint's.)
-fn throughput(transport: &RdmaTransport, base: GlobalAddr, depth: usize, ops: u64) -> Result<(u64, f64), BoxError> {
+/// One round of throughput: `ops` 8-byte READs from one thread on each face, taking turns in
+/// blocks of [`THROUGHPUT_BLOCK`]: the sync face in batches of `depth` (one doorbell, one wait
+/// each), the async one with `depth` futures in flight (`depth` tasks, each awaiting its READs
+/// in turn, joined with [`join_all`]); (operations, seconds) of each. (A `FuturesUnordered`
+/// refilled per completion measured 5-15% slower here: it allocates a task per future, which is
+/// the harness's cost, not the endpoint's.)
+#[allow(clippy::type_complexity, reason = "two (operations, seconds) pairs")]
+fn throughput(
+    transport: &RdmaTransport,
+    base: GlobalAddr,
+    depth: usize,
+    ops: u64,
+) -> Result<((u64, f64), (u64, f64)), BoxError> {
+    let mut sync = transport.endpoint()?;
+    let mut buf = sync.buffer(8 * depth)?;
     let ep = AsyncEndpoint::new(transport.endpoint()?)?;
     let region = base.checked_add(verbs::THREAD_STRIDE).expect("in range");
     let addr = |k: u64| region.checked_add(8 * (k % 4096)).expect("in range");
-    let per = ops.div_ceil(depth as u64);
-    block_on(async {
-        // Warm up (slots, queue pairs, caches), then time.
-        for k in 0..WARMUP {
-            ep.read_u64(addr(k)).await?;
-        }
-        let ep = &ep;
+    let per_block = THROUGHPUT_BLOCK.div_ceil(depth as u64); // per task, or batches per block
+    let blocks = ops.div_ceil(per_block * depth as u64);
+    let (mut sync_secs, mut async_secs) = (0.0, 0.0);
+    // Warm up both (queue pairs, slots, caches), then time.
+    for k in 0..WARMUP {
+        sync.read_u64(addr(k))?;
+        block_on(ep.read_u64(addr(k)))?;
+    }
+    for _ in 0..blocks {
         let start = Instant::now();
-        let tasks: Vec<LocalFuture<'_, rdmem_core::Result<()>>> = (0..depth as u64)
-            .map(|t| {
-                Box::pin(async move {
-                    for i in 0..per {
-                        ep.read_u64(addr(t * per + i)).await?;
-                    }
-                    Ok(())
-                }) as _
-            })
-            .collect();
-        for r in join_all(tasks).await {
-            r?;
+        for _ in 0..per_block {
+            let mut b = sync.batch();
+            for (i, piece) in buf.reg_slice_mut().chunks(8).enumerate() {
+                b.read_into_slice(addr(i as u64), piece);
+            }
+            b.submit()?;
         }
-        Ok((per * depth as u64, start.elapsed().as_secs_f64()))
-    })
+        sync_secs += start.elapsed().as_secs_f64();
+        let ep = &ep;
+        block_on(async {
+            let start = Instant::now();
+            let tasks: Vec<LocalFuture<'_, rdmem_core::Result<()>>> = (0..depth as u64)
+                .map(|t| {
+                    Box::pin(async move {
+                        for i in 0..per_block {
+                            ep.read_u64(addr(t * per_block + i)).await?;
+                        }
+                        Ok(())
+                    }) as _
+                })
+                .collect();
+            for r in join_all(tasks).await {
+                r?;
+            }
+            async_secs += start.elapsed().as_secs_f64();
+            Ok::<_, rdmem_core::Error>(())
+        })?;
+    }
+    let n = blocks * per_block * depth as u64;
+    Ok(((n, sync_secs), (n, async_secs)))
 }

@@ -113,6 +113,9 @@ pub const MAX_SLOTS: u32 = 128;
 /// theirs (see [`AsyncOptions::coalesce`]).
 const LONE_STREAK: u32 = 16;
 
+/// Reaps a driver makes at most after one that found completions, while they keep finding some.
+const MORE_REAPS: u32 = 8;
+
 /// Of the lone operations that skip the coalescing yield, about one in this many yields anyway.
 const PROBE_ONE_IN: u32 = 8;
 
@@ -462,6 +465,13 @@ impl<E: Submit> Inner<E> {
         // every few microseconds.
         for _ in 0..self.options.inline_polls.max(1) {
             if self.reap() > 0 {
+                // Take what else has arrived too (a reap takes a few at a time), so that one
+                // executor pass sees them all, and their successors share a doorbell.
+                for _ in 0..MORE_REAPS {
+                    if self.reap() == 0 {
+                        break;
+                    }
+                }
                 return Drive::Progress;
             }
             self.empty_reaps = self.empty_reaps.wrapping_add(1);

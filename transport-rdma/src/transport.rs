@@ -699,8 +699,8 @@ impl RdmaEndpoint {
     /// (reported once), or a broken queue pair.
     fn check_usable(&mut self, c: usize) -> Result<()> {
         let conn = &mut self.conns[c];
-        if let Some(e) = conn.failure.take() {
-            return Err(e);
+        if conn.failure.is_some() {
+            return Err(conn.failure.take().expect("checked"));
         }
         if conn.broken {
             return Err(Error::Broken { node: conn.node.id });
