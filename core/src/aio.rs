@@ -177,6 +177,16 @@ pub enum SlotOp<'a, B> {
     },
 }
 
+impl<B> SlotOp<'_, B> {
+    /// The buffer a `ReadInto` or `WriteFrom` moved in (for a transport that refuses it).
+    pub fn into_buffer(self) -> Option<B> {
+        match self {
+            SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+}
+
 impl<B: std::ops::Deref<Target = [u8]>> SlotOp<'_, B> {
     /// Checks the operation as every transport must before queueing it ([`Op::validate`]'s
     /// rules): a moved-in buffer's range inside the buffer, the remote range on a known node
@@ -258,6 +268,21 @@ pub trait Submit: Endpoint {
             }
         }
         false
+    }
+
+    /// [`Submit::queue`] and [`Submit::ring_lone`] in one, for an operation alone on the
+    /// endpoint from the start: its result if it finished within `polls` polls, `None` while it
+    /// is in flight ([`Submit::reap`] reports it later), or why it was refused (nothing posted;
+    /// a buffer moved in comes back). The default is those two calls.
+    #[allow(clippy::type_complexity, reason = "queue's refusal, or the result")]
+    fn run_lone(
+        &mut self,
+        slot: u32,
+        op: SlotOp<'_, Self::Buffer>,
+        polls: u32,
+    ) -> std::result::Result<Option<(Result<()>, Option<Self::Buffer>)>, (Error, Option<Self::Buffer>)> {
+        self.queue(slot, op)?;
+        Ok(self.ring_lone(slot, polls).then(|| self.take_result(slot)))
     }
 
     /// The first `len` bytes of a finished READ's slot.
@@ -696,7 +721,7 @@ impl<E: Submit> Inner<E> {
         let alone = self.in_flight == 1 && self.unrung == 1;
         if !wait.yielded {
             wait.yielded = true;
-            if self.unrung > 0 && self.options.coalesce && !(alone && self.skip_yield()) {
+            if self.unrung > 0 && self.options.coalesce {
                 // Let the other futures of this executor pass queue theirs, so one doorbell
                 // posts them all.
                 wait.yielded_alone = alone;
@@ -1237,6 +1262,10 @@ impl<'a, E: Submit, F> OpFuture<'a, E, F> {
             self.stage = Stage::Start(place);
             let Some(ids) = claimed else { return Poll::Pending };
             let slot = ids[0];
+            if inner.in_flight == 0 && inner.unrung == 0 && (!inner.options.coalesce || inner.skip_yield()) {
+                // Alone on the endpoint, and no yield to make: post it and poll for it at once.
+                return self.run_lone(inner, slot, cx);
+            }
             let queued = inner.ep.queue(slot, Self::slot_op(&mut self.op));
             if let Err((e, buf)) = queued {
                 inner.release(slot);
@@ -1254,6 +1283,40 @@ impl<'a, E: Submit, F> OpFuture<'a, E, F> {
         let (result, buf) = inner.take_done(slot, false);
         self.stage = Stage::Finished;
         Poll::Ready((self.output)(Self::completed(&mut self.op, &inner.ep, slot, result, buf)))
+    }
+}
+
+impl<'a, E: Submit, F> OpFuture<'a, E, F> {
+    /// The first poll of an operation alone on the endpoint ([`Submit::run_lone`]).
+    fn run_lone<T>(&mut self, inner: &mut Inner<E>, slot: u32, cx: &mut Context<'_>) -> Poll<T>
+    where
+        F: Fn(Outcome<E::Buffer>) -> T,
+    {
+        inner.rings += 1;
+        inner.drives = inner.drives.wrapping_add(1);
+        let polls = inner.options.inline_polls;
+        match inner.ep.run_lone(slot, Self::slot_op(&mut self.op), polls) {
+            Err((e, buf)) => {
+                inner.release(slot);
+                self.stage = Stage::Finished;
+                Poll::Ready((self.output)(Self::failed(&mut self.op, e, buf)))
+            }
+            Ok(Some((result, buf))) => {
+                inner.empty_reaps = 0;
+                inner.idle_since = None;
+                // The slot is free again, but its memory holds the results until the borrow ends.
+                inner.release(slot);
+                self.stage = Stage::Finished;
+                Poll::Ready((self.output)(Self::completed(&mut self.op, &inner.ep, slot, result, buf)))
+            }
+            Ok(None) => {
+                // Still in flight (posted): wait for it as for any other.
+                inner.slots[slot as usize] = Slot::Queued;
+                inner.in_flight += 1;
+                self.stage = Stage::Flight(slot, Waiting { yielded: true, ..Waiting::default() });
+                self.step(inner, cx)
+            }
+        }
     }
 }
 

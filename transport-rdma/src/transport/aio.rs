@@ -128,9 +128,9 @@ impl RdmaEndpoint {
         self.aio.as_mut().expect("AsyncEndpoint opens the slots first")
     }
 
-    /// Checks `op` and queues its work request on its connection (whose index it returns); the
-    /// slot's memory or `buf` is its local side.
-    fn queue_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<usize> {
+    /// Checks `op` and builds its work request for `slot` (a new generation), with its
+    /// connection's index; the slot's memory or `buf` is its local side.
+    fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<(usize, ibv_send_wr, ibv_sge)> {
         op.validate(&self.shared.nodes, self.aio.as_ref().expect("slots").slot_bytes, MAX_TRANSFER)?;
         let (kind, remote, len) = match op {
             SlotOp::Read { remote, len } => (OpKind::Read, *remote, *len as u64),
@@ -195,11 +195,20 @@ impl RdmaEndpoint {
         info.conn = c;
         info.op = kind;
         info.remote = remote;
-        let (list, slots) = &mut aio.pending[c];
-        list.wrs.push(wr);
-        list.sges.push(sge);
-        slots.push(slot);
-        Ok(c)
+        Ok((c, wr, sge))
+    }
+
+    /// Counts `slot` in flight on connection `c`, holding `buf` until its completion.
+    fn track(&mut self, slot: u32, c: usize, buf: Option<RdmaBuffer>) {
+        let aio = self.aio();
+        let info = &mut aio.slots[slot as usize];
+        info.in_flight = true;
+        // Both are empty here: taken with the previous result.
+        debug_assert!(info.buf.is_none() && info.error.is_none());
+        if buf.is_some() {
+            info.buf = buf;
+        }
+        aio.in_flight[c] += 1;
     }
 
     /// Posts connection `c`'s queued requests as one list (one doorbell). A failed post stops
@@ -348,25 +357,74 @@ impl Submit for RdmaEndpoint {
     }
 
     fn queue(&mut self, slot: u32, op: SlotOp<'_, RdmaBuffer>) -> std::result::Result<(), (Error, Option<RdmaBuffer>)> {
-        let built = self.queue_slot_wr(slot, &op);
-        let buf = match op {
-            SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => Some(buf),
-            _ => None,
-        };
-        let c = match built {
-            Ok(c) => c,
+        let built = self.build_slot_wr(slot, &op);
+        let buf = op.into_buffer();
+        let (c, wr, sge) = match built {
+            Ok(b) => b,
             Err(e) => return Err((e, buf)),
         };
-        let aio = self.aio();
-        let info = &mut aio.slots[slot as usize];
-        info.in_flight = true;
-        // Both are empty here: taken with the previous result.
-        debug_assert!(info.buf.is_none() && info.error.is_none());
-        if buf.is_some() {
-            info.buf = buf;
-        }
-        aio.in_flight[c] += 1;
+        let (list, slots) = &mut self.aio().pending[c];
+        list.wrs.push(wr);
+        list.sges.push(sge);
+        slots.push(slot);
+        self.track(slot, c, buf);
         Ok(())
+    }
+
+    fn run_lone(
+        &mut self,
+        slot: u32,
+        op: SlotOp<'_, RdmaBuffer>,
+        polls: u32,
+    ) -> std::result::Result<Option<(Result<()>, Option<RdmaBuffer>)>, (Error, Option<RdmaBuffer>)> {
+        let built = self.build_slot_wr(slot, &op);
+        let mut buf = op.into_buffer();
+        let (c, mut wr, mut sge) = match built {
+            Ok(b) => b,
+            Err(e) => return Err((e, buf)),
+        };
+        // Posted alone, from here: no list to keep (signaled, covering nothing).
+        wr.sg_list = &mut sge;
+        wr.next = std::ptr::null_mut();
+        let want = wr.wr_id;
+        let posted = if std::mem::take(&mut self.post_fault) {
+            self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
+        } else {
+            // SAFETY: one well-formed request; its local memory is the slot's or `buf`'s, kept
+            // until its completion (here, or by the slot's books once it is tracked).
+            unsafe { self.conns[c].post(&mut wr) }
+        };
+        if let Err((errno, _)) = posted {
+            let info = &self.aio().slots[slot as usize];
+            return Ok(Some((Err(Error::Post { op: info.op, addr: info.remote, errno }), buf)));
+        }
+        let mut tracked = false;
+        for _ in 0..polls.max(1) {
+            let n = self.poll_cq();
+            if n == 0 {
+                continue;
+            }
+            let wc = &self.wcs[0];
+            if !tracked && n == 1 && wc.wr_id == want && wc.status == WorkCompletionStatus::Success as u32 {
+                // The usual case, in short: its own successful completion, and nothing else.
+                self.aio().stalled_since[c] = None;
+                return Ok(Some((Ok(()), buf)));
+            }
+            // Anything else goes the general way, with this slot in the books.
+            if !tracked {
+                self.track(slot, c, buf.take());
+                tracked = true;
+            }
+            let mut mine = false;
+            self.handle_polled(n, &mut |s| mine |= s == slot);
+            if mine {
+                return Ok(Some(self.take_result(slot)));
+            }
+        }
+        if !tracked {
+            self.track(slot, c, buf);
+        }
+        Ok(None)
     }
 
     fn ring(&mut self) {
