@@ -194,6 +194,7 @@ impl<B: std::ops::Deref<Target = [u8]>> SlotOp<'_, B> {
     /// `slot_bytes` (one through a buffer at most `max_transfer`).
     ///
     /// [`Op::validate`]: crate::Op::validate
+    #[inline]
     pub fn validate(&self, nodes: &[NodeInfo], slot_bytes: usize, max_transfer: u64) -> Result<()> {
         let small = slot_bytes as u64;
         let (kind, remote, len, max) = match self {
@@ -544,6 +545,7 @@ impl<E: Submit> Inner<E> {
     /// Claims `n` free slots (all at once, so batches cannot deadlock on each other) for the
     /// claimer whose place in the queue is `place`. Without enough, it takes or keeps its place
     /// (its waker refreshed) and, if nobody drives, drives: slots free only when someone reaps.
+    #[inline]
     fn claim(
         &mut self,
         n: usize,
@@ -613,6 +615,7 @@ impl<E: Submit> Inner<E> {
     }
 
     /// Marks claimed `slot` as queued (the transport took its operation).
+    #[inline]
     fn queued(&mut self, slot: u32) {
         self.slots[slot as usize] = Slot::Queued;
         self.in_flight += 1;
@@ -623,6 +626,7 @@ impl<E: Submit> Inner<E> {
     /// if it was only queued, not at some later doorbell behind younger operations) until its
     /// completion; otherwise (claimed, or done and not taken: a buffer in it is dropped) it is
     /// free again at once.
+    #[inline]
     fn release(&mut self, slot: u32) {
         let s = slot as usize;
         if self.slots[s] == Slot::Queued {
@@ -643,6 +647,7 @@ impl<E: Submit> Inner<E> {
     /// The result of completed `slot`; with `keep`, the slot stays claimed by its future (whose
     /// results are still in its memory), otherwise it is free again. (Its memory may be read
     /// until the endpoint's borrow ends either way: nothing else queues in between.)
+    #[inline(always)]
     fn take_done(&mut self, slot: u32, keep: bool) -> Finished<E::Buffer> {
         debug_assert_eq!(self.slots[slot as usize], Slot::Done);
         let done = self.ep.take_result(slot);
@@ -669,6 +674,7 @@ impl<E: Submit> Inner<E> {
     }
 
     /// A slot whose result was taken: still claimed with `keep`, otherwise free.
+    #[inline(always)]
     fn settle(&mut self, slot: u32, keep: bool) {
         if keep {
             self.slots[slot as usize] = Slot::Claimed;
@@ -705,6 +711,7 @@ impl<E: Submit> Inner<E> {
     /// Remembers `cx`'s waker as the one to wake at `slot`'s completion (a future returning
     /// pending: whoever reaps the completion wakes it, even if it drives now, since another may
     /// take the driving over).
+    #[inline]
     fn register(&mut self, slot: u32, cx: &Context<'_>) {
         let s = slot as usize;
         if self.slots[s] == Slot::Queued && !self.wakers[s].as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -714,6 +721,7 @@ impl<E: Submit> Inner<E> {
 
     /// Polls for queued `slot`'s completion: ready once it is done (take its result with
     /// [`Inner::take_done`]).
+    #[inline]
     fn poll_slot(&mut self, slot: u32, wait: &mut Waiting, cx: &mut Context<'_>, idle: &Idle) -> Poll<()> {
         if self.slots[slot as usize] == Slot::Done {
             return Poll::Ready(());
@@ -1209,6 +1217,7 @@ impl<'a, E: Submit, F> OpFuture<'a, E, F> {
     }
 
     /// The outcome of a completion: results copied out of the slot.
+    #[inline(always)]
     fn completed(
         op: &mut Single<'a, E::Buffer>,
         ep: &E,

@@ -63,6 +63,7 @@ pub(crate) struct AsyncSlots {
 
 impl AsyncSlots {
     /// Ends slot `s`'s flight with `result` (kept for [`Submit::take_result`]); returns `s`.
+    #[inline(always)]
     fn finish(&mut self, s: u32, result: Result<()>) -> u32 {
         let info = &mut self.slots[s as usize];
         info.in_flight = false;
@@ -130,6 +131,7 @@ impl RdmaEndpoint {
 
     /// Checks `op` and builds its work request for `slot` (a new generation), with its
     /// connection's index; the slot's memory or `buf` is its local side.
+    #[inline(always)]
     fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<(usize, ibv_send_wr, ibv_sge)> {
         op.validate(&self.shared.nodes, self.aio.as_ref().expect("slots").slot_bytes, MAX_TRANSFER)?;
         let (kind, remote, len) = match op {
@@ -199,6 +201,7 @@ impl RdmaEndpoint {
     }
 
     /// Counts `slot` in flight on connection `c`, holding `buf` until its completion.
+    #[inline(always)]
     fn track(&mut self, slot: u32, c: usize, buf: Option<RdmaBuffer>) {
         let aio = self.aio();
         let info = &mut aio.slots[slot as usize];
@@ -465,17 +468,20 @@ impl Submit for RdmaEndpoint {
         false
     }
 
+    #[inline(always)]
     fn take_result(&mut self, slot: u32) -> (Result<()>, Option<RdmaBuffer>) {
         let info = &mut self.aio().slots[slot as usize];
         (info.error.take().map_or(Ok(()), Err), info.buf.take())
     }
 
+    #[inline]
     fn slot_bytes(&self, slot: u32, len: usize) -> &[u8] {
         let aio = self.aio.as_ref().expect("slots");
         let at = slot as usize * aio.slot_bytes;
         &aio.memory.as_slice()[at..at + len]
     }
 
+    #[inline]
     fn slot_word(&self, slot: u32) -> u64 {
         // The device stores atomics' old values in host order.
         u64::from_ne_bytes(self.slot_bytes(slot, 8).try_into().expect("8 bytes"))
