@@ -31,7 +31,7 @@ type BoxError = Box<dyn std::error::Error>;
 const BLOCK: u64 = 100;
 
 /// Operations per turn of each face in the throughput rounds.
-const THROUGHPUT_BLOCK: u64 = 1024;
+const THROUGHPUT_BLOCK: u64 = 4096;
 
 /// The latency rows of `ops` and the throughput rows of `depths`, sync and async.
 pub(crate) fn run(

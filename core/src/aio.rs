@@ -117,7 +117,7 @@ const LONE_STREAK: u32 = 16;
 const MORE_REAPS: u32 = 8;
 
 /// Of the lone operations that skip the coalescing yield, about one in this many yields anyway.
-const PROBE_ONE_IN: u32 = 8;
+const PROBE_ONE_IN: u32 = 32;
 
 /// How long the helper thread waits on the completion channel before it wakes the driver
 /// anyway, so that dead nodes and deadlines are checked while nothing completes.
@@ -319,7 +319,7 @@ pub struct AsyncOptions {
     /// on one machine often completes inside its doorbell's system call, so without this,
     /// futures in flight together are posted, and complete, one by one. The yield adapts: once
     /// 16 yields in a row gathered no other operation (one operation at a time, as a loop of
-    /// awaits does), an operation alone on the endpoint skips it, but for about one in 8
+    /// awaits does), an operation alone on the endpoint skips it, but for about one in 32
     /// (picked at random), which notices when others come along again. `false` never yields.
     pub coalesce: bool,
     /// Completion-queue polls the waiting driver makes in a row before it lets the executor run
@@ -545,7 +545,7 @@ impl<E: Submit> Inner<E> {
     /// Claims `n` free slots (all at once, so batches cannot deadlock on each other) for the
     /// claimer whose place in the queue is `place`. Without enough, it takes or keeps its place
     /// (its waker refreshed) and, if nobody drives, drives: slots free only when someone reaps.
-    #[inline]
+    #[inline(always)]
     fn claim(
         &mut self,
         n: usize,
@@ -721,7 +721,7 @@ impl<E: Submit> Inner<E> {
 
     /// Polls for queued `slot`'s completion: ready once it is done (take its result with
     /// [`Inner::take_done`]).
-    #[inline]
+    #[inline(always)]
     fn poll_slot(&mut self, slot: u32, wait: &mut Waiting, cx: &mut Context<'_>, idle: &Idle) -> Poll<()> {
         if self.slots[slot as usize] == Slot::Done {
             return Poll::Ready(());
@@ -1256,6 +1256,7 @@ impl<E: Submit, T, F: Fn(Outcome<E::Buffer>) -> T> Future for OpFuture<'_, E, F>
 }
 
 impl<'a, E: Submit, F> OpFuture<'a, E, F> {
+    #[inline(always)]
     fn step<T>(&mut self, inner: &mut Inner<E>, cx: &mut Context<'_>) -> Poll<T>
     where
         F: Fn(Outcome<E::Buffer>) -> T,
