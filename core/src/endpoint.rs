@@ -201,7 +201,7 @@ impl Op<'_> {
 /// range inside the pool, atomics 8-byte aligned, length at most `max_len` ([`Op::validate`]
 /// for operations not built as an [`Op`], such as the async face's).
 pub fn validate(op: OpKind, addr: GlobalAddr, len: u64, nodes: &[NodeInfo], max_len: u64) -> Result<()> {
-    let node = nodes.iter().find(|n| n.id == addr.node()).ok_or(Error::UnknownNode { op, addr })?;
+    let node = nodes.iter().find(|n| n.id == addr.node()).ok_or_else(|| Error::UnknownNode { op, addr })?;
     if len > max_len {
         return Err(Error::TooLong { op, addr, len, max: max_len });
     }
@@ -349,13 +349,13 @@ pub trait Endpoint: Send {
 fn local_range_mut(buf: &mut [u8], range: Range<usize>) -> Result<&mut [u8]> {
     let len = buf.len();
     let (start, end) = (range.start, range.end);
-    buf.get_mut(range).ok_or(Error::LocalRange { start, end, len })
+    buf.get_mut(range).ok_or_else(|| Error::LocalRange { start, end, len })
 }
 
 fn local_range(buf: &[u8], range: Range<usize>) -> Result<&[u8]> {
     let len = buf.len();
     let (start, end) = (range.start, range.end);
-    buf.get(range).ok_or(Error::LocalRange { start, end, len })
+    buf.get(range).ok_or_else(|| Error::LocalRange { start, end, len })
 }
 
 /// Operations collected to be posted together: one doorbell per node, one wait for all.

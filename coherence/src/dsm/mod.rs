@@ -735,7 +735,7 @@ impl<T: Transport> Dsm<T> {
     }
 
     fn cohort(&self, id: u64) -> Result<&CohortLock<LockScope>> {
-        self.locks.get(id as usize).ok_or(DsmError::LockId { id, count: layout::LOCK_COUNT })
+        self.locks.get(id as usize).ok_or_else(|| DsmError::LockId { id, count: layout::LOCK_COUNT })
     }
 
     /// Acquires lock `id` for this thread: threads of this process queue locally; the process
