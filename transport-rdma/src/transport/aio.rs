@@ -259,33 +259,6 @@ impl RdmaEndpoint {
         aio.pending[c].1.clear();
     }
 
-    /// Posts the one request queued, `slot`'s on connection `c` ([`RdmaEndpoint::ring_conn`]
-    /// for a list of one: signaled, covering nothing).
-    fn post_lone(&mut self, c: usize, slot: u32) {
-        let aio = self.aio.as_mut().expect("slots");
-        let (list, slots) = &mut aio.pending[c];
-        debug_assert!(list.wrs.len() == 1 && slots[..] == [slot] && aio.slots[slot as usize].covers.is_empty());
-        let first = list.link();
-        let posted = if std::mem::take(&mut self.post_fault) {
-            self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
-        } else {
-            // SAFETY: the list is well formed (`link`); its local memory is the slot's or a
-            // buffer it holds, kept until its completion is reaped.
-            unsafe { self.conns[c].post(first) }
-        };
-        let aio = self.aio.as_mut().expect("slots");
-        let (list, slots) = &mut aio.pending[c];
-        list.wrs.clear();
-        list.sges.clear();
-        slots.clear();
-        if let Err((errno, _)) = posted {
-            let info = &aio.slots[slot as usize];
-            let e = Error::Post { op: info.op, addr: info.remote, errno };
-            let done = aio.finish(slot, Err(e));
-            aio.failed.push(done);
-        }
-    }
-
     /// Hands the slots a completion finishes to `done` (none for a stale one); how many.
     fn slot_completions(&mut self, wc: &rdma_mummy_sys::ibv_wc, done: &mut impl FnMut(u32)) -> usize {
         let aio = self.aio.as_mut().expect("slots");
@@ -444,7 +417,7 @@ impl Submit for RdmaEndpoint {
     fn ring_lone(&mut self, slot: u32, polls: u32) -> bool {
         let info = &self.aio().slots[slot as usize];
         let (c, want) = (info.conn, ASYNC_TAG | (info.generation as u64) << 32 | slot as u64);
-        self.post_lone(c, slot);
+        self.ring_conn(c); // only this connection has a request to post
         for _ in 0..polls.max(1) {
             let n = self.poll_cq();
             let clean = self.aio().failed.is_empty(); // a failed post reports through `failed`
