@@ -271,3 +271,20 @@ fn lone_operations_stop_yielding_and_bursts_coalesce_again() {
     burst();
     assert_eq!(ep.doorbells() - before, 1, "the burst after it coalesces too");
 }
+
+#[test]
+fn a_lone_operation_still_in_flight_after_its_first_poll_finishes_later() {
+    // Without the coalescing yield, a lone operation is posted and polled for in its first poll
+    // (Submit::run_lone); when its completion is slower than that, it waits like any other.
+    let transport = delayed(1000);
+    let options = AsyncOptions { coalesce: false, slots: 1, ..AsyncOptions::default() };
+    let ep = AsyncEndpoint::with_options(transport.endpoint().unwrap(), options).unwrap();
+    let mut a = Box::pin(ep.faa(scratch(0), 5));
+    assert!(poll_n(&mut a, 1).is_none(), "posted, and still in flight");
+    assert_eq!(poll_n(&mut a, 100_000).expect("it finishes").unwrap(), 0);
+    // Dropped in flight: its one slot comes back, the FAA took effect once.
+    let mut b = Box::pin(ep.faa(scratch(0), 5));
+    assert!(poll_n(&mut b, 1).is_none());
+    drop(b);
+    assert_eq!(block_on(ep.read_u64(scratch(0))).unwrap(), 10);
+}
