@@ -21,7 +21,7 @@
 use clap::Args;
 use hdrhistogram::Histogram;
 use rdmem_core::{Endpoint, GlobalAddr, LocalBuffer, Transport};
-use rdmem_transport_rdma::RdmaTransport;
+use rdmem_transport_rdma::{RdmaBuffer, RdmaEndpoint, RdmaTransport};
 
 use crate::harness;
 use crate::perftest::{self, LatencyTest, Target};
@@ -263,26 +263,59 @@ pub(crate) fn latency(
     let mut hist = new_histogram()?;
     let word = base.checked_add(4096).expect("in range");
     let mut expected = ep.read_u64(word)?;
-    for i in 0..WARMUP + iters {
+    let mut run = |n, hist| timed_ops(&mut ep, &mut buf, tsc, (base, word), op, size, n, &mut expected, hist);
+    run(WARMUP, None)?;
+    run(iters, Some(&mut hist))?;
+    Ok(hist)
+}
+
+/// `n` operations `op` on `ep`, one at a time, each timed into `hist` (if any): READ and WRITE
+/// of `size` bytes at `at.0` in place from `buf`, CAS and FAA on the word at `at.1`. Every CAS
+/// succeeds, as in ib_atomic_lat: `expected` follows the word.
+#[allow(clippy::too_many_arguments, reason = "the loop of a latency run, shared by verbs and verbs --async")]
+pub(crate) fn timed_ops(
+    ep: &mut RdmaEndpoint,
+    buf: &mut RdmaBuffer,
+    tsc: &Tsc,
+    at: (GlobalAddr, GlobalAddr),
+    op: OpName,
+    size: usize,
+    n: u64,
+    expected: &mut u64,
+    mut hist: Option<&mut Histogram<u64>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (base, word) = at;
+    for _ in 0..n {
         let start = tsc.now();
         match op {
-            OpName::Read => ep.read_into(base, &mut buf, 0..size)?,
-            OpName::Write => ep.write_from(base, &buf, 0..size)?,
-            OpName::Cas => {
-                // Always the current value: every CAS succeeds, as in ib_atomic_lat.
-                let old = ep.cas(word, expected, expected.wrapping_add(1))?;
-                expected = if old == expected { expected.wrapping_add(1) } else { old };
-            }
+            OpName::Read => ep.read_into(base, buf, 0..size)?,
+            OpName::Write => ep.write_from(base, buf, 0..size)?,
+            OpName::Cas => *expected = next_expected(*expected, ep.cas(word, *expected, expected.wrapping_add(1))?),
             OpName::Faa => {
                 ep.faa(word, 1)?;
             }
         }
-        let end = tsc.now();
-        if i >= WARMUP {
-            hist.record(tsc.nanos(start, end).max(1))?;
-        }
+        record(hist.as_deref_mut(), tsc, start)?;
     }
-    Ok(hist)
+    Ok(())
+}
+
+/// The next CAS's expected value, from the old value the last one returned.
+pub(crate) fn next_expected(expected: u64, old: u64) -> u64 {
+    if old == expected { expected.wrapping_add(1) } else { old }
+}
+
+/// Records the time since TSC reading `start` into `hist`, if any.
+pub(crate) fn record(
+    hist: Option<&mut Histogram<u64>>,
+    tsc: &Tsc,
+    start: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let end = tsc.now();
+    if let Some(h) = hist {
+        h.record(tsc.nanos(start, end).max(1))?;
+    }
+    Ok(())
 }
 
 /// `threads` threads, each posting `ops_per_thread` operations in batches of `batch`.

@@ -127,64 +127,28 @@ fn latency(
         let n = if turn == 0 { WARMUP.min(BLOCK) } else { BLOCK.min(iters - (turn - 1) * BLOCK) };
         let [hs, ha, hb] = &mut hists;
         let timed = turn > 0;
-        sync_turn(&mut sync, &mut sync_buf, tsc, base, word, op, n, &mut expected, timed.then_some(hs))?;
+        verbs::timed_ops(&mut sync, &mut sync_buf, tsc, (base, word), op, 8, n, &mut expected, timed.then_some(hs))?;
         for ((ep, buf), h) in faces.iter_mut().zip([ha, hb]) {
-            async_turn(ep, buf, tsc, base, word, op, n, &mut expected, timed.then_some(h))?;
+            async_turn(ep, buf, tsc, (base, word), op, n, &mut expected, timed.then_some(h))?;
         }
     }
     Ok(hists)
 }
 
-/// The next CAS's expected value, from the old value the last one returned.
-fn next_expected(expected: u64, old: u64) -> u64 {
-    if old == expected { expected.wrapping_add(1) } else { old }
-}
-
-/// `n` operations on the sync endpoint, each timed into `hist` (if any).
-#[allow(clippy::too_many_arguments, reason = "one turn of the loop above, spelled out")]
-fn sync_turn(
-    ep: &mut RdmaEndpoint,
-    buf: &mut RdmaBuffer,
-    tsc: &Tsc,
-    base: GlobalAddr,
-    word: GlobalAddr,
-    op: OpName,
-    n: u64,
-    expected: &mut u64,
-    mut hist: Option<&mut Histogram<u64>>,
-) -> Result<(), BoxError> {
-    for _ in 0..n {
-        let start = tsc.now();
-        match op {
-            OpName::Read => ep.read_into(base, buf, 0..8)?,
-            OpName::Write => ep.write_from(base, buf, 0..8)?,
-            OpName::Cas => *expected = next_expected(*expected, ep.cas(word, *expected, expected.wrapping_add(1))?),
-            OpName::Faa => {
-                ep.faa(word, 1)?;
-            }
-        }
-        let end = tsc.now();
-        if let Some(h) = hist.as_deref_mut() {
-            h.record(tsc.nanos(start, end).max(1))?;
-        }
-    }
-    Ok(())
-}
-
-/// `n` operations on an async endpoint, one future at a time inside one `block_on`, each timed
-/// into `hist` (if any).
+/// [`verbs::timed_ops`] (8 bytes) on an async endpoint: one future at a time inside one
+/// `block_on`, each timed into `hist` (if any).
 #[allow(clippy::too_many_arguments, reason = "one turn of the loop above, spelled out")]
 fn async_turn(
     ep: &AsyncEndpoint<RdmaEndpoint>,
     buf: &mut Option<RdmaBuffer>,
     tsc: &Tsc,
-    base: GlobalAddr,
-    word: GlobalAddr,
+    at: (GlobalAddr, GlobalAddr),
     op: OpName,
     n: u64,
     expected: &mut u64,
     mut hist: Option<&mut Histogram<u64>>,
 ) -> Result<(), BoxError> {
+    let (base, word) = at;
     block_on(async {
         for _ in 0..n {
             let start = tsc.now();
@@ -200,16 +164,14 @@ fn async_turn(
                     r?;
                 }
                 OpName::Cas => {
-                    *expected = next_expected(*expected, ep.cas(word, *expected, expected.wrapping_add(1)).await?);
+                    *expected =
+                        verbs::next_expected(*expected, ep.cas(word, *expected, expected.wrapping_add(1)).await?);
                 }
                 OpName::Faa => {
                     ep.faa(word, 1).await?;
                 }
             }
-            let end = tsc.now();
-            if let Some(h) = hist.as_deref_mut() {
-                h.record(tsc.nanos(start, end).max(1))?;
-            }
+            verbs::record(hist.as_deref_mut(), tsc, start)?;
         }
         Ok(())
     })
