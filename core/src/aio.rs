@@ -433,8 +433,7 @@ impl<E: Submit> Inner<E> {
             }
         });
         if n > 0 {
-            self.empty_reaps = 0;
-            self.idle_since = None;
+            self.saw_completion();
             let freed = self.free.len() - before;
             if freed > 0 {
                 // Orphans: their results (and buffers) are dropped.
@@ -445,6 +444,13 @@ impl<E: Submit> Inner<E> {
             }
         }
         n
+    }
+
+    /// Something completed: the driver's spin starts over.
+    #[inline]
+    fn saw_completion(&mut self) {
+        self.empty_reaps = 0;
+        self.idle_since = None;
     }
 
     /// Wakes up to `n` futures waiting for slots.
@@ -749,8 +755,7 @@ impl<E: Submit> Inner<E> {
             self.drives = self.drives.wrapping_add(1);
             if self.ep.ring_lone(slot, self.options.inline_polls) {
                 self.in_flight -= 1;
-                self.empty_reaps = 0;
-                self.idle_since = None;
+                self.saw_completion();
                 self.slots[slot as usize] = Slot::Done;
                 return Poll::Ready(());
             }
@@ -1312,10 +1317,9 @@ impl<'a, E: Submit, F> OpFuture<'a, E, F> {
                 Poll::Ready((self.output)(Self::failed(&mut self.op, e, buf)))
             }
             Ok(Some((result, buf))) => {
-                inner.empty_reaps = 0;
-                inner.idle_since = None;
+                inner.saw_completion();
                 // The slot is free again, but its memory holds the results until the borrow ends.
-                inner.release(slot);
+                inner.settle(slot, false);
                 self.stage = Stage::Finished;
                 Poll::Ready((self.output)(Self::completed(&mut self.op, &inner.ep, slot, result, buf)))
             }

@@ -254,11 +254,7 @@ impl Submit for LoopbackEndpoint {
         op: SlotOp<'_, LoopbackBuffer>,
     ) -> std::result::Result<(), (Error, Option<LoopbackBuffer>)> {
         if let Err(e) = op.validate(&self.shared.nodes, self.aio.slot_bytes, MAX_TRANSFER) {
-            let buf = match op {
-                SlotOp::ReadInto { buf, .. } | SlotOp::WriteFrom { buf, .. } => Some(buf),
-                _ => None,
-            };
-            return Err((e, buf));
+            return Err((e, op.into_buffer()));
         }
         let at = slot as usize * self.aio.slot_bytes;
         let queued = match op {

@@ -414,33 +414,6 @@ impl Submit for RdmaEndpoint {
         self.handle_polled(n, &mut done)
     }
 
-    fn ring_lone(&mut self, slot: u32, polls: u32) -> bool {
-        let info = &self.aio().slots[slot as usize];
-        let (c, want) = (info.conn, ASYNC_TAG | (info.generation as u64) << 32 | slot as u64);
-        self.ring_conn(c); // only this connection has a request to post
-        for _ in 0..polls.max(1) {
-            let n = self.poll_cq();
-            let clean = self.aio().failed.is_empty(); // a failed post reports through `failed`
-            if n == 0 && clean {
-                continue;
-            }
-            let wc = &self.wcs[0];
-            if n == 1 && clean && wc.wr_id == want && wc.status == WorkCompletionStatus::Success as u32 {
-                // The usual case, in short: its own successful completion, and nothing else.
-                let aio = self.aio();
-                aio.stalled_since[c] = None;
-                aio.finish(slot, Ok(()));
-                return true;
-            }
-            let mut mine = false;
-            self.handle_polled(n, &mut |s| mine |= s == slot);
-            if mine {
-                return true;
-            }
-        }
-        false
-    }
-
     #[inline(always)]
     fn take_result(&mut self, slot: u32) -> (Result<()>, Option<RdmaBuffer>) {
         let info = &mut self.aio().slots[slot as usize];
