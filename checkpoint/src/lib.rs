@@ -405,7 +405,6 @@ pub fn restore(dir: &Path, pool: &mut [u8], seq: Option<u64>) -> Result<Restored
                 if seq.is_some() {
                     return Err(reason);
                 }
-                tracing::warn!("snapshot {candidate} cannot be restored: {reason}");
                 skipped.push(Skipped { seq: candidate, reason });
             }
         }

@@ -171,10 +171,45 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Parses a duration: a whole number with a unit, `ms`, `s`, `m` or `h` (`30s`, `5m`), above
+/// zero (the `--checkpoint-every` flag).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let usage = || format!("duration {s:?}: use a whole number and a unit, ms, s, m or h (e.g. 30s)");
+    let n: u64 = digits.parse().map_err(|_| usage())?;
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(usage()),
+    };
+    match millis {
+        Some(0) => Err("the duration must be above zero".into()),
+        Some(ms) => Ok(std::time::Duration::from_millis(ms)),
+        None => Err(format!("duration {s:?} is too long")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "30", "s", "1.5s", "-1s", "10 days", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_duration("99999999999999999h").unwrap_err().contains("too long"));
+    }
 
     #[test]
     fn file_then_environment() {

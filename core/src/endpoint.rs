@@ -224,6 +224,37 @@ pub trait Transport: Send + Sync + 'static {
 
     /// The memory nodes, in the order of the cluster configuration.
     fn nodes(&self) -> &[NodeInfo];
+
+    /// Asks memory node `node` to write a snapshot of its pool to its checkpoint directory,
+    /// with sequence number `seq` (default: one above its newest; it must be above it), full
+    /// if `full` (else incremental when the node has a base to build on), and returns once it
+    /// is on disk. The snapshot is a consistent cut only while no client writes the pool.
+    /// Transports without memory nodes that keep snapshots return [`Error::Checkpoint`].
+    fn checkpoint(&self, node: NodeId, seq: Option<u64>, full: bool) -> Result<Checkpoint> {
+        let _ = (seq, full);
+        Err(Error::Checkpoint { node, reason: "this transport's memory nodes take no checkpoints".into() })
+    }
+}
+
+/// What a memory node's snapshot of its pool wrote ([`Transport::checkpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The node.
+    pub node: NodeId,
+    /// The snapshot's sequence number.
+    pub seq: u64,
+    /// The snapshot an incremental one applies to (`None`: a full one).
+    pub parent: Option<u64>,
+    /// Blocks written with their bytes.
+    pub data_blocks: u64,
+    /// Blocks of zeros recorded (no bytes written).
+    pub zero_blocks: u64,
+    /// The snapshot file's size in bytes.
+    pub bytes: u64,
+    /// Pool bytes the node read (all of its pool: every block is hashed).
+    pub scanned: u64,
+    /// How long the node took, fsync included.
+    pub duration: std::time::Duration,
 }
 
 /// Ops inline in a batch before it spills to the heap; the batch sizes we measure fit.

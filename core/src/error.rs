@@ -299,6 +299,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A memory node could not take a checkpoint (none configured, a sequence number not above
+    /// its newest, a disk error, ...): `reason` says which.
+    #[error("checkpoint of {node}: {reason}")]
+    Checkpoint {
+        /// The node.
+        node: NodeId,
+        /// What went wrong.
+        reason: String,
+    },
     /// The cluster configuration is wrong.
     #[error("configuration: {0}")]
     Config(String),

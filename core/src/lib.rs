@@ -59,6 +59,6 @@ pub mod loopback;
 
 pub use addr::{GlobalAddr, NodeId, RemotePtr};
 pub use config::{ClusterConfig, DEFAULT_PORT, DeviceConfig};
-pub use endpoint::{Batch, Endpoint, LocalBuffer, NodeInfo, Op, RegSlice, RegSliceMut, Transport};
+pub use endpoint::{Batch, Checkpoint, Endpoint, LocalBuffer, NodeInfo, Op, RegSlice, RegSliceMut, Transport};
 pub use error::{Error, OpKind, Resource, Result, WcStatus};
 pub use loopback::{LoopbackBuffer, LoopbackEndpoint, LoopbackOptions, LoopbackTransport};

@@ -42,6 +42,9 @@ pub enum RdmaError {
         /// Why, and what to do.
         hint: String,
     },
+    /// Taking or restoring a snapshot failed.
+    #[error(transparent)]
+    Checkpoint(#[from] rdmem_checkpoint::CheckpointError),
     /// A socket operation failed.
     #[error("{context}: {source}")]
     Io {

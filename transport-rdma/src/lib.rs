@@ -6,6 +6,7 @@
 //! - [`wire`]: the connection handshake (protocol version, token, queue pair info, pool).
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
+//! - [`control`]: requests to a memory node that are not connections (checkpoints).
 //! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it);
 //!   [`spawn`] runs that binary as a child process and helps programs that run on several
 //!   machines of a test cluster (launchers, benchmarks, device and cluster tests).
@@ -31,6 +32,7 @@
 //! the Soft-RoCE VM with `soft-roce-setup/vm-run --device-tests`, and fail (never pass) when no
 //! device is present.
 
+pub mod control;
 pub mod device;
 pub mod error;
 pub mod memnode;
@@ -42,6 +44,6 @@ pub mod wire;
 
 pub use device::{Device, DeviceError, DeviceSelection};
 pub use error::RdmaError;
-pub use memnode::{Memnode, MemnodeConfig, PoolDescriptor};
+pub use memnode::{CheckpointConfig, Memnode, MemnodeConfig, PoolDescriptor, RestoreConfig};
 pub use memory::{PageSize, Region};
 pub use transport::{RdmaBuffer, RdmaEndpoint, RdmaOptions, RdmaTransport};

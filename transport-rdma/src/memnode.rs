@@ -9,15 +9,28 @@
 //! that dies never disturbs the others, and no client, with a token or without, can stop the
 //! node or keep others out (see [`Memnode::serve`]).
 //!
-//! The node knows nothing of what lives in its pool: the pool starts zeroed and the layers
-//! above (the allocator) format it with one-sided operations.
+//! The node knows nothing of what lives in its pool: the pool starts zeroed (or restored from a
+//! snapshot) and the layers above (the allocator) format it with one-sided operations.
+//!
+//! # Checkpoints
+//! With [`MemnodeConfig::checkpoint`], the node writes snapshots of its pool to a directory
+//! ([`rdmem_checkpoint`]: full or incremental, atomic, checksummed per block) when a client asks
+//! over a control connection ([`crate::control::checkpoint`], `rdmem-pools checkpoint`), and
+//! every [`CheckpointConfig::every`] if set. This is the node CPU's one duty besides accepting
+//! clients, and it runs on its own thread: the data path never waits for it. A snapshot is a
+//! consistent cut only while no client writes (the DSM asks right after a barrier); a periodic
+//! one of a busy pool is fuzzy. With [`MemnodeConfig::restore`], [`Memnode::start`] loads a
+//! snapshot into the registered pool before any client can connect.
 
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+use rdmem_checkpoint::{Checkpointer, Report, Take};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
@@ -30,7 +43,7 @@ use crate::device::{Device, DeviceSelection};
 use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
 use crate::queue_pair;
-use crate::wire::{self, Hello, Reply, Welcome};
+use crate::wire::{self, Answer, Checkpointed, Hello, Op, Opening, Reply, Request, Welcome};
 
 /// How a memory node is set up.
 #[derive(Debug, Clone)]
@@ -50,6 +63,33 @@ pub struct MemnodeConfig {
     pub token: String,
     /// This node's id, the node part of its global addresses.
     pub node_id: u16,
+    /// Where and how often to write snapshots of the pool (`None`: checkpoint requests are
+    /// refused).
+    pub checkpoint: Option<CheckpointConfig>,
+    /// A snapshot to load into the pool before serving.
+    pub restore: Option<RestoreConfig>,
+}
+
+/// Snapshots of the pool ([`rdmem_checkpoint`]).
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    /// The directory (created if need be).
+    pub dir: PathBuf,
+    /// Also take a (fuzzy) snapshot this often.
+    pub every: Option<Duration>,
+    /// Block size: the unit of change of incremental snapshots (a power of two, at least 4 KiB;
+    /// [`rdmem_checkpoint::DEFAULT_BLOCK_SIZE`] is a good default).
+    pub block_size: usize,
+}
+
+/// Which snapshot to start from.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The directory holding it.
+    pub dir: PathBuf,
+    /// Its sequence number (`None`: the newest that is whole; a damaged newer one is skipped
+    /// with a warning that names the file and block).
+    pub seq: Option<u64>,
 }
 
 /// What a memory node serves, as it logs it at start.
@@ -78,6 +118,7 @@ struct State {
     cq: GenericCompletionQueue,
     pool: Region,
     clients: AtomicUsize,
+    checkpointer: Option<Mutex<Checkpointer>>,
 }
 
 /// A running memory node. Dropping it stops accepting; connected clients keep their queue
@@ -111,7 +152,15 @@ impl Memnode {
         let len = usize::try_from(config.pool_size).map_err(|_| RdmaError::verbs("pool size", "too large"))?;
         let access =
             AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite | AccessFlags::RemoteAtomic;
-        let pool = Region::new(&pd, len, config.page_size, access)?;
+        let mut pool = Region::new(&pd, len, config.page_size, access)?;
+        let restored = match &config.restore {
+            Some(r) => Some(restore(r, pool.as_mut_slice())?),
+            None => None,
+        };
+        let checkpointer = match &config.checkpoint {
+            Some(c) => Some(Mutex::new(Checkpointer::open(&c.dir, len as u64, c.block_size, restored.as_ref())?)),
+            None => None,
+        };
         // The node never posts: its completion queue only has to exist for its queue pairs.
         let mut builder = device.context().create_cq_builder();
         builder.setup_cqe(16);
@@ -128,7 +177,7 @@ impl Memnode {
             page_size: pool.page_size(),
             listen,
         };
-        let state = Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0) });
+        let state = Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0), checkpointer });
         Ok(Memnode { state, listener, descriptor })
     }
 
@@ -140,6 +189,30 @@ impl Memnode {
     /// Clients connected right now.
     pub fn clients(&self) -> usize {
         self.state.clients.load(Ordering::SeqCst)
+    }
+
+    /// Writes a snapshot of the pool now (one at a time: a second call waits for the first).
+    /// Fails if the node has no [`MemnodeConfig::checkpoint`].
+    pub fn checkpoint(&self, take: Take) -> Result<Report, RdmaError> {
+        let Some(cp) = &self.state.checkpointer else {
+            return Err(RdmaError::Config(
+                "this memory node takes no checkpoints: start it with --checkpoint-dir".into(),
+            ));
+        };
+        let mut cp = cp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let report = cp.checkpoint(self.state.pool.as_slice(), take)?;
+        tracing::info!(
+            "checkpoint {} ({}{}): {} bytes written ({} blocks of data, {} of zeros) to {} in {:.3} s",
+            report.seq,
+            if report.parent.is_some() { "incremental" } else { "full" },
+            report.parent.map(|p| format!(" on {p}")).unwrap_or_default(),
+            report.bytes,
+            report.data_blocks,
+            report.zero_blocks,
+            report.file.display(),
+            report.duration.as_secs_f64()
+        );
+        Ok(report)
     }
 
     /// Accepts clients until `stop` becomes true (checked at least every 50 ms), from one thread
@@ -155,8 +228,76 @@ impl Memnode {
     /// - warnings about misbehaving peers are rate-limited (one a second per kind, with a count
     ///   of those suppressed).
     ///
+    /// Checkpoints (asked for, or every [`CheckpointConfig::every`]) are taken on a thread of
+    /// their own, one at a time, each answered when it is on disk.
+    ///
     /// Only a failure of the listening socket itself ends it with an error.
     pub fn serve(&self, stop: &AtomicBool) -> Result<(), RdmaError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::scope(|scope| {
+            if self.state.checkpointer.is_some() {
+                scope.spawn(|| self.take_checkpoints(queue, stop));
+            }
+            let served = self.serve_clients(stop, &jobs);
+            drop(jobs); // the checkpoint thread ends after the one in progress
+            served
+        })
+    }
+
+    /// The checkpoint thread: requests in order, and the periodic ones.
+    fn take_checkpoints(&self, queue: mpsc::Receiver<Job>, stop: &AtomicBool) {
+        let every = self.state.config.checkpoint.as_ref().and_then(|c| c.every);
+        let mut next = every.map(|e| Instant::now() + e);
+        loop {
+            let wait = next.map_or(POLL_INTERVAL, |t| t.saturating_duration_since(Instant::now()).min(POLL_INTERVAL));
+            match queue.recv_timeout(wait) {
+                Ok(job) => self.answer(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if next.is_some_and(|t| t <= Instant::now()) {
+                if let Err(e) = self.checkpoint(Take::default()) {
+                    tracing::error!("periodic checkpoint failed: {e}");
+                }
+                next = every.map(|e| Instant::now() + e);
+            }
+        }
+    }
+
+    /// Takes a requested checkpoint and answers it (a peer that has gone only misses the
+    /// answer).
+    fn answer(&self, mut job: Job) {
+        let answer = match self.checkpoint(job.take) {
+            Ok(r) => Answer::Checkpointed(Checkpointed {
+                node_id: self.state.config.node_id,
+                seq: r.seq,
+                parent: r.parent,
+                full: r.parent.is_none(),
+                data_blocks: r.data_blocks,
+                zero_blocks: r.zero_blocks,
+                bytes: r.bytes,
+                scanned: r.scanned,
+                micros: r.duration.as_micros() as u64,
+            }),
+            Err(e) => {
+                tracing::warn!("checkpoint asked for by {} failed: {e}", job.peer);
+                Answer::Refused(format!("checkpoint failed: {e}"))
+            }
+        };
+        let sent = job
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| job.stream.set_write_timeout(Some(HANDSHAKE_DEADLINE)))
+            .and_then(|()| answer.write_to(&mut job.stream));
+        if let Err(e) = sent {
+            tracing::warn!("cannot answer {}'s checkpoint request: {e}", job.peer);
+        }
+    }
+
+    fn serve_clients(&self, stop: &AtomicBool, jobs: &mpsc::Sender<Job>) -> Result<(), RdmaError> {
         self.listener.set_nonblocking(true).map_err(|e| RdmaError::io("listener", e))?;
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut clients: Vec<Client> = Vec::new();
@@ -215,7 +356,14 @@ impl Memnode {
                     Progress::Closed => {
                         pending.remove(i);
                     }
-                    Progress::Done(hello) => {
+                    Progress::Done(Opening::Request(request)) => {
+                        let p = pending.remove(i).expect("index in range");
+                        if let Some(job) = self.control(p, request, &mut warnings) {
+                            // Only a node with a checkpointer queues jobs: its thread is there.
+                            let _ = jobs.send(job);
+                        }
+                    }
+                    Progress::Done(Opening::Hello(hello)) => {
                         let p = pending.remove(i).expect("index in range");
                         if let Some(client) = self.admit(p, hello, &mut warnings) {
                             let now = self.state.clients.fetch_add(1, Ordering::SeqCst) + 1;
@@ -293,6 +441,27 @@ impl Memnode {
         }
     }
 
+    /// Checks a complete control request: a job for the checkpoint thread, or refused.
+    fn control(&self, mut p: Pending, request: Result<Request, u16>, warnings: &mut RateLimited) -> Option<Job> {
+        let peer = p.peer;
+        let reason = match request {
+            Err(version) => format!(
+                "protocol version {version} is not supported; this memory node speaks version {}",
+                wire::VERSION
+            ),
+            Ok(r) if !wire::tokens_match(&r.token, self.state.config.token.as_bytes()) => "wrong token".into(),
+            Ok(_) if self.state.checkpointer.is_none() => {
+                "this memory node takes no checkpoints: start it with --checkpoint-dir".into()
+            }
+            Ok(Request { op: Op::Checkpoint { seq, full }, .. }) => {
+                return Some(Job { stream: p.stream, peer, take: Take { seq, full } });
+            }
+        };
+        warnings.warn(Warning::Refused, || format!("refused {peer}'s request: {reason}"));
+        let _ = Answer::Refused(reason).write_to(&mut p.stream);
+        None
+    }
+
     /// Checks a complete Hello and connects a queue pair; the refusal (or failure) is sent to
     /// the peer and logged.
     fn admit(&self, mut p: Pending, hello: Result<Hello, u16>, warnings: &mut RateLimited) -> Option<Client> {
@@ -365,11 +534,18 @@ struct Pending {
     deadline: Instant,
 }
 
+/// A checkpoint asked for over a control connection, waiting for the checkpoint thread.
+struct Job {
+    stream: TcpStream,
+    peer: SocketAddr,
+    take: Take,
+}
+
 /// What reading a handshake's socket gave.
 enum Progress {
     NeedMore,
     Closed,
-    Done(Result<Hello, u16>),
+    Done(Opening),
     Bad(std::io::Error),
 }
 
@@ -394,8 +570,8 @@ impl Pending {
                 Err(_) => return Progress::Closed,
             }
         }
-        match Hello::read_from(&mut self.buf.as_slice()) {
-            Ok(hello) => Progress::Done(hello),
+        match Opening::read_from(&mut self.buf.as_slice()) {
+            Ok(opening) => Progress::Done(opening),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Progress::NeedMore,
             Err(e) => Progress::Bad(e),
         }
@@ -492,6 +668,23 @@ impl RateLimited {
             n => tracing::warn!("{} ({n} more like it in the last second not shown)", message()),
         }
     }
+}
+
+/// Loads the snapshot `from` names into `pool`, saying what it skipped.
+fn restore(from: &RestoreConfig, pool: &mut [u8]) -> Result<rdmem_checkpoint::Restored, RdmaError> {
+    let restored = rdmem_checkpoint::restore(&from.dir, pool, from.seq)?;
+    for s in &restored.skipped {
+        tracing::warn!("snapshot {} skipped: {}", s.seq, s.reason);
+    }
+    tracing::info!(
+        "restored snapshot {} from {} (chain {:?}): {} bytes read in {:.3} s",
+        restored.seq,
+        from.dir.display(),
+        restored.chain,
+        restored.bytes_read,
+        restored.duration.as_secs_f64()
+    );
+    Ok(restored)
 }
 
 /// Raises this process's soft limit of open files to the hard limit (the node holds a socket

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use crate::error::RdmaError;
@@ -16,13 +16,15 @@ pub struct MemnodeChild {
     child: Child,
     addr: String,
     token: String,
+    warnings: Arc<Mutex<Vec<String>>>,
 }
 
 impl MemnodeChild {
     /// Starts `rdmem-memnode` with `--listen 127.0.0.1:<free port>`, `token` and `args`,
     /// and waits until it serves. The binary is looked for next to the current executable, one
     /// directory up (test binaries live in `target/*/deps`), then on PATH. Its warnings and
-    /// errors are passed on to stderr, prefixed with `name`.
+    /// errors are passed on to stderr, prefixed with `name`, and kept ([`MemnodeChild::warnings`]);
+    /// if it does not start, the error holds them.
     pub fn start(name: &str, token: &str, args: &[&str]) -> Result<Self, RdmaError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -49,24 +51,30 @@ impl MemnodeChild {
         let stderr = child.stderr.take().expect("piped stderr");
         let (ready_tx, ready_rx) = mpsc::channel();
         let name = name.to_owned();
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&warnings);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("serving node") {
                     let _ = ready_tx.send(());
                 } else if line.contains("WARN") || line.contains("ERROR") || line.contains("error:") {
                     eprintln!("[{name}] {line}");
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).push(line);
                 }
             }
         });
         if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
             let _ = child.kill();
             let status = child.wait().map_err(|e| RdmaError::io("waiting for rdmem-memnode", e))?;
+            // The reader thread has seen every line once the pipe is closed (recv_timeout above
+            // returns when the child exits and its stderr closes).
+            let said = warnings.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
             return Err(RdmaError::io(
-                format!("{} did not start ({status}); its errors are above", program.display()),
+                format!("{} did not start ({status}): {said}", program.display()),
                 std::io::Error::other("memory node failed to start"),
             ));
         }
-        Ok(MemnodeChild { child, addr, token })
+        Ok(MemnodeChild { child, addr, token, warnings })
     }
 
     /// Where it listens: `127.0.0.1:<port>`, or the address given to `start_on`.
@@ -77,6 +85,11 @@ impl MemnodeChild {
     /// The token it asks for.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The warnings and errors it has logged so far.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Its process id.

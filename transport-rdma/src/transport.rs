@@ -194,6 +194,28 @@ impl Transport for RdmaTransport {
     fn nodes(&self) -> &[NodeInfo] {
         &self.shared.nodes
     }
+
+    /// Over a control connection to the node ([`crate::control::checkpoint`]); the node's
+    /// refusal is [`Error::Checkpoint`] with its reason.
+    fn checkpoint(&self, node: NodeId, seq: Option<u64>, full: bool) -> Result<rdmem_core::Checkpoint> {
+        let i = self.shared.nodes.iter().position(|n| n.id == node).ok_or_else(|| Error::Checkpoint {
+            node,
+            reason: format!(
+                "no such memory node (the nodes are {:?})",
+                self.shared.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
+            ),
+        })?;
+        let peer = &self.shared.options.memnodes[i];
+        match crate::control::checkpoint(peer, &self.shared.options.token, seq, full) {
+            Ok(done) if done.node != node => Err(Error::Checkpoint {
+                node,
+                reason: format!("the node at {peer} now says it is {} (restarted with another --node-id?)", done.node),
+            }),
+            Ok(done) => Ok(done),
+            Err(Error::Refused { reason, .. }) => Err(Error::Checkpoint { node, reason }),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// One queue pair to one memory node.

@@ -7,6 +7,17 @@
 //!              or Refused: magic | status u8 = 1 | reason_len u16 | reason (UTF-8)
 //! QpInfo: qpn u32 | psn u32 | lid u16 | gid [u8; 16]          (all integers little-endian)
 //! ```
+//!
+//! A connection may instead carry one control request (no queue pair), answered once:
+//! ```text
+//! client -> node  Request: magic "RDMCTL" | version u16 | token_len u16 | token | op u8
+//!                          op 1, checkpoint: seq u64 (0: the next) | full u8 (0 or 1)
+//! node -> client  Checkpointed: magic "RDMCTL" | status u8 = 0 | node_id u16 | seq u64
+//!                          | parent u64 (0: none)
+//!                          | full u8 | data_blocks u64 | zero_blocks u64 | bytes u64
+//!                          | scanned u64 | micros u64
+//!              or Refused: magic "RDMCTL" | status u8 = 1 | reason_len u16 | reason (UTF-8)
+//! ```
 //! The version comes right after the magic so that a node can refuse any other version with a
 //! message, whatever the rest of that version's Hello looks like. The TCP connection stays open
 //! for the life of the queue pair: when it closes, the node destroys the queue pair.
@@ -49,7 +60,10 @@ pub const MAGIC: [u8; 6] = *b"RDMEM\0";
 pub const VERSION: u16 = 1;
 /// The longest token accepted.
 pub const MAX_TOKEN: usize = 1024;
-/// The most bytes a Hello of this version takes (magic, version, token length, token, QpInfo).
+/// Identifies a control request.
+pub const CONTROL_MAGIC: [u8; 6] = *b"RDMCTL";
+/// The most bytes a Hello or a control request of this version takes (magic, version, token
+/// length, token, and a QpInfo or an op).
 pub const MAX_HELLO: usize = 6 + 2 + 2 + MAX_TOKEN + 26;
 const MAX_REASON: usize = 1024;
 
@@ -137,14 +151,9 @@ fn check_magic(r: &mut impl Read) -> io::Result<()> {
 impl Hello {
     /// Sends the message.
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        if self.token.len() > MAX_TOKEN {
-            return Err(bad(format!("token longer than {MAX_TOKEN} bytes")));
-        }
         let mut out = Vec::with_capacity(64 + self.token.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&(self.token.len() as u16).to_le_bytes());
-        out.extend_from_slice(&self.token);
+        put_version_and_token(&mut out, self.version, &self.token)?;
         put_qp(&mut out, &self.qp);
         w.write_all(&out)?;
         w.flush()
@@ -154,17 +163,15 @@ impl Hello {
     /// of the message is then not read).
     pub fn read_from(r: &mut impl Read) -> io::Result<Result<Hello, u16>> {
         check_magic(r)?;
-        let version = u16::from_le_bytes(get(r)?);
-        if version != VERSION {
-            return Ok(Err(version));
+        Hello::read_rest(r)
+    }
+
+    /// Reads a Hello after its magic.
+    fn read_rest(r: &mut impl Read) -> io::Result<Result<Hello, u16>> {
+        match get_version_and_token(r)? {
+            Ok(token) => Ok(Ok(Hello { version: VERSION, token, qp: get_qp(r)? })),
+            Err(version) => Ok(Err(version)),
         }
-        let len = u16::from_le_bytes(get(r)?) as usize;
-        if len > MAX_TOKEN {
-            return Err(bad(format!("token longer than {MAX_TOKEN} bytes")));
-        }
-        let mut token = vec![0u8; len];
-        r.read_exact(&mut token)?;
-        Ok(Ok(Hello { version, token, qp: get_qp(r)? }))
     }
 }
 
@@ -182,12 +189,7 @@ impl Reply {
                 out.extend_from_slice(&welcome.rkey.to_le_bytes());
                 put_qp(&mut out, &welcome.qp);
             }
-            Reply::Refused(reason) => {
-                let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
-                out.push(1);
-                out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
-                out.extend_from_slice(reason);
-            }
+            Reply::Refused(reason) => put_reason(&mut out, reason),
         }
         w.write_all(&out)?;
         w.flush()
@@ -204,13 +206,221 @@ impl Reply {
                 rkey: u32::from_le_bytes(get(r)?),
                 qp: get_qp(r)?,
             })),
-            1 => {
-                let len = (u16::from_le_bytes(get(r)?) as usize).min(MAX_REASON);
-                let mut reason = vec![0u8; len];
-                r.read_exact(&mut reason)?;
-                Ok(Reply::Refused(String::from_utf8_lossy(&reason).into_owned()))
-            }
+            1 => Ok(Reply::Refused(get_reason(r)?)),
             other => Err(bad(format!("unknown reply status {other}"))),
+        }
+    }
+}
+
+/// What a control connection asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A snapshot of the pool: with sequence number `seq` (default: the next), full if `full`.
+    Checkpoint {
+        /// Its sequence number.
+        seq: Option<u64>,
+        /// Full even if an incremental one would do.
+        full: bool,
+    },
+}
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Protocol version.
+    pub version: u16,
+    /// The shared token.
+    pub token: Vec<u8>,
+    /// What to do.
+    pub op: Op,
+}
+
+/// What a checkpoint wrote, as the node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// The node's id.
+    pub node_id: u16,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The snapshot an incremental one applies to.
+    pub parent: Option<u64>,
+    /// Full or incremental.
+    pub full: bool,
+    /// Blocks written with their bytes.
+    pub data_blocks: u64,
+    /// Blocks of zeros recorded.
+    pub zero_blocks: u64,
+    /// The snapshot file's size.
+    pub bytes: u64,
+    /// Pool bytes read.
+    pub scanned: u64,
+    /// How long it took, in microseconds.
+    pub micros: u64,
+}
+
+/// The node's answer to a control request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The checkpoint is on disk.
+    Checkpointed(Checkpointed),
+    /// Refused or failed, with the reason.
+    Refused(String),
+}
+
+/// What a connection opens with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// A queue pair's handshake (`Err(version)`: a version this build does not speak).
+    Hello(Result<Hello, u16>),
+    /// A control request (`Err(version)` likewise).
+    Request(Result<Request, u16>),
+}
+
+impl Opening {
+    /// Reads a Hello or a control request, told apart by their magic.
+    pub fn read_from(r: &mut impl Read) -> io::Result<Opening> {
+        let magic = get::<6>(r)?;
+        if magic == CONTROL_MAGIC {
+            return Request::read_rest(r).map(Opening::Request);
+        }
+        if magic != MAGIC {
+            return Err(bad("not an rdmem peer (bad magic)"));
+        }
+        Hello::read_rest(r).map(Opening::Hello)
+    }
+}
+
+/// Reads a version and a token; `Ok(Err(version))` for a version not ours.
+fn get_version_and_token(r: &mut impl Read) -> io::Result<Result<Vec<u8>, u16>> {
+    let version = u16::from_le_bytes(get(r)?);
+    if version != VERSION {
+        return Ok(Err(version));
+    }
+    let len = u16::from_le_bytes(get(r)?) as usize;
+    if len > MAX_TOKEN {
+        return Err(bad(format!("token longer than {MAX_TOKEN} bytes")));
+    }
+    let mut token = vec![0u8; len];
+    r.read_exact(&mut token)?;
+    Ok(Ok(token))
+}
+
+fn put_version_and_token(out: &mut Vec<u8>, version: u16, token: &[u8]) -> io::Result<()> {
+    if token.len() > MAX_TOKEN {
+        return Err(bad(format!("token longer than {MAX_TOKEN} bytes")));
+    }
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(token.len() as u16).to_le_bytes());
+    out.extend_from_slice(token);
+    Ok(())
+}
+
+fn put_reason(out: &mut Vec<u8>, reason: &str) {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.push(1);
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&reason.as_bytes()[..end]);
+}
+
+fn get_reason(r: &mut impl Read) -> io::Result<String> {
+    let len = (u16::from_le_bytes(get(r)?) as usize).min(MAX_REASON);
+    let mut reason = vec![0u8; len];
+    r.read_exact(&mut reason)?;
+    Ok(String::from_utf8_lossy(&reason).into_owned())
+}
+
+impl Request {
+    /// Sends the request.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut out = Vec::with_capacity(32 + self.token.len());
+        out.extend_from_slice(&CONTROL_MAGIC);
+        put_version_and_token(&mut out, self.version, &self.token)?;
+        match self.op {
+            Op::Checkpoint { seq, full } => {
+                out.push(1);
+                out.extend_from_slice(&seq.unwrap_or(0).to_le_bytes());
+                out.push(full as u8);
+            }
+        }
+        w.write_all(&out)?;
+        w.flush()
+    }
+
+    /// Reads a request after its magic.
+    fn read_rest(r: &mut impl Read) -> io::Result<Result<Request, u16>> {
+        let (version, token) = match get_version_and_token(r)? {
+            Ok(token) => (VERSION, token),
+            Err(version) => return Ok(Err(version)),
+        };
+        let op = match get::<1>(r)?[0] {
+            1 => {
+                let seq = u64::from_le_bytes(get(r)?);
+                let full = match get::<1>(r)?[0] {
+                    0 => false,
+                    1 => true,
+                    f => return Err(bad(format!("checkpoint flag {f} is not 0 or 1"))),
+                };
+                Op::Checkpoint { seq: (seq != 0).then_some(seq), full }
+            }
+            other => return Err(bad(format!("unknown control operation {other}"))),
+        };
+        Ok(Ok(Request { version, token, op }))
+    }
+}
+
+impl Answer {
+    /// Sends the answer.
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        let mut out = Vec::with_capacity(80);
+        out.extend_from_slice(&CONTROL_MAGIC);
+        match self {
+            Answer::Checkpointed(c) => {
+                out.push(0);
+                out.extend_from_slice(&c.node_id.to_le_bytes());
+                for v in [c.seq, c.parent.unwrap_or(0)] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                out.push(c.full as u8);
+                for v in [c.data_blocks, c.zero_blocks, c.bytes, c.scanned, c.micros] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Answer::Refused(reason) => put_reason(&mut out, reason),
+        }
+        w.write_all(&out)?;
+        w.flush()
+    }
+
+    /// Reads the node's answer.
+    pub fn read_from(r: &mut impl Read) -> io::Result<Answer> {
+        if get::<6>(r)? != CONTROL_MAGIC {
+            return Err(bad("not an rdmem control answer (bad magic)"));
+        }
+        fn word(r: &mut impl Read) -> io::Result<u64> {
+            get::<8>(r).map(u64::from_le_bytes)
+        }
+        match get::<1>(r)?[0] {
+            0 => {
+                let node_id = u16::from_le_bytes(get(r)?);
+                let (seq, parent) = (word(r)?, word(r)?);
+                let full = get::<1>(r)?[0] != 0;
+                Ok(Answer::Checkpointed(Checkpointed {
+                    node_id,
+                    seq,
+                    parent: (parent != 0).then_some(parent),
+                    full,
+                    data_blocks: word(r)?,
+                    zero_blocks: word(r)?,
+                    bytes: word(r)?,
+                    scanned: word(r)?,
+                    micros: word(r)?,
+                }))
+            }
+            1 => Ok(Answer::Refused(get_reason(r)?)),
+            other => Err(bad(format!("unknown answer status {other}"))),
         }
     }
 }
@@ -263,6 +473,71 @@ mod tests {
         long.extend_from_slice(&VERSION.to_le_bytes());
         long.extend_from_slice(&(MAX_TOKEN as u16 + 1).to_le_bytes());
         assert!(Hello::read_from(&mut long.as_slice()).is_err(), "oversized token");
+    }
+
+    #[test]
+    fn control_requests_and_answers_round_trip() {
+        for op in [Op::Checkpoint { seq: None, full: false }, Op::Checkpoint { seq: Some(42), full: true }] {
+            let request = Request { version: VERSION, token: b"t".to_vec(), op };
+            let mut wire = Vec::new();
+            request.write_to(&mut wire).unwrap();
+            assert_eq!(Opening::read_from(&mut wire.as_slice()).unwrap(), Opening::Request(Ok(request)));
+        }
+        let done = Answer::Checkpointed(Checkpointed {
+            node_id: 2,
+            seq: 3,
+            parent: Some(2),
+            full: false,
+            data_blocks: 4,
+            zero_blocks: 5,
+            bytes: 6,
+            scanned: 7,
+            micros: 8,
+        });
+        let no_parent = Answer::Checkpointed(Checkpointed {
+            node_id: 0,
+            seq: 1,
+            parent: None,
+            full: true,
+            data_blocks: 0,
+            zero_blocks: 0,
+            bytes: 0,
+            scanned: 0,
+            micros: 0,
+        });
+        for answer in [done, no_parent, Answer::Refused("no --checkpoint-dir".into())] {
+            let mut wire = Vec::new();
+            answer.write_to(&mut wire).unwrap();
+            assert_eq!(Answer::read_from(&mut wire.as_slice()).unwrap(), answer);
+        }
+        // A Hello still reads as one.
+        let hello = Hello { version: VERSION, token: vec![], qp: QP };
+        let mut wire = Vec::new();
+        hello.write_to(&mut wire).unwrap();
+        assert_eq!(Opening::read_from(&mut wire.as_slice()).unwrap(), Opening::Hello(Ok(hello)));
+    }
+
+    #[test]
+    fn bad_control_requests_are_errors() {
+        let mut wire = CONTROL_MAGIC.to_vec();
+        wire.extend_from_slice(&VERSION.to_le_bytes());
+        wire.extend_from_slice(&0u16.to_le_bytes());
+        let mut unknown = wire.clone();
+        unknown.push(9);
+        assert!(Opening::read_from(&mut unknown.as_slice()).unwrap_err().to_string().contains("unknown control"));
+        let mut flag = wire.clone();
+        flag.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+        assert!(Opening::read_from(&mut flag.as_slice()).is_err());
+        assert!(Opening::read_from(&mut wire.as_slice()).is_err(), "short");
+        let mut other = CONTROL_MAGIC.to_vec();
+        other.extend_from_slice(&(VERSION + 1).to_le_bytes());
+        assert_eq!(Opening::read_from(&mut other.as_slice()).unwrap(), Opening::Request(Err(VERSION + 1)));
+        // A long reason is cut at a character boundary.
+        let long = "é".repeat(MAX_REASON);
+        let mut wire = Vec::new();
+        Answer::Refused(long).write_to(&mut wire).unwrap();
+        let Answer::Refused(back) = Answer::read_from(&mut wire.as_slice()).unwrap() else { panic!() };
+        assert!(back.len() <= MAX_REASON && back.chars().all(|c| c == 'é'), "{back}");
     }
 
     #[test]

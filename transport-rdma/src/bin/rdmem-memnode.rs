@@ -5,15 +5,24 @@
 //! soft-roce-setup/vm-run rdmem-memnode --pool-size 64M       # on Soft-RoCE, in the VM
 //! ```
 //! It logs its pool descriptor, serves until SIGTERM or SIGINT, and stays up when clients die.
+//!
+//! Checkpoints: with `--checkpoint-dir DIR` it writes snapshots of the pool there when a client
+//! asks (`rdmem-pools checkpoint`) and every `--checkpoint-every` (fuzzy while clients write);
+//! `--restore DIR` starts it with the newest whole snapshot of DIR loaded (`--restore-seq N`
+//! for that one):
+//! ```sh
+//! rdmem-memnode --pool-size 1G --checkpoint-dir /var/lib/rdmem --restore /var/lib/rdmem
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use clap::Parser;
 use rdmem_core::config::resolve_token;
-use rdmem_transport_rdma::{DeviceSelection, Memnode, MemnodeConfig, PageSize};
+use rdmem_transport_rdma::{CheckpointConfig, DeviceSelection, Memnode, MemnodeConfig, PageSize, RestoreConfig};
 
 /// Serve a registered memory pool to rdmem clients over one-sided RDMA.
 #[derive(Parser, Debug)]
@@ -51,6 +60,23 @@ struct Args {
     /// killer may then end other processes).
     #[arg(long)]
     force_pool_size: bool,
+    /// Directory for snapshots of the pool, taken when a client asks (and see
+    /// --checkpoint-every); without it, checkpoint requests are refused.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Also snapshot the pool this often (e.g. 30s, 5m): fuzzy while clients write.
+    #[arg(long, requires = "checkpoint_dir", value_parser = rdmem_core::config::parse_duration)]
+    checkpoint_every: Option<Duration>,
+    /// The unit of change of incremental snapshots: a power of two, at least 4K.
+    #[arg(long, default_value = "64K", value_parser = rdmem_core::config::parse_size)]
+    checkpoint_block_size: u64,
+    /// Start with the newest whole snapshot in this directory loaded into the pool (a damaged
+    /// newer one is skipped with a warning); fails if there is none.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// With --restore: this snapshot, or fail.
+    #[arg(long, requires = "restore")]
+    restore_seq: Option<u64>,
 }
 
 fn main() {
@@ -87,6 +113,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         token,
         node_id: args.node_id,
         force_pool_size: args.force_pool_size,
+        checkpoint: args.checkpoint_dir.map(|dir| CheckpointConfig {
+            dir,
+            every: args.checkpoint_every,
+            block_size: usize::try_from(args.checkpoint_block_size).unwrap_or(usize::MAX),
+        }),
+        restore: args.restore.map(|dir| RestoreConfig { dir, seq: args.restore_seq }),
     };
     let node = Memnode::start(config)?;
     let d = node.descriptor();

@@ -1,0 +1,56 @@
+//! Control requests to a memory node: one TCP connection per request, authenticated with the
+//! token like a queue pair's handshake, answered once, no queue pair. Today: checkpoints.
+//!
+//! ```no_run
+//! let done = rdmem_transport_rdma::control::checkpoint("10.77.0.1:7471", "secret", None, false)?;
+//! println!("snapshot {} of node {}: {} bytes", done.seq, done.node, done.bytes);
+//! # Ok::<(), rdmem_core::Error>(())
+//! ```
+//! [`RdmaTransport`](crate::RdmaTransport) does the same for a node it is connected to
+//! ([`rdmem_core::Transport::checkpoint`]).
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use rdmem_core::{Checkpoint, Error, NodeId, Result};
+
+use crate::wire::{self, Answer, Op, Request};
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the memory node at `peer` (`HOST:PORT`) for a snapshot of its pool with sequence number
+/// `seq` (default: one above its newest), full if `full`, and waits until it is on disk (as
+/// long as that takes; a node whose machine vanishes is noticed within
+/// [`wire::DEAD_PEER_BOUND`]). A refusal (wrong token, no `--checkpoint-dir`, a sequence
+/// number not above the newest, a disk error) is [`Error::Refused`] with the node's reason.
+pub fn checkpoint(peer: &str, token: &str, seq: Option<u64>, full: bool) -> Result<Checkpoint> {
+    if seq == Some(0) {
+        return Err(Error::Config("checkpoint sequence numbers start at 1".into()));
+    }
+    let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
+    let addr = peer
+        .to_socket_addrs()
+        .map_err(|e| fail(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| fail("resolves to no address".into()))?;
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| fail(format!("{e} (is rdmem-memnode running there?)")))?;
+    wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
+    let request =
+        Request { version: wire::VERSION, token: token.as_bytes().to_vec(), op: Op::Checkpoint { seq, full } };
+    request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;
+    match Answer::read_from(&mut stream).map_err(|e| fail(format!("waiting for the answer: {e}")))? {
+        Answer::Checkpointed(c) => Ok(Checkpoint {
+            node: NodeId(c.node_id),
+            seq: c.seq,
+            parent: c.parent,
+            data_blocks: c.data_blocks,
+            zero_blocks: c.zero_blocks,
+            bytes: c.bytes,
+            scanned: c.scanned,
+            duration: Duration::from_micros(c.micros),
+        }),
+        Answer::Refused(reason) => Err(Error::Refused { peer: peer.to_owned(), reason }),
+    }
+}
