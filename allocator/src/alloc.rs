@@ -617,6 +617,50 @@ impl<T: Transport> ThreadAlloc<T> {
         self.free_elsewhere(inner, idx, chunk, rel, addr)
     }
 
+    /// Takes over the allocation at `addr` from the client that made it, as a job restored from
+    /// a checkpoint does with memory its earlier (now dead) processes allocated: the owner word
+    /// of every chunk it spans becomes this thread's, so reclaiming dead clients leaves it
+    /// alone, and it is reclaimable again once this client is gone. A large allocation is then
+    /// this thread's to free like its own; for a small block the whole chunk holding it is
+    /// taken over (its blocks freed later go to its remote free list; the chunk returns to the
+    /// pool when this client is reclaimed). Returns the chunks taken over (0: already this
+    /// thread's). An address that is not the start of a live allocation is an error.
+    pub fn adopt(&self, addr: GlobalAddr) -> Result<u64> {
+        let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
+        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
+        let geo = self.shared.nodes[idx].geo;
+        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
+        let rel = addr.offset() - geo.chunk_offset(chunk);
+        let inner = &mut *self.inner.borrow_mut();
+        let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
+        let mine = inner.owner;
+        if owner == 0 {
+            return Err(invalid("its chunk is free: never allocated, or already freed"));
+        }
+        let span = match class {
+            c if c & layout::LARGE != 0 && rel == 0 => c & !layout::LARGE,
+            c if c & layout::LARGE != 0 || c == layout::CONTINUATION => {
+                return Err(invalid("inside a large allocation, not at its start"));
+            }
+            _ => 1,
+        };
+        if owner == mine {
+            return Ok(0);
+        }
+        for c in chunk..chunk + span {
+            let old = inner.net.cas(pool::desc_word(addr.node(), &geo, c, desc::OWNER), owner, mine)?;
+            if old != owner && old != mine {
+                return Err(invalid("its owner changed while it was taken over (freed, or taken by another)"));
+            }
+        }
+        if class & layout::LARGE != 0 {
+            let arena = &mut inner.nodes[idx];
+            arena.large.insert(chunk, span);
+            arena.held += span;
+        }
+        Ok(span)
+    }
+
     /// [`ThreadAlloc::free`]'s slow path: a block not in this thread's small chunks (a large
     /// allocation, or another thread's or client's block, pushed on its chunk's remote free
     /// list).

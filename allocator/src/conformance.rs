@@ -226,6 +226,57 @@ pub fn dead_clients<T: Transport>(transport: &Arc<T>) {
     assert_eq!(reclaimer.thread().unwrap().usage().unwrap(), before, "every dead client's chunk is back");
 }
 
+/// A dead client's allocations that a live one adopted survive reclaiming the dead, with their
+/// bytes; its others are reclaimed; the adopter frees the adopted large one like its own, and
+/// bad addresses are refused (pools of at least 8 MiB on two nodes).
+pub fn adopted_allocations_survive_reclaim<T: Transport>(transport: &Arc<T>) {
+    let quick = AllocatorOptions {
+        lease: std::time::Duration::from_millis(20),
+        ..options(Placement::RoundRobin, Mode::Stealing)
+    };
+    let heir = Allocator::new(Arc::clone(transport), quick).unwrap();
+    let heir_thread = heir.thread().unwrap();
+    let before = heir_thread.usage().unwrap();
+    let dead = Allocator::new(Arc::clone(transport), quick).unwrap();
+    let dead_thread = dead.thread().unwrap();
+    let large = dead_thread.alloc(layout(3 << 20, 4096)).unwrap();
+    let small = dead_thread.alloc(layout(100, 8)).unwrap();
+    let lost = dead_thread.alloc(layout(200_000, 8)).unwrap();
+    dead_thread.with_endpoint(|ep| {
+        ep.write_u64(large.checked_add(8).unwrap(), 0x1a46e).unwrap();
+        ep.write_u64(small, 0x5a11).unwrap();
+    });
+    dead.stop_heartbeat();
+    std::mem::forget(dead_thread);
+    std::mem::forget(dead);
+    let snapshot = heir.client_snapshot().unwrap();
+
+    assert_eq!(heir_thread.adopt(large).unwrap(), (3 << 20) / quick.chunk_size, "every chunk of the allocation");
+    assert_eq!(heir_thread.adopt(large).unwrap(), 0, "adopting twice takes nothing more");
+    assert_eq!(heir_thread.adopt(small).unwrap(), 1);
+    let inside = large.checked_add(quick.chunk_size).unwrap();
+    assert!(matches!(heir_thread.adopt(inside), Err(AllocError::InvalidAddress { .. })), "inside a large one");
+    let far = GlobalAddr::new(NodeId(9), 0).unwrap();
+    assert!(matches!(heir_thread.adopt(far), Err(AllocError::InvalidAddress { .. })), "unknown node");
+
+    std::thread::sleep(quick.lease * 2);
+    let done = heir.reclaim_dead_clients(&snapshot).unwrap();
+    let not_adopted = 200_000u64.div_ceil(quick.chunk_size);
+    assert_eq!(done.chunks.iter().map(|(_, n)| n).sum::<u64>(), not_adopted, "only what was not adopted: {done:?}");
+    heir_thread.with_endpoint(|ep| {
+        assert_eq!(ep.read_u64(large.checked_add(8).unwrap()).unwrap(), 0x1a46e, "adopted bytes kept");
+        assert_eq!(ep.read_u64(small).unwrap(), 0x5a11);
+    });
+    let _ = lost;
+    heir_thread.free(large).unwrap();
+    let again = heir_thread.free(large);
+    assert!(matches!(again, Err(AllocError::DoubleFree { .. } | AllocError::InvalidAddress { .. })), "{again:?}");
+    heir_thread.flush().unwrap();
+    let after = heir_thread.usage().unwrap();
+    let used = |u: &[crate::NodeUsage]| u.iter().map(|n| n.chunks_used).sum::<u64>();
+    assert_eq!(used(&after), used(&before) + 1, "all back but the adopted small block's chunk");
+}
+
 /// `alloc` hands out a block as its last user left it; `alloc_zeroed` zeroes it (pools of at
 /// least 4 MiB).
 pub fn zeroed_blocks<T: Transport>(transport: &Arc<T>) {

@@ -183,6 +183,11 @@ fn chunks_of_dead_clients_are_reclaimed_and_live_ones_kept() {
 }
 
 #[test]
+fn adopted_allocations_survive_reclaiming_their_dead_allocator() {
+    conformance::adopted_allocations_survive_reclaim(&two_nodes(8 << 20));
+}
+
+#[test]
 fn alloc_zeroed_gives_zeroed_blocks() {
     conformance::zeroed_blocks(&two_nodes(4 << 20));
 }

@@ -234,6 +234,12 @@ pub trait Transport: Send + Sync + 'static {
         let _ = (seq, full);
         Err(Error::Checkpoint { node, reason: "this transport's memory nodes take no checkpoints".into() })
     }
+
+    /// The sequence number of memory node `node`'s newest snapshot (0: none yet), for picking
+    /// one above it ([`Transport::checkpoint`]'s errors otherwise).
+    fn newest_checkpoint(&self, node: NodeId) -> Result<u64> {
+        Err(Error::Checkpoint { node, reason: "this transport's memory nodes take no checkpoints".into() })
+    }
 }
 
 /// What a memory node's snapshot of its pool wrote ([`Transport::checkpoint`]).

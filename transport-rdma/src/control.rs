@@ -1,5 +1,6 @@
 //! Control requests to a memory node: one TCP connection per request, authenticated with the
-//! token like a queue pair's handshake, answered once, no queue pair. Today: checkpoints.
+//! token like a queue pair's handshake, answered once, no queue pair. Today: checkpoints, and
+//! the newest one's sequence number.
 //!
 //! ```no_run
 //! let done = rdmem_transport_rdma::control::checkpoint("10.77.0.1:7471", "secret", None, false)?;
@@ -28,19 +29,7 @@ pub fn checkpoint(peer: &str, token: &str, seq: Option<u64>, full: bool) -> Resu
     if seq == Some(0) {
         return Err(Error::Config("checkpoint sequence numbers start at 1".into()));
     }
-    let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
-    let addr = peer
-        .to_socket_addrs()
-        .map_err(|e| fail(format!("cannot resolve: {e}")))?
-        .next()
-        .ok_or_else(|| fail("resolves to no address".into()))?;
-    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .map_err(|e| fail(format!("{e} (is rdmem-memnode running there?)")))?;
-    wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
-    let request =
-        Request { version: wire::VERSION, token: token.as_bytes().to_vec(), op: Op::Checkpoint { seq, full } };
-    request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;
-    match Answer::read_from(&mut stream).map_err(|e| fail(format!("waiting for the answer: {e}")))? {
+    match ask(peer, token, Op::Checkpoint { seq, full })? {
         Answer::Checkpointed(c) => Ok(Checkpoint {
             node: NodeId(c.node_id),
             seq: c.seq,
@@ -51,6 +40,40 @@ pub fn checkpoint(peer: &str, token: &str, seq: Option<u64>, full: bool) -> Resu
             scanned: c.scanned,
             duration: Duration::from_micros(c.micros),
         }),
-        Answer::Refused(reason) => Err(Error::Refused { peer: peer.to_owned(), reason }),
+        other => Err(unexpected(peer, other)),
     }
+}
+
+/// The node at `peer`'s newest snapshot: its id and the snapshot's sequence number (0: none
+/// yet). Answered at once, even while the node writes a snapshot; a node without
+/// `--checkpoint-dir` refuses ([`Error::Refused`]).
+pub fn newest(peer: &str, token: &str) -> Result<(NodeId, u64)> {
+    match ask(peer, token, Op::Newest)? {
+        Answer::Newest { node_id, seq } => Ok((NodeId(node_id), seq)),
+        other => Err(unexpected(peer, other)),
+    }
+}
+
+/// A refusal as [`Error::Refused`]; any other answer than the one asked for is a broken peer.
+fn unexpected(peer: &str, answer: Answer) -> Error {
+    match answer {
+        Answer::Refused(reason) => Error::Refused { peer: peer.to_owned(), reason },
+        other => Error::Connect { peer: peer.to_owned(), reason: format!("answered {other:?}, not what was asked") },
+    }
+}
+
+/// Sends one request and reads its answer.
+fn ask(peer: &str, token: &str, op: Op) -> Result<Answer> {
+    let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
+    let addr = peer
+        .to_socket_addrs()
+        .map_err(|e| fail(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| fail("resolves to no address".into()))?;
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| fail(format!("{e} (is rdmem-memnode running there?)")))?;
+    wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
+    let request = Request { version: wire::VERSION, token: token.as_bytes().to_vec(), op };
+    request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;
+    Answer::read_from(&mut stream).map_err(|e| fail(format!("waiting for the answer: {e}")))
 }

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,8 @@ struct State {
     pool: Region,
     clients: AtomicUsize,
     checkpointer: Option<Mutex<Checkpointer>>,
+    /// The newest snapshot's sequence number in the checkpoint directory.
+    newest: AtomicU64,
 }
 
 /// A running memory node. Dropping it stops accepting; connected clients keep their queue
@@ -177,7 +179,9 @@ impl Memnode {
             page_size: pool.page_size(),
             listen,
         };
-        let state = Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0), checkpointer });
+        let newest = AtomicU64::new(checkpointer.as_ref().map_or(0, |c| c.lock().expect("new").newest()));
+        let state =
+            Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0), checkpointer, newest });
         Ok(Memnode { state, listener, descriptor })
     }
 
@@ -201,6 +205,7 @@ impl Memnode {
         };
         let mut cp = cp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let report = cp.checkpoint(self.state.pool.as_slice(), take)?;
+        self.state.newest.store(report.seq, Ordering::SeqCst);
         tracing::info!(
             "checkpoint {} ({}{}): {} bytes written ({} blocks of data, {} of zeros) to {} in {:.3} s",
             report.seq,
@@ -455,6 +460,13 @@ impl Memnode {
             }
             Ok(Request { op: Op::Checkpoint { seq, full }, .. }) => {
                 return Some(Job { stream: p.stream, peer, take: Take { seq, full } });
+            }
+            Ok(Request { op: Op::Newest, .. }) => {
+                // Answered at once, even while a checkpoint is being written (a reply this
+                // small does not block on a fresh connection).
+                let seq = self.state.newest.load(Ordering::SeqCst);
+                let _ = Answer::Newest { node_id: self.state.config.node_id, seq }.write_to(&mut p.stream);
+                return None;
             }
         };
         warnings.warn(Warning::Refused, || format!("refused {peer}'s request: {reason}"));

@@ -198,23 +198,15 @@ impl Transport for RdmaTransport {
     /// Over a control connection to the node ([`crate::control::checkpoint`]); the node's
     /// refusal is [`Error::Checkpoint`] with its reason.
     fn checkpoint(&self, node: NodeId, seq: Option<u64>, full: bool) -> Result<rdmem_core::Checkpoint> {
-        let i = self.shared.nodes.iter().position(|n| n.id == node).ok_or_else(|| Error::Checkpoint {
-            node,
-            reason: format!(
-                "no such memory node (the nodes are {:?})",
-                self.shared.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
-            ),
-        })?;
-        let peer = &self.shared.options.memnodes[i];
-        match crate::control::checkpoint(peer, &self.shared.options.token, seq, full) {
-            Ok(done) if done.node != node => Err(Error::Checkpoint {
-                node,
-                reason: format!("the node at {peer} now says it is {} (restarted with another --node-id?)", done.node),
-            }),
-            Ok(done) => Ok(done),
-            Err(Error::Refused { reason, .. }) => Err(Error::Checkpoint { node, reason }),
-            Err(e) => Err(e),
-        }
+        let peer = self.peer_of(node)?;
+        let done = crate::control::checkpoint(peer, &self.shared.options.token, seq, full);
+        let done = same_node(node, peer, done.map(|d| (d.node, d)))?;
+        Ok(done)
+    }
+
+    fn newest_checkpoint(&self, node: NodeId) -> Result<u64> {
+        let peer = self.peer_of(node)?;
+        same_node(node, peer, crate::control::newest(peer, &self.shared.options.token))
     }
 }
 
@@ -247,6 +239,34 @@ struct Connection {
 struct Cq {
     cq: Arc<BasicCompletionQueue>,
     channel: Arc<CompletionChannel>,
+}
+
+impl RdmaTransport {
+    /// Where node `node` is reached.
+    fn peer_of(&self, node: NodeId) -> Result<&str> {
+        let i = self.shared.nodes.iter().position(|n| n.id == node).ok_or_else(|| Error::Checkpoint {
+            node,
+            reason: format!(
+                "no such memory node (the nodes are {:?})",
+                self.shared.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
+            ),
+        })?;
+        Ok(&self.shared.options.memnodes[i])
+    }
+}
+
+/// A control answer from the node at `peer`, which must still be `node`; its refusal becomes
+/// [`Error::Checkpoint`].
+fn same_node<T>(node: NodeId, peer: &str, answer: Result<(NodeId, T)>) -> Result<T> {
+    match answer {
+        Ok((said, _)) if said != node => Err(Error::Checkpoint {
+            node,
+            reason: format!("the node at {peer} now says it is {said} (restarted with another --node-id?)"),
+        }),
+        Ok((_, value)) => Ok(value),
+        Err(Error::Refused { reason, .. }) => Err(Error::Checkpoint { node, reason }),
+        Err(e) => Err(e),
+    }
 }
 
 fn connect_all(shared: &Shared) -> Result<(Cq, Vec<Connection>)> {

@@ -12,10 +12,12 @@
 //! ```text
 //! client -> node  Request: magic "RDMCTL" | version u16 | token_len u16 | token | op u8
 //!                          op 1, checkpoint: seq u64 (0: the next) | full u8 (0 or 1)
+//!                          op 2, newest: nothing
 //! node -> client  Checkpointed: magic "RDMCTL" | status u8 = 0 | node_id u16 | seq u64
 //!                          | parent u64 (0: none)
 //!                          | full u8 | data_blocks u64 | zero_blocks u64 | bytes u64
 //!                          | scanned u64 | micros u64
+//!              or Newest: magic "RDMCTL" | status u8 = 2 | node_id u16 | seq u64 (0: none)
 //!              or Refused: magic "RDMCTL" | status u8 = 1 | reason_len u16 | reason (UTF-8)
 //! ```
 //! The version comes right after the magic so that a node can refuse any other version with a
@@ -222,6 +224,8 @@ pub enum Op {
         /// Full even if an incremental one would do.
         full: bool,
     },
+    /// The newest snapshot's sequence number.
+    Newest,
 }
 
 /// A control request.
@@ -263,6 +267,13 @@ pub struct Checkpointed {
 pub enum Answer {
     /// The checkpoint is on disk.
     Checkpointed(Checkpointed),
+    /// The newest snapshot's sequence number (0: none), and the node's id.
+    Newest {
+        /// The node's id.
+        node_id: u16,
+        /// The sequence number.
+        seq: u64,
+    },
     /// Refused or failed, with the reason.
     Refused(String),
 }
@@ -344,6 +355,7 @@ impl Request {
                 out.extend_from_slice(&seq.unwrap_or(0).to_le_bytes());
                 out.push(full as u8);
             }
+            Op::Newest => out.push(2),
         }
         w.write_all(&out)?;
         w.flush()
@@ -365,6 +377,7 @@ impl Request {
                 };
                 Op::Checkpoint { seq: (seq != 0).then_some(seq), full }
             }
+            2 => Op::Newest,
             other => return Err(bad(format!("unknown control operation {other}"))),
         };
         Ok(Ok(Request { version, token, op }))
@@ -387,6 +400,11 @@ impl Answer {
                 for v in [c.data_blocks, c.zero_blocks, c.bytes, c.scanned, c.micros] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
+            }
+            Answer::Newest { node_id, seq } => {
+                out.push(2);
+                out.extend_from_slice(&node_id.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
             }
             Answer::Refused(reason) => put_reason(&mut out, reason),
         }
@@ -420,6 +438,7 @@ impl Answer {
                 }))
             }
             1 => Ok(Answer::Refused(get_reason(r)?)),
+            2 => Ok(Answer::Newest { node_id: u16::from_le_bytes(get(r)?), seq: word(r)? }),
             other => Err(bad(format!("unknown answer status {other}"))),
         }
     }
@@ -477,7 +496,8 @@ mod tests {
 
     #[test]
     fn control_requests_and_answers_round_trip() {
-        for op in [Op::Checkpoint { seq: None, full: false }, Op::Checkpoint { seq: Some(42), full: true }] {
+        for op in [Op::Checkpoint { seq: None, full: false }, Op::Checkpoint { seq: Some(42), full: true }, Op::Newest]
+        {
             let request = Request { version: VERSION, token: b"t".to_vec(), op };
             let mut wire = Vec::new();
             request.write_to(&mut wire).unwrap();
@@ -505,7 +525,8 @@ mod tests {
             scanned: 0,
             micros: 0,
         });
-        for answer in [done, no_parent, Answer::Refused("no --checkpoint-dir".into())] {
+        let newest = Answer::Newest { node_id: 3, seq: 17 };
+        for answer in [done, no_parent, newest, Answer::Refused("no --checkpoint-dir".into())] {
             let mut wire = Vec::new();
             answer.write_to(&mut wire).unwrap();
             assert_eq!(Answer::read_from(&mut wire.as_slice()).unwrap(), answer);

@@ -68,6 +68,24 @@ impl RemoteBarrier {
         self.round
     }
 
+    /// Takes up a barrier whose earlier rounds other processes completed (a job restored from
+    /// a checkpoint): this participant's round becomes the epoch's. The barrier must be between
+    /// rounds, every participant through the last one and none arrived in the next
+    /// (`counter == epoch * n`); otherwise [`LockError::BarrierMidRound`].
+    pub fn resume<E: Endpoint>(&mut self, ep: &mut E) -> Result<()> {
+        let (mut counter, mut epoch) = ([0u8; 8], [0u8; 8]);
+        let mut batch = ep.batch();
+        batch.read(self.counter, &mut counter).read(self.epoch, &mut epoch);
+        batch.submit()?;
+        let (counter, epoch) = (u64::from_le_bytes(counter), u64::from_le_bytes(epoch));
+        if epoch.checked_mul(self.participants) != Some(counter) {
+            return Err(LockError::BarrierMidRound { counter, epoch, participants: self.participants });
+        }
+        self.round = epoch;
+        self.arrived = false;
+        Ok(())
+    }
+
     /// Waits until all participants arrived in this round.
     pub fn wait<E: Endpoint>(&mut self, ep: &mut E) -> Result<()> {
         self.wait_with(ep, |_| Ok(()))

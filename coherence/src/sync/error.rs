@@ -71,6 +71,19 @@ pub enum LockError {
         /// Arrivals counted.
         got: u64,
     },
+    /// A barrier taken up after a restore ([`crate::sync::RemoteBarrier::resume`]) was saved in
+    /// the middle of a round.
+    #[error(
+        "cannot take up the barrier: {counter} arrivals, but {epoch} rounds of {participants} are done (its state was saved mid-round)"
+    )]
+    BarrierMidRound {
+        /// Arrivals counted.
+        counter: u64,
+        /// Rounds completed.
+        epoch: u64,
+        /// Participants.
+        participants: u64,
+    },
     /// The other participants did not all arrive in time: they disagree on the participant
     /// count, one called `wait` once too often or too few times, or one died.
     #[error(
