@@ -69,8 +69,21 @@ pub fn run_example(
     n: &str,
     kernel: impl FnOnce(&Dsm<rdmem_transport_rdma::RdmaTransport>) -> Result<Outcome, DsmError>,
 ) -> ExitCode {
+    run_example_with(program, n, |_| {}, kernel)
+}
+
+/// [`run_example`], with the options from the environment changed by `configure` first (a
+/// program's `--resume` flag, say).
+pub fn run_example_with(
+    program: &str,
+    n: &str,
+    configure: impl FnOnce(&mut DsmOptions),
+    kernel: impl FnOnce(&Dsm<rdmem_transport_rdma::RdmaTransport>) -> Result<Outcome, DsmError>,
+) -> ExitCode {
     let run = || -> Result<bool, DsmError> {
-        let dsm = Dsm::join(DsmOptions::from_env()?)?;
+        let mut options = DsmOptions::from_env()?;
+        configure(&mut options);
+        let dsm = Dsm::join(options)?;
         let outcome = kernel(&dsm)?;
         if dsm.rank() == 0 {
             println!("{}", outcome.report(program, n, dsm.size()));

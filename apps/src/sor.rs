@@ -35,41 +35,82 @@ pub struct Params {
     pub iterations: usize,
     /// The relaxation factor, in `(0, 2)`.
     pub omega: f64,
+    /// Checkpoint the job after every this many iterations (not after the last).
+    pub checkpoint_every: Option<usize>,
 }
 
 impl Default for Params {
-    /// 128 x 128 (128 KiB shared), 10 iterations (20 barriers), omega 1.25.
+    /// 128 x 128 (128 KiB shared), 10 iterations (20 barriers), omega 1.25, no checkpoints.
     fn default() -> Self {
-        Params { rows: 128, cols: 128, iterations: 10, omega: 1.25 }
+        Params { rows: 128, cols: 128, iterations: 10, omega: 1.25, checkpoint_every: None }
     }
 }
 
 /// Runs SOR on every rank; rank 0 checks the grid against a sequential run. See the module docs.
 pub fn run<T: Transport>(dsm: &Dsm<T>, params: &Params) -> Result<Outcome, DsmError> {
-    let Params { rows, cols, iterations, omega } = *params;
+    run_with(dsm, params, |_| {})
+}
+
+/// What [`run_with`] tells its caller as it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// In this iteration (counted from 0), between the red and the black phase: the shared
+    /// grid is half updated (tests crash a rank here).
+    Midway(usize),
+    /// The job checkpointed after `iterations` iterations, as checkpoint `seq`.
+    Checkpoint {
+        /// Iterations done.
+        iterations: usize,
+        /// The checkpoint's sequence number (restore the memory nodes with it).
+        seq: u64,
+    },
+}
+
+/// [`run`], calling `on` at each [`Event`] on this rank.
+pub fn run_with<T: Transport>(dsm: &Dsm<T>, params: &Params, mut on: impl FnMut(Event)) -> Result<Outcome, DsmError> {
+    let Params { rows, cols, iterations, omega, checkpoint_every } = *params;
     let grid = dsm.alloc((rows * cols * 8) as u64)?;
+    // Iterations done when the last checkpoint was taken.
+    let progress = dsm.alloc(8)?;
     let row_at = |i: usize| grid.byte_add((i * cols * 8) as u64);
     // This rank's interior rows `lo..hi`, and the block it reads: rows `lo - 1..hi + 1`.
     let interior = band(rows.saturating_sub(2), dsm.rank(), dsm.size());
     let (lo, hi) = (interior.start + 1, interior.end + 1);
-    if dsm.rank() == 0 {
-        dsm.write_slice(grid, &vec![1.0f64; cols])?;
-    }
-    if hi > lo {
-        dsm.write_slice(row_at(lo), &initial_rows(lo..hi, cols))?;
-    }
+    let first = match dsm.resumed_from() {
+        Some(_) => dsm.get::<u64>(progress)? as usize,
+        None => {
+            if dsm.rank() == 0 {
+                dsm.write_slice(grid, &vec![1.0f64; cols])?;
+            }
+            if hi > lo {
+                dsm.write_slice(row_at(lo), &initial_rows(lo..hi, cols))?;
+            }
+            0
+        }
+    };
     dsm.barrier()?;
     let start = Instant::now();
 
     let mut block = vec![0.0f64; (hi - lo + 2) * cols];
-    for _ in 0..iterations {
+    for iteration in first..iterations {
         for color in [RED, BLACK] {
+            if color == BLACK {
+                on(Event::Midway(iteration));
+            }
             if hi > lo {
                 dsm.read_slice(row_at(lo - 1), &mut block)?;
                 sweep(&mut block, cols, lo - 1, color, omega);
                 dsm.write_slice(row_at(lo), &block[cols..(hi - lo + 1) * cols])?;
             }
             dsm.barrier()?;
+        }
+        let done = iteration + 1;
+        if checkpoint_every.is_some_and(|k| k > 0 && done % k == 0 && done < iterations) {
+            if dsm.rank() == 0 {
+                dsm.set(progress, &(done as u64))?; // home at the checkpoint's barrier
+            }
+            let seq = dsm.checkpoint()?;
+            on(Event::Checkpoint { iterations: done, seq });
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -81,9 +122,13 @@ pub fn run<T: Transport>(dsm: &Dsm<T>, params: &Params) -> Result<Outcome, DsmEr
     dsm.read_slice(grid, &mut shared)?;
     let expected = sequential(params);
     let differ: Vec<usize> = (0..shared.len()).filter(|&k| shared[k].to_bits() != expected[k].to_bits()).collect();
+    let resumed = match dsm.resumed_from() {
+        Some(seq) => format!(", resumed from checkpoint {seq} after iteration {first}"),
+        None => String::new(),
+    };
     let detail = match differ.first() {
         None => format!(
-            "{rows}x{cols}, {iterations} iterations: all {} cells equal the sequential run, sum {:.6}",
+            "{rows}x{cols}, {iterations} iterations{resumed}: all {} cells equal the sequential run, sum {:.6}",
             shared.len(),
             shared.iter().sum::<f64>()
         ),
@@ -107,7 +152,7 @@ const BLACK: usize = 1;
 
 /// The same computation in local memory: the grid after `params.iterations` iterations.
 pub fn sequential(params: &Params) -> Vec<f64> {
-    let Params { rows, cols, iterations, omega } = *params;
+    let Params { rows, cols, iterations, omega, .. } = *params;
     let mut grid = vec![0.0f64; rows * cols];
     grid[..cols.min(rows * cols)].fill(1.0);
     if rows > 2 {
@@ -181,7 +226,7 @@ mod tests {
     #[test]
     fn a_block_sweeps_like_the_whole_grid() {
         // Rows 3..6 of a 9 x 7 grid, swept as a block with halo rows 2 and 6, match the full sweep.
-        let params = Params { rows: 9, cols: 7, iterations: 2, omega: 1.5 };
+        let params = Params { rows: 9, cols: 7, iterations: 2, omega: 1.5, checkpoint_every: None };
         let mut grid = sequential(&params);
         let mut block = grid[2 * 7..7 * 7].to_vec();
         sweep(&mut grid, 7, 0, BLACK, 1.5);

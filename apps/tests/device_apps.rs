@@ -51,3 +51,51 @@ fn the_programs_match_their_sequential_results_on_four_processes() {
         assert!(out.contains("check=passed"), "{program}:\n{out}");
     }
 }
+
+/// Runs `rdmem-run -n 3 --memnode ADDR sor ARGS` against a memory node this test started.
+fn sor_on(node: &rdmem_transport_rdma::spawn::MemnodeChild, args: &[&str]) -> std::process::Output {
+    Command::new(find_binary("rdmem-run"))
+        .args(["-n", "3", "--memnode", node.addr()])
+        .arg(example("sor"))
+        .args(args)
+        .env("RDMEM_TOKEN", node.token())
+        .env_remove("RDMEM_TOKEN_FILE")
+        .output()
+        .expect("start rdmem-run")
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn sor_killed_midway_resumes_on_its_restored_memory_node_and_matches_the_sequential_run() {
+    use rdmem_transport_rdma::spawn::{MemnodeChild, fresh_token};
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let token = fresh_token();
+    let sor = ["-n", "64", "--iterations", "12", "--checkpoint-every", "4"];
+    let mut node = MemnodeChild::start("memnode", &token, &["--pool-size", "64M", "--checkpoint-dir", dir_arg])
+        .expect("rdmem-memnode");
+    // Every rank kills itself in iteration 10 (0-based), its red phase written: checkpoints
+    // were taken after iterations 4 and 8.
+    let crashed = sor_on(&node, &[&sor[..], &["--crash-at", "10"]].concat());
+    let stdout = String::from_utf8_lossy(&crashed.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&crashed.stderr);
+    assert!(!crashed.status.success(), "the job was to crash:\n{stdout}\n{stderr}");
+    let seq: u64 = stdout
+        .lines()
+        .find_map(|l| l.split("sor: checkpoint ").nth(1)?.strip_suffix(" after iteration 8")?.parse().ok())
+        .unwrap_or_else(|| panic!("no checkpoint after iteration 8 reported:\n{stdout}\n{stderr}"));
+    node.kill(); // the memory node dies too (SIGKILL), holding a half-updated grid
+    let seq_arg = seq.to_string();
+    let node = MemnodeChild::start(
+        "memnode",
+        &token,
+        &["--pool-size", "64M", "--checkpoint-dir", dir_arg, "--restore", dir_arg, "--restore-seq", &seq_arg],
+    )
+    .expect("rdmem-memnode --restore");
+    let resumed = sor_on(&node, &[&sor[..], &["--resume"]].concat());
+    let stdout = String::from_utf8_lossy(&resumed.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "resumed job failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("check=passed"), "{stdout}");
+    assert!(stdout.contains(&format!("resumed from checkpoint {seq} after iteration 8")), "{stdout}");
+}

@@ -11,17 +11,21 @@
 //! endpoint's connection to that node ([`Error::Broken`] afterwards, until a new endpoint).
 //! [`LoopbackOptions`] adds latency to every batch and injects faults, and
 //! [`LoopbackTransport::set_node_down`] makes a node unreachable, to test failure handling.
+//! Its nodes take checkpoints too ([`Transport::checkpoint`], kept in memory), and
+//! [`LoopbackTransport::restart_from`] starts them again from one, as memory nodes restarted
+//! with `--restore`.
 //!
 //! No unsafe code: the pools are atomics, local buffers are plain vectors.
 
+use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::addr::{GlobalAddr, NodeId};
 use crate::aio::{SlotOp, Submit, Wait};
-use crate::endpoint::{Endpoint, LocalBuffer, NodeInfo, Op, Transport};
+use crate::endpoint::{Checkpoint, Endpoint, LocalBuffer, NodeInfo, Op, Transport};
 use crate::error::{Error, Result};
 
 /// The longest single transfer, as on RDMA (2 GiB).
@@ -47,11 +51,16 @@ struct Pool {
     down: AtomicBool,
 }
 
+/// A node's snapshots by sequence number: copies of its words.
+type Snapshots = BTreeMap<u64, Arc<[u64]>>;
+
 struct Shared {
     pools: Vec<Pool>,
     nodes: Vec<NodeInfo>,
     options: LoopbackOptions,
     ops: AtomicU64,
+    /// Per node, its checkpoints.
+    snapshots: Mutex<Vec<Snapshots>>,
 }
 
 /// In-process memory nodes behind the [`Transport`] traits. Cheap to clone (shared pools).
@@ -82,8 +91,47 @@ impl LoopbackTransport {
                 }
             })
             .collect();
-        let nodes = pools.iter().map(|p| p.info).collect();
-        Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0) }) }
+        let nodes: Vec<NodeInfo> = pools.iter().map(|p| p.info).collect();
+        let snapshots = Mutex::new(vec![Snapshots::new(); nodes.len()]);
+        Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0), snapshots }) }
+    }
+
+    /// New memory nodes, as these restarted with `--restore-seq`: node `i`'s pool holds its
+    /// checkpoint `seqs[i]`, and every node keeps its checkpoints. This transport goes on as it
+    /// is (its endpoints still reach the old pools).
+    pub fn restart_from(&self, seqs: &[u64]) -> Result<LoopbackTransport> {
+        if seqs.len() != self.shared.pools.len() {
+            return Err(Error::Config(format!(
+                "{} sequence numbers for {} memory nodes",
+                seqs.len(),
+                self.shared.pools.len()
+            )));
+        }
+        let sizes: Vec<u64> = self.shared.nodes.iter().map(|n| n.pool_size).collect();
+        let fresh = LoopbackTransport::with_options(&sizes, self.shared.options.clone());
+        let snapshots = self.shared.snapshots.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for ((pool, kept), &seq) in fresh.shared.pools.iter().zip(&snapshots).zip(seqs) {
+            let words = kept.get(&seq).ok_or_else(|| Error::Checkpoint {
+                node: pool.info.id,
+                reason: format!("no checkpoint {seq} (there: {:?})", kept.keys().collect::<Vec<_>>()),
+            })?;
+            for (word, &value) in pool.words.iter().zip(words.iter()) {
+                word.store(value, Ordering::SeqCst);
+            }
+        }
+        *fresh.shared.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = snapshots;
+        Ok(fresh)
+    }
+
+    fn pool_index(&self, node: NodeId) -> Result<usize> {
+        let i = node.0 as usize;
+        if i >= self.shared.pools.len() {
+            return Err(Error::Checkpoint { node, reason: "no such memory node".into() });
+        }
+        if self.shared.pools[i].down.load(Ordering::SeqCst) {
+            return Err(Error::Checkpoint { node, reason: "the memory node is down".into() });
+        }
+        Ok(i)
     }
 
     /// Makes `node` unreachable (`down = true`): every operation on it then fails
@@ -115,6 +163,43 @@ impl Transport for LoopbackTransport {
 
     fn nodes(&self) -> &[NodeInfo] {
         &self.shared.nodes
+    }
+
+    /// Copies the node's pool (word by word: a consistent cut only while nobody writes), kept
+    /// in memory for [`LoopbackTransport::restart_from`].
+    fn checkpoint(&self, node: NodeId, seq: Option<u64>, full: bool) -> Result<Checkpoint> {
+        let _ = full; // every loopback checkpoint is a full copy
+        let started = std::time::Instant::now();
+        let i = self.pool_index(node)?;
+        let mut snapshots = self.shared.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = snapshots[i].keys().next_back().copied().unwrap_or(0);
+        let seq = seq.unwrap_or(newest + 1);
+        if seq <= newest {
+            return Err(Error::Checkpoint {
+                node,
+                reason: format!("sequence number {seq} is not above the newest snapshot's, {newest}"),
+            });
+        }
+        let pool = &self.shared.pools[i];
+        let words: Arc<[u64]> = pool.words.iter().map(|w| w.load(Ordering::SeqCst)).collect();
+        snapshots[i].insert(seq, words);
+        let bytes = pool.info.pool_size;
+        Ok(Checkpoint {
+            node,
+            seq,
+            parent: None,
+            data_blocks: 1,
+            zero_blocks: 0,
+            bytes,
+            scanned: bytes,
+            duration: started.elapsed(),
+        })
+    }
+
+    fn newest_checkpoint(&self, node: NodeId) -> Result<u64> {
+        let i = self.pool_index(node)?;
+        let snapshots = self.shared.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(snapshots[i].keys().next_back().copied().unwrap_or(0))
     }
 }
 

@@ -9,7 +9,10 @@
 //!          LEASE_MS (the job's lease, so a later job knows how long to watch the heartbeat),
 //!          INSTANCE (tells this block from another made later at the same address)
 //!   64     barrier: COUNTER, EPOCH, END (ring position the last round ended at), RING_HEAD
-//!   96     CREATOR (rank + 1 of the rank that made the block: it frees it at leave)
+//!   96     CREATOR (rank + 1 of the rank that made the block: it frees it at leave),
+//!          CHECKPOINT_SEQ (the checkpoint the memory nodes' state belongs to, 0: none),
+//!          CHECKPOINT_ROUNDS (checkpoint attempts << 1 | 1 if the last one failed),
+//!          RESUMED (ranks that resumed the job from its checkpoint, fetch-and-add)
 //!   128    barrier notice ring: BARRIER_RING words
 //!   LOCKS  LOCK_COUNT locks of LOCK_BYTES: lock word, notice head, LOCK_RING notice words
 //!   ALLOCS ALLOC_COUNT entries of ALLOC_BYTES: state (0 free, 1 claimed, 2 ready), bytes,
@@ -50,6 +53,14 @@ pub const BARRIER_END: u64 = 80;
 pub const BARRIER_HEAD: u64 = 88;
 /// Rank + 1 of the control block's creator.
 pub const CREATOR: u64 = 96;
+/// The sequence number of the checkpoint in progress or last taken (0: none): written before
+/// the memory nodes' snapshots, so each snapshot holds the number it was taken as.
+pub const CHECKPOINT_SEQ: u64 = 104;
+/// Checkpoint attempts so far, shifted left by one, with bit 0 set if the last one failed:
+/// rank 0 writes it when the snapshots are done, the others wait for it to change.
+pub const CHECKPOINT_ROUNDS: u64 = 112;
+/// Ranks that resumed the job from a checkpoint (zeroed in every snapshot).
+pub const RESUMED: u64 = 120;
 /// The barrier notice ring.
 pub const BARRIER_RING_AT: u64 = 128;
 /// Slots of the barrier ring.

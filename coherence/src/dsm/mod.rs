@@ -151,6 +151,13 @@ pub enum DsmError {
     /// joined), or the job's shared state is not what this rank expects.
     #[error("{0}")]
     JobConflict(String),
+    /// A checkpoint could not be taken (rank 0 says why; the other ranks get this).
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
+    /// [`DsmOptions::resume`] found nothing to resume, or a job it must not resume: the
+    /// message says which.
+    #[error("cannot resume: {0}")]
+    Resume(String),
     /// Other ranks did not do their part in time (one died, or they disagree on the job).
     #[error("{what} after {waited:?}")]
     Timeout {
@@ -200,6 +207,11 @@ pub struct DsmOptions {
     /// How long `barrier()` (and `join`'s barrier) waits for the other ranks before it fails
     /// with a timeout naming how many arrived (from `RDMEM_BARRIER_TIMEOUT`, in seconds).
     pub barrier_timeout: Duration,
+    /// Resume the job from its last checkpoint ([`Dsm::checkpoint`]) instead of starting it:
+    /// the memory nodes were restored from it (`rdmem-memnode --restore DIR --restore-seq N`)
+    /// and the job's earlier processes are gone. Every rank must resume (from `RDMEM_RESUME`:
+    /// `1` or `true`). See "Checkpoints" in the module docs.
+    pub resume: bool,
 }
 
 impl DsmOptions {
@@ -213,12 +225,13 @@ impl DsmOptions {
             lease: DEFAULT_LEASE,
             max_handovers: 16,
             barrier_timeout: crate::sync::DEFAULT_BARRIER_TIMEOUT,
+            resume: false,
         }
     }
 
     /// Rank and size from the environment ([`Rank::from_env`]: rdmem-run, mpirun, srun), the job
     /// name from `RDMEM_JOB`, the cache size from `RDMEM_CACHE_BYTES`, the barrier timeout
-    /// from `RDMEM_BARRIER_TIMEOUT` (seconds).
+    /// from `RDMEM_BARRIER_TIMEOUT` (seconds), whether to resume from `RDMEM_RESUME`.
     pub fn from_env() -> Result<Self> {
         let rank = Rank::from_env()?;
         let mut options = DsmOptions::new(rank.rank, rank.size);
@@ -234,6 +247,13 @@ impl DsmOptions {
                 .ok_or_else(|| {
                     DsmError::BadOptions(format!("RDMEM_BARRIER_TIMEOUT={secs} is not a positive number of seconds"))
                 })?;
+        }
+        if let Ok(resume) = std::env::var("RDMEM_RESUME") {
+            options.resume = match resume.as_str() {
+                "1" | "true" => true,
+                "" | "0" | "false" => false,
+                other => return Err(DsmError::BadOptions(format!("RDMEM_RESUME={other} is not 1, true, 0 or false"))),
+            };
         }
         if let Ok(bytes) = std::env::var("RDMEM_CACHE_BYTES") {
             options.cache.capacity_bytes = bytes
@@ -294,6 +314,10 @@ struct LockScope {
 /// The allocator root (on the first memory node) that holds the address of the DSM's control
 /// block.
 pub const CONTROL_ROOT: &str = "rdmem-dsm/control";
+/// The allocator root on every memory node whose word holds the sequence number of the DSM
+/// checkpoint the node's state belongs to (so a resume finds nodes restored from different
+/// checkpoints).
+pub const CHECKPOINT_ROOT: &str = "rdmem-dsm/checkpoint";
 
 /// Numbers [`Dsm`] instances, so a thread's held locks name the DSM they belong to.
 static NEXT_DSM_ID: AtomicU64 = AtomicU64::new(1);
@@ -347,6 +371,11 @@ pub struct Dsm<T: Transport> {
     left: AtomicBool,
     /// This rank's beat of the job's heartbeat word (stopped at leave).
     heartbeat: Mutex<Option<Heartbeat>>,
+    /// Per memory node, the word (a named root, [`CHECKPOINT_ROOT`]) holding the sequence
+    /// number of the checkpoint its state belongs to.
+    stamps: Vec<GlobalAddr>,
+    /// The checkpoint this process resumed the job from.
+    resumed_from: Option<u64>,
 }
 
 #[cfg(feature = "rdma")]
@@ -392,8 +421,16 @@ impl<T: Transport> Dsm<T> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut ep = transport.endpoint()?;
         let cache = PageCache::new(&mut ep, CacheOptions { stripe_pages: layout::STRIPE_PAGES, ..options.cache })?;
-        let root = allocators[0].thread()?.root(nodes[0], CONTROL_ROOT)?;
-        let (control, published) = Self::find_control(&mut ep, &allocators[0], &root, &options)?;
+        let first = allocators[0].thread()?;
+        let root = first.root(nodes[0], CONTROL_ROOT)?;
+        let stamps = nodes.iter().map(|&id| Ok(first.root(id, CHECKPOINT_ROOT)?.word())).collect::<Result<Vec<_>>>()?;
+        let (control, published, resumed_from) = if options.resume {
+            let (control, published, seq) = Self::resume_control(&mut ep, &root, &stamps, &options)?;
+            (control, published, Some(seq))
+        } else {
+            let (control, published) = Self::find_control(&mut ep, &allocators[0], &root, &options)?;
+            (control, published, None)
+        };
         // The job's heartbeat: every rank beats it, so a later job can tell this one is alive.
         let heartbeat = Heartbeat::start(
             Arc::clone(&transport),
@@ -438,8 +475,31 @@ impl<T: Transport> Dsm<T> {
             next_alloc: AtomicU64::new(0),
             left: AtomicBool::new(false),
             heartbeat: Mutex::new(Some(heartbeat)),
+            stamps,
+            resumed_from,
             options,
         };
+        if resumed_from.is_some() {
+            // Everyone joined before the checkpoint; the barrier goes on from its saved round,
+            // and the rank that made the control block takes it over from its dead allocator.
+            dsm.with_ep(|ep| -> Result<()> {
+                let mut b = locked(&dsm.barrier);
+                b.barrier.resume(ep)?;
+                b.seen = ep.read_u64(dsm.at(layout::BARRIER_END))?;
+                if ep.read_u64(dsm.at(layout::CREATOR))? == dsm.rank as u64 + 1 {
+                    first.adopt(control)?;
+                }
+                Ok(())
+            })?;
+            tracing::info!(
+                "rank {} resumed job {:?} from checkpoint {}",
+                dsm.rank,
+                dsm.options.job,
+                resumed_from.unwrap_or(0)
+            );
+            dsm.barrier()?;
+            return Ok(dsm);
+        }
         let joined = dsm.with_ep(|ep| ep.faa(dsm.at(layout::JOINED), 1))?;
         if joined >= dsm.size as u64 {
             return Err(DsmError::JobConflict(format!(
@@ -534,6 +594,80 @@ impl<T: Transport> Dsm<T> {
                 reclaimed.chunks
             );
         }
+    }
+
+    /// The control block of the job to resume ([`DsmOptions::resume`]): this job's, with a
+    /// checkpoint, every node restored from that checkpoint, and its processes gone (its
+    /// heartbeat still for two leases; resuming ranks beat only once all of them are in).
+    /// Counts this rank in and waits for the others. Returns the block, its root value and the
+    /// checkpoint's sequence number.
+    fn resume_control(
+        ep: &mut T::Endpoint,
+        root: &Root,
+        stamps: &[GlobalAddr],
+        options: &DsmOptions,
+    ) -> Result<(GlobalAddr, GlobalAddr, u64)> {
+        let cannot = |why: String| DsmError::Resume(why);
+        let Some(value) = root.get(ep)? else {
+            return Err(cannot(
+                "no DSM job on these memory nodes (restore them from the job's checkpoint with \
+                 rdmem-memnode --restore DIR --restore-seq N)"
+                    .into(),
+            ));
+        };
+        let control = GlobalAddr::from_raw(value.to_raw() & !TAG_MASK);
+        let header = read_words(ep, control, 16)?;
+        let word = |offset: u64| header[(offset / 8) as usize];
+        if word(0) != layout::MAGIC || published(control, word(layout::INSTANCE)) != value {
+            return Err(cannot("the DSM control block on these memory nodes is gone".into()));
+        }
+        if word(layout::JOB) != layout::job_hash(&options.job) {
+            return Err(cannot(format!("the job on these memory nodes is not named {:?}", options.job)));
+        }
+        if word(layout::SIZE) != options.size as u64 {
+            return Err(cannot(format!(
+                "the job on these memory nodes has {} ranks, not {}",
+                word(layout::SIZE),
+                options.size
+            )));
+        }
+        let seq = word(layout::CHECKPOINT_SEQ);
+        if seq == 0 {
+            return Err(cannot("the job on these memory nodes never took a checkpoint".into()));
+        }
+        for (node, &stamp) in stamps.iter().enumerate() {
+            let theirs = ep.read_u64(stamp)?;
+            if theirs != seq {
+                return Err(cannot(format!(
+                    "memory node {node} holds checkpoint {theirs}, the job's control block checkpoint {seq}: \
+                     restore every node with --restore-seq {seq}"
+                )));
+            }
+        }
+        let at = |offset: u64| control.checked_add(offset).expect("control block");
+        let lease = Duration::from_millis(word(layout::LEASE_MS)).max(options.lease);
+        if beats_within(ep, at(layout::HEARTBEAT), lease * 2)? {
+            return Err(cannot(format!(
+                "the job {:?} on these memory nodes is running (its heartbeat moves): resume only a job whose \
+                 processes are gone",
+                options.job
+            )));
+        }
+        let n = ep.faa(at(layout::RESUMED), 1)?;
+        if n >= options.size as u64 {
+            return Err(cannot(format!("{} ranks resumed a job of {}", n + 1, options.size)));
+        }
+        let started = std::time::Instant::now();
+        while ep.read_u64(at(layout::RESUMED))? < options.size as u64 {
+            if started.elapsed() > options.barrier_timeout {
+                return Err(DsmError::Timeout {
+                    what: "resume: not every rank resumed (each must run with resume set)".into(),
+                    waited: options.barrier_timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok((control, value, seq))
     }
 
     /// Allocates and formats a fresh control block (not published yet); returns it and its
@@ -635,8 +769,16 @@ impl<T: Transport> Dsm<T> {
             if fields[0] != bytes {
                 return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: fields[0] });
             }
-            let bases = fields[4..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
-            Ok(Allocation { bytes, bases, owner: fields[3] as u32 })
+            let bases: Vec<GlobalAddr> = fields[4..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
+            let owner = fields[3] as u32;
+            if self.resumed_from.is_some() && owner == self.rank {
+                // Made by this rank's earlier process, whose allocator is dead: take it over, so
+                // reclaiming dead clients leaves it alone and this rank frees it at leave.
+                for (a, &base) in self.allocators.iter().zip(&bases) {
+                    a.thread()?.adopt(base)?;
+                }
+            }
+            Ok(Allocation { bytes, bases, owner })
         })?;
         // Each rank makes or learns allocation `index` once (next_alloc hands each index out once).
         let _ = self.directory.allocs[index as usize].set(allocation);
@@ -858,6 +1000,80 @@ impl<T: Transport> Dsm<T> {
             b.seen = end;
             Ok(())
         })
+    }
+
+    /// Checkpoints the job (collective: every rank calls it at the same point, holding no
+    /// lock): a barrier writes everything home, then rank 0 has every memory node write a
+    /// snapshot of its pool with the same sequence number, one above every node's newest, while
+    /// the other ranks wait without touching shared memory, so the snapshots are one consistent
+    /// cut. Returns the sequence number on every rank; restore every node with it
+    /// (`rdmem-memnode --restore DIR --restore-seq N`) and start the job again with
+    /// [`DsmOptions::resume`]. The memory nodes need `--checkpoint-dir`. A failure on rank 0
+    /// (a node without one, a disk error, another snapshot taking the number first) is its
+    /// error there and [`DsmError::Checkpoint`] on the others; the job goes on either way.
+    pub fn checkpoint(&self) -> Result<u64> {
+        let rounds_at = self.at(layout::CHECKPOINT_ROUNDS);
+        // Read before the barrier: rank 0 changes it only after everyone has passed it.
+        let before = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(rounds_at)?))?;
+        self.barrier()?;
+        let next = ((before >> 1) + 1) << 1;
+        if self.rank == 0 {
+            let taken = self.take_snapshots();
+            let word = next | u64::from(taken.is_err());
+            self.with_ep(|ep| Ok::<_, DsmError>(ep.write_u64(rounds_at, word)?))?;
+            return taken;
+        }
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_micros(100);
+        loop {
+            let word = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(rounds_at)?))?;
+            if word >> 1 > before >> 1 {
+                if word & 1 == 1 {
+                    return Err(DsmError::Checkpoint(
+                        "rank 0 could not take the snapshots (its error says why)".into(),
+                    ));
+                }
+                return self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(self.at(layout::CHECKPOINT_SEQ))?));
+            }
+            if started.elapsed() > self.options.barrier_timeout {
+                return Err(DsmError::Timeout {
+                    what: "checkpoint: rank 0 did not finish the memory nodes' snapshots (it died?)".into(),
+                    waited: self.options.barrier_timeout,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
+
+    /// Rank 0's part of [`Dsm::checkpoint`]: picks the number, records it in the control block
+    /// and on every node (so each snapshot holds it), and has every node write its snapshot.
+    fn take_snapshots(&self) -> Result<u64> {
+        let nodes: Vec<NodeId> = self.transport.nodes().iter().map(|n| n.id).collect();
+        let mut newest = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(self.at(layout::CHECKPOINT_SEQ))?))?;
+        for &node in &nodes {
+            newest = newest.max(self.transport.newest_checkpoint(node)?);
+        }
+        let seq = newest + 1;
+        self.with_ep(|ep| -> Result<()> {
+            ep.write_u64(self.at(layout::CHECKPOINT_SEQ), seq)?;
+            ep.write_u64(self.at(layout::RESUMED), 0)?;
+            for &stamp in &self.stamps {
+                ep.write_u64(stamp, seq)?;
+            }
+            Ok(())
+        })?;
+        for &node in &nodes {
+            self.transport.checkpoint(node, Some(seq), false)?;
+        }
+        Ok(seq)
+    }
+
+    /// The checkpoint this process resumed the job from ([`DsmOptions::resume`]), or `None` for
+    /// a job started afresh. A program that checkpoints keeps its own progress (an iteration
+    /// count, say) in shared memory and reads it back here.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
     }
 
     /// Leaves the job: writes everything home and waits for all ranks (a barrier). Each rank

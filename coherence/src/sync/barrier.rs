@@ -69,16 +69,19 @@ impl RemoteBarrier {
     }
 
     /// Takes up a barrier whose earlier rounds other processes completed (a job restored from
-    /// a checkpoint): this participant's round becomes the epoch's. The barrier must be between
-    /// rounds, every participant through the last one and none arrived in the next
-    /// (`counter == epoch * n`); otherwise [`LockError::BarrierMidRound`].
+    /// a checkpoint): this participant's round becomes the epoch's. Every participant must take
+    /// it up before it completes a round; some may have arrived in the next round already, so
+    /// the counter must be within it (`epoch * n <= counter < (epoch + 1) * n`), otherwise
+    /// [`LockError::BarrierMidRound`]. It was saved between rounds: that is the caller's to
+    /// ensure (the DSM saves it right after a barrier, before anyone arrives at the next).
     pub fn resume<E: Endpoint>(&mut self, ep: &mut E) -> Result<()> {
         let (mut counter, mut epoch) = ([0u8; 8], [0u8; 8]);
         let mut batch = ep.batch();
         batch.read(self.counter, &mut counter).read(self.epoch, &mut epoch);
         batch.submit()?;
         let (counter, epoch) = (u64::from_le_bytes(counter), u64::from_le_bytes(epoch));
-        if epoch.checked_mul(self.participants) != Some(counter) {
+        let done = epoch.checked_mul(self.participants);
+        if done.is_none_or(|done| counter < done || counter - done >= self.participants) {
             return Err(LockError::BarrierMidRound { counter, epoch, participants: self.participants });
         }
         self.round = epoch;

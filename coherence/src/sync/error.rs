@@ -74,7 +74,7 @@ pub enum LockError {
     /// A barrier taken up after a restore ([`crate::sync::RemoteBarrier::resume`]) was saved in
     /// the middle of a round.
     #[error(
-        "cannot take up the barrier: {counter} arrivals, but {epoch} rounds of {participants} are done (its state was saved mid-round)"
+        "cannot take up the barrier: {counter} arrivals do not fit {epoch} rounds of {participants} done (its state was not saved between rounds)"
     )]
     BarrierMidRound {
         /// Arrivals counted.
