@@ -127,3 +127,51 @@ fn a_killed_client_process_chunks_are_reclaimed() {
     assert_eq!(done.clients.len(), 1, "the killed client: {done:?}");
     assert_eq!(allocator.thread().unwrap().usage().unwrap(), before, "its chunks are back: {done:?}");
 }
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_restored_pool_gives_back_the_chunks_of_its_gone_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+    let start = |more: &[&str]| {
+        let args = [&["--pool-size", "32M", "--checkpoint-dir", dir_arg][..], more].concat();
+        MemnodeChild::start("memnode", TOKEN, &args).unwrap_or_else(|e| panic!("rdmem-memnode: {e}"))
+    };
+    let connect_one = |node: &MemnodeChild| {
+        Arc::new(RdmaTransport::connect(RdmaOptions::for_memnodes(&[node.addr()], TOKEN).unwrap()).expect("connect"))
+    };
+    let options = AllocatorOptions { chunk_size: conformance::CHUNK, ..Default::default() };
+    let mut node = start(&[]);
+    let (before, kept) = {
+        let allocator = Allocator::new(connect_one(&node), options).unwrap();
+        let thread = allocator.thread().unwrap();
+        let before = thread.usage().unwrap();
+        let layout = |size| std::alloc::Layout::from_size_align(size, 8).unwrap();
+        let kept = thread.alloc(layout(300_000)).unwrap();
+        thread.with_endpoint(|ep| rdmem_core::Endpoint::write_u64(ep, kept, 0xc0ffee)).unwrap();
+        for _ in 0..20 {
+            thread.alloc(layout(100)).unwrap();
+        }
+        // Checkpointed from the shell, while this client holds its chunks.
+        let out = Command::new(find_binary("rdmem-pools"))
+            .args(["--memnode", node.addr(), "checkpoint"])
+            .env("RDMEM_TOKEN", TOKEN)
+            .output()
+            .expect("start rdmem-pools");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains("full"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        std::mem::forget(thread);
+        std::mem::forget(allocator);
+        (before, kept)
+    };
+    node.kill();
+    let node = start(&["--restore", dir_arg]);
+    let allocator = Allocator::new(connect_one(&node), options).unwrap();
+    let thread = allocator.thread().unwrap();
+    assert_eq!(thread.with_endpoint(|ep| rdmem_core::Endpoint::read_u64(ep, kept)).unwrap(), 0xc0ffee);
+    let restored = thread.usage().unwrap();
+    assert!(restored[0].chunks_used > before[0].chunks_used, "the restored pool holds the chunks: {restored:?}");
+    let done = allocator.reclaim_dead_clients_now().unwrap();
+    assert_eq!(done.clients.len(), 1, "the client gone with the old process: {done:?}");
+    assert_eq!(thread.usage().unwrap(), before, "its chunks are back: {done:?}");
+}
