@@ -20,11 +20,21 @@ pub(crate) struct Cluster {
 /// daemon in its own process: a node in the benchmark's own process made 8 B READs about 8%
 /// slower in the VM, and deployments run it separately anyway.
 pub(crate) fn connect(memnodes: &[String], pool_size: u64) -> Result<Cluster, Box<dyn std::error::Error>> {
+    connect_with(memnodes, pool_size, &[])
+}
+
+/// [`connect`]; a memory node it starts gets `memnode_args` too.
+pub(crate) fn connect_with(
+    memnodes: &[String],
+    pool_size: u64,
+    memnode_args: &[&str],
+) -> Result<Cluster, Box<dyn std::error::Error>> {
     let mut config = ClusterConfig::load(None)?;
     if !memnodes.is_empty() {
         config.memnodes = memnodes.to_vec();
     }
-    let memnode = if config.memnodes.is_empty() { Some(start_memnode(&config, pool_size)?) } else { None };
+    let memnode =
+        if config.memnodes.is_empty() { Some(start_memnode(&config, pool_size, memnode_args)?) } else { None };
     if let Some(node) = &memnode {
         config.memnodes = vec![node.addr().to_owned()];
         config.token = Some(node.token().to_owned());
@@ -34,9 +44,14 @@ pub(crate) fn connect(memnodes: &[String], pool_size: u64) -> Result<Cluster, Bo
     Ok(Cluster { transport, memnode })
 }
 
-fn start_memnode(config: &ClusterConfig, pool_size: u64) -> Result<MemnodeChild, Box<dyn std::error::Error>> {
+fn start_memnode(
+    config: &ClusterConfig,
+    pool_size: u64,
+    more: &[&str],
+) -> Result<MemnodeChild, Box<dyn std::error::Error>> {
     let size = pool_size.to_string();
     let mut args = vec!["--pool-size", &size, "--page-size", "2M"];
+    args.extend_from_slice(more);
     let gid = config.device.gid_index.map(|g| g.to_string());
     if let Some(name) = &config.device.name {
         args.extend(["--device", name]);

@@ -8,11 +8,13 @@
 //! soft-roce-setup/vm-run rdmem-bench alloc --json
 //! soft-roce-setup/vm-run rdmem-bench lock --json
 //! soft-roce-setup/vm-run rdmem-bench cache --json
+//! soft-roce-setup/vm-run rdmem-bench checkpoint --json                # snapshots vs the disk
 //! rdmem-bench verbs --memnode 10.0.0.1:7471                             # on real hardware
 //! ```
 
 mod alloc;
 mod cache;
+mod checkpoint;
 mod harness;
 mod lock;
 mod perftest;
@@ -42,6 +44,8 @@ enum Bench {
     Lock(lock::LockArgs),
     /// Page cache: hit and miss latency (next to a raw READ), hit ratio under a zipfian load.
     Cache(cache::CacheArgs),
+    /// Memory-node snapshots: full, incremental and restore, next to the disk's write speed.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock, cache.
     Suite(SuiteArgs),
     /// Starts perftest servers on this machine on request, for `verbs --perftest-server` on
@@ -106,6 +110,7 @@ fn main() {
         Bench::Alloc(args) => alloc::run(args),
         Bench::Lock(args) => lock::run(args),
         Bench::Cache(args) => cache::run(args),
+        Bench::Checkpoint(args) => checkpoint::run(args),
         Bench::Suite(args) => suite(args),
         Bench::PerftestServer { listen } => perftest::serve(listen),
         Bench::BarrierWorker(args) => lock::barrier_worker(args),

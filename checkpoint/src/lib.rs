@@ -46,7 +46,7 @@
 mod format;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -244,7 +244,7 @@ impl Checkpointer {
             block_size: block_size as u64,
             newest,
             base,
-            scratch: vec![0; block_size],
+            scratch: vec![0; IO_BUFFER.max(block_size) / block_size * block_size],
         })
     }
 
@@ -278,21 +278,27 @@ impl Checkpointer {
         let file = self.dir.join(file_name(seq));
         let tmp = self.dir.join(format!(".{}.tmp", file_name(seq)));
         let written = (|| {
-            let f = OpenOptions::new()
+            let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)
                 .map_err(|e| io_err(&tmp, "cannot create", e))?;
-            let mut w = BufWriter::with_capacity(IO_BUFFER, f);
             let mut states = Vec::with_capacity(header.blocks() as usize);
             let mut table = Vec::new();
             let (mut data_blocks, mut zero_blocks) = (0, 0);
             let wrote = |e| io_err(&tmp, "cannot write", e);
-            header.write_to(&mut w).map_err(wrote)?;
+            header.write_to(&mut f).map_err(wrote)?;
+            // Blocks to write are copied into `scratch` one after the other and written a
+            // scratchful at a time: one copy of each byte before the kernel's, as `dd` makes.
+            let mut filled = 0;
             for (index, block) in pool.chunks(self.block_size as usize).enumerate() {
+                if filled + block.len() > self.scratch.len() {
+                    f.write_all(&self.scratch[..filled]).map_err(wrote)?;
+                    filled = 0;
+                }
                 // Copied first, then hashed: the bytes written are the bytes hashed, even while
                 // a client writes the block.
-                let copy = &mut self.scratch[..block.len()];
+                let copy = &mut self.scratch[filled..filled + block.len()];
                 copy.copy_from_slice(block);
                 let state = BlockState::of(copy);
                 states.push(state);
@@ -302,16 +308,16 @@ impl Checkpointer {
                 Entry { index: index as u64, state }.put(&mut table);
                 match state {
                     BlockState::Data(_) => {
-                        w.write_all(copy).map_err(wrote)?;
+                        filled += block.len();
                         data_blocks += 1;
                     }
                     BlockState::Zeros => zero_blocks += 1,
                 }
             }
+            f.write_all(&self.scratch[..filled]).map_err(wrote)?;
             let footer = Footer { seq, entries: data_blocks + zero_blocks, table_hash: xxh3_64(&table) };
-            w.write_all(&table).map_err(wrote)?;
-            footer.write_to(&mut w).map_err(wrote)?;
-            let f = w.into_inner().map_err(|e| wrote(e.into_error()))?;
+            footer.write_to(&mut table).map_err(wrote)?;
+            f.write_all(&table).map_err(wrote)?;
             f.sync_all().map_err(|e| io_err(&tmp, "cannot fsync", e))?;
             let bytes = f.metadata().map_err(|e| io_err(&tmp, "cannot stat", e))?.len();
             Ok::<_, CheckpointError>((states, data_blocks, zero_blocks, bytes))
@@ -479,7 +485,8 @@ fn apply(
 ) -> Result<u64, CheckpointError> {
     let f = File::open(path).map_err(|e| io_err(path, "cannot open", e))?;
     let len = f.metadata().map_err(|e| io_err(path, "cannot stat", e))?.len();
-    let mut r = BufReader::with_capacity(IO_BUFFER, f);
+    // Unbuffered: blocks are read straight into the pool (a buffer would copy them once more).
+    let mut r = f;
     let read = |e: io::Error| io_err(path, "cannot read", e);
     if len < (HEADER_LEN + FOOTER_LEN) as u64 {
         return Err(corrupt(path, None, format!("it is {len} bytes, shorter than a header and footer")));
