@@ -48,6 +48,7 @@ mod format;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use format::{BlockState, ENTRY_LEN, Entry, FOOTER_LEN, Footer, HEADER_LEN, Header};
@@ -197,7 +198,6 @@ pub struct Checkpointer {
     /// The last snapshot taken or restored in this directory, which the next incremental one
     /// applies to.
     base: Option<Base>,
-    scratch: Vec<u8>,
 }
 
 struct Base {
@@ -238,14 +238,7 @@ impl Checkpointer {
             states: r.states.clone(),
             chain: r.chain.len() as u32 - 1,
         });
-        Ok(Checkpointer {
-            dir: dir.to_owned(),
-            pool_size,
-            block_size: block_size as u64,
-            newest,
-            base,
-            scratch: vec![0; IO_BUFFER.max(block_size) / block_size * block_size],
-        })
+        Ok(Checkpointer { dir: dir.to_owned(), pool_size, block_size: block_size as u64, newest, base })
     }
 
     /// The directory.
@@ -283,38 +276,10 @@ impl Checkpointer {
                 .create_new(true)
                 .open(&tmp)
                 .map_err(|e| io_err(&tmp, "cannot create", e))?;
-            let mut states = Vec::with_capacity(header.blocks() as usize);
-            let mut table = Vec::new();
-            let (mut data_blocks, mut zero_blocks) = (0, 0);
             let wrote = |e| io_err(&tmp, "cannot write", e);
             header.write_to(&mut f).map_err(wrote)?;
-            // Blocks to write are copied into `scratch` one after the other and written a
-            // scratchful at a time: one copy of each byte before the kernel's, as `dd` makes.
-            let mut filled = 0;
-            for (index, block) in pool.chunks(self.block_size as usize).enumerate() {
-                if filled + block.len() > self.scratch.len() {
-                    f.write_all(&self.scratch[..filled]).map_err(wrote)?;
-                    filled = 0;
-                }
-                // Copied first, then hashed: the bytes written are the bytes hashed, even while
-                // a client writes the block.
-                let copy = &mut self.scratch[filled..filled + block.len()];
-                copy.copy_from_slice(block);
-                let state = BlockState::of(copy);
-                states.push(state);
-                if base.is_some_and(|b| b.states[index] == state) {
-                    continue;
-                }
-                Entry { index: index as u64, state }.put(&mut table);
-                match state {
-                    BlockState::Data(_) => {
-                        filled += block.len();
-                        data_blocks += 1;
-                    }
-                    BlockState::Zeros => zero_blocks += 1,
-                }
-            }
-            f.write_all(&self.scratch[..filled]).map_err(wrote)?;
+            let (mut f, states, mut table, data_blocks, zero_blocks) =
+                write_blocks(f, pool, self.block_size as usize, base.map(|b| &b.states[..])).map_err(wrote)?;
             let footer = Footer { seq, entries: data_blocks + zero_blocks, table_hash: xxh3_64(&table) };
             footer.write_to(&mut table).map_err(wrote)?;
             f.write_all(&table).map_err(wrote)?;
@@ -371,6 +336,71 @@ impl Checkpointer {
         }
         sync_dir(&self.dir)
     }
+}
+
+/// What [`write_blocks`] wrote: the file, every block's state, the table of the blocks in the
+/// file, and how many of them hold data and zeros.
+type Written = (File, Vec<BlockState>, Vec<u8>, u64, u64);
+
+/// Writes the data of the blocks of `pool` whose state differs from `base` (all, without one)
+/// to `f`, and builds their table. Blocks are copied into a buffer one after the other (copied
+/// first, then hashed: the bytes written are the bytes hashed, even while a client writes the
+/// block) and written a buffer at a time by a second thread, so hashing the next buffer
+/// overlaps writing this one: one copy of each byte before the kernel's, as `dd` makes.
+fn write_blocks(f: File, pool: &[u8], block_size: usize, base: Option<&[BlockState]>) -> io::Result<Written> {
+    let buffer = IO_BUFFER.max(block_size) / block_size * block_size;
+    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        empty_tx.send(vec![0; buffer]).expect("the receiver is here");
+    }
+    let stopped = || io::Error::other("the writing thread stopped");
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> io::Result<File> {
+            let mut f = f;
+            for (buf, n) in full_rx {
+                f.write_all(&buf[..n])?;
+                let _ = empty_tx.send(buf); // gone only when filling is over
+            }
+            Ok(f)
+        });
+        let filled = (|| {
+            let mut states = Vec::with_capacity(pool.len().div_ceil(block_size));
+            let mut table = Vec::new();
+            let (mut data_blocks, mut zero_blocks) = (0, 0);
+            let mut buf = empty_rx.recv().map_err(|_| stopped())?;
+            let mut filled = 0;
+            for (index, block) in pool.chunks(block_size).enumerate() {
+                if filled + block.len() > buf.len() {
+                    full_tx.send((buf, filled)).map_err(|_| stopped())?;
+                    buf = empty_rx.recv().map_err(|_| stopped())?;
+                    filled = 0;
+                }
+                let copy = &mut buf[filled..filled + block.len()];
+                copy.copy_from_slice(block);
+                let state = BlockState::of(copy);
+                states.push(state);
+                if base.is_some_and(|b| b[index] == state) {
+                    continue;
+                }
+                Entry { index: index as u64, state }.put(&mut table);
+                match state {
+                    BlockState::Data(_) => {
+                        filled += block.len();
+                        data_blocks += 1;
+                    }
+                    BlockState::Zeros => zero_blocks += 1,
+                }
+            }
+            full_tx.send((buf, filled)).map_err(|_| stopped())?;
+            Ok::<_, io::Error>((states, table, data_blocks, zero_blocks))
+        })();
+        drop(full_tx);
+        // The writer's own error says more than "stopped".
+        let f = writer.join().map_err(|_| io::Error::other("the writing thread panicked"))??;
+        let (states, table, data_blocks, zero_blocks) = filled?;
+        Ok((f, states, table, data_blocks, zero_blocks))
+    })
 }
 
 /// Loads the newest snapshot of `dir` that is whole (or, with `seq`, that one) into `pool`,

@@ -54,6 +54,27 @@
 //!   thread unlocks it (another gets [`DsmError::NotHolder`]); threads of one process hand it to
 //!   each other without network round trips.
 //! - Threads of one process share the cache, so they see each other's writes at once.
+//!
+//! # Checkpoints
+//! JIAJIA's availability wish: a job whose processes or memory nodes die goes on from its last
+//! checkpoint instead of from the start.
+//! - [`Dsm::checkpoint`] (collective, no lock held) writes everything home at a barrier, then
+//!   rank 0 has every memory node (started with `rdmem-memnode --checkpoint-dir DIR`) snapshot
+//!   its pool with one sequence number while the others wait without writing: a consistent cut.
+//!   It returns the number on every rank. A program keeps its own progress (the iteration it
+//!   is at) in shared memory, written before the checkpoint.
+//! - After a crash: restart every memory node with `--restore DIR --restore-seq N` (the same
+//!   `N` on all of them) and start every rank again with [`DsmOptions::resume`]. Joining then
+//!   checks that this is the job (name and size), that every node holds checkpoint `N`, and
+//!   that the job's old processes are gone (its heartbeat stands still for two leases), and
+//!   waits for all ranks. The program makes its allocations again in the same order and gets
+//!   the same addresses with their contents ([`Dsm::resumed_from`] says it resumed; the
+//!   allocations its rank made before are taken over from its dead allocator, so reclaiming
+//!   dead clients leaves them alone).
+//! - Limits: a lock held at a checkpoint stays taken until its lease runs out after the
+//!   resume; nodes restored from different checkpoints, or a job that never checkpointed, are
+//!   refused with [`DsmError::Resume`]; the SOR example shows the whole cycle
+//!   (`--checkpoint-every K`, `--resume`).
 
 pub mod launch;
 pub mod layout;
