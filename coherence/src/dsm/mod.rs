@@ -1084,8 +1084,22 @@ impl<T: Transport> Dsm<T> {
             }
             Ok(())
         })?;
-        for &node in &nodes {
-            self.transport.checkpoint(node, Some(seq), false)?;
+        // All nodes at once: each writes its own disk.
+        let done: Vec<rdmem_core::Result<rdmem_core::Checkpoint>> = std::thread::scope(|s| {
+            let asks: Vec<_> = nodes
+                .iter()
+                .map(|&node| (node, s.spawn(move || self.transport.checkpoint(node, Some(seq), false))))
+                .collect();
+            asks.into_iter()
+                .map(|(node, a)| {
+                    a.join().unwrap_or_else(|_| {
+                        Err(rdmem_core::Error::Checkpoint { node, reason: "the request's thread panicked".into() })
+                    })
+                })
+                .collect()
+        });
+        for d in done {
+            d?;
         }
         Ok(seq)
     }
