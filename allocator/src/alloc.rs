@@ -592,10 +592,7 @@ impl<T: Transport> ThreadAlloc<T> {
     /// others go to their chunk's remote free list (one READ, one WRITE, one or more CAS).
     pub fn free(&self, addr: GlobalAddr) -> Result<()> {
         let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
-        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
-        let geo = self.shared.nodes[idx].geo;
-        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
-        let rel = addr.offset() - geo.chunk_offset(chunk);
+        let (idx, _, chunk, rel) = self.locate(addr)?;
         let inner = &mut *self.inner.borrow_mut();
         let arena = &mut inner.nodes[idx];
         // Our own small block: no network unless the chunk becomes empty.
@@ -617,6 +614,15 @@ impl<T: Transport> ThreadAlloc<T> {
         self.free_elsewhere(inner, idx, chunk, rel, addr)
     }
 
+    /// Where `addr` is: its node's index and geometry, its chunk, and its offset in the chunk.
+    fn locate(&self, addr: GlobalAddr) -> Result<(usize, Geometry, u64, u64)> {
+        let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
+        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
+        let geo = self.shared.nodes[idx].geo;
+        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
+        Ok((idx, geo, chunk, addr.offset() - geo.chunk_offset(chunk)))
+    }
+
     /// Takes over the allocation at `addr` from the client that made it, as a job restored from
     /// a checkpoint does with memory its earlier (now dead) processes allocated: the owner word
     /// of every chunk it spans becomes this thread's, so reclaiming dead clients leaves it
@@ -627,10 +633,7 @@ impl<T: Transport> ThreadAlloc<T> {
     /// thread's). An address that is not the start of a live allocation is an error.
     pub fn adopt(&self, addr: GlobalAddr) -> Result<u64> {
         let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
-        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
-        let geo = self.shared.nodes[idx].geo;
-        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
-        let rel = addr.offset() - geo.chunk_offset(chunk);
+        let (idx, geo, chunk, rel) = self.locate(addr)?;
         let inner = &mut *self.inner.borrow_mut();
         let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
         let mine = inner.owner;

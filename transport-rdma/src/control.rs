@@ -65,15 +65,21 @@ fn unexpected(peer: &str, answer: Answer) -> Error {
 /// Sends one request and reads its answer.
 fn ask(peer: &str, token: &str, op: Op) -> Result<Answer> {
     let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
+    let mut stream = dial(peer, CONNECT_TIMEOUT)?;
+    wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
+    let request = Request { version: wire::VERSION, token: token.as_bytes().to_vec(), op };
+    request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;
+    Answer::read_from(&mut stream).map_err(|e| fail(format!("waiting for the answer: {e}")))
+}
+
+/// Opens a TCP connection to the memory node at `peer` (`HOST:PORT`), waiting at most
+/// `timeout`; the error names the peer and what failed.
+pub(crate) fn dial(peer: &str, timeout: Duration) -> Result<TcpStream> {
+    let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
     let addr = peer
         .to_socket_addrs()
         .map_err(|e| fail(format!("cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| fail("resolves to no address".into()))?;
-    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .map_err(|e| fail(format!("{e} (is rdmem-memnode running there?)")))?;
-    wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
-    let request = Request { version: wire::VERSION, token: token.as_bytes().to_vec(), op };
-    request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;
-    Answer::read_from(&mut stream).map_err(|e| fail(format!("waiting for the answer: {e}")))
+    TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(format!("{e} (is rdmem-memnode running there?)")))
 }

@@ -35,7 +35,7 @@
 //! reported as [`Error::Completion`] naming the operation and the remote address; the queue pair
 //! flushes the rest. A node that dies shows up as "retry counter exceeded" within seconds.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -292,13 +292,7 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
     let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
     let (mut qp, limits) = queue_pair::create(&shared.device, &shared.pd, cq, SEND_DEPTH)?;
     let psn = queue_pair::random_psn(qp.qp_number());
-    let addr = peer
-        .to_socket_addrs()
-        .map_err(|e| fail(format!("cannot resolve: {e}")))?
-        .next()
-        .ok_or_else(|| fail("resolves to no address".into()))?;
-    let mut stream = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT)
-        .map_err(|e| fail(format!("{e} (is rdmem-memnode running there?)")))?;
+    let mut stream = crate::control::dial(peer, HANDSHAKE_TIMEOUT)?;
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .and_then(|()| stream.set_nodelay(true))
