@@ -1,7 +1,8 @@
 //! The snapshot file, byte for byte (all integers little-endian):
 //!
 //! ```text
-//! header  (64 B)  magic "RDMEMSNP" | format u32 = 1 | reserved u32 | seq u64 | parent u64
+//! header  (64 B)  magic "RDMEMSNP" | format u32 = 1 | flags u32 (bit 0: pinned, asked for by
+//!                 number) | seq u64 | parent u64
 //!                 (0: a full snapshot) | pool_size u64 | block_size u64 | reserved u64
 //!                 | hash u64 (XXH3 of the 56 bytes before it)
 //! data            the bytes of each data entry's block, in table order
@@ -33,7 +34,13 @@ pub(crate) struct Header {
     pub(crate) parent: Option<u64>,
     pub(crate) pool_size: u64,
     pub(crate) block_size: u64,
+    /// Asked for by number (a DSM checkpoint): kept by pruning until a newer pinned one.
+    pub(crate) pinned: bool,
 }
+
+/// The largest block size a header may give (a damaged one must not make a restore allocate
+/// without bound).
+pub(crate) const MAX_BLOCK_SIZE: u64 = 1 << 30;
 
 /// A block's content as a snapshot records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +92,7 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        b[12..16].copy_from_slice(&u32::from(self.pinned).to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.parent.unwrap_or(0).to_le_bytes());
         b[32..40].copy_from_slice(&self.pool_size.to_le_bytes());
@@ -114,10 +122,14 @@ impl Header {
             p => Some(p),
         };
         let (pool_size, block_size) = (u64_at(&b, 32), u64_at(&b, 40));
-        if seq == 0 || parent.is_some_and(|p| p >= seq) || block_size == 0 || pool_size == 0 {
-            return Err(format!("its header is inconsistent (seq {seq}, parent {parent:?}, block size {block_size})"));
+        let flags = u32_at(&b, 12);
+        let block_ok = block_size.is_power_of_two() && (4096..=MAX_BLOCK_SIZE).contains(&block_size);
+        if seq == 0 || seq == u64::MAX || parent.is_some_and(|p| p >= seq) || !block_ok || pool_size == 0 || flags > 1 {
+            return Err(format!(
+                "its header is inconsistent (seq {seq}, parent {parent:?}, block size {block_size}, flags {flags})"
+            ));
         }
-        Ok(Header { seq, parent, pool_size, block_size })
+        Ok(Header { seq, parent, pool_size, block_size, pinned: flags == 1 })
     }
 
     /// Blocks in the pool (the last may be short).
@@ -178,7 +190,7 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_refuses_damage() {
-        let h = Header { seq: 7, parent: Some(3), pool_size: 1 << 20, block_size: 4096 };
+        let h = Header { seq: 7, parent: Some(3), pool_size: 1 << 20, block_size: 4096, pinned: true };
         let mut b = Vec::new();
         h.write_to(&mut b).unwrap();
         assert_eq!(Header::read_from(&mut b.as_slice()), Ok(h));
@@ -188,6 +200,13 @@ mod tests {
             assert!(Header::read_from(&mut bad.as_slice()).is_err(), "byte {at} flipped");
         }
         assert!(Header::read_from(&mut &b[..10]).unwrap_err().contains("cannot read"));
+        // A block size no snapshot is written with (huge, or not a power of two) is refused,
+        // even with a good checksum.
+        for block_size in [1 << 62, 3 << 12, 1024] {
+            let mut raw = Vec::new();
+            Header { block_size, ..h }.write_to(&mut raw).unwrap();
+            assert!(Header::read_from(&mut raw.as_slice()).unwrap_err().contains("inconsistent"), "{block_size}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! and atomics: the node's CPU never sees a write, so it cannot keep dirty bits. Instead a
 //! [`Checkpointer`] hashes every block of the pool at each snapshot (XXH3, a fast read of the
 //! pool) and writes only the blocks whose hash changed since the previous snapshot: an
-//! *incremental* snapshot. The first snapshot in a directory, every [`MAX_CHAIN`]th after it,
-//! and any that is asked for as such, is *full*. Blocks of zeros take no space in either.
+//! *incremental* snapshot. The first snapshot in a directory, the first after [`MAX_CHAIN`]
+//! incremental ones in a row, and any that is asked for as such, is *full*. Blocks of zeros take no space in either.
 //!
 //! ```no_run
 //! use rdmem_checkpoint::{Checkpointer, Take, restore};
@@ -27,8 +27,12 @@
 //! fsync, renamed into place and the directory fsynced: a crash leaves either the whole
 //! snapshot or none of it (a leftover temporary file is removed at the next
 //! [`Checkpointer::open`]). An incremental snapshot names its parent; restoring it applies its
-//! chain, the full snapshot first. Two chains are kept: when a full snapshot is written, the
-//! snapshots before the previous full one are deleted. The byte layout is documented in `checkpoint/src/format.rs`.
+//! chain, the full snapshot first. When a full snapshot is written, every snapshot is deleted
+//! except the chains of the new one, of the snapshot before it, and of the newest *pinned* one
+//! (taken with an explicit [`Take::seq`], as a DSM checkpoint is): periodic snapshots never
+//! push a checkpoint the job may need out. Restoring a snapshot that is not the newest sets the
+//! newer ones aside (renamed `abandoned-...`, deleted at the next full snapshot): they belong
+//! to a timeline given up, and a later restore must not pick them. The byte layout is documented in `checkpoint/src/format.rs`.
 //!
 //! # Damage
 //! [`restore`] checks the header, footer, table and every block's hash of each snapshot it
@@ -141,7 +145,9 @@ pub enum Kind {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Take {
     /// Its sequence number: above every one in the directory (default: one above the newest).
-    /// Several nodes snapshotted together (a DSM's collective checkpoint) give the same.
+    /// Several nodes snapshotted together (a DSM's collective checkpoint) give the same. A
+    /// snapshot taken with a number is *pinned*: pruning keeps its chain until a newer pinned
+    /// one is taken.
     pub seq: Option<u64>,
     /// Full even when an incremental one would do.
     pub full: bool,
@@ -231,9 +237,38 @@ impl Checkpointer {
             tracing::warn!("removing {}, left by a snapshot that never finished", path.display());
             fs::remove_file(&path).map_err(|e| io_err(&path, "cannot remove", e))?;
         }
-        let newest = list(dir)?.snapshots.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
         let same_dir = |r: &Restored| fs::canonicalize(&r.dir).ok() == fs::canonicalize(dir).ok();
-        let base = restored.filter(|r| r.block_size == block_size as u64 && same_dir(r)).map(|r| Base {
+        let restored = restored.filter(|r| same_dir(r));
+        if let Some(r) = restored {
+            if r.states.len() as u64 != pool_size.div_ceil(r.block_size) {
+                return Err(CheckpointError::Config(format!(
+                    "snapshot {} is of another pool size than {pool_size} bytes",
+                    r.seq
+                )));
+            }
+            // Snapshots newer than the one restored belong to a timeline given up: out of the
+            // way, so that no later restore picks them.
+            for (seq, path) in list(dir)?.snapshots.into_iter().filter(|(seq, _)| *seq > r.seq) {
+                let aside = dir.join(format!("{ABANDONED}{}", file_name(seq)));
+                tracing::warn!(
+                    "{} is newer than the snapshot restored ({}): renamed {}, deleted at the next full snapshot",
+                    path.display(),
+                    r.seq,
+                    aside.display()
+                );
+                fs::rename(&path, &aside).map_err(|e| io_err(&path, "cannot set aside", e))?;
+            }
+        }
+        let listed = list(dir)?.snapshots;
+        let newest = listed.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+        if restored.is_none() && newest > 0 {
+            tracing::warn!(
+                "{} holds snapshots up to {newest}, but the pool was not restored from it: the next snapshot (a full \
+                 one of this pool) becomes the newest",
+                dir.display()
+            );
+        }
+        let base = restored.filter(|r| r.block_size == block_size as u64).map(|r| Base {
             seq: r.seq,
             states: r.states.clone(),
             chain: r.chain.len() as u32 - 1,
@@ -261,13 +296,18 @@ impl Checkpointer {
                 self.pool_size
             )));
         }
-        let seq = take.seq.unwrap_or(self.newest + 1);
-        if seq <= self.newest {
+        let seq = take.seq.unwrap_or(self.newest.saturating_add(1));
+        if seq <= self.newest || seq == u64::MAX {
             return Err(CheckpointError::Sequence { dir: self.dir.clone(), asked: seq, newest: self.newest });
         }
         let base = self.base.as_ref().filter(|b| !take.full && b.chain < MAX_CHAIN);
-        let header =
-            Header { seq, parent: base.map(|b| b.seq), pool_size: self.pool_size, block_size: self.block_size };
+        let header = Header {
+            seq,
+            parent: base.map(|b| b.seq),
+            pool_size: self.pool_size,
+            block_size: self.block_size,
+            pinned: take.seq.is_some(),
+        };
         let file = self.dir.join(file_name(seq));
         let tmp = self.dir.join(format!(".{}.tmp", file_name(seq)));
         let written = (|| {
@@ -294,14 +334,20 @@ impl Checkpointer {
                 return Err(e);
             }
         };
-        fs::rename(&tmp, &file).map_err(|e| io_err(&file, "cannot rename the finished snapshot into place", e))?;
+        if let Err(e) = fs::rename(&tmp, &file) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&file, "cannot rename the finished snapshot into place", e));
+        }
         sync_dir(&self.dir)?;
         let kind = if header.parent.is_some() { Kind::Incremental } else { Kind::Full };
         let chain = base.map_or(0, |b| b.chain + 1);
-        self.base = Some(Base { seq, states, chain });
+        let previous = self.base.replace(Base { seq, states, chain }).map(|b| b.seq);
         self.newest = seq;
         if kind == Kind::Full {
-            self.prune()?;
+            // The snapshot is on disk: a failure to delete old ones is not a failed snapshot.
+            if let Err(e) = self.prune(seq, previous) {
+                tracing::warn!("snapshot {seq} is written, but pruning the older ones failed: {e}");
+            }
         }
         Ok(Report {
             seq,
@@ -316,23 +362,34 @@ impl Checkpointer {
         })
     }
 
-    /// Deletes the snapshots older than the previous full one (two chains stay).
-    fn prune(&self) -> Result<(), CheckpointError> {
-        let mut fulls: Vec<u64> = Vec::new();
-        let snapshots = list(&self.dir)?.snapshots;
-        for (seq, path) in &snapshots {
-            if let Ok(h) = read_header(path) {
-                if h.parent.is_none() {
-                    fulls.push(*seq);
-                }
+    /// After full snapshot `new`: deletes every snapshot outside three chains, that of `new`,
+    /// that of `previous` (the snapshot taken or restored before it: the chain it replaces),
+    /// and that of the newest pinned snapshot (asked for by number, as a DSM checkpoint is),
+    /// and the snapshots set aside after a restore. Files whose header cannot be read stay.
+    fn prune(&self, new: u64, previous: Option<u64>) -> Result<(), CheckpointError> {
+        let mut headers = std::collections::BTreeMap::new();
+        let listing = list(&self.dir)?;
+        for (seq, path) in &listing.snapshots {
+            if let Ok(h) = read_header(path, *seq) {
+                headers.insert(*seq, (h, path.clone()));
             }
         }
-        fulls.sort_unstable();
-        let Some(&keep_from) = fulls.iter().rev().nth(1) else { return Ok(()) };
-        for (seq, path) in snapshots {
-            if seq < keep_from {
-                fs::remove_file(&path).map_err(|e| io_err(&path, "cannot remove an old snapshot", e))?;
+        let pinned = headers.iter().rev().find(|(_, (h, _))| h.pinned).map(|(seq, _)| *seq);
+        let mut keep = std::collections::BTreeSet::new();
+        for start in [Some(new), previous, pinned].into_iter().flatten() {
+            let mut next = Some(start);
+            while let Some(seq) = next.filter(|s| keep.insert(*s)) {
+                next = headers.get(&seq).and_then(|(h, _)| h.parent);
             }
+        }
+        for (seq, (_, path)) in &headers {
+            if !keep.contains(seq) {
+                fs::remove_file(path).map_err(|e| io_err(path, "cannot remove an old snapshot", e))?;
+            }
+        }
+        for name in &listing.abandoned {
+            let path = self.dir.join(name);
+            fs::remove_file(&path).map_err(|e| io_err(&path, "cannot remove a snapshot set aside", e))?;
         }
         sync_dir(&self.dir)
     }
@@ -409,7 +466,7 @@ pub fn restore(dir: &Path, pool: &mut [u8], seq: Option<u64>) -> Result<Restored
     let start = Instant::now();
     let listing = list(dir)?;
     let mut headers: Vec<(u64, PathBuf, Result<Header, CheckpointError>)> =
-        listing.snapshots.into_iter().map(|(seq, path)| (seq, path.clone(), read_header(&path))).collect();
+        listing.snapshots.into_iter().map(|(seq, path)| (seq, path.clone(), read_header(&path, seq))).collect();
     headers.sort_by_key(|(seq, ..)| std::cmp::Reverse(*seq));
     let mut skipped = Vec::new();
     let candidates: Vec<u64> = match seq {
@@ -601,9 +658,14 @@ fn apply(
     Ok(len)
 }
 
-fn read_header(path: &Path) -> Result<Header, CheckpointError> {
+/// The header of snapshot file `path`, which its name says is snapshot `seq`.
+fn read_header(path: &Path, seq: u64) -> Result<Header, CheckpointError> {
     let mut f = File::open(path).map_err(|e| io_err(path, "cannot open", e))?;
-    Header::read_from(&mut f).map_err(|w| corrupt(path, None, w))
+    let h = Header::read_from(&mut f).map_err(|w| corrupt(path, None, w))?;
+    if h.seq != seq {
+        return Err(corrupt(path, None, format!("its header says it is snapshot {}, its name {seq}", h.seq)));
+    }
+    Ok(h)
 }
 
 impl CheckpointError {
@@ -620,18 +682,26 @@ impl CheckpointError {
 struct Listing {
     snapshots: Vec<(u64, PathBuf)>,
     temporaries: Vec<String>,
+    /// Snapshots set aside after a restore of an older one.
+    abandoned: Vec<String>,
 }
 
+/// The prefix of a snapshot set aside: newer than the one restored, of a timeline given up.
+const ABANDONED: &str = "abandoned-";
+
 fn list(dir: &Path) -> Result<Listing, CheckpointError> {
-    let mut listing = Listing { snapshots: Vec::new(), temporaries: Vec::new() };
+    let mut listing = Listing { snapshots: Vec::new(), temporaries: Vec::new(), abandoned: Vec::new() };
     let entries = fs::read_dir(dir).map_err(|e| io_err(dir, "cannot list the snapshot directory", e))?;
     for entry in entries {
         let entry = entry.map_err(|e| io_err(dir, "cannot list the snapshot directory", e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".snapshot-") && name.ends_with(".tmp") {
             listing.temporaries.push(name);
+        } else if name.starts_with(ABANDONED) {
+            listing.abandoned.push(name);
         } else if let Some(seq) = name.strip_prefix("snapshot-").and_then(|n| n.strip_suffix(".rdmem")) {
-            if let Ok(seq) = seq.parse::<u64>() {
+            // Only the exact name: "snapshot-5.rdmem" is not snapshot 5's file.
+            if let Some(seq) = seq.parse::<u64>().ok().filter(|&seq| name == file_name(seq)) {
                 listing.snapshots.push((seq, entry.path()));
             }
         }

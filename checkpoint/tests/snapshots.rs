@@ -291,3 +291,73 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_snapshot_asked_for_by_number_outlives_any_number_of_periodic_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(4, 1);
+    let mut cp = open(dir.path(), &p);
+    cp.checkpoint(&p, Take::default()).unwrap();
+    p[3] ^= 1;
+    let pinned = cp.checkpoint(&p, Take { seq: Some(100), full: false }).unwrap();
+    let at_pin = p.clone();
+    for k in 0..(4 * (MAX_CHAIN as usize + 1)) {
+        p[k % 64] ^= 1;
+        cp.checkpoint(&p, Take::default()).unwrap();
+    }
+    let mut back = vec![0u8; p.len()];
+    let r = restore(dir.path(), &mut back, Some(pinned.seq)).unwrap();
+    assert_eq!(r.chain, vec![1, 100], "the pinned snapshot's chain is still there");
+    assert!(back == at_pin);
+}
+
+#[test]
+fn restoring_an_older_snapshot_sets_the_newer_ones_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(4, 2);
+    let mut cp = open(dir.path(), &p);
+    let mut states = Vec::new();
+    for k in 0..5 {
+        p[k] ^= 1;
+        cp.checkpoint(&p, Take::default()).unwrap();
+        states.push(p.clone());
+    }
+    drop(cp);
+    let mut back = vec![0u8; p.len()];
+    let restored = restore(dir.path(), &mut back, Some(2)).unwrap();
+    let mut cp = Checkpointer::open(dir.path(), p.len() as u64, BLOCK, Some(&restored)).unwrap();
+    for seq in 3..=5 {
+        assert!(!dir.path().join(file_name(seq)).exists(), "snapshot {seq} of the timeline given up");
+        assert!(dir.path().join(format!("abandoned-{}", file_name(seq))).exists());
+    }
+    // The timeline goes on from 2; a restore of the newest never picks an abandoned one.
+    back[0] ^= 0x40;
+    let next = cp.checkpoint(&back, Take::default()).unwrap();
+    assert_eq!((next.seq, next.parent), (3, Some(2)));
+    let mut again = vec![0u8; p.len()];
+    assert_eq!(restore(dir.path(), &mut again, None).unwrap().chain, vec![1, 2, 3]);
+    assert!(again == back);
+    cp.checkpoint(&back, Take { seq: None, full: true }).unwrap();
+    let left = fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("abandoned-"));
+    assert_eq!(left.count(), 0, "set-aside snapshots go at the next full one");
+}
+
+#[test]
+fn a_renamed_file_or_a_sequence_number_at_the_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(4, 3);
+    let mut cp = open(dir.path(), &p);
+    cp.checkpoint(&p, Take::default()).unwrap();
+    // Snapshot 1 under snapshot 7's name: its header says otherwise.
+    fs::rename(dir.path().join(file_name(1)), dir.path().join(file_name(7))).unwrap();
+    let e = restore(dir.path(), &mut vec![0u8; p.len()], None).unwrap_err();
+    assert!(e.to_string().contains("its header says it is snapshot 1, its name 7"), "{e}");
+    // A name that is not exactly a snapshot's is not one.
+    fs::rename(dir.path().join(file_name(7)), dir.path().join("snapshot-1.rdmem")).unwrap();
+    let e = restore(dir.path(), &mut vec![0u8; p.len()], None).unwrap_err();
+    assert!(matches!(e, CheckpointError::NoSnapshot { ref skipped, .. } if skipped.is_empty()), "{e}");
+    let e = cp.checkpoint(&p, Take { seq: Some(u64::MAX), full: false }).unwrap_err();
+    assert!(matches!(e, CheckpointError::Sequence { .. }), "{e}");
+}
