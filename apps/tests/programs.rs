@@ -166,7 +166,26 @@ fn sor_resumed_from_its_checkpoint_after_every_rank_crashed_matches_the_sequenti
     let newest: Vec<u64> = (0..2).map(|n| transport.newest_checkpoint(rdmem_core::NodeId(n)).unwrap()).collect();
     assert_eq!(newest[0], newest[1], "one sequence number on every node");
     let restored = Arc::new(transport.restart_from(&newest).unwrap());
-    let outcomes = run_ranks(&restored, 3, |r| quick(r, 3, true), |dsm| sor::run(dsm, &params));
+    let outcomes = run_ranks(
+        &restored,
+        3,
+        |r| quick(r, 3, true),
+        |dsm| {
+            if dsm.rank() == 0 {
+                // The crashed processes' allocators are dead: reclaiming them must leave the
+                // resumed job's memory alone (taken over at the resume, before any alloc).
+                let lease = Duration::from_millis(300);
+                let reclaimer = rdmem_allocator::Allocator::new(
+                    Arc::clone(&restored),
+                    rdmem_allocator::AllocatorOptions { lease, ..Default::default() },
+                )
+                .unwrap();
+                let done = reclaimer.reclaim_dead_clients_now().unwrap();
+                assert_eq!(done.clients.len(), 6, "three ranks' two allocators each: {done:?}");
+            }
+            sor::run(dsm, &params)
+        },
+    );
     let outcomes: Vec<Outcome> = outcomes.into_iter().map(|r| r.unwrap_or_else(|e| panic!("{e}"))).collect();
     assert_passed("sor resumed", 3, &outcomes);
     let resumed = format!("resumed from checkpoint {} after iteration 6", newest[0]);
@@ -211,4 +230,9 @@ fn a_resume_that_cannot_work_says_why() {
     );
     let other_size = Arc::new(two.restart_from(&[newest, newest]).unwrap());
     assert!(resume_error(&other_size, 2).contains("has 1 ranks, not 2"));
+    // A snapshot taken after the checkpoint, while the job ran on (as a periodic one is).
+    let later: Vec<u64> = (0..2).map(|n| two.checkpoint(rdmem_core::NodeId(n), None, false).unwrap().seq).collect();
+    let fuzzy = Arc::new(two.restart_from(&later).unwrap());
+    let why = resume_error(&fuzzy, 1);
+    assert!(why.contains(&format!("a snapshot taken after checkpoint {newest}")), "{why}");
 }

@@ -204,8 +204,11 @@ impl Memnode {
             ));
         };
         let mut cp = cp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let report = cp.checkpoint(self.state.pool.as_slice(), take)?;
-        self.state.newest.store(report.seq, Ordering::SeqCst);
+        // The number is taken before the snapshot is written, and the newest a client is told
+        // of counts it ([`Op::Newest`]): a collective checkpoint picks one above it.
+        let seq = take.seq.unwrap_or(cp.newest().saturating_add(1));
+        self.state.newest.fetch_max(seq, Ordering::SeqCst);
+        let report = cp.checkpoint(self.state.pool.as_slice(), Take { seq: Some(seq), ..take })?;
         tracing::info!(
             "checkpoint {} ({}{}): {} bytes written ({} blocks of data, {} of zeros) to {} in {:.3} s",
             report.seq,
@@ -238,7 +241,7 @@ impl Memnode {
     ///
     /// Only a failure of the listening socket itself ends it with an error.
     pub fn serve(&self, stop: &AtomicBool) -> Result<(), RdmaError> {
-        let (jobs, queue) = mpsc::channel::<Job>();
+        let (jobs, queue) = mpsc::sync_channel::<Job>(MAX_QUEUED_CHECKPOINTS);
         std::thread::scope(|scope| {
             if self.state.checkpointer.is_some() {
                 scope.spawn(|| self.take_checkpoints(queue, stop));
@@ -275,6 +278,17 @@ impl Memnode {
     /// Takes a requested checkpoint and answers it (a peer that has gone only misses the
     /// answer).
     fn answer(&self, mut job: Job) {
+        // A requester that has gone (closed, or died while its request waited) gets no
+        // snapshot: a DSM job that gave up on it may be writing again.
+        let mut byte = [0u8; 1];
+        let gone = match job.stream.set_nonblocking(true).and_then(|()| job.stream.peek(&mut byte)) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        if gone {
+            tracing::warn!("checkpoint asked for by {} not taken: it has gone", job.peer);
+            return;
+        }
         let answer = match self.checkpoint(job.take) {
             Ok(r) => Answer::Checkpointed(Checkpointed {
                 node_id: self.state.config.node_id,
@@ -302,7 +316,7 @@ impl Memnode {
         }
     }
 
-    fn serve_clients(&self, stop: &AtomicBool, jobs: &mpsc::Sender<Job>) -> Result<(), RdmaError> {
+    fn serve_clients(&self, stop: &AtomicBool, jobs: &mpsc::SyncSender<Job>) -> Result<(), RdmaError> {
         self.listener.set_nonblocking(true).map_err(|e| RdmaError::io("listener", e))?;
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut clients: Vec<Client> = Vec::new();
@@ -365,7 +379,13 @@ impl Memnode {
                         let p = pending.remove(i).expect("index in range");
                         if let Some(job) = self.control(p, request, &mut warnings) {
                             // Only a node with a checkpointer queues jobs: its thread is there.
-                            let _ = jobs.send(job);
+                            if let Err(mpsc::TrySendError::Full(mut job)) = jobs.try_send(job) {
+                                let reason = format!(
+                                    "{MAX_QUEUED_CHECKPOINTS} checkpoint requests are waiting already; ask again later"
+                                );
+                                warnings.warn(Warning::Refused, || format!("refused {}'s request: {reason}", job.peer));
+                                let _ = Answer::Refused(reason).write_to(&mut job.stream);
+                            }
                         }
                     }
                     Progress::Done(Opening::Hello(hello)) => {
@@ -528,6 +548,9 @@ impl Memnode {
     }
 }
 
+/// Checkpoint requests waiting for the checkpoint thread at most; past them, requests are
+/// refused (each would hold a socket and cost a read of the whole pool).
+pub const MAX_QUEUED_CHECKPOINTS: usize = 16;
 /// How long a client has for its whole handshake, from its connection's accept to the last
 /// byte of its Hello.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);

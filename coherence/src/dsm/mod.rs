@@ -340,6 +340,13 @@ pub const CONTROL_ROOT: &str = "rdmem-dsm/control";
 /// checkpoints).
 pub const CHECKPOINT_ROOT: &str = "rdmem-dsm/checkpoint";
 
+/// The round word of checkpoints ([`layout::CHECKPOINT_ROUNDS`]): rounds done above this bit,
+/// rank 0's beat while it works below it, bit 0 set when the last round failed.
+const ROUND_SHIFT: u32 = 32;
+/// Set in a node's checkpoint stamp once the job has moved on from that checkpoint: a snapshot
+/// of the node taken later holds it, and a resume refuses it.
+const STAMP_MOVED_ON: u64 = 1 << 63;
+
 /// Numbers [`Dsm`] instances, so a thread's held locks name the DSM they belong to.
 static NEXT_DSM_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -510,7 +517,7 @@ impl<T: Transport> Dsm<T> {
                 if ep.read_u64(dsm.at(layout::CREATOR))? == dsm.rank as u64 + 1 {
                     first.adopt(control)?;
                 }
-                Ok(())
+                dsm.adopt_allocations(ep)
             })?;
             tracing::info!(
                 "rank {} resumed job {:?} from checkpoint {}",
@@ -617,6 +624,26 @@ impl<T: Transport> Dsm<T> {
         }
     }
 
+    /// At a resume: takes over every allocation this rank made before the checkpoint from its
+    /// earlier process's dead allocator, so that reclaiming dead clients leaves them alone (even
+    /// before the program makes them again) and this rank frees them at leave.
+    fn adopt_allocations(&self, ep: &mut T::Endpoint) -> Result<()> {
+        let per = (layout::ALLOC_BYTES / 8) as usize;
+        let entries = read_words(ep, self.at(layout::ALLOCS), layout::ALLOC_COUNT as usize * per)?;
+        let threads: Vec<_> = self.allocators.iter().map(|a| a.thread()).collect::<Result<_, _>>()?;
+        for e in entries.chunks_exact(per) {
+            // state, bytes, stripe pages, node count, rank, then the bases.
+            if e[0] != layout::ALLOC_READY || e[4] != self.rank as u64 {
+                continue;
+            }
+            let nodes = (e[3] as usize).min(threads.len()).min(per - 5);
+            for (thread, &base) in threads.iter().zip(&e[5..5 + nodes]) {
+                thread.adopt(GlobalAddr::from_raw(base))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The control block of the job to resume ([`DsmOptions::resume`]): this job's, with a
     /// checkpoint, every node restored from that checkpoint, and its processes gone (its
     /// heartbeat still for two leases; resuming ranks beat only once all of them are in).
@@ -658,6 +685,12 @@ impl<T: Transport> Dsm<T> {
         }
         for (node, &stamp) in stamps.iter().enumerate() {
             let theirs = ep.read_u64(stamp)?;
+            if theirs == seq | STAMP_MOVED_ON {
+                return Err(cannot(format!(
+                    "memory node {node} holds a snapshot taken after checkpoint {seq}, while the job ran (a \
+                     periodic one?): restore every node with --restore-seq {seq}"
+                )));
+            }
             if theirs != seq {
                 return Err(cannot(format!(
                     "memory node {node} holds checkpoint {theirs}, the job's control block checkpoint {seq}: \
@@ -791,15 +824,7 @@ impl<T: Transport> Dsm<T> {
                 return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: fields[0] });
             }
             let bases: Vec<GlobalAddr> = fields[4..].iter().map(|&raw| GlobalAddr::from_raw(raw)).collect();
-            let owner = fields[3] as u32;
-            if self.resumed_from.is_some() && owner == self.rank {
-                // Made by this rank's earlier process, whose allocator is dead: take it over, so
-                // reclaiming dead clients leaves it alone and this rank frees it at leave.
-                for (a, &base) in self.allocators.iter().zip(&bases) {
-                    a.thread()?.adopt(base)?;
-                }
-            }
-            Ok(Allocation { bytes, bases, owner })
+            Ok(Allocation { bytes, bases, owner: fields[3] as u32 })
         })?;
         // Each rank makes or learns allocation `index` once (next_alloc hands each index out once).
         let _ = self.directory.allocs[index as usize].set(allocation);
@@ -1037,18 +1062,20 @@ impl<T: Transport> Dsm<T> {
         // Read before the barrier: rank 0 changes it only after everyone has passed it.
         let before = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(rounds_at)?))?;
         self.barrier()?;
-        let next = ((before >> 1) + 1) << 1;
+        let round = before >> ROUND_SHIFT;
         if self.rank == 0 {
-            let taken = self.take_snapshots();
-            let word = next | u64::from(taken.is_err());
+            let taken = self.take_snapshots(rounds_at, round);
+            let word = ((round + 1) << ROUND_SHIFT) | u64::from(taken.is_err());
             self.with_ep(|ep| Ok::<_, DsmError>(ep.write_u64(rounds_at, word)?))?;
             return taken;
         }
-        let started = std::time::Instant::now();
+        // Rank 0 beats the word while the nodes write: wait as long as it moves, however long
+        // the snapshots take, and give up only when it stands still for the barrier timeout.
+        let (mut seen, mut since) = (before, std::time::Instant::now());
         let mut pause = Duration::from_micros(100);
         loop {
             let word = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(rounds_at)?))?;
-            if word >> 1 > before >> 1 {
+            if word >> ROUND_SHIFT > round {
                 if word & 1 == 1 {
                     return Err(DsmError::Checkpoint(
                         "rank 0 could not take the snapshots (its error says why)".into(),
@@ -1056,9 +1083,13 @@ impl<T: Transport> Dsm<T> {
                 }
                 return self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(self.at(layout::CHECKPOINT_SEQ))?));
             }
-            if started.elapsed() > self.options.barrier_timeout {
+            if word != seen {
+                (seen, since) = (word, std::time::Instant::now());
+            } else if since.elapsed() > self.options.barrier_timeout {
                 return Err(DsmError::Timeout {
-                    what: "checkpoint: rank 0 did not finish the memory nodes' snapshots (it died?)".into(),
+                    what: "checkpoint: rank 0 stopped working on the memory nodes' snapshots (it died?); \
+                           this process must not write shared memory again"
+                        .into(),
                     waited: self.options.barrier_timeout,
                 });
             }
@@ -1067,41 +1098,86 @@ impl<T: Transport> Dsm<T> {
         }
     }
 
-    /// Rank 0's part of [`Dsm::checkpoint`]: picks the number, records it in the control block
-    /// and on every node (so each snapshot holds it), and has every node write its snapshot.
-    fn take_snapshots(&self) -> Result<u64> {
+    /// Rank 0's part of [`Dsm::checkpoint`]: [`Dsm::snapshot_all`], while it beats the round
+    /// word (`round`, and a count in the low bits) for the waiting ranks.
+    fn take_snapshots(&self, rounds_at: GlobalAddr, round: u64) -> Result<u64> {
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let beat = s.spawn(|| -> Result<()> {
+                let mut ep = self.transport.endpoint()?;
+                let mut count = 0u64;
+                while !done.load(Ordering::SeqCst) {
+                    count = (count + 1) % (1 << (ROUND_SHIFT - 1));
+                    ep.write_u64(rounds_at, (round << ROUND_SHIFT) | (count << 1))?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            });
+            let taken = self.snapshot_all();
+            done.store(true, Ordering::SeqCst);
+            let beaten = beat.join().unwrap_or_else(|_| Err(DsmError::Checkpoint("the beat thread panicked".into())));
+            let seq = taken?;
+            beaten?;
+            Ok(seq)
+        })
+    }
+
+    /// Picks the number (one above every node's newest), records it in the control block and
+    /// on every node (so each snapshot holds it), has every node write its snapshot (again,
+    /// with a higher number, if another snapshot took the number first: a node's periodic one),
+    /// then marks the stamps as moved on, so that a later snapshot of a node (periodic, or asked
+    /// for otherwise) is not taken for this checkpoint at a resume.
+    fn snapshot_all(&self) -> Result<u64> {
         let nodes: Vec<NodeId> = self.transport.nodes().iter().map(|n| n.id).collect();
-        let mut newest = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(self.at(layout::CHECKPOINT_SEQ))?))?;
-        for &node in &nodes {
-            newest = newest.max(self.transport.newest_checkpoint(node)?);
-        }
-        let seq = newest + 1;
-        self.with_ep(|ep| -> Result<()> {
-            ep.write_u64(self.at(layout::CHECKPOINT_SEQ), seq)?;
-            ep.write_u64(self.at(layout::RESUMED), 0)?;
-            for &stamp in &self.stamps {
-                ep.write_u64(stamp, seq)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut newest = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(self.at(layout::CHECKPOINT_SEQ))?))?;
+            for &node in &nodes {
+                newest = newest.max(self.transport.newest_checkpoint(node)?);
             }
-            Ok(())
-        })?;
-        // All nodes at once: each writes its own disk.
-        let done: Vec<rdmem_core::Result<rdmem_core::Checkpoint>> = std::thread::scope(|s| {
-            let asks: Vec<_> = nodes
-                .iter()
-                .map(|&node| (node, s.spawn(move || self.transport.checkpoint(node, Some(seq), false))))
-                .collect();
-            asks.into_iter()
-                .map(|(node, a)| {
-                    a.join().unwrap_or_else(|_| {
-                        Err(rdmem_core::Error::Checkpoint { node, reason: "the request's thread panicked".into() })
+            let seq = newest + 1;
+            if seq & STAMP_MOVED_ON != 0 {
+                return Err(DsmError::Checkpoint(format!("sequence number {seq} is too large")));
+            }
+            self.with_ep(|ep| -> Result<()> {
+                ep.write_u64(self.at(layout::CHECKPOINT_SEQ), seq)?;
+                ep.write_u64(self.at(layout::RESUMED), 0)?;
+                for &stamp in &self.stamps {
+                    ep.write_u64(stamp, seq)?;
+                }
+                Ok(())
+            })?;
+            // All nodes at once: each writes its own disk.
+            let done: Vec<rdmem_core::Result<rdmem_core::Checkpoint>> = std::thread::scope(|s| {
+                let asks: Vec<_> = nodes
+                    .iter()
+                    .map(|&node| (node, s.spawn(move || self.transport.checkpoint(node, Some(seq), false))))
+                    .collect();
+                asks.into_iter()
+                    .map(|(node, a)| {
+                        a.join().unwrap_or_else(|_| {
+                            Err(rdmem_core::Error::Checkpoint { node, reason: "the request's thread panicked".into() })
+                        })
                     })
-                })
-                .collect()
-        });
-        for d in done {
-            d?;
+                    .collect()
+            });
+            // From now on the nodes' state moves on from checkpoint `seq`.
+            self.with_ep(|ep| -> Result<()> {
+                for &stamp in &self.stamps {
+                    ep.write_u64(stamp, seq | STAMP_MOVED_ON)?;
+                }
+                Ok(())
+            })?;
+            match done.into_iter().find_map(|d| d.err()) {
+                None => return Ok(seq),
+                // Another snapshot (a node's periodic one) may have taken the number: again.
+                Some(rdmem_core::Error::Checkpoint { node, reason }) if attempt < 3 => {
+                    tracing::warn!("checkpoint {seq}: node {node}: {reason}; trying again with a new number");
+                }
+                Some(e) => return Err(e.into()),
+            }
         }
-        Ok(seq)
     }
 
     /// The checkpoint this process resumed the job from ([`DsmOptions::resume`]), or `None` for
