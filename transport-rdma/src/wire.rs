@@ -19,6 +19,7 @@
 //!                          | scanned u64 | micros u64
 //!              or Newest: magic "RDMCTL" | status u8 = 2 | node_id u16 | seq u64 (0: none)
 //!              or Refused: magic "RDMCTL" | status u8 = 1 | reason_len u16 | reason (UTF-8)
+//!                          (any op: wrong token, other version, no --checkpoint-dir, queue full)
 //! ```
 //! The version comes right after the magic so that a node can refuse any other version with a
 //! message, whatever the rest of that version's Hello looks like. The TCP connection stays open

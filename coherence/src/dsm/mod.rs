@@ -231,7 +231,10 @@ pub struct DsmOptions {
     /// Resume the job from its last checkpoint ([`Dsm::checkpoint`]) instead of starting it:
     /// the memory nodes were restored from it (`rdmem-memnode --restore DIR --restore-seq N`)
     /// and the job's earlier processes are gone. Every rank must resume (from `RDMEM_RESUME`:
-    /// `1` or `true`). See "Checkpoints" in the module docs.
+    /// `1` or `true`): a rank started without it on the restored nodes finds a dead job there
+    /// and takes the nodes over, reclaiming the job's memory (the snapshots on disk stay). A
+    /// resume that failed half way leaves ranks counted in: restore the nodes again before
+    /// the next try. See "Checkpoints" in the module docs.
     pub resume: bool,
 }
 
