@@ -66,3 +66,15 @@ fn every_rank_gets_the_number_even_when_snapshots_outlast_the_barrier_timeout() 
     assert_eq!(seqs, vec![1, 2, 1, 2, 1, 2], "rank by rank");
     assert_eq!(transport.inner.newest_checkpoint(NodeId(1)).unwrap(), 2);
 }
+
+#[test]
+fn a_thread_holding_a_lock_cannot_checkpoint() {
+    let transport = Arc::new(LoopbackTransport::new(&[8 << 20]));
+    let dsm = Dsm::join_with(transport, DsmOptions::new(0, 1)).unwrap();
+    dsm.lock(3).unwrap();
+    let e = dsm.checkpoint().unwrap_err();
+    assert!(e.to_string().contains("holds lock 3"), "{e}");
+    dsm.unlock(3).unwrap();
+    assert_eq!(dsm.checkpoint().unwrap(), 1);
+    dsm.leave().unwrap();
+}

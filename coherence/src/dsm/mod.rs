@@ -71,8 +71,9 @@
 //!   the same addresses with their contents ([`Dsm::resumed_from`] says it resumed; the
 //!   allocations its rank made before are taken over from its dead allocator, so reclaiming
 //!   dead clients leaves them alone).
-//! - Limits: a lock held at a checkpoint stays taken until its lease runs out after the
-//!   resume; nodes restored from different checkpoints, or a job that never checkpointed, are
+//! - Limits: `checkpoint` refuses a thread that holds a lock (another thread of the process
+//!   holding one is not seen: it would stay taken until its lease runs out after a resume);
+//!   nodes restored from different checkpoints, or a job that never checkpointed, are
 //!   refused with [`DsmError::Resume`]; the SOR example shows the whole cycle
 //!   (`--checkpoint-every K`, `--resume`).
 
@@ -1052,7 +1053,7 @@ impl<T: Transport> Dsm<T> {
     }
 
     /// Checkpoints the job (collective: every rank calls it at the same point, holding no
-    /// lock): a barrier writes everything home, then rank 0 has every memory node write a
+    /// lock; a thread that holds one gets [`DsmError::Checkpoint`] at once): a barrier writes everything home, then rank 0 has every memory node write a
     /// snapshot of its pool with the same sequence number, one above every node's newest, while
     /// the other ranks wait without touching shared memory, so the snapshots are one consistent
     /// cut. Returns the sequence number on every rank; restore every node with it
@@ -1061,6 +1062,12 @@ impl<T: Transport> Dsm<T> {
     /// (a node without one, a disk error, another snapshot taking the number first) is its
     /// error there and [`DsmError::Checkpoint`] on the others; the job goes on either way.
     pub fn checkpoint(&self) -> Result<u64> {
+        // A lock held now would be taken in the snapshot (until its lease ran out after a
+        // resume): refused before anything collective happens.
+        let held = HELD.with(|held| held.borrow().iter().find(|h| h.dsm == self.id).map(|h| h.lock));
+        if let Some(id) = held {
+            return Err(DsmError::Checkpoint(format!("this thread holds lock {id}: unlock it before checkpointing")));
+        }
         let rounds_at = self.at(layout::CHECKPOINT_ROUNDS);
         // Read before the barrier: rank 0 changes it only after everyone has passed it.
         let before = self.with_ep(|ep| Ok::<_, DsmError>(ep.read_u64(rounds_at)?))?;
