@@ -204,11 +204,12 @@ impl Memnode {
             ));
         };
         let mut cp = cp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // The number is taken before the snapshot is written, and the newest a client is told
-        // of counts it ([`Op::Newest`]): a collective checkpoint picks one above it.
-        let seq = take.seq.unwrap_or(cp.newest().saturating_add(1));
-        self.state.newest.fetch_max(seq, Ordering::SeqCst);
-        let report = cp.checkpoint(self.state.pool.as_slice(), Take { seq: Some(seq), ..take })?;
+        // The newest a client is told of ([`Op::Newest`]) counts the snapshot being written, so
+        // a collective checkpoint picks a number above it. (`take` goes on as it is: a snapshot
+        // asked for by number is pinned, one without is not; the number is the same, picked
+        // under the lock.)
+        self.state.newest.fetch_max(take.seq.unwrap_or(cp.newest().saturating_add(1)), Ordering::SeqCst);
+        let report = cp.checkpoint(self.state.pool.as_slice(), take)?;
         tracing::info!(
             "checkpoint {} ({}{}): {} bytes written ({} blocks of data, {} of zeros) to {} in {:.3} s",
             report.seq,

@@ -235,3 +235,24 @@ fn periodic_snapshots_while_a_client_writes_then_a_quiet_one_restores_exactly() 
     let back = read_all(&mut ep, expected.len());
     assert!(back == expected, "restored pool differs first at byte {:?}", first_difference(&back, &expected));
 }
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_checkpoint_asked_for_by_number_outlives_the_snapshots_asked_for_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = memnode(&["--pool-size", "16M", "--checkpoint-dir", dir.path().to_str().unwrap()]);
+    let transport = connect(&node);
+    let mut ep = transport.endpoint().unwrap();
+    ep.write_u64(addr(0), 1).unwrap();
+    let pinned = transport.checkpoint(NodeId(0), Some(5), false).unwrap();
+    // Enough unnumbered snapshots (as periodic ones are) for three full ones after it.
+    for k in 0..3 * (rdmem_checkpoint::MAX_CHAIN as u64 + 1) {
+        ep.write_u64(addr(8), k).unwrap();
+        transport.checkpoint(NodeId(0), None, false).unwrap();
+    }
+    let mut back = vec![0u8; 16 << 20];
+    let restored = rdmem_checkpoint::restore(dir.path(), &mut back, Some(pinned.seq))
+        .unwrap_or_else(|e| panic!("the pinned snapshot {} is gone: {e}", pinned.seq));
+    assert_eq!(restored.chain.last(), Some(&5));
+    assert_eq!(u64::from_le_bytes(back[..8].try_into().unwrap()), 1);
+}
