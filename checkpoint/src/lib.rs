@@ -465,8 +465,14 @@ fn write_blocks(f: File, pool: &[u8], block_size: usize, base: Option<&[BlockSta
 pub fn restore(dir: &Path, pool: &mut [u8], seq: Option<u64>) -> Result<Restored, CheckpointError> {
     let start = Instant::now();
     let listing = list(dir)?;
-    let mut headers: Vec<(u64, PathBuf, Result<Header, CheckpointError>)> =
-        listing.snapshots.into_iter().map(|(seq, path)| (seq, path.clone(), read_header(&path, seq))).collect();
+    let mut headers: Vec<Listed> = listing
+        .snapshots
+        .into_iter()
+        .map(|(seq, path)| {
+            let header = read_header(&path, seq);
+            (seq, path, header)
+        })
+        .collect();
     headers.sort_by_key(|(seq, ..)| std::cmp::Reverse(*seq));
     let mut skipped = Vec::new();
     let candidates: Vec<u64> = match seq {
@@ -570,10 +576,9 @@ fn apply(
     mut pool: Option<&mut [u8]>,
     states: &mut [BlockState],
 ) -> Result<u64, CheckpointError> {
-    let f = File::open(path).map_err(|e| io_err(path, "cannot open", e))?;
-    let len = f.metadata().map_err(|e| io_err(path, "cannot stat", e))?.len();
     // Unbuffered: blocks are read straight into the pool (a buffer would copy them once more).
-    let mut r = f;
+    let mut r = File::open(path).map_err(|e| io_err(path, "cannot open", e))?;
+    let len = r.metadata().map_err(|e| io_err(path, "cannot stat", e))?.len();
     let read = |e: io::Error| io_err(path, "cannot read", e);
     if len < (HEADER_LEN + FOOTER_LEN) as u64 {
         return Err(corrupt(path, None, format!("it is {len} bytes, shorter than a header and footer")));
@@ -632,7 +637,7 @@ fn apply(
     }
     // The data, block by block, each checked against its hash.
     r.seek(SeekFrom::Start(HEADER_LEN as u64)).map_err(read)?;
-    let mut check = vec![0u8; if pool.is_some() { 0 } else { bs as usize }];
+    let mut check = vec![0u8; if pool.is_some() { 0 } else { bs.min(header.pool_size) as usize }];
     for e in &entries {
         let n = block_len(e.index);
         let at = (e.index * bs) as usize;

@@ -144,8 +144,9 @@ fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-fn check_magic(r: &mut impl Read) -> io::Result<()> {
-    if get::<6>(r)? != MAGIC {
+/// Reads a message's magic; anything but `magic` is an error.
+fn check_magic(r: &mut impl Read, magic: [u8; 6]) -> io::Result<()> {
+    if get::<6>(r)? != magic {
         return Err(bad("not an rdmem peer (bad magic)"));
     }
     Ok(())
@@ -165,7 +166,7 @@ impl Hello {
     /// Reads the magic and version; `Ok(Err(version))` when the version is not ours (the rest
     /// of the message is then not read).
     pub fn read_from(r: &mut impl Read) -> io::Result<Result<Hello, u16>> {
-        check_magic(r)?;
+        check_magic(r, MAGIC)?;
         Hello::read_rest(r)
     }
 
@@ -200,7 +201,7 @@ impl Reply {
 
     /// Reads the node's answer.
     pub fn read_from(r: &mut impl Read) -> io::Result<Reply> {
-        check_magic(r)?;
+        check_magic(r, MAGIC)?;
         match get::<1>(r)?[0] {
             0 => Ok(Reply::Welcome(Welcome {
                 node_id: u16::from_le_bytes(get(r)?),
@@ -415,9 +416,7 @@ impl Answer {
 
     /// Reads the node's answer.
     pub fn read_from(r: &mut impl Read) -> io::Result<Answer> {
-        if get::<6>(r)? != CONTROL_MAGIC {
-            return Err(bad("not an rdmem control answer (bad magic)"));
-        }
+        check_magic(r, CONTROL_MAGIC)?;
         fn word(r: &mut impl Read) -> io::Result<u64> {
             get::<8>(r).map(u64::from_le_bytes)
         }
