@@ -281,12 +281,7 @@ impl Memnode {
     fn answer(&self, mut job: Job) {
         // A requester that has gone (closed, or died while its request waited) gets no
         // snapshot: a DSM job that gave up on it may be writing again.
-        let mut byte = [0u8; 1];
-        let gone = match job.stream.set_nonblocking(true).and_then(|()| job.stream.peek(&mut byte)) {
-            Ok(n) => n == 0,
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-        };
-        if gone {
+        if job.stream.set_nonblocking(true).is_err() || wire::peer_closed(&job.stream) {
             tracing::warn!("checkpoint asked for by {} not taken: it has gone", job.peer);
             return;
         }

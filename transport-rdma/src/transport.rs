@@ -721,12 +721,7 @@ impl Connection {
 
     /// True when the node's control socket is closed: its process (or machine) is gone.
     fn is_gone(&self) -> bool {
-        let mut byte = [0u8; 1];
-        match self.control.peek(&mut byte) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted,
-        }
+        wire::peer_closed(&self.control)
     }
 }
 

@@ -57,6 +57,16 @@ pub fn keep_alive(stream: &std::net::TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// True when the other end of non-blocking control connection `stream` has closed it (or it
+/// broke): a peek finds its end, or an error other than "nothing yet". Data waiting is left.
+pub fn peer_closed(stream: &std::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted,
+    }
+}
+
 /// Identifies rdmem's handshake.
 pub const MAGIC: [u8; 6] = *b"RDMEM\0";
 /// The protocol version this build speaks.

@@ -715,16 +715,14 @@ impl<T: Transport> Dsm<T> {
         if n >= options.size as u64 {
             return Err(cannot(format!("{} ranks resumed a job of {}", n + 1, options.size)));
         }
-        let started = std::time::Instant::now();
-        while ep.read_u64(at(layout::RESUMED))? < options.size as u64 {
-            if started.elapsed() > options.barrier_timeout {
-                return Err(DsmError::Timeout {
-                    what: "resume: not every rank resumed (each must run with resume set)".into(),
-                    waited: options.barrier_timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let size = options.size as u64;
+        wait_for_word(
+            ep,
+            at(layout::RESUMED),
+            options.barrier_timeout,
+            |n| n >= size,
+            || "resume: not every rank resumed (each must run with resume set)".into(),
+        )?;
         Ok((control, value, seq))
     }
 
@@ -813,16 +811,13 @@ impl<T: Transport> Dsm<T> {
                 ep.write_u64(word(0), layout::ALLOC_READY)?;
                 return Ok(Allocation { bytes, bases, owner: self.rank });
             }
-            let started = std::time::Instant::now();
-            while ep.read_u64(word(0))? != layout::ALLOC_READY {
-                if started.elapsed() > self.options.barrier_timeout {
-                    return Err(DsmError::Timeout {
-                        what: format!("allocation #{index}: the rank making it has not finished (it died?)"),
-                        waited: self.options.barrier_timeout,
-                    });
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
+            wait_for_word(
+                ep,
+                word(0),
+                self.options.barrier_timeout,
+                |w| w == layout::ALLOC_READY,
+                || format!("allocation #{index}: the rank making it has not finished (it died?)"),
+            )?;
             let fields = read_words(ep, word(1), 4 + nodes)?;
             if fields[0] != bytes {
                 return Err(DsmError::AllocMismatch { index, ours: bytes, theirs: fields[0] });
@@ -1224,19 +1219,15 @@ impl<T: Transport> Dsm<T> {
         })?;
         if creator == self.rank as u64 + 1 {
             // The others touch the block until their LEFT arrives: wait for it, then free it.
-            let started = std::time::Instant::now();
-            self.with_ep(|ep| -> Result<()> {
-                while ep.read_u64(self.at(layout::LEFT))? < self.size as u64 {
-                    if started.elapsed() > self.options.barrier_timeout {
-                        return Err(DsmError::Timeout {
-                            what: "leave: not every rank left; the control block stays (a later job takes it over)"
-                                .into(),
-                            waited: self.options.barrier_timeout,
-                        });
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                Ok(())
+            let size = self.size as u64;
+            self.with_ep(|ep| {
+                wait_for_word(
+                    ep,
+                    self.at(layout::LEFT),
+                    self.options.barrier_timeout,
+                    |n| n >= size,
+                    || "leave: not every rank left; the control block stays (a later job takes it over)".into(),
+                )
             })?;
             // Unpublished first, so no later job finds the block once its memory is reused.
             self.with_ep(|ep| Ok::<_, DsmError>(self.root.compare_exchange(ep, Some(self.published), None)?))?
@@ -1303,6 +1294,25 @@ impl<T: Transport> Drop for DsmGuard<'_, T> {
 /// The low bits of a published control block's address that carry its instance tag (blocks
 /// are 4 KiB aligned).
 const TAG_MASK: u64 = 0xfff;
+
+/// Reads the word at `addr` every 200 µs until `done` holds for it; after `limit` without, a
+/// [`DsmError::Timeout`] saying `what`.
+fn wait_for_word<E: Endpoint>(
+    ep: &mut E,
+    addr: GlobalAddr,
+    limit: Duration,
+    done: impl Fn(u64) -> bool,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    while !done(ep.read_u64(addr)?) {
+        if started.elapsed() > limit {
+            return Err(DsmError::Timeout { what: what(), waited: limit });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
 
 /// What the root holds for the control block at `control` made as `instance`: its address with
 /// a tag of the instance in the low 12 bits, so that a block made later at the same address is
