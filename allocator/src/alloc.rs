@@ -23,7 +23,7 @@ use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
 
 use crate::error::{AllocError, Result};
 use crate::layout::{self, Geometry, client, desc};
-use crate::pool::{self, Bitmap, Net, NodeUsage, at};
+use crate::pool::{self, Bitmap, Net, NodeUsage, at, read_descriptors};
 use crate::roots::Root;
 
 /// Where new blocks go when there are several memory nodes.
@@ -31,8 +31,8 @@ use crate::roots::Root;
 pub enum Placement {
     /// Each allocation of a thread on the next node in turn.
     RoundRobin,
-    /// On the node with the smallest share of its chunks in use, by reading the nodes' usage
-    /// counters (one READ per node) whenever a chunk is needed.
+    /// On the node with the smallest share of its chunks in use, by reading the nodes' chunk
+    /// bitmaps (one READ per node, a bit per chunk) whenever a chunk is needed.
     LeastLoaded,
     /// Always this node.
     Node(NodeId),
@@ -129,6 +129,13 @@ impl<T: Transport> Drop for Shared<T> {
     }
 }
 
+impl<T: Transport> Shared<T> {
+    /// The owner word this client puts on chunks it releases.
+    fn releasing(&self) -> u64 {
+        layout::releasing(self.nodes[0].id.0, self.client)
+    }
+}
+
 impl<T: Transport> Allocator<T> {
     /// Opens every node's pool (formatting the ones nobody formatted yet), takes a client id
     /// and a slot in the first node's client table, and starts this client's heartbeat there.
@@ -149,10 +156,10 @@ impl<T: Transport> Allocator<T> {
         let first = nodes.first().ok_or_else(|| AllocError::BadOptions("the transport has no memory nodes".into()))?;
         // Client ids come from the first node's counter: unique across the cluster, never 0.
         let client = net.faa(at(first.id, layout::header::NEXT_CLIENT), 1)? + 1;
-        if client > 0xffff_ffff {
+        if client > layout::MAX_CLIENT_ID {
             return Err(AllocError::BadPool {
                 node: first.id,
-                reason: "2^32 client ids handed out: restart the memory node for a fresh pool".into(),
+                reason: "2^31 client ids handed out: restart the memory node for a fresh pool".into(),
             });
         }
         if let Placement::Node(id) = options.placement {
@@ -197,15 +204,19 @@ impl<T: Transport> Allocator<T> {
     /// The client table as it is now: the first step of [`Allocator::reclaim_dead_clients`].
     pub fn client_snapshot(&self) -> Result<ClientSnapshot> {
         let mut net = Net { ep: self.shared.transport.endpoint()?, ops: 0 };
-        let clients = pool::read_clients(&mut net, self.shared.nodes[0].id)?;
-        Ok(ClientSnapshot { taken: Instant::now(), clients })
+        let first = self.shared.nodes[0].id;
+        let clients = pool::read_clients(&mut net, first)?;
+        let issued = net.read_u64(at(first, layout::header::NEXT_CLIENT))?;
+        Ok(ClientSnapshot { taken: Instant::now(), clients, issued })
     }
 
     /// Returns the chunks of dead clients to the pools, on every node. A client is dead when
     /// it holds no slot in the client table (it exited, or is older than the table), or when
     /// its heartbeat has not moved since `before` was taken and `before` is at least two of
-    /// its leases old; its slot is then freed too. This client and clients that registered
-    /// after `before` are alive.
+    /// its leases old; its slot is then freed too. This client, and clients given their id
+    /// after `before` was taken, are alive. (A client takes its id, then its slot, at once:
+    /// one found between the two is stalled, so let `before` age two leases, as
+    /// [`Allocator::reclaim_dead_clients_now`] does.)
     ///
     /// Everything a dead client allocated is freed, including blocks that live clients still
     /// use: a structure meant to outlive its allocating process must be allocated by one that
@@ -229,11 +240,15 @@ impl<T: Transport> Allocator<T> {
                 reclaimed.clients.push(c.id);
             }
         }
+        // Alive: the clients holding a slot now (but the stale ones), this one, and those given
+        // an id after `before` (a client takes its id, then its slot).
+        let newer = before.issued + 1..=net.read_u64(at(first, layout::header::NEXT_CLIENT))?;
         let live: std::collections::HashSet<u64> = now
             .iter()
             .filter(|c| !reclaimed.clients.contains(&c.id))
             .map(|c| c.id)
             .chain([self.shared.client])
+            .chain(newer)
             .collect();
         for node in &self.shared.nodes {
             let chunks = self.release_chunks_of_dead(&mut net, node, &live)?;
@@ -257,8 +272,9 @@ impl<T: Transport> Allocator<T> {
     }
 
     /// Releases every chunk of `node` whose owner's client is not in `live`: its owner word is
-    /// CASed to 0 (so a racing reclaimer or a late free of a large block loses), then its
-    /// descriptor cleared and its bit released. The number released.
+    /// CASed to this client's [`layout::releasing`] (so a racing reclaimer or a late free of a
+    /// large block loses), then the chunk is released with the continuations that still name
+    /// it. Chunks whose bit is set with no owner are released too. The number released.
     fn release_chunks_of_dead(
         &self,
         net: &mut Net<T::Endpoint>,
@@ -266,30 +282,55 @@ impl<T: Transport> Allocator<T> {
         live: &std::collections::HashSet<u64>,
     ) -> Result<u64> {
         let geo = node.geo;
+        let table = self.shared.nodes[0].id.0;
         let mut released = 0;
         let mut bitmap = Bitmap::new(&geo, 0);
+        bitmap.refresh(net, node.id, &geo)?; // what the releases' CASes expect
         // Descriptors in pieces of 2048 (64 KiB), one READ each.
         const PIECE: u64 = 2048;
         let mut first = 0;
         while first < geo.chunk_count {
             let count = PIECE.min(geo.chunk_count - first);
-            let mut raw = vec![0u8; (count * layout::DESC_BYTES) as usize];
-            net.read(at(node.id, geo.desc_offset_of(first)), &mut raw)?;
-            for i in 0..count {
-                let at_ = (i * layout::DESC_BYTES) as usize;
-                let owner = u64::from_le_bytes(raw[at_..at_ + 8].try_into().expect("8 bytes"));
-                let (table, id) = layout::owner_client(owner);
-                // Owners registered in another cluster's table cannot be judged from ours.
-                if owner == 0 || table != self.shared.nodes[0].id.0 || live.contains(&id) {
+            let raw = read_descriptors(net, node.id, &geo, first..first + count)?;
+            for (i, &(owner, class)) in raw.iter().enumerate() {
+                let chunk = first + i as u64;
+                if owner == 0 && bitmap.is_set(chunk) {
+                    // Claimed by nobody: no client leaves this, but a fuzzy snapshot of a pool
+                    // (read bitmap first) taken while the chunk was released can.
+                    if net.cas(pool::desc_word(node.id, &geo, chunk, desc::OWNER), 0, self.shared.releasing())? == 0 {
+                        bitmap.release(net, node.id, &geo, chunk, &[])?;
+                        released += 1;
+                    }
                     continue;
                 }
-                let chunk = first + i;
-                if net.cas(pool::desc_word(node.id, &geo, chunk, desc::OWNER), owner, 0)? != owner {
+                let (owner_table, id) = layout::owner_client(owner);
+                // Owners registered in another cluster's table cannot be judged from ours;
+                // continuations go with their head.
+                if owner == 0 || layout::is_continuation(owner) || owner_table != table || live.contains(&id) {
+                    continue;
+                }
+                if net.cas(pool::desc_word(node.id, &geo, chunk, desc::OWNER), owner, self.shared.releasing())? != owner
+                {
                     continue; // changed meanwhile: not ours to release
                 }
-                pool::write_descriptors(net, node.id, &geo, chunk, &[(0, 0)])?;
-                bitmap.release(net, node.id, &geo, chunk, 1)?;
-                released += 1;
+                // A head (its class is written before its continuations are taken): the chunks
+                // after it that still name it.
+                let span =
+                    if class & layout::LARGE != 0 { (class & !layout::LARGE).min(geo.chunk_count - chunk) } else { 1 };
+                let mut rest: Vec<std::ops::Range<u64>> = Vec::new();
+                if span > 1 {
+                    let cont = layout::continuation(node.id.0, chunk);
+                    for (c, (o, _)) in (chunk + 1..).zip(read_descriptors(net, node.id, &geo, chunk + 1..chunk + span)?)
+                    {
+                        match rest.last_mut() {
+                            _ if o != cont => {}
+                            Some(run) if run.end == c => run.end += 1,
+                            _ => rest.push(c..c + 1),
+                        }
+                    }
+                }
+                bitmap.release(net, node.id, &geo, chunk, &rest)?;
+                released += 1 + rest.iter().map(|r| r.end - r.start).sum::<u64>();
             }
             first += count;
         }
@@ -332,6 +373,21 @@ impl<T: Transport> Allocator<T> {
     }
 }
 
+/// Refuses a block whose chunk's owner word says it is not a live allocation's start.
+fn check_owner(owner: u64, addr: GlobalAddr) -> Result<()> {
+    let invalid = |reason: &str| Err(AllocError::InvalidAddress { addr, reason: reason.to_owned() });
+    if owner == 0 {
+        return invalid("its chunk is free: never allocated, or already freed");
+    }
+    if layout::is_continuation(owner) {
+        return invalid("inside a large allocation, not at its start");
+    }
+    if layout::is_releasing(owner) {
+        return Err(AllocError::DoubleFree { addr }); // another free of it is under way
+    }
+    Ok(())
+}
+
 fn formatting_token() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     ((nanos ^ (std::process::id() as u64) << 32) & ((1 << 48) - 1)) | 1
@@ -365,6 +421,9 @@ impl Hasher for ChunkHasher {
 pub struct ClientSnapshot {
     taken: Instant,
     clients: Vec<pool::ClientSlot>,
+    /// Client ids up to this had been handed out when it was taken: a later one may not have
+    /// registered its slot yet, and is alive.
+    issued: u64,
 }
 
 impl ClientSnapshot {
@@ -637,9 +696,7 @@ impl<T: Transport> ThreadAlloc<T> {
         let inner = &mut *self.inner.borrow_mut();
         let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
         let mine = inner.owner;
-        if owner == 0 {
-            return Err(invalid("its chunk is free: never allocated, or already freed"));
-        }
+        check_owner(owner, addr)?;
         let span = match class {
             c if c & layout::LARGE != 0 && rel == 0 => c & !layout::LARGE,
             c if c & layout::LARGE != 0 || c == layout::CONTINUATION => {
@@ -650,11 +707,10 @@ impl<T: Transport> ThreadAlloc<T> {
         if owner == mine {
             return Ok(0);
         }
-        for c in chunk..chunk + span {
-            let old = inner.net.cas(pool::desc_word(addr.node(), &geo, c, desc::OWNER), owner, mine)?;
-            if old != owner && old != mine {
-                return Err(invalid("its owner changed while it was taken over (freed, or taken by another)"));
-            }
+        // The continuations of a large allocation name its first chunk, and follow it.
+        let old = inner.net.cas(pool::desc_word(addr.node(), &geo, chunk, desc::OWNER), owner, mine)?;
+        if old != owner && old != mine {
+            return Err(invalid("its owner changed while it was taken over (freed, or taken by another)"));
         }
         if class & layout::LARGE != 0 {
             let arena = &mut inner.nodes[idx];
@@ -694,9 +750,7 @@ impl<T: Transport> ThreadAlloc<T> {
         }
         // Someone else's block, or a large one: the descriptor says which.
         let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
-        if owner == 0 {
-            return Err(invalid("its chunk is free: never allocated, or already freed"));
-        }
+        check_owner(owner, addr)?;
         if class & layout::LARGE != 0 {
             if rel != 0 {
                 return Err(invalid("inside a large allocation, not at its start"));
@@ -716,7 +770,7 @@ impl<T: Transport> ThreadAlloc<T> {
         batch.read(head_addr, &mut head).read(mark_addr, &mut seen);
         batch.submit()?;
         inner.net.ops += 2;
-        let mark = layout::freed_mark(addr.to_raw());
+        let mark = layout::freed_mark(addr.to_raw(), owner);
         if u64::from_le_bytes(seen) == mark {
             return Err(AllocError::DoubleFree { addr });
         }
@@ -774,7 +828,7 @@ impl<T: Transport> ThreadAlloc<T> {
         }
     }
 
-    /// Usage of every node, read from the pool headers (one READ per node).
+    /// Usage of every node: its chunk bitmap, counted (one READ per node, a bit per chunk).
     pub fn usage(&self) -> Result<Vec<NodeUsage>> {
         let inner = &mut *self.inner.borrow_mut();
         self.shared.nodes.iter().map(|n| pool::usage(&mut inner.net, n.id, &n.geo)).collect()
@@ -829,7 +883,7 @@ impl<T: Transport> ThreadAlloc<T> {
             && arena.current[layout::class_index(class)].is_some_and(|c| arena.chunks[&c].has_free())
     }
 
-    /// The node with the smallest share of used chunks (one READ per node).
+    /// The node with the smallest share of used chunks (one bitmap READ per node).
     fn least_loaded(&self, inner: &mut Inner<T::Endpoint>) -> Result<usize> {
         let mut best = (f64::MAX, 0);
         for (i, n) in self.shared.nodes.iter().enumerate() {
@@ -894,11 +948,10 @@ impl<T: Transport> ThreadAlloc<T> {
                 if let Some(reason) = self.quota_left(inner, idx, 1) {
                     return Ok(Attempt::Full(reason));
                 }
-                let arena = &mut inner.nodes[idx];
-                let Some(chunk) = arena.bitmap.claim(&mut inner.net, node.id, &geo, 1)? else {
+                let (arena, owner) = (&mut inner.nodes[idx], inner.owner);
+                let Some(chunk) = arena.bitmap.claim(&mut inner.net, node.id, &geo, 1, owner, class)? else {
                     return Ok(Attempt::Full(format!("all {} chunks are in use", geo.chunk_count)));
                 };
-                pool::write_descriptors(&mut inner.net, node.id, &geo, chunk, &[(inner.owner, class)])?;
                 let arena = &mut inner.nodes[idx];
                 arena.chunks.insert(chunk, OwnedChunk::new(class, geo.chunk_size));
                 arena.held += 1;
@@ -920,20 +973,20 @@ impl<T: Transport> ThreadAlloc<T> {
         if let Some(reason) = self.quota_left(inner, idx, span) {
             return Ok(Attempt::Full(reason));
         }
-        let Some(first) = inner.nodes[idx].bitmap.claim(&mut inner.net, node.id, &geo, span)? else {
+        let owner = inner.owner;
+        let claimed =
+            inner.nodes[idx].bitmap.claim(&mut inner.net, node.id, &geo, span, owner, layout::LARGE | span)?;
+        let Some(first) = claimed else {
             return Ok(Attempt::Full(format!("no run of {span} free chunks")));
         };
-        let mut descs = vec![(inner.owner, layout::CONTINUATION); span as usize];
-        descs[0].1 = layout::LARGE | span;
-        pool::write_descriptors(&mut inner.net, node.id, &geo, first, &descs)?;
         let arena = &mut inner.nodes[idx];
         arena.large.insert(first, span);
         arena.held += span;
         Ok(Attempt::Done(at(node.id, geo.chunk_offset(first))))
     }
 
-    /// Frees a large allocation: CAS its owner to 0 (a second free fails that CAS), clear the
-    /// descriptors, release the chunks.
+    /// Frees a large allocation: CAS its owner word to this client's [`layout::releasing`] (a
+    /// second free fails that CAS), then release the chunks.
     fn free_large(
         &self,
         inner: &mut Inner<T::Endpoint>,
@@ -945,7 +998,7 @@ impl<T: Transport> ThreadAlloc<T> {
     ) -> Result<()> {
         let node = &self.shared.nodes[idx];
         let geo = node.geo;
-        let old = inner.net.cas(pool::desc_word(node.id, &geo, first, desc::OWNER), owner, 0)?;
+        let old = inner.net.cas(pool::desc_word(node.id, &geo, first, desc::OWNER), owner, self.shared.releasing())?;
         // Either way it is no longer ours to free.
         let arena = &mut inner.nodes[idx];
         if arena.large.remove(&first).is_some() {
@@ -954,9 +1007,8 @@ impl<T: Transport> ThreadAlloc<T> {
         if old != owner {
             return Err(AllocError::DoubleFree { addr });
         }
-        pool::write_descriptors(&mut inner.net, node.id, &geo, first, &vec![(0, 0); span as usize])?;
-        inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, first, span)?;
-        Ok(())
+        let rest = first + 1..first + span;
+        inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, first, std::slice::from_ref(&rest))
     }
 
     fn owner_of(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<u64> {
@@ -1052,12 +1104,11 @@ impl<T: Transport> ThreadAlloc<T> {
         }
     }
 
-    /// Returns an empty chunk to the pool: clear its descriptor, release its bit.
+    /// Returns an empty chunk to the pool: clear its bit, then its descriptor.
     fn release_chunk(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<()> {
         let node = &self.shared.nodes[idx];
         let geo = node.geo;
-        pool::write_descriptors(&mut inner.net, node.id, &geo, chunk, &[(0, 0)])?;
-        inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, chunk, 1)?;
+        inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, chunk, &[])?;
         let arena = &mut inner.nodes[idx];
         if let Some(owned) = arena.chunks.remove(&chunk) {
             let ci = layout::class_index(owned.block);

@@ -8,15 +8,19 @@
 //! desc_offset           one Descriptor (DESC_BYTES) per chunk: owner, class, remote free list
 //! data_offset           chunk_count chunks of chunk_size bytes, data_offset % chunk_size == 0
 //! ```
-//! Invariants: `data_offset + chunk_count * chunk_size <= pool_size`;
-//! `used_chunks == popcount(bitmap)` whenever no claim or release is half done (each claim sets
-//! its bits then adds to the counter, each release subtracts then clears).
+//! Invariants: `data_offset + chunk_count * chunk_size <= pool_size`; a chunk's bit is set only
+//! while its descriptor's owner word is not 0. The owner word is the truth: a client claims a
+//! chunk by CASing it from 0 *before* setting the bit, and releases it by clearing the bit
+//! *before* zeroing the word. So a client killed at any point of a claim or a release leaves a
+//! chunk whose owner names it (a dead client), which [`crate::Allocator::reclaim_dead_clients`]
+//! takes back, never a set bit nobody owns. Usage is the bitmap's population count.
 //! Every field is a little-endian u64 so it can be read, written and CASed as a word.
 
 /// "RDMPOOL1", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RDMPOOL1");
-/// Format version (2: the client table; 3: the named roots).
-pub const VERSION: u64 = 3;
+/// Format version (2: the client table; 3: the named roots; 4: chunks claimed by their owner
+/// word, continuation chunks naming their head, no usage counter).
+pub const VERSION: u64 = 4;
 /// Bytes reserved for the header at offset 0.
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of one chunk descriptor.
@@ -75,8 +79,7 @@ pub mod header {
     pub const DESCRIPTORS: u64 = 56;
     /// Offset of chunk 0.
     pub const DATA: u64 = 64;
-    /// Chunks claimed now (fetch-and-add).
-    pub const USED_CHUNKS: u64 = 72;
+    // Word 72 is unused (version 3 kept a usage counter there).
     /// The next client id to hand out (fetch-and-add, starts at 0: ids are this + 1).
     pub const NEXT_CLIENT: u64 = 80;
     /// Bytes of the geometry written in one WRITE: MAGIC..=DATA.
@@ -90,9 +93,14 @@ pub const STATE_READY: u64 = 2;
 
 /// Descriptor word offsets (from the descriptor's start).
 pub mod desc {
-    /// Owner ([`super::owner`]): the node of the owner's client table << 48 | client id << 16 |
-    /// arena id; 0 when the chunk is free. Large allocations release
-    /// by CASing it to 0, which is how a second free of the same block is caught.
+    /// Who holds the chunk; 0 when it is free. Claimed by CAS from 0. One of:
+    /// - [`super::owner`] (the node of the owner's client table << 48 | client id << 16 |
+    ///   arena id, arena >= 1): a small chunk, or the first chunk of a large allocation;
+    /// - [`super::releasing`] (arena 0): the chunk is being released by that client. Freeing a
+    ///   large allocation starts with a CAS from its owner to this, which is how a second free
+    ///   of the same block is caught;
+    /// - [`super::continuation`]: a later chunk of the large allocation whose first chunk is
+    ///   named; it is claimed and released with that one.
     pub const OWNER: u64 = 0;
     /// The block size for small chunks; [`super::LARGE`] | span for the first chunk of a large
     /// allocation; [`super::CONTINUATION`] for its other chunks.
@@ -103,30 +111,61 @@ pub mod desc {
 }
 
 /// A block on a remote free list: word 0 is the next block's raw address (0 ends the list),
-/// word 1 is [`freed_mark`] of the block's address, so that a second remote free of the same
-/// block is caught at once (blocks are at least [`MIN_BLOCK`] = 16 bytes). The owner clears
-/// word 1 when it takes the block back, before handing the block out again.
+/// word 1 is [`freed_mark`] of the block's address and its chunk's owner word, so that a
+/// second remote free of the same block is caught at once (blocks are at least
+/// [`MIN_BLOCK`] = 16 bytes). The owner clears word 1 when it takes the block back, before
+/// handing the block out again. A block left on the list of a dead client's chunk keeps its
+/// mark, but the chunk's next owner has another owner word, so the mark no longer matches.
 pub const FREED_MAGIC: u64 = u64::from_le_bytes(*b"RDMFREED");
 
-/// Word 1 of `block` (a raw `GlobalAddr`) while it is on a remote free list.
-pub fn freed_mark(block: u64) -> u64 {
-    FREED_MAGIC ^ block
+/// Word 1 of `block` (a raw `GlobalAddr`) while it is on the remote free list of its chunk,
+/// whose owner word is `owner`.
+pub fn freed_mark(block: u64, owner: u64) -> u64 {
+    FREED_MAGIC ^ block ^ owner.rotate_left(17)
 }
 
-/// The owner word of chunks claimed by `arena` of client `client` (below 2^32), whose slot is
-/// in the client table of node `table` (the first node of its cluster).
+/// Client ids are at most this (bit 47 of an owner word marks a continuation).
+pub const MAX_CLIENT_ID: u64 = (1 << 31) - 1;
+
+/// Bit 47 of an owner word: [`continuation`].
+const CONTINUATION_OWNER: u64 = 1 << 47;
+
+/// The owner word of chunks claimed by `arena` (at least 1) of client `client` (at most
+/// [`MAX_CLIENT_ID`]), whose slot is in the client table of node `table` (the first node of
+/// its cluster).
 pub fn owner(table: u16, client: u64, arena: u16) -> u64 {
-    (table as u64) << 48 | (client & 0xffff_ffff) << 16 | arena as u64
+    (table as u64) << 48 | (client & MAX_CLIENT_ID) << 16 | arena as u64
 }
 
-/// The client table node and client id of an owner word.
+/// The owner word a client puts on a chunk it is releasing (arena 0 of its owner words): if it
+/// dies before the release is done, the chunk is a dead client's and is reclaimed.
+pub fn releasing(table: u16, client: u64) -> u64 {
+    owner(table, client, 0)
+}
+
+/// True for a [`releasing`] owner word.
+pub fn is_releasing(owner: u64) -> bool {
+    owner != 0 && !is_continuation(owner) && owner & 0xffff == 0
+}
+
+/// The owner word of a later chunk of the large allocation whose first chunk is `head`.
+pub fn continuation(table: u16, head: u64) -> u64 {
+    (table as u64) << 48 | CONTINUATION_OWNER | (head & (CONTINUATION_OWNER - 1))
+}
+
+/// True for a [`continuation`] owner word.
+pub fn is_continuation(owner: u64) -> bool {
+    owner & CONTINUATION_OWNER != 0
+}
+
+/// The client table node and client id of an owner word ([`owner`] or [`releasing`]).
 pub fn owner_client(owner: u64) -> (u16, u64) {
-    ((owner >> 48) as u16, (owner >> 16) & 0xffff_ffff)
+    ((owner >> 48) as u16, (owner >> 16) & MAX_CLIENT_ID)
 }
 
 /// Class flag: first chunk of a large allocation; the low bits hold the span in chunks.
 pub const LARGE: u64 = 1 << 63;
-/// Class value: a later chunk of a large allocation.
+/// Class value: a later chunk of a large allocation (its owner word is a [`continuation`]).
 pub const CONTINUATION: u64 = 1 << 62;
 
 /// Where everything lives in a formatted pool.
@@ -223,6 +262,18 @@ pub fn class_index(class: u64) -> usize {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn owner_words_of_each_kind_tell_themselves_apart() {
+        let (mine, releasing, cont) =
+            (owner(3, MAX_CLIENT_ID, 1), releasing(3, MAX_CLIENT_ID), continuation(3, 1 << 40));
+        assert_eq!(owner_client(mine), (3, MAX_CLIENT_ID));
+        assert_eq!(owner_client(releasing), (3, MAX_CLIENT_ID));
+        assert!(!is_releasing(mine) && !is_continuation(mine));
+        assert!(is_releasing(releasing) && !is_continuation(releasing));
+        assert!(is_continuation(cont) && !is_releasing(cont) && !is_releasing(0));
+        assert_ne!(freed_mark(64, mine), freed_mark(64, owner(3, 7, 1)), "another owner, another mark");
+    }
 
     proptest! {
         #[test]

@@ -22,18 +22,24 @@
 //! ```
 //!
 //! # Model
-//! - Level 1, on the pool ([`layout`]): a header, a bitmap of fixed-size chunks claimed and
-//!   released with remote CAS, and a descriptor per chunk (owner, size class, remote free list).
+//! - Level 1, on the pool ([`layout`]): a header, a bitmap of fixed-size chunks, and a
+//!   descriptor per chunk (owner, size class, remote free list). A chunk is claimed by a CAS
+//!   of its descriptor's owner word from 0, and only then is its bit set; it is released by
+//!   clearing its bit, then its descriptor. So a client killed at any step leaves every chunk
+//!   it touched naming it, and reclaiming it (below) loses nothing. Usage is the bitmap's
+//!   count of set bits.
 //! - Level 2, per thread ([`ThreadAlloc`]): each size class (powers of two from 16 bytes to half
 //!   a chunk) carves blocks from a chunk the thread owns, mimalloc-style: allocating and freeing
-//!   its own blocks costs no network operation; a refill claims a chunk with one CAS (plus
-//!   writing its descriptor and bumping the usage counter). Blocks are aligned to their class,
-//!   so alignments up to the chunk size hold. Larger requests take contiguous chunks.
+//!   its own blocks costs no network operation; a refill claims a chunk in two round trips
+//!   (the owner word's CAS, then its bit's CAS with the descriptor's WRITE). Blocks are
+//!   aligned to their class, so alignments up to the chunk size hold. Larger requests take
+//!   contiguous chunks: the first one's owner word, then the others' in one doorbell, each
+//!   naming the first.
 //! - Frees of blocks another thread or client owns go on that chunk's remote free list (a
 //!   lock-free stack in the descriptor); the owner takes the list back when it runs short and on
 //!   [`ThreadAlloc::flush`].
-//! - Several memory nodes: [`Placement`] (round-robin, least-loaded by the pools' usage
-//!   counters, or one node) and [`Mode`]: stealing from other nodes when one is full, or strict,
+//! - Several memory nodes: [`Placement`] (round-robin, least-loaded by the pools' bitmaps,
+//!   or one node) and [`Mode`]: stealing from other nodes when one is full, or strict,
 //!   with an optional per-arena quota per node, failing with `OutOfMemory` naming the node.
 //!
 //! # Errors, not corruption
@@ -63,8 +69,9 @@
 //! ([`AllocatorOptions::lease`], [`DEFAULT_CLIENT_LEASE`]); a client that exits cleanly frees
 //! its slot. [`Allocator::reclaim_dead_clients`] (or `rdmem-pools reclaim`) takes back the
 //! chunks of dead clients: those holding no slot, and those whose heartbeat has not moved for
-//! two of their leases (their slot is freed too). Each chunk is released by a CAS on its owner
-//! word, so a racing reclaimer or free loses harmlessly. Everything a dead client allocated is
+//! two of their leases (their slot is freed too). Each chunk is taken by a CAS on its owner
+//! word, so a racing reclaimer or free loses harmlessly; a reclaimer killed half-way leaves
+//! the chunks it was releasing naming it, a dead client, for the next one. Everything a dead client allocated is
 //! freed, even blocks others still use; a client stalled for two leases is taken for dead.
 #![forbid(unsafe_code)]
 

@@ -11,6 +11,7 @@
 //! the value with the chunk's bit set. A stale cache costs one failed CAS, which returns the
 //! current word, so a claim is one atomic when the cache is right and two when it is not.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, NodeInfo};
@@ -160,7 +161,7 @@ pub(crate) fn read_geometry<E: Endpoint>(net: &mut Net<E>, node: NodeInfo) -> Re
     Ok(geo)
 }
 
-/// Usage of one node's pool, read from its header.
+/// Usage of one node's pool: its chunks, and how many are claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeUsage {
     /// The node.
@@ -169,7 +170,7 @@ pub struct NodeUsage {
     pub chunk_size: u64,
     /// Chunks in the pool.
     pub chunks_total: u64,
-    /// Chunks claimed by clients.
+    /// Chunks claimed by clients: the bits set in the pool's bitmap.
     pub chunks_used: u64,
 }
 
@@ -185,17 +186,20 @@ impl NodeUsage {
     }
 }
 
-/// Reads the usage counter of a node (one READ).
+/// Reads a node's usage: its bitmap, counted (one READ of a bit per chunk).
 pub(crate) fn usage<E: Endpoint>(net: &mut Net<E>, node: NodeId, geo: &Geometry) -> Result<NodeUsage> {
-    let used = net.read_u64(at(node, header::USED_CHUNKS))?;
+    let mut bitmap = Bitmap::new(geo, 0);
+    bitmap.refresh(net, node, geo)?;
+    let used = bitmap.words.iter().map(|w| w.count_ones() as u64).sum();
     Ok(NodeUsage { node, chunk_size: geo.chunk_size, chunks_total: geo.chunk_count, chunks_used: used })
 }
 
-/// A client's view of one node's chunk bitmap (a cache; the pool's copy is the truth).
+/// A client's view of one node's chunk bitmap (a cache; the pool's descriptors are the truth).
 pub(crate) struct Bitmap {
     words: Vec<u64>,
     /// Where the next search starts, so clients spread over the pool.
     cursor: usize,
+    /// No chunk was released since the last refresh: a run missing here is missing there.
     fresh: bool,
 }
 
@@ -205,54 +209,88 @@ impl Bitmap {
         Bitmap { words: vec![0; words], cursor: start % words.max(1), fresh: false }
     }
 
+    /// True when chunk `chunk`'s bit is set in the cache.
+    pub(crate) fn is_set(&self, chunk: u64) -> bool {
+        self.words[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+    }
+
     /// Bits past the last chunk count as claimed.
     fn padding(geo: &Geometry, word: usize) -> u64 {
         let valid = geo.chunk_count - (word as u64) * 64;
         if valid >= 64 { 0 } else { !0u64 << valid }
     }
 
-    /// Claims `span` contiguous chunks; `Ok(None)` when the pool has no such run.
+    /// Claims `span` contiguous chunks for `owner` ([`layout::owner`]), the first with `class`
+    /// in its descriptor and the others as its continuations; `Ok(None)` when the pool has no
+    /// such run. Each chunk is taken by a CAS of its owner word from 0, and only then is its
+    /// bit set (see [`layout`]).
     pub(crate) fn claim<E: Endpoint>(
         &mut self,
         net: &mut Net<E>,
         node: NodeId,
         geo: &Geometry,
         span: u64,
+        owner: u64,
+        class: u64,
     ) -> Result<Option<u64>> {
         loop {
-            match self.find_run(geo, span) {
-                Some(first) => {
-                    if self.try_set(net, node, geo, first, span)? {
-                        net.faa(at(node, header::USED_CHUNKS), span)?;
-                        self.cursor = ((first + span) / 64) as usize % self.words.len();
-                        return Ok(Some(first));
-                    }
-                    // The cache was stale; try_set refreshed the words it touched.
+            let Some(first) = self.find_run(geo, span) else {
+                if self.fresh {
+                    return Ok(None);
                 }
-                None if self.fresh => return Ok(None),
-                None => self.refresh(net, node, geo)?,
+                self.refresh(net, node, geo)?;
+                continue;
+            };
+            if let Err(busy) = take_owner_words(net, node, geo, first, span, owner, class)? {
+                // Held by another client (being claimed, or released, or dead): skip it.
+                self.words[(busy / 64) as usize] |= 1 << (busy % 64);
+                continue;
             }
+            // The descriptors (the first one's for a single chunk, else the continuations')
+            // go in the same doorbell as the bits.
+            let descs: Vec<u8> = if span == 1 {
+                descriptor(owner, class).to_vec()
+            } else {
+                (1..span).flat_map(|_| descriptor(layout::continuation(node.0, first), layout::CONTINUATION)).collect()
+            };
+            let at_desc = at(node, geo.desc_offset_of(if span == 1 { first } else { first + 1 }));
+            self.update_bits(net, node, geo, first..first + span, true, Some((at_desc, &descs)))?;
+            self.cursor = ((first + span) / 64) as usize % self.words.len();
+            return Ok(Some(first));
         }
     }
 
-    /// Releases `span` chunks from `first` (their bits must be set).
+    /// Releases chunk `head` and the chunks in `rest`, whose owner words the caller holds: clears
+    /// their bits, then zeroes the descriptors in `rest`, then `head`'s, so that a release cut
+    /// short leaves chunks that name a dead client or their head.
     pub(crate) fn release<E: Endpoint>(
         &mut self,
         net: &mut Net<E>,
         node: NodeId,
         geo: &Geometry,
-        first: u64,
-        span: u64,
+        head: u64,
+        rest: &[Range<u64>],
     ) -> Result<()> {
-        net.faa(at(node, header::USED_CHUNKS), span.wrapping_neg())?;
-        for (word, mask) in word_masks(first, span) {
-            self.clear_bits(net, node, geo, word, mask)?;
+        self.update_bits(net, node, geo, head..head + 1, false, None)?;
+        for run in rest {
+            self.update_bits(net, node, geo, run.clone(), false, None)?;
         }
+        let zeros: Vec<Vec<u8>> =
+            rest.iter().map(|run| vec![0u8; ((run.end - run.start) * layout::DESC_BYTES) as usize]).collect();
+        let head_zeros = [0u8; layout::DESC_BYTES as usize];
+        let mut batch = net.ep.batch();
+        for (run, zeros) in rest.iter().zip(&zeros) {
+            batch.write(at(node, geo.desc_offset_of(run.start)), zeros);
+        }
+        batch.write(at(node, geo.desc_offset_of(head)), &head_zeros);
+        let ops = batch.len() as u64;
+        batch.submit()?;
+        net.ops += ops;
         self.fresh = false;
         Ok(())
     }
 
-    fn refresh<E: Endpoint>(&mut self, net: &mut Net<E>, node: NodeId, geo: &Geometry) -> Result<()> {
+    pub(crate) fn refresh<E: Endpoint>(&mut self, net: &mut Net<E>, node: NodeId, geo: &Geometry) -> Result<()> {
         let mut raw = vec![0u8; self.words.len() * 8];
         net.read(at(node, geo.bitmap_offset), &mut raw)?;
         for (w, bytes) in self.words.iter_mut().zip(raw.chunks(8)) {
@@ -285,63 +323,98 @@ impl Bitmap {
         search(start, n).or_else(|| search(0, (start + span).min(n)))
     }
 
-    /// CASes the run's bits on, word by word; undoes its own on a conflict. True on success.
-    fn try_set<E: Endpoint>(
+    /// Sets (or clears) the bits of `chunks`, whose owner words the caller holds, so no other
+    /// client changes those bits: a CAS per word from the cached value, one doorbell for the
+    /// first try of every word (with `with`, a WRITE, in front), then again from what a stale
+    /// word held. A bit already as asked is left so (a restored fuzzy snapshot can hold one).
+    fn update_bits<E: Endpoint>(
         &mut self,
         net: &mut Net<E>,
         node: NodeId,
         geo: &Geometry,
-        first: u64,
-        span: u64,
-    ) -> Result<bool> {
-        let mut done: Vec<(usize, u64)> = Vec::new();
-        for (word, mask) in word_masks(first, span) {
-            let addr = at(node, geo.bitmap_offset + word as u64 * 8);
-            let expected = self.words[word];
-            let old = net.cas(addr, expected, expected | mask)?;
-            if old != expected {
-                self.words[word] = old;
-                self.fresh = false;
-                for (w, m) in done {
-                    self.clear_bits(net, node, geo, w, m)?;
-                }
-                return Ok(false);
-            }
-            self.words[word] = expected | mask;
-            done.push((word, mask));
-        }
-        Ok(true)
-    }
-
-    /// Clears `mask` in bitmap word `word` with CAS (no counter change). The bits must be set:
-    /// finding one clear means the chunks were released twice.
-    fn clear_bits<E: Endpoint>(
-        &mut self,
-        net: &mut Net<E>,
-        node: NodeId,
-        geo: &Geometry,
-        word: usize,
-        mask: u64,
+        chunks: Range<u64>,
+        set: bool,
+        with: Option<(GlobalAddr, &[u8])>,
     ) -> Result<()> {
-        let addr = at(node, geo.bitmap_offset + word as u64 * 8);
-        let mut expected = self.words[word] | mask;
-        loop {
-            let old = net.cas(addr, expected, expected & !mask)?;
-            if old == expected {
-                self.words[word] = expected & !mask;
-                return Ok(());
-            }
-            if old & mask != mask {
-                return Err(AllocError::BadPool {
-                    node,
-                    reason: format!(
-                        "bitmap word {word} is {old:#x}: bits {mask:#x} were already clear (chunks released twice)"
-                    ),
-                });
-            }
-            expected = old;
+        let change = |word: u64, mask: u64| if set { word | mask } else { word & !mask };
+        let words: Vec<(usize, u64)> = word_masks(chunks.start, chunks.end - chunks.start).collect();
+        let mut olds = vec![0u64; words.len()];
+        let mut batch = net.ep.batch();
+        if let Some((addr, bytes)) = with {
+            batch.write(addr, bytes);
         }
+        for (&(word, mask), old) in words.iter().zip(olds.iter_mut()) {
+            let expected = self.words[word];
+            batch.cas(at(node, geo.bitmap_offset + word as u64 * 8), expected, change(expected, mask), old);
+        }
+        let ops = batch.len() as u64;
+        batch.submit()?;
+        net.ops += ops;
+        for (&(word, mask), &old) in words.iter().zip(&olds) {
+            let mut expected = self.words[word];
+            let mut old = old;
+            while old != expected {
+                expected = old;
+                if change(old, mask) == old {
+                    break;
+                }
+                old = net.cas(at(node, geo.bitmap_offset + word as u64 * 8), expected, change(expected, mask))?;
+            }
+            self.words[word] = change(expected, mask);
+        }
+        Ok(())
     }
+}
+
+/// A descriptor as written: owner, class, an empty remote free list.
+fn descriptor(owner: u64, class: u64) -> [u8; layout::DESC_BYTES as usize] {
+    let mut d = [0u8; layout::DESC_BYTES as usize];
+    d[..8].copy_from_slice(&owner.to_le_bytes());
+    d[8..16].copy_from_slice(&class.to_le_bytes());
+    d
+}
+
+/// Takes the owner words of `first..first + span` from 0: the first one's for `owner` (with
+/// its class written, for a run, before the rest are taken, so a client dying next leaves a
+/// head whose continuations can be found), the others as its continuations, in one doorbell.
+/// `Err(chunk)` names a chunk somebody else holds; what was taken is given back.
+fn take_owner_words<E: Endpoint>(
+    net: &mut Net<E>,
+    node: NodeId,
+    geo: &Geometry,
+    first: u64,
+    span: u64,
+    owner: u64,
+    class: u64,
+) -> Result<std::result::Result<(), u64>> {
+    if net.cas(desc_word(node, geo, first, desc::OWNER), 0, owner)? != 0 {
+        return Ok(Err(first));
+    }
+    if span == 1 {
+        return Ok(Ok(()));
+    }
+    let cont = layout::continuation(node.0, first);
+    let head = descriptor(owner, class);
+    let mut olds = vec![0u64; span as usize - 1];
+    let mut batch = net.ep.batch();
+    batch.write(at(node, geo.desc_offset_of(first)), &head);
+    for (c, old) in (first + 1..first + span).zip(olds.iter_mut()) {
+        batch.cas(desc_word(node, geo, c, desc::OWNER), 0, cont, old);
+    }
+    batch.submit()?;
+    net.ops += span;
+    let Some(busy) = olds.iter().position(|&o| o != 0) else { return Ok(Ok(())) };
+    let mut ignored = vec![0u64; span as usize - 1];
+    let mut undo = net.ep.batch();
+    for ((c, _), ignored) in (first + 1..first + span).zip(&olds).filter(|(_, o)| **o == 0).zip(ignored.iter_mut()) {
+        undo.cas(desc_word(node, geo, c, desc::OWNER), cont, 0, ignored);
+    }
+    let zeros = [0u8; layout::DESC_BYTES as usize];
+    undo.write(at(node, geo.desc_offset_of(first)), &zeros);
+    let ops = undo.len() as u64;
+    undo.submit()?;
+    net.ops += ops;
+    Ok(Err(first + 1 + busy as u64))
 }
 
 /// The bitmap words and masks covering chunks `first..first + span`.
@@ -419,26 +492,22 @@ pub(crate) fn register_client<E: Endpoint>(net: &mut Net<E>, node: NodeId, id: u
     })
 }
 
-/// Writes a chunk descriptor: owner and class, with an empty remote free list.
-pub(crate) fn write_descriptors<E: Endpoint>(
-    net: &mut Net<E>,
-    node: NodeId,
-    geo: &Geometry,
-    first: u64,
-    descs: &[(u64, u64)],
-) -> Result<()> {
-    let mut raw = vec![0u8; descs.len() * layout::DESC_BYTES as usize];
-    for (i, (owner, class)) in descs.iter().enumerate() {
-        let d = &mut raw[i * layout::DESC_BYTES as usize..];
-        d[..8].copy_from_slice(&owner.to_le_bytes());
-        d[8..16].copy_from_slice(&class.to_le_bytes());
-    }
-    net.write(at(node, geo.desc_offset_of(first)), &raw)
-}
-
 /// The address of a descriptor word.
 pub(crate) fn desc_word(node: NodeId, geo: &Geometry, chunk: u64, word: u64) -> GlobalAddr {
     at(node, geo.desc_offset_of(chunk) + word)
+}
+
+/// Reads the owner and class of chunks `chunks` (one READ).
+pub(crate) fn read_descriptors<E: Endpoint>(
+    net: &mut Net<E>,
+    node: NodeId,
+    geo: &Geometry,
+    chunks: Range<u64>,
+) -> Result<Vec<(u64, u64)>> {
+    let mut raw = vec![0u8; ((chunks.end - chunks.start) * layout::DESC_BYTES) as usize];
+    net.read(at(node, geo.desc_offset_of(chunks.start)), &mut raw)?;
+    let word = |d: &[u8], w: u64| u64::from_le_bytes(d[w as usize..w as usize + 8].try_into().expect("8 bytes"));
+    Ok(raw.chunks(layout::DESC_BYTES as usize).map(|d| (word(d, desc::OWNER), word(d, desc::CLASS))).collect())
 }
 
 /// Reads a chunk's owner and class (one READ).

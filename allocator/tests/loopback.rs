@@ -267,3 +267,211 @@ fn fixed_limits_and_bad_options_have_their_own_errors() {
     // And it stays so: ids never wrap round to ones in use.
     assert!(matches!(allocator.thread(), Err(AllocError::Limit { .. })));
 }
+
+/// What a killed client was in the middle of: claiming a run of chunks, a single large chunk
+/// and small chunks of two classes, freeing the run, emptying a small chunk (released), a
+/// remote free of its block by a live client, a flush that takes it back, a large free.
+fn workload_to_kill(
+    victim: &rdmem_allocator::ThreadAlloc<LoopbackTransport>,
+    live: &rdmem_allocator::ThreadAlloc<LoopbackTransport>,
+) -> rdmem_allocator::Result<()> {
+    let run = victim.alloc(layout(3 * CHUNK as usize - 100, 8))?;
+    let one = victim.alloc(layout(CHUNK as usize, 8))?;
+    let blocks = (0..6).map(|_| victim.alloc(layout(16 << 10, 8))).collect::<rdmem_allocator::Result<Vec<_>>>()?;
+    let small = victim.alloc(layout(100, 8))?;
+    victim.free(run)?;
+    for &b in &blocks[..4] {
+        victim.free(b)?; // the first 16 KiB chunk is empty and not current: released
+    }
+    live.free(small).expect("the live client's remote free");
+    victim.flush()?;
+    victim.free(one)?;
+    Ok(())
+}
+
+/// Every chunk of both nodes can be claimed again (one chunk-sized block each), and is given
+/// back.
+fn assert_every_chunk_claimable(allocator: &Allocator<LoopbackTransport>) {
+    let thread = allocator.thread().unwrap();
+    let total: u64 = thread.usage().unwrap().iter().map(|u| u.chunks_total - u.chunks_used).sum();
+    let mut taken = Vec::new();
+    while let Ok(addr) = thread.alloc(layout(CHUNK as usize, 8)) {
+        taken.push(addr);
+    }
+    assert_eq!(taken.len() as u64, total, "every free chunk can be claimed");
+    for addr in taken {
+        thread.free(addr).unwrap();
+    }
+}
+
+/// A client killed at each network operation of [`workload_to_kill`] in turn leaks nothing:
+/// once it is reclaimed, usage is where it started and every chunk can be claimed again.
+/// (Format version 3 set a chunk's bit, then bumped a counter, then wrote the owner: a client
+/// killed in between left a chunk nobody could reclaim.)
+#[test]
+fn a_client_killed_at_any_operation_leaks_nothing() {
+    let transport = two_nodes(4 << 20);
+    let quick = AllocatorOptions {
+        lease: std::time::Duration::from_millis(8),
+        ..options(Placement::RoundRobin, Mode::Stealing)
+    };
+    let reclaimer = Allocator::new(Arc::clone(&transport), quick).unwrap();
+    let live = reclaimer.thread().unwrap();
+    let before = live.usage().unwrap();
+    let mut kill_at = 0;
+    loop {
+        let (process, kill) = transport.process();
+        let victim = Allocator::new(Arc::new(process), quick).unwrap();
+        let thread = victim.thread().unwrap();
+        victim.stop_heartbeat(); // its beats would spend the operations counted here
+        kill.after(kill_at);
+        let finished = workload_to_kill(&thread, &live).is_ok();
+        kill.now();
+        drop((thread, victim)); // as a killed process: nothing it does now takes effect
+        let done = reclaimer.reclaim_dead_clients_now().unwrap();
+        assert_eq!(done.clients.len(), 1, "killed after {kill_at} operations: {done:?}");
+        assert_eq!(live.usage().unwrap(), before, "killed after {kill_at} operations: {done:?}");
+        if finished {
+            break;
+        }
+        kill_at += 1;
+    }
+    assert!(kill_at > 20, "the workload ran to its end after {kill_at} operations");
+    assert_every_chunk_claimable(&reclaimer);
+}
+
+/// A reclaimer killed at each operation of its reclaim leaks nothing either: the next
+/// reclaimer finishes its work (chunks it was releasing name it, and it is dead too).
+#[test]
+fn a_reclaimer_killed_at_any_operation_leaks_nothing() {
+    let transport = two_nodes(4 << 20);
+    let quick = AllocatorOptions {
+        lease: std::time::Duration::from_millis(8),
+        ..options(Placement::RoundRobin, Mode::Stealing)
+    };
+    let reclaimer = Allocator::new(Arc::clone(&transport), quick).unwrap();
+    let before = reclaimer.thread().unwrap().usage().unwrap();
+    let mut kill_at = 0;
+    loop {
+        // A dead client holding a run, a large chunk and small chunks on both nodes.
+        let dead = Allocator::new(Arc::clone(&transport), quick).unwrap();
+        let thread = dead.thread().unwrap();
+        for size in [3 * CHUNK as usize - 100, CHUNK as usize, 100, 16 << 10, 3 * CHUNK as usize, 200] {
+            thread.alloc(layout(size, 8)).unwrap();
+        }
+        dead.stop_heartbeat();
+        std::mem::forget((thread, dead));
+        let (process, kill) = transport.process();
+        let first = Allocator::new(Arc::new(process), quick).unwrap();
+        first.stop_heartbeat();
+        kill.after(kill_at);
+        let finished = first.reclaim_dead_clients_now().is_ok();
+        kill.now();
+        drop(first);
+        let done = reclaimer.reclaim_dead_clients_now().unwrap();
+        assert_eq!(reclaimer.thread().unwrap().usage().unwrap(), before, "killed after {kill_at} operations: {done:?}");
+        if finished {
+            break;
+        }
+        kill_at += 1;
+    }
+    assert!(kill_at > 10, "the reclaim ran to its end after {kill_at} operations");
+    assert_every_chunk_claimable(&reclaimer);
+}
+
+/// A chunk whose bit is set with no owner (no client leaves one, but a fuzzy snapshot taken
+/// while a chunk was released can restore one) is released by the next reclaim.
+#[test]
+fn a_chunk_claimed_by_nobody_is_reclaimed() {
+    let transport = two_nodes(4 << 20);
+    let allocator = Allocator::new(Arc::clone(&transport), options(Placement::RoundRobin, Mode::Stealing)).unwrap();
+    let thread = allocator.thread().unwrap();
+    let before = thread.usage().unwrap();
+    let geo = rdmem_allocator::layout::Geometry::plan(4 << 20, CHUNK).unwrap();
+    let word = rdmem_core::GlobalAddr::new(NodeId(0), geo.bitmap_offset).unwrap();
+    thread.with_endpoint(|ep| rdmem_core::Endpoint::faa(ep, word, 1 << 5)).unwrap();
+    assert_eq!(thread.usage().unwrap()[0].chunks_used, before[0].chunks_used + 1);
+    let done = allocator.reclaim_dead_clients_now().unwrap();
+    assert_eq!(done.chunks, vec![(NodeId(0), 1)], "{done:?}");
+    assert_eq!(thread.usage().unwrap(), before);
+    assert_every_chunk_claimable(&allocator);
+}
+
+/// Three client processes racing a live one for chunks of two nodes (small blocks, runs of
+/// chunks, frees of each other's blocks), each killed after a different number of its
+/// operations, 20 times over: after the reclaim, usage is where it started and every chunk
+/// can be claimed.
+#[test]
+fn clients_killed_while_racing_for_chunks_leak_nothing() {
+    let transport = two_nodes(16 << 20);
+    let quick = AllocatorOptions {
+        lease: std::time::Duration::from_millis(8),
+        ..options(Placement::RoundRobin, Mode::Stealing)
+    };
+    let reclaimer = Allocator::new(Arc::clone(&transport), quick).unwrap();
+    let before = reclaimer.thread().unwrap().usage().unwrap();
+    // The victims' live blocks, freed by another victim or by the live client.
+    let handed: Arc<Mutex<Vec<rdmem_core::GlobalAddr>>> = Arc::default();
+    for round in 0..20u64 {
+        let victims: Vec<_> = (0..3u64)
+            .map(|v| {
+                let (process, kill) = transport.process();
+                let allocator = Allocator::new(Arc::new(process), quick).unwrap();
+                allocator.stop_heartbeat();
+                kill.after(40 + (round * 37 + v * 101) % 300);
+                let handed = Arc::clone(&handed);
+                std::thread::spawn(move || {
+                    let thread = allocator.thread().unwrap();
+                    let mut rng = round * 3 + v + 1;
+                    let mut mine = Vec::new();
+                    for _ in 0..2000 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let done = match rng % 8 {
+                            0 => thread.alloc(layout(2 * CHUNK as usize + 1, 8)).map(|a| mine.push(a)),
+                            1..=4 => thread.alloc(layout(1 << (4 + rng % 11), 8)).map(|a| mine.push(a)),
+                            5 => handed.lock().unwrap().pop().map_or(Ok(()), |a| thread.free(a)),
+                            6 if !mine.is_empty() => {
+                                handed.lock().unwrap().push(mine.swap_remove(rng as usize % mine.len()));
+                                Ok(())
+                            }
+                            _ => mine.pop().map_or(Ok(()), |a| thread.free(a)),
+                        };
+                        if let Err(e) = done {
+                            assert!(kill.fired(), "only the kill stops a victim: {e}");
+                            break;
+                        }
+                    }
+                    kill.now();
+                })
+            })
+            .collect();
+        let thread = reclaimer.thread().unwrap();
+        let mut kept = Vec::new();
+        for i in 0..200 {
+            let a = thread.alloc(layout(if i % 5 == 0 { 3 * CHUNK as usize } else { 700 }, 8)).unwrap();
+            if i % 3 == 1 {
+                kept.push(a);
+            } else {
+                thread.free(a).unwrap();
+            }
+            if let Some(b) = handed.lock().unwrap().pop() {
+                thread.free(b).unwrap(); // a victim's block: dead or alive, not yet reclaimed
+            }
+        }
+        for v in victims {
+            v.join().unwrap();
+        }
+        for a in kept {
+            thread.free(a).unwrap();
+        }
+        thread.flush().unwrap();
+        drop(thread);
+        handed.lock().unwrap().clear(); // freed with their dead owners
+        let done = reclaimer.reclaim_dead_clients_now().unwrap();
+        assert_eq!(done.clients.len(), 3, "round {round}: {done:?}");
+        assert_eq!(reclaimer.thread().unwrap().usage().unwrap(), before, "round {round}: {done:?}");
+    }
+    assert_every_chunk_claimable(&reclaimer);
+}

@@ -67,6 +67,46 @@ struct Shared {
 #[derive(Clone)]
 pub struct LoopbackTransport {
     shared: Arc<Shared>,
+    /// Set on the handles made by [`LoopbackTransport::process`].
+    life: Option<KillSwitch>,
+}
+
+/// Kills a [`LoopbackTransport::process`] handle at a chosen point, as `kill -9` does a
+/// client process: once armed, the handle's endpoints execute that many more operations, and
+/// every operation after those fails with [`Error::Injected`] without taking effect (a
+/// batch is cut between two of its operations). The pools, and every other handle's
+/// endpoints, go on. Clones share the switch.
+#[derive(Clone, Debug)]
+pub struct KillSwitch(Arc<AtomicU64>);
+
+impl KillSwitch {
+    const UNARMED: u64 = u64::MAX;
+
+    /// Lets `ops` more operations through, then kills (0: kills at once).
+    pub fn after(&self, ops: u64) {
+        self.0.store(ops.min(Self::UNARMED - 1), Ordering::SeqCst);
+    }
+
+    /// Kills at once.
+    pub fn now(&self) {
+        self.after(0);
+    }
+
+    /// True once an operation was refused.
+    pub fn fired(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == 0
+    }
+
+    /// Takes one operation's life; false when the process is dead.
+    fn spend(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+                0 => None,
+                Self::UNARMED => Some(left),
+                _ => Some(left - 1),
+            })
+            .is_ok()
+    }
 }
 
 impl LoopbackTransport {
@@ -93,7 +133,15 @@ impl LoopbackTransport {
             .collect();
         let nodes: Vec<NodeInfo> = pools.iter().map(|p| p.info).collect();
         let snapshots = Mutex::new(vec![Snapshots::new(); nodes.len()]);
-        Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0), snapshots }) }
+        Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0), snapshots }), life: None }
+    }
+
+    /// Another handle on the same pools, standing for a separate client process that a test
+    /// can kill at any operation with the returned switch (unarmed until
+    /// [`KillSwitch::after`]). Endpoints opened from it, by any thread, share its fate.
+    pub fn process(&self) -> (LoopbackTransport, KillSwitch) {
+        let switch = KillSwitch(Arc::new(AtomicU64::new(KillSwitch::UNARMED)));
+        (LoopbackTransport { shared: Arc::clone(&self.shared), life: Some(switch.clone()) }, switch)
     }
 
     /// New memory nodes, as these restarted with `--restore-seq`: node `i`'s pool holds its
@@ -156,6 +204,7 @@ impl Transport for LoopbackTransport {
     fn endpoint(&self) -> Result<LoopbackEndpoint> {
         Ok(LoopbackEndpoint {
             shared: Arc::clone(&self.shared),
+            life: self.life.clone(),
             broken: vec![false; self.shared.pools.len()],
             aio: AsyncSlots::default(),
         })
@@ -206,6 +255,8 @@ impl Transport for LoopbackTransport {
 /// A thread's endpoint on a [`LoopbackTransport`].
 pub struct LoopbackEndpoint {
     shared: Arc<Shared>,
+    /// The [`KillSwitch`] of its process handle, if any.
+    life: Option<KillSwitch>,
     /// Per node: an earlier failure broke the "connection", as a QP in the error state.
     broken: Vec<bool>,
     /// The async face's slots ([`crate::aio`]).
@@ -267,6 +318,9 @@ impl LoopbackEndpoint {
         let node = op.remote().node().0 as usize;
         if self.broken[node] {
             return Err(Error::Broken { node: op.remote().node() });
+        }
+        if self.life.as_ref().is_some_and(|life| !life.spend()) {
+            return Err(Error::Injected { op: op.kind(), addr: op.remote() });
         }
         let pool = &self.shared.pools[node];
         let count = self.shared.ops.fetch_add(1, Ordering::Relaxed) + 1;
