@@ -273,6 +273,7 @@ pub(crate) fn latency(
 /// of `size` bytes at `at.0` in place from `buf`, CAS and FAA on the word at `at.1`. Every CAS
 /// succeeds, as in ib_atomic_lat: `expected` follows the word.
 #[allow(clippy::too_many_arguments, reason = "the loop of a latency run, shared by verbs and verbs --async")]
+#[inline(never)] // a frame of its own, for profilers
 pub(crate) fn timed_ops(
     ep: &mut RdmaEndpoint,
     buf: &mut RdmaBuffer,

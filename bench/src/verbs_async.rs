@@ -138,6 +138,7 @@ fn latency(
 /// [`verbs::timed_ops`] (8 bytes) on an async endpoint: one future at a time inside one
 /// `block_on`, each timed into `hist` (if any).
 #[allow(clippy::too_many_arguments, reason = "one turn of the loop above, spelled out")]
+#[inline(never)] // a frame of its own, for profilers (as timed_ops)
 fn async_turn(
     ep: &AsyncEndpoint<RdmaEndpoint>,
     buf: &mut Option<RdmaBuffer>,

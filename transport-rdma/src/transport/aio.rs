@@ -21,7 +21,7 @@ use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue, WorkCompletionStatus};
 use sideway::ibverbs::queue_pair::QueuePair;
 
-use super::{BEHIND_TAG, MAX_TRANSFER, POLL_BATCH, RdmaBuffer, RdmaEndpoint, WrList};
+use super::{BEHIND_TAG, MAX_TRANSFER, POLL_BATCH, RdmaBuffer, RdmaEndpoint};
 use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
 
@@ -45,13 +45,43 @@ struct SlotInfo {
     covers: Vec<u32>,
 }
 
+/// Every slot's work request and scatter entry, built once: queueing fills in the operation,
+/// ringing links the queued ones into a list. (Boxed slices: they never move, so each request
+/// points at its scatter entry for good.)
+struct SlotRequests {
+    wrs: Box<[ibv_send_wr]>,
+    sges: Box<[ibv_sge]>,
+}
+
+// SAFETY: the raw pointers inside the requests point into the two boxed slices, which move
+// with the struct (their heap memory stays put); they are dereferenced only by the post that
+// follows the linking (the device copies the requests during ibv_post_send).
+unsafe impl Send for SlotRequests {}
+
+impl SlotRequests {
+    fn new(slots: u32) -> Self {
+        // SAFETY: ibv_send_wr and ibv_sge are plain C structs; all-zero is their "empty" value.
+        let mut wrs: Box<[ibv_send_wr]> = (0..slots).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut sges: Box<[ibv_sge]> = (0..slots).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (wr, sge) in wrs.iter_mut().zip(sges.iter_mut()) {
+            wr.sg_list = sge;
+            wr.num_sge = 1;
+        }
+        SlotRequests { wrs, sges }
+    }
+}
+
 /// An endpoint's async state: see the module docs.
 pub(crate) struct AsyncSlots {
     memory: Region,
+    /// The slots' memory: its address and key (read once: sideway's getters are calls).
+    memory_addr: u64,
+    lkey: u32,
     slot_bytes: usize,
     slots: Vec<SlotInfo>,
-    /// Per connection: requests queued since the last ring, and the slot of each.
-    pending: Vec<(WrList, Vec<u32>)>,
+    requests: SlotRequests,
+    /// Per connection: the slots queued since the last ring, in order.
+    pending: Vec<Vec<u32>>,
     /// Per connection: slots in flight, and since when (the first stall check after its last
     /// completion: the clock is not read on the data path) nothing of theirs completed.
     in_flight: Vec<u32>,
@@ -79,10 +109,7 @@ impl AsyncSlots {
     /// Fails every slot in flight to connection `c` with the error `make` builds.
     fn fail_conn(&mut self, c: usize, make: &dyn Fn(OpKind, GlobalAddr) -> Error) {
         // What was queued and not posted goes too: it is failed here, never posted.
-        let (list, queued) = &mut self.pending[c];
-        list.wrs.clear();
-        list.sges.clear();
-        queued.clear();
+        self.pending[c].clear();
         for s in 0..self.slots.len() as u32 {
             let info = &self.slots[s as usize];
             if info.in_flight && info.conn == c {
@@ -129,18 +156,16 @@ impl RdmaEndpoint {
         self.aio.as_mut().expect("AsyncEndpoint opens the slots first")
     }
 
-    /// Checks `op` and builds its work request for `slot` (a new generation), with its
-    /// connection's index; the slot's memory or `buf` is its local side.
+    /// Checks `op` and fills in `slot`'s work request for it (a new generation); returns its
+    /// connection's index. The slot's memory or `buf` is its local side.
     #[inline(always)]
-    fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<(usize, ibv_send_wr, ibv_sge)> {
+    fn build_slot_wr(&mut self, slot: u32, op: &SlotOp<'_, RdmaBuffer>) -> Result<usize> {
         op.validate(&self.shared.nodes, self.aio.as_ref().expect("slots").slot_bytes, MAX_TRANSFER)?;
-        let (kind, remote, len) = match op {
-            SlotOp::Read { remote, len } => (OpKind::Read, *remote, *len as u64),
-            SlotOp::Write { remote, src } => (OpKind::Write, *remote, src.len() as u64),
-            SlotOp::ReadInto { remote, range, .. } => (OpKind::Read, *remote, range.len() as u64),
-            SlotOp::WriteFrom { remote, range, .. } => (OpKind::Write, *remote, range.len() as u64),
-            SlotOp::CompareSwap { remote, .. } => (OpKind::CompareSwap, *remote, 8),
-            SlotOp::FetchAdd { remote, .. } => (OpKind::FetchAdd, *remote, 8),
+        let (kind, remote) = match op {
+            SlotOp::Read { remote, .. } | SlotOp::ReadInto { remote, .. } => (OpKind::Read, *remote),
+            SlotOp::Write { remote, .. } | SlotOp::WriteFrom { remote, .. } => (OpKind::Write, *remote),
+            SlotOp::CompareSwap { remote, .. } => (OpKind::CompareSwap, *remote),
+            SlotOp::FetchAdd { remote, .. } => (OpKind::FetchAdd, *remote),
         };
         let c = self.conn_index(remote.node());
         self.check_usable(c)?;
@@ -148,20 +173,24 @@ impl RdmaEndpoint {
         let (base, rkey, max_inline) = (conn.pool_base, conn.rkey, conn.limits.max_inline);
         let aio = self.aio.as_mut().expect("slots");
         let at = slot as usize * aio.slot_bytes;
-        let slot_addr = aio.memory.addr() + at as u64;
-        let lkey = aio.memory.lkey();
-        let generation = aio.slots[slot as usize].generation.wrapping_add(1) & 0x3fff_ffff;
-        // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
-        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        let (slot_addr, lkey) = (aio.memory_addr + at as u64, aio.lkey);
+        let info = &mut aio.slots[slot as usize];
+        let generation = info.generation.wrapping_add(1) & 0x3fff_ffff;
+        info.covers.clear();
+        info.generation = generation;
+        info.conn = c;
+        info.op = kind;
+        info.remote = remote;
+        let (wr, sge) = (&mut aio.requests.wrs[slot as usize], &mut aio.requests.sges[slot as usize]);
         wr.wr_id = ASYNC_TAG | (generation as u64) << 32 | slot as u64;
-        wr.num_sge = 1;
         wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
         let remote_addr = base + remote.offset();
-        let mut sge = ibv_sge { addr: slot_addr, length: len as u32, lkey };
+        *sge = ibv_sge { addr: slot_addr, length: 8, lkey };
         match op {
-            SlotOp::Read { .. } => {
+            SlotOp::Read { len, .. } => {
                 wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
                 wr.wr.rdma = rdma_t { remote_addr, rkey };
+                sge.length = *len as u32;
             }
             SlotOp::Write { src, .. } => {
                 // Copied now: the caller's bytes are free once this returns, and inline
@@ -169,6 +198,7 @@ impl RdmaEndpoint {
                 aio.memory.as_mut_slice()[at..at + src.len()].copy_from_slice(src);
                 wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
                 wr.wr.rdma = rdma_t { remote_addr, rkey };
+                sge.length = src.len() as u32;
                 if src.len() <= max_inline as usize {
                     wr.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
                 }
@@ -180,7 +210,11 @@ impl RdmaEndpoint {
                     ibv_wr_opcode::IBV_WR_RDMA_WRITE
                 };
                 wr.wr.rdma = rdma_t { remote_addr, rkey };
-                sge = ibv_sge { addr: buf.region.addr() + range.start as u64, length: len as u32, lkey: buf.key() };
+                *sge = ibv_sge {
+                    addr: buf.region.addr() + range.start as u64,
+                    length: range.len() as u32,
+                    lkey: buf.key(),
+                };
             }
             SlotOp::CompareSwap { expected, new, .. } => {
                 wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
@@ -191,13 +225,7 @@ impl RdmaEndpoint {
                 wr.wr.atomic = atomic_t { remote_addr, compare_add: *add, swap: 0, rkey };
             }
         }
-        let info = &mut aio.slots[slot as usize];
-        info.covers.clear();
-        info.generation = generation;
-        info.conn = c;
-        info.op = kind;
-        info.remote = remote;
-        Ok((c, wr, sge))
+        Ok(c)
     }
 
     /// Counts `slot` in flight on connection `c`, holding `buf` until its completion.
@@ -218,33 +246,40 @@ impl RdmaEndpoint {
     /// the queue pair; the requests not posted fail at once, those posted come back flushed.
     fn ring_conn(&mut self, c: usize) {
         let aio = self.aio.as_mut().expect("slots");
-        let (list, slots) = &mut aio.pending[c];
-        let n = list.wrs.len();
-        if n == 0 {
+        let slots = std::mem::take(&mut aio.pending[c]);
+        let Some((&last, rest)) = slots.split_last() else {
+            aio.pending[c] = slots;
             return;
+        };
+        // Linked in queue order. Only the last request is signaled: its completion stands for
+        // the others, unless one fails (a failed request completes, signaled or not, and
+        // flushes the rest).
+        let wrs = aio.requests.wrs.as_mut_ptr();
+        for (k, &s) in rest.iter().enumerate() {
+            // SAFETY: slot ids index the boxed slice, which stays put until the post returns.
+            unsafe {
+                let wr = &mut *wrs.add(s as usize);
+                wr.send_flags &= !ibv_send_flags::IBV_SEND_SIGNALED.0;
+                wr.next = wrs.add(slots[k + 1] as usize);
+            }
         }
-        // Only the last request is signaled: its completion stands for the others, unless one
-        // fails (a failed request completes, signaled or not, and flushes the rest).
-        for wr in &mut list.wrs[..n - 1] {
-            wr.send_flags &= !ibv_send_flags::IBV_SEND_SIGNALED.0;
-        }
-        let last = slots[n - 1] as usize;
-        let covers = &mut aio.slots[last].covers;
+        // SAFETY: as above.
+        let first = unsafe {
+            (*wrs.add(last as usize)).next = std::ptr::null_mut();
+            wrs.add(slots[0] as usize)
+        };
+        let covers = &mut aio.slots[last as usize].covers;
         covers.clear();
-        covers.extend_from_slice(&slots[..n - 1]);
-        let first = aio.pending[c].0.link();
+        covers.extend_from_slice(rest);
         let posted = if std::mem::take(&mut self.post_fault) {
             self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
         } else {
-            // SAFETY: the list is well formed (`link`); its local memory is the slots' region or
-            // buffers the slots hold, both kept until the slots' completions are reaped.
+            // SAFETY: the list is well formed (linked above, each request to its scatter entry);
+            // its local memory is the slots' region or buffers the slots hold, both kept until
+            // the slots' completions are reaped.
             unsafe { self.conns[c].post(first) }
         };
         let aio = self.aio.as_mut().expect("slots");
-        let (list, slots) = &mut aio.pending[c];
-        list.wrs.clear();
-        list.sges.clear();
-        let slots = std::mem::take(slots);
         if let Err((errno, bad)) = posted {
             // Requests from the one the device named (or all, if it named none) were not posted.
             let from = bad.and_then(|id| slots.iter().position(|&s| s == (id & 0xffff_ffff) as u32)).unwrap_or(0);
@@ -255,8 +290,9 @@ impl RdmaEndpoint {
                 aio.failed.push(done);
             }
         }
-        aio.pending[c].1 = slots;
-        aio.pending[c].1.clear();
+        let mut slots = slots;
+        slots.clear();
+        aio.pending[c] = slots;
     }
 
     /// Hands the slots a completion finishes to `done` (none for a stale one); how many.
@@ -310,8 +346,11 @@ impl Submit for RdmaEndpoint {
         let memory = Region::new(&self.shared.pd, len, page, AccessFlags::LocalWrite).map_err(RdmaError::from)?;
         let n = self.conns.len();
         self.aio = Some(AsyncSlots {
+            memory_addr: memory.addr(),
+            lkey: memory.lkey(),
             memory,
             slot_bytes: slot_bytes.next_multiple_of(8),
+            requests: SlotRequests::new(slots),
             slots: (0..slots)
                 .map(|_| SlotInfo {
                     generation: 0,
@@ -324,7 +363,7 @@ impl Submit for RdmaEndpoint {
                     covers: Vec::with_capacity(slots as usize),
                 })
                 .collect(),
-            pending: (0..n).map(|_| (WrList::default(), Vec::with_capacity(slots as usize))).collect(),
+            pending: (0..n).map(|_| Vec::with_capacity(slots as usize)).collect(),
             in_flight: vec![0; n],
             stalled_since: vec![None; n],
             failed: Vec::new(),
@@ -335,14 +374,11 @@ impl Submit for RdmaEndpoint {
     fn queue(&mut self, slot: u32, op: SlotOp<'_, RdmaBuffer>) -> std::result::Result<(), (Error, Option<RdmaBuffer>)> {
         let built = self.build_slot_wr(slot, &op);
         let buf = op.into_buffer();
-        let (c, wr, sge) = match built {
-            Ok(b) => b,
+        let c = match built {
+            Ok(c) => c,
             Err(e) => return Err((e, buf)),
         };
-        let (list, slots) = &mut self.aio().pending[c];
-        list.wrs.push(wr);
-        list.sges.push(sge);
-        slots.push(slot);
+        self.aio().pending[c].push(slot);
         self.track(slot, c, buf);
         Ok(())
     }
@@ -355,20 +391,23 @@ impl Submit for RdmaEndpoint {
     ) -> std::result::Result<Option<(Result<()>, Option<RdmaBuffer>)>, (Error, Option<RdmaBuffer>)> {
         let built = self.build_slot_wr(slot, &op);
         let mut buf = op.into_buffer();
-        let (c, mut wr, mut sge) = match built {
-            Ok(b) => b,
+        let c = match built {
+            Ok(c) => c,
             Err(e) => return Err((e, buf)),
         };
-        // Posted alone, from here: no list to keep (signaled, covering nothing).
-        wr.sg_list = &mut sge;
-        wr.next = std::ptr::null_mut();
-        let want = wr.wr_id;
+        // Posted alone, at once: a list of one (signaled, covering nothing).
+        let wr: *mut ibv_send_wr = &mut self.aio().requests.wrs[slot as usize];
+        // SAFETY: the slot's request, in the boxed slice; nothing else touches it meanwhile.
+        let want = unsafe {
+            (*wr).next = std::ptr::null_mut();
+            (*wr).wr_id
+        };
         let posted = if std::mem::take(&mut self.post_fault) {
             self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
         } else {
             // SAFETY: one well-formed request; its local memory is the slot's or `buf`'s, kept
             // until its completion (here, or by the slot's books once it is tracked).
-            unsafe { self.conns[c].post(&mut wr) }
+            unsafe { self.conns[c].post(wr) }
         };
         if let Err((errno, _)) = posted {
             let info = &self.aio().slots[slot as usize];
