@@ -60,9 +60,9 @@ unsafe impl Send for SlotRequests {}
 
 impl SlotRequests {
     fn new(slots: u32) -> Self {
-        // SAFETY: ibv_send_wr and ibv_sge are plain C structs; all-zero is their "empty" value.
+        // SAFETY: ibv_send_wr is a plain C struct; all-zero is its "empty" value.
         let mut wrs: Box<[ibv_send_wr]> = (0..slots).map(|_| unsafe { std::mem::zeroed() }).collect();
-        let mut sges: Box<[ibv_sge]> = (0..slots).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut sges: Box<[ibv_sge]> = (0..slots).map(|_| ibv_sge { addr: 0, length: 0, lkey: 0 }).collect();
         for (wr, sge) in wrs.iter_mut().zip(sges.iter_mut()) {
             wr.sg_list = sge;
             wr.num_sge = 1;
