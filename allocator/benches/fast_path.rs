@@ -35,6 +35,10 @@ fn fast_path(c: &mut Criterion) {
             })
         });
         alloc.free(keep).unwrap();
+        // The baseline, in the same run: the same size through the system allocator.
+        group.bench_function(format!("{size}B_system_box"), |b| {
+            b.iter(|| drop(std::hint::black_box(Box::<[u8]>::new_uninit_slice(std::hint::black_box(size)))))
+        });
     }
     group.finish();
 }

@@ -25,6 +25,7 @@ use crate::error::{AllocError, Result};
 use crate::layout::{self, Geometry, client, desc};
 use crate::pool::{self, Bitmap, Net, NodeUsage, at, read_descriptors};
 use crate::roots::Root;
+use crate::table::ChunkTable;
 
 /// Where new blocks go when there are several memory nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +94,8 @@ struct Shared<T: Transport> {
     slot: u64,
     heartbeat: Mutex<Option<Heartbeat>>,
     options: AllocatorOptions,
+    /// The largest allocation: the largest pool's chunks.
+    max_size: u64,
     next_arena: AtomicU16,
     /// Chunks of thread allocators that were dropped with live blocks (node index, chunk),
     /// adopted by the next `flush` of any thread of this client (mimalloc's abandoned segments).
@@ -179,7 +182,9 @@ impl<T: Transport> Allocator<T> {
                 return Err(e.into());
             }
         };
+        let max_size = nodes.iter().map(|n| n.geo.chunk_count * n.geo.chunk_size).max().unwrap_or(0);
         let shared = Shared {
+            max_size,
             transport,
             nodes,
             client,
@@ -474,16 +479,19 @@ impl OwnedChunk {
         }
     }
 
+    #[inline]
     fn has_free(&self) -> bool {
         !self.quarantined && (!self.free.is_empty() || self.bump < self.blocks)
     }
 
     /// Whether the chunk can go back to the pool: no live block, not quarantined.
+    #[inline]
     fn releasable(&self) -> bool {
         self.live == 0 && !self.quarantined
     }
 
     /// Pops a free block: the free list first (warm memory), else the bump pointer.
+    #[inline(always)]
     fn take(&mut self) -> Option<u64> {
         if self.quarantined {
             return None;
@@ -509,6 +517,7 @@ impl OwnedChunk {
     }
 
     /// Marks block `b` free; false if it was not allocated (a double free).
+    #[inline(always)]
     fn give_back(&mut self, b: u64) -> bool {
         let (word, bit) = ((b / 64) as usize, 1u64 << (b % 64));
         if self.allocated[word] & bit == 0 {
@@ -526,7 +535,7 @@ struct NodeArena {
     bitmap: Bitmap,
     /// Per size class: the chunk allocations come from.
     current: Vec<Option<u64>>,
-    chunks: ChunkMap<OwnedChunk>,
+    chunks: ChunkTable<OwnedChunk>,
     /// Large allocations of this arena: first chunk -> span.
     large: ChunkMap<u64>,
     /// Chunks this arena holds (small and large), for strict quotas.
@@ -539,7 +548,7 @@ impl NodeArena {
         NodeArena {
             bitmap: Bitmap::new(geo, start),
             current: vec![None; classes],
-            chunks: ChunkMap::default(),
+            chunks: ChunkTable::default(),
             large: ChunkMap::default(),
             held: 0,
         }
@@ -581,16 +590,15 @@ impl<T: Transport> ThreadAlloc<T> {
         if align > chunk_size {
             return Err(AllocError::BadAlignment { align, chunk_size });
         }
-        let max = self.shared.nodes.iter().map(|n| n.geo.chunk_count * n.geo.chunk_size).max().unwrap_or(0);
-        if size > max {
-            return Err(AllocError::TooLarge { size, max });
+        if size > self.shared.max_size {
+            return Err(AllocError::TooLarge { size, max: self.shared.max_size });
         }
         let inner = &mut *self.inner.borrow_mut();
         let n = self.shared.nodes.len();
         let first = match self.shared.options.placement {
             Placement::Node(id) => self.node_index(id).expect("checked in Allocator::new"),
             Placement::RoundRobin => {
-                inner.next_node = (inner.next_node + 1) % n;
+                inner.next_node = if inner.next_node + 1 >= n { 0 } else { inner.next_node + 1 };
                 inner.next_node
             }
             Placement::LeastLoaded => {
@@ -601,18 +609,32 @@ impl<T: Transport> ThreadAlloc<T> {
                 inner.preferred
             }
         };
+        match self.alloc_on(inner, first, size, align)? {
+            Attempt::Done(addr) => Ok(addr),
+            Attempt::Full(reason) => self.alloc_elsewhere(inner, first, size, align, reason),
+        }
+    }
+
+    /// [`ThreadAlloc::alloc`] when node `first` is full (`reason`): with stealing, the other
+    /// nodes in turn; else, or when they are full too, `OutOfMemory`.
+    #[cold]
+    fn alloc_elsewhere(
+        &self,
+        inner: &mut Inner<T::Endpoint>,
+        first: usize,
+        size: u64,
+        align: u64,
+        reason: String,
+    ) -> Result<GlobalAddr> {
+        let n = self.shared.nodes.len();
         let stealing = self.shared.options.mode == Mode::Stealing;
-        let mut first_reason = None;
-        for k in 0..if stealing { n } else { 1 } {
-            let idx = (first + k) % n;
-            match self.alloc_on(inner, idx, size, align)? {
-                Attempt::Done(addr) => return Ok(addr),
-                Attempt::Full(reason) => {
-                    first_reason.get_or_insert(reason);
+        if stealing {
+            for k in 1..n {
+                if let Attempt::Done(addr) = self.alloc_on(inner, (first + k) % n, size, align)? {
+                    return Ok(addr);
                 }
             }
         }
-        let reason = first_reason.unwrap_or_default();
         let reason = if stealing && n > 1 { format!("{reason}, and so are the other nodes") } else { reason };
         Err(AllocError::OutOfMemory { node: self.shared.nodes[first].id, reason })
     }
@@ -651,18 +673,23 @@ impl<T: Transport> ThreadAlloc<T> {
     /// others go to their chunk's remote free list (one READ, one WRITE, one or more CAS).
     pub fn free(&self, addr: GlobalAddr) -> Result<()> {
         let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
-        let (idx, _, chunk, rel) = self.locate(addr)?;
+        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
+        let geo = &self.shared.nodes[idx].geo;
+        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
+        let rel = addr.offset() - geo.chunk_offset(chunk);
         let inner = &mut *self.inner.borrow_mut();
         let arena = &mut inner.nodes[idx];
         // Our own small block: no network unless the chunk becomes empty.
-        if let Some(owned) = arena.chunks.get_mut(&chunk) {
-            if rel % owned.block != 0 || rel / owned.block >= owned.blocks {
+        if let Some(owned) = arena.chunks.get_mut(chunk) {
+            // Blocks are powers of two: shifts, not divisions.
+            let (b, shift) = (rel >> owned.block.trailing_zeros(), owned.block.trailing_zeros());
+            if b << shift != rel || b >= owned.blocks {
                 return Err(invalid("not the start of a block"));
             }
-            if rel / owned.block >= owned.bump {
+            if b >= owned.bump {
                 return Err(invalid("a block of this thread's chunk that was never allocated"));
             }
-            if !owned.give_back(rel / owned.block) {
+            if !owned.give_back(b) {
                 return Err(AllocError::DoubleFree { addr });
             }
             if owned.releasable() && arena.current[layout::class_index(owned.block)] != Some(chunk) {
@@ -805,13 +832,13 @@ impl<T: Transport> ThreadAlloc<T> {
             inner.nodes[idx].held += 1;
         }
         for idx in 0..inner.nodes.len() {
-            let chunks: Vec<u64> = inner.nodes[idx].chunks.keys().copied().collect();
+            let chunks: Vec<u64> = inner.nodes[idx].chunks.keys().collect();
             for chunk in chunks {
                 match self.reclaim_remote(inner, idx, chunk) {
                     Err(e @ AllocError::CorruptFreeList { .. }) => inner.corrupt.push(e),
                     other => other?,
                 }
-                if inner.nodes[idx].chunks[&chunk].releasable() {
+                if inner.nodes[idx].chunks[chunk].releasable() {
                     self.release_chunk(inner, idx, chunk)?;
                 }
             }
@@ -880,7 +907,7 @@ impl<T: Transport> ThreadAlloc<T> {
     fn has_local_block(&self, inner: &Inner<T::Endpoint>, idx: usize, class: u64) -> bool {
         let arena = &inner.nodes[idx];
         class <= self.shared.nodes[idx].geo.max_small()
-            && arena.current[layout::class_index(class)].is_some_and(|c| arena.chunks[&c].has_free())
+            && arena.current[layout::class_index(class)].is_some_and(|c| arena.chunks[c].has_free())
     }
 
     /// The node with the smallest share of used chunks (one bitmap READ per node).
@@ -905,18 +932,19 @@ impl<T: Transport> ThreadAlloc<T> {
         }
     }
 
+    #[inline(always)]
     fn alloc_on(&self, inner: &mut Inner<T::Endpoint>, idx: usize, size: u64, align: u64) -> Result<Attempt> {
         let node = &self.shared.nodes[idx];
-        let geo = node.geo;
+        let geo = &node.geo;
         let class = layout::class_for(size, align);
         if class > geo.max_small() {
             return self.alloc_large(inner, idx, size.div_ceil(geo.chunk_size));
         }
-        let ci = layout::class_index(class);
         // Fast path: the current chunk has a block.
-        if let Some(chunk) = inner.nodes[idx].current[ci] {
-            if let Some(b) = inner.nodes[idx].chunks.get_mut(&chunk).and_then(OwnedChunk::take) {
-                return Ok(Attempt::Done(at(node.id, geo.chunk_offset(chunk) + b * class)));
+        let arena = &mut inner.nodes[idx];
+        if let Some(Some(chunk)) = arena.current.get(layout::class_index(class)) {
+            if let Some(b) = arena.chunks.get_mut(*chunk).and_then(OwnedChunk::take) {
+                return Ok(Attempt::Done(at(node.id, geo.chunk_offset(*chunk) + b * class)));
             }
         }
         self.refill(inner, idx, class)
@@ -929,10 +957,9 @@ impl<T: Transport> ThreadAlloc<T> {
         let node = &self.shared.nodes[idx];
         let geo = node.geo;
         let ci = layout::class_index(class);
-        let mine: Vec<u64> =
-            inner.nodes[idx].chunks.iter().filter(|(_, c)| c.block == class).map(|(&k, _)| k).collect();
+        let mine: Vec<u64> = inner.nodes[idx].chunks.iter().filter(|(_, c)| c.block == class).map(|(k, _)| k).collect();
         for &chunk in &mine {
-            if !inner.nodes[idx].chunks[&chunk].has_free() {
+            if !inner.nodes[idx].chunks[chunk].has_free() {
                 match self.reclaim_remote(inner, idx, chunk) {
                     Err(e @ AllocError::CorruptFreeList { .. }) => {
                         tracing::warn!("{e} (reported by the next flush)");
@@ -942,7 +969,7 @@ impl<T: Transport> ThreadAlloc<T> {
                 }
             }
         }
-        let chunk = match mine.into_iter().find(|c| inner.nodes[idx].chunks[c].has_free()) {
+        let chunk = match mine.into_iter().find(|&c| inner.nodes[idx].chunks[c].has_free()) {
             Some(chunk) => chunk,
             None => {
                 if let Some(reason) = self.quota_left(inner, idx, 1) {
@@ -960,7 +987,7 @@ impl<T: Transport> ThreadAlloc<T> {
         };
         let arena = &mut inner.nodes[idx];
         arena.current[ci] = Some(chunk);
-        let b = arena.chunks.get_mut(&chunk).and_then(OwnedChunk::take).expect("chunk with a free block");
+        let b = arena.chunks.get_mut(chunk).and_then(OwnedChunk::take).expect("chunk with a free block");
         Ok(Attempt::Done(at(node.id, geo.chunk_offset(chunk) + b * class)))
     }
 
@@ -1027,7 +1054,7 @@ impl<T: Transport> ThreadAlloc<T> {
     fn reclaim_remote(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64) -> Result<()> {
         let node = &self.shared.nodes[idx];
         let geo = node.geo;
-        if inner.nodes[idx].chunks.get(&chunk).is_some_and(|c| c.quarantined) {
+        if inner.nodes[idx].chunks.get(chunk).is_some_and(|c| c.quarantined) {
             return Ok(());
         }
         let head_addr = pool::desc_word(node.id, &geo, chunk, desc::REMOTE_FREE);
@@ -1041,7 +1068,7 @@ impl<T: Transport> ThreadAlloc<T> {
         }
         let base = geo.chunk_offset(chunk);
         let (block_size, blocks) = {
-            let owned = &inner.nodes[idx].chunks[&chunk];
+            let owned = &inner.nodes[idx].chunks[chunk];
             (owned.block, owned.blocks)
         };
         let mut taken: Vec<u64> = Vec::new();
@@ -1064,7 +1091,7 @@ impl<T: Transport> ThreadAlloc<T> {
                     return Err(e);
                 }
             };
-            let owned = inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk");
+            let owned = inner.nodes[idx].chunks.get_mut(chunk).expect("owned chunk");
             if !owned.give_back(rel / block_size) {
                 bad = Some((block, "which is not a live block (freed twice, or never allocated)"));
                 break;
@@ -1089,7 +1116,7 @@ impl<T: Transport> ThreadAlloc<T> {
         match bad {
             None => Ok(()),
             Some((block, reason)) => {
-                inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk").quarantined = true;
+                inner.nodes[idx].chunks.get_mut(chunk).expect("owned chunk").quarantined = true;
                 Err(AllocError::CorruptFreeList { node: node.id, chunk, block, reason: reason.to_owned() })
             }
         }
@@ -1098,7 +1125,7 @@ impl<T: Transport> ThreadAlloc<T> {
     /// After a failed reclaim: the blocks taken back may still carry their freed mark, so they
     /// are kept out of use (allocated again, never handed out: a leak, not a corruption).
     fn undo_reclaim(&self, inner: &mut Inner<T::Endpoint>, idx: usize, chunk: u64, taken: &[u64]) {
-        let owned = inner.nodes[idx].chunks.get_mut(&chunk).expect("owned chunk");
+        let owned = inner.nodes[idx].chunks.get_mut(chunk).expect("owned chunk");
         for &b in taken {
             owned.retake(b);
         }
@@ -1110,7 +1137,7 @@ impl<T: Transport> ThreadAlloc<T> {
         let geo = node.geo;
         inner.nodes[idx].bitmap.release(&mut inner.net, node.id, &geo, chunk, &[])?;
         let arena = &mut inner.nodes[idx];
-        if let Some(owned) = arena.chunks.remove(&chunk) {
+        if let Some(owned) = arena.chunks.remove(chunk) {
             let ci = layout::class_index(owned.block);
             if arena.current[ci] == Some(chunk) {
                 arena.current[ci] = None;

@@ -214,14 +214,16 @@ impl Geometry {
     }
 
     /// Offset of chunk `index`.
+    #[inline]
     pub fn chunk_offset(&self, index: u64) -> u64 {
-        self.data_offset + index * self.chunk_size
+        self.data_offset + (index << self.chunk_size.trailing_zeros())
     }
 
     /// The chunk holding `offset`, if it is in the data area.
+    #[inline]
     pub fn chunk_of(&self, offset: u64) -> Option<u64> {
         let rel = offset.checked_sub(self.data_offset)?;
-        let index = rel / self.chunk_size;
+        let index = rel >> self.chunk_size.trailing_zeros(); // a power of two: no division
         (index < self.chunk_count).then_some(index)
     }
 
@@ -241,6 +243,7 @@ impl Geometry {
     }
 
     /// The largest request served from a size class (larger ones take whole chunks).
+    #[inline]
     pub fn max_small(&self) -> u64 {
         self.chunk_size / 2
     }
@@ -249,11 +252,13 @@ impl Geometry {
 /// The size class (block size) for `size` bytes aligned to `align`: the next power of two of
 /// both, at least [`MIN_BLOCK`]. Blocks of a class are aligned to their size because chunks are
 /// aligned to the chunk size.
+#[inline]
 pub fn class_for(size: u64, align: u64) -> u64 {
     size.max(align).max(MIN_BLOCK).next_power_of_two()
 }
 
 /// The index of a class among the powers of two from [`MIN_BLOCK`].
+#[inline]
 pub fn class_index(class: u64) -> usize {
     (class.trailing_zeros() - MIN_BLOCK.trailing_zeros()) as usize
 }

@@ -84,6 +84,7 @@ pub mod layout;
 pub mod pool;
 pub mod roots;
 pub mod stress;
+mod table;
 
 pub use alloc::{
     Allocator, AllocatorOptions, ClientSnapshot, DEFAULT_CLIENT_LEASE, Mode, Placement, Reclaimed, ThreadAlloc,

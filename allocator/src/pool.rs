@@ -53,6 +53,7 @@ impl<E: Endpoint> Net<E> {
 }
 
 /// The address of `offset` on `node` (offsets inside a pool always fit 48 bits).
+#[inline]
 pub(crate) fn at(node: NodeId, offset: u64) -> GlobalAddr {
     GlobalAddr::new(node, offset).expect("pool offsets fit in 48 bits")
 }
