@@ -2,7 +2,8 @@
 //! `PageCache::read` (with an endpoint, as the DSM's slow path calls it) and through
 //! `PageCache::read_if_cached` (no endpoint), next to a `HashMap<u64, Box<[u8; 4096]>>`
 //! lookup plus the same copy, at 1 and 2 threads. With 2 threads each does the iterations
-//! (time per iteration per thread: equal to 1 thread's means perfect scaling).
+//! (time per iteration per thread: equal to 1 thread's means perfect scaling). The threads
+//! share the hot pages, except in `own_shards`, where each reads pages of shards of its own.
 //!
 //! `cargo bench -p rdmem-cache --bench hit`
 #![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
@@ -27,9 +28,9 @@ impl Homes for Flat {
 
 fn warm_cache(transport: &LoopbackTransport) -> PageCache<LoopbackBuffer> {
     let mut ep = transport.endpoint().unwrap();
-    // Room for every hot page in its shard (16 frames a shard, 4 hot pages each on average).
+    // Room for every hot page in its shard (256 frames a shard, 4 hot pages each on average).
     let options =
-        CacheOptions { capacity_bytes: 4 * PAGES * PAGE_SIZE as u64, shards: 16, stripe_pages: 1, read_ahead: 0 };
+        CacheOptions { capacity_bytes: 64 * PAGES * PAGE_SIZE as u64, shards: 16, stripe_pages: 1, read_ahead: 0 };
     let cache = PageCache::new(&mut ep, options).unwrap();
     let mut word = [0u8; 8];
     for p in 0..PAGES {
@@ -82,6 +83,21 @@ fn hits(c: &mut Criterion) {
                 on_threads(threads, iters, &|t, i| {
                     let mut word = [0u8; 8];
                     assert!(cache.read_if_cached(page_of(t, i) * PAGE_SIZE as u64 + 8, &mut word));
+                    black_box(word);
+                })
+            })
+        });
+        // Each thread on pages of its own shards: what scaling the cache allows.
+        let own: Vec<Vec<u64>> =
+            (0..threads).map(|t| (0..PAGES).filter(|&p| cache.shard_of(p) % threads == t).take(16).collect()).collect();
+        assert!(own.iter().all(|pages| pages.len() == 16), "16 pages in each thread's shards");
+        group.bench_function(format!("cache_read_if_cached_own_shards_{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, &|t, i| {
+                    let mut word = [0u8; 8];
+                    let pages = &own[t];
+                    let page = pages[(i as usize * 7) & 15];
+                    assert!(cache.read_if_cached(page * PAGE_SIZE as u64 + 8, &mut word));
                     black_box(word);
                 })
             })

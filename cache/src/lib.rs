@@ -197,10 +197,24 @@ fn frame(slot: u32) -> Range<usize> {
     start..start + PAGE_SIZE
 }
 
+/// A shard on cache lines of its own, so threads busy with different shards never share a
+/// line (128 bytes: adjacent lines are prefetched in pairs).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// A process's page cache; share it between threads, each calling with its own endpoint.
 pub struct PageCache<B> {
-    shards: Vec<Mutex<Shard<B>>>,
+    shards: Vec<Padded<Mutex<Shard<B>>>>,
     options: CacheOptions,
+    /// log2 of `stripe_pages` when it is a power of two (a shift instead of a division).
+    stripe_shift: Option<u32>,
     /// The last page the latest miss brought in (for sequential detection); `u64::MAX` for none.
     last_miss: AtomicU64,
     /// Pages written home since the last [`PageCache::take_written`].
@@ -219,7 +233,7 @@ impl<B: LocalBuffer> PageCache<B> {
         let staging = options.read_ahead + 1;
         let shards = (0..shards)
             .map(|_| {
-                Ok(Mutex::new(Shard {
+                Ok(Padded(Mutex::new(Shard {
                     buf: ep.buffer((frames + staging) * PAGE_SIZE)?,
                     frames,
                     slots: (0..frames).map(|_| None).collect(),
@@ -230,10 +244,19 @@ impl<B: LocalBuffer> PageCache<B> {
                     dirty: Vec::new(),
                     spare_twins: Vec::new(),
                     runs: Vec::new(),
-                }))
+                })))
             })
             .collect::<rdmem_core::Result<Vec<_>>>()?;
-        Ok(PageCache { shards, options, last_miss: AtomicU64::new(u64::MAX), written: Mutex::new(HashSet::new()) })
+        let stripe_pages = options.stripe_pages.max(1);
+        let stripe_shift = stripe_pages.is_power_of_two().then(|| stripe_pages.trailing_zeros());
+        let options = CacheOptions { stripe_pages, ..options };
+        Ok(PageCache {
+            shards,
+            options,
+            stripe_shift,
+            last_miss: AtomicU64::new(u64::MAX),
+            written: Mutex::new(HashSet::new()),
+        })
     }
 
     /// The capacity in pages.
@@ -242,10 +265,20 @@ impl<B: LocalBuffer> PageCache<B> {
     }
 
     fn shard_index(&self, page: PageId) -> usize {
-        let stripe = page / self.options.stripe_pages.max(1);
-        // Fibonacci hashing spreads consecutive stripes over the shards.
+        let stripe = match self.stripe_shift {
+            Some(shift) => page >> shift,
+            None => page / self.options.stripe_pages,
+        };
+        // Fibonacci hashing spreads consecutive stripes over the shards; a multiply and a
+        // shift bring its 32 bits into range (no division on the hit path).
         let h = stripe.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
-        (h % self.shards.len() as u64) as usize
+        ((h * self.shards.len() as u64) >> 32) as usize
+    }
+
+    /// The shard holding `page` (0 to `shards - 1`): threads whose pages are in different
+    /// shards never wait for each other.
+    pub fn shard_of(&self, page: PageId) -> usize {
+        self.shard_index(page)
     }
 
     fn shard(&self, page: PageId) -> &Mutex<Shard<B>> {
