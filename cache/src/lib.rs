@@ -16,8 +16,8 @@
 //!   bytes of one page do not overwrite each other. Pages written home are remembered for write
 //!   notices ([`PageCache::take_written`]); [`PageCache::flush_pages`] writes home only some.
 //! - **Read-ahead**: a miss on the page right after the previous miss also brings in up to
-//!   `read_ahead` following pages with the same home, in one READ (into a staging area of the
-//!   shard's buffer, then copied to their frames).
+//!   `read_ahead` following pages with the same home: a READ per page, each straight into its
+//!   frame, all in one doorbell (nothing is copied).
 //!
 //! The cache does not know what the pages are: a [`Homes`] says where each page lives.
 
@@ -127,7 +127,7 @@ struct Slot {
     twin: Option<Box<[u8]>>,
 }
 
-/// One shard: frames `0..frames` in `buf`, then `staging` pages for read-ahead.
+/// One shard: frames `0..frames` in `buf`.
 struct Shard<B> {
     buf: B,
     frames: usize,
@@ -221,6 +221,42 @@ pub struct PageCache<B> {
     written: Mutex<HashSet<PageId>>,
 }
 
+/// READs the pages from `home` on, one per slot of `slots` (distinct, at most 64), each
+/// straight into its frame of `buf`, in one doorbell.
+fn read_into_frames<E: Endpoint>(
+    ep: &mut E,
+    buf: &mut E::Buffer,
+    home: GlobalAddr,
+    slots: &[u32],
+) -> rdmem_core::Result<()> {
+    let len = (slots.len() * PAGE_SIZE) as u64;
+    if home.checked_add(len).is_none() {
+        // A `Homes` that gave a run past the end of the address space.
+        let pool_size = ep.nodes().iter().find(|n| n.id == home.node()).map_or(0, |n| n.pool_size);
+        return Err(rdmem_core::Error::OutOfRange { op: rdmem_core::OpKind::Read, addr: home, len, pool_size });
+    }
+    // The frames in address order, cut out of the buffer one after another.
+    let mut order = [(0u32, 0usize); 64];
+    for (i, &slot) in slots.iter().enumerate() {
+        order[i] = (slot, i);
+    }
+    let order = &mut order[..slots.len()];
+    order.sort_unstable();
+    let mut rest = buf.reg_slice_mut();
+    let mut consumed = 0;
+    let mut batch = ep.batch();
+    for &(slot, i) in order.iter() {
+        let start = slot as usize * PAGE_SIZE;
+        let (_, tail) = rest.split_at(start - consumed);
+        let (dst, after) = tail.split_at(PAGE_SIZE);
+        rest = after;
+        consumed = start + PAGE_SIZE;
+        let src = home.checked_add((i * PAGE_SIZE) as u64).expect("checked above");
+        batch.read_into_slice(src, dst);
+    }
+    batch.submit()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -230,11 +266,10 @@ impl<B: LocalBuffer> PageCache<B> {
     pub fn new<E: Endpoint<Buffer = B>>(ep: &mut E, options: CacheOptions) -> rdmem_core::Result<Self> {
         let shards = options.shards.max(1);
         let frames = ((options.capacity_bytes / PAGE_SIZE as u64) as usize / shards).max(1);
-        let staging = options.read_ahead + 1;
         let shards = (0..shards)
             .map(|_| {
                 Ok(Padded(Mutex::new(Shard {
-                    buf: ep.buffer((frames + staging) * PAGE_SIZE)?,
+                    buf: ep.buffer(frames * PAGE_SIZE)?,
                     frames,
                     slots: (0..frames).map(|_| None).collect(),
                     table: PageTable::with_capacity_and_hasher(frames, Default::default()),
@@ -389,8 +424,7 @@ impl<B: LocalBuffer> PageCache<B> {
             if count == 1 {
                 ep.read_into(home.addr, &mut shard.buf, frame(slots[0]))
             } else {
-                let staging = shard.frames * PAGE_SIZE;
-                ep.read_into(home.addr, &mut shard.buf, staging..staging + bytes)
+                read_into_frames(ep, &mut shard.buf, home.addr, &slots[..count])
             }
         });
         if let Err(e) = read {
@@ -399,11 +433,6 @@ impl<B: LocalBuffer> PageCache<B> {
             return Err(e);
         }
         if count > 1 {
-            let staging = shard.frames * PAGE_SIZE;
-            for (i, &slot) in slots[..count].iter().enumerate() {
-                let from = staging + i * PAGE_SIZE;
-                shard.buf.copy_within(from..from + PAGE_SIZE, frame(slot).start);
-            }
             shard.counts.read_ahead += count as u64 - 1;
         }
         // The next miss is sequential if it comes right after the last page brought in.

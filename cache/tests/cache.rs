@@ -85,16 +85,18 @@ fn evicting_a_dirty_page_writes_its_diff_home() {
 }
 
 #[test]
-fn read_ahead_brings_the_rest_of_the_stripe_in_one_read() {
+fn read_ahead_brings_the_rest_of_the_stripe_in_one_doorbell() {
     let (transport, cache) = setup(32, 7);
     let mut ep = transport.endpoint().unwrap();
-    let before = transport.operations();
+    let (before, rung) = (transport.operations(), transport.doorbells());
     for page in 0..16 {
         assert_eq!(byte_at(&cache, &mut ep, page), page as u8 + 1);
     }
-    // Page 0: a miss, not yet sequential (1 READ). Page 1: sequential, reads pages 1..=8 in one
-    // READ. Page 9: sequential again, reads 9..=15 (the stripe ends at 16) in one READ.
-    assert_eq!(transport.operations() - before, 3, "READs for 16 sequential pages");
+    // Page 0: a miss, not yet sequential (1 READ). Page 1: sequential, reads pages 1..=8 with
+    // one doorbell. Page 9: sequential again, reads 9..=15 (the stripe ends at 16) with one.
+    // A READ per page, each straight into its frame: nothing goes through a staging area.
+    assert_eq!(transport.doorbells() - rung, 3, "doorbells for 16 sequential pages");
+    assert_eq!(transport.operations() - before, 16, "a READ per page");
     let s = cache.stats();
     assert_eq!((s.misses, s.hits, s.read_ahead, s.page_reads), (3, 13, 13, 3));
     // Random (non-sequential) misses read one page each.

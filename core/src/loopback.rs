@@ -59,6 +59,8 @@ struct Shared {
     nodes: Vec<NodeInfo>,
     options: LoopbackOptions,
     ops: AtomicU64,
+    /// Batches executed (sync doorbells).
+    doorbells: AtomicU64,
     /// Per node, its checkpoints.
     snapshots: Mutex<Vec<Snapshots>>,
 }
@@ -133,7 +135,17 @@ impl LoopbackTransport {
             .collect();
         let nodes: Vec<NodeInfo> = pools.iter().map(|p| p.info).collect();
         let snapshots = Mutex::new(vec![Snapshots::new(); nodes.len()]);
-        Self { shared: Arc::new(Shared { pools, nodes, options, ops: AtomicU64::new(0), snapshots }), life: None }
+        Self {
+            shared: Arc::new(Shared {
+                pools,
+                nodes,
+                options,
+                ops: AtomicU64::new(0),
+                doorbells: AtomicU64::new(0),
+                snapshots,
+            }),
+            life: None,
+        }
     }
 
     /// Another handle on the same pools, standing for a separate client process that a test
@@ -195,6 +207,12 @@ impl LoopbackTransport {
     /// tests of the layers above).
     pub fn operations(&self) -> u64 {
         self.shared.ops.load(Ordering::Relaxed)
+    }
+
+    /// The number of doorbells so far: batches (and single operations) the sync face of all
+    /// endpoints executed, each as one device would post with one doorbell.
+    pub fn doorbells(&self) -> u64 {
+        self.shared.doorbells.load(Ordering::Relaxed)
     }
 }
 
@@ -301,6 +319,7 @@ impl Endpoint for LoopbackEndpoint {
         for op in ops.iter() {
             op.validate(&self.shared.nodes, MAX_TRANSFER)?;
         }
+        self.shared.doorbells.fetch_add(1, Ordering::Relaxed);
         if !self.shared.options.latency.is_zero() {
             std::thread::sleep(self.shared.options.latency);
         }
