@@ -341,10 +341,11 @@ fn zipf_row<E: Endpoint>(
     let mut row = cache_row(Row::latency("cache", "zipf", 8, 1, 1, &hist));
     row.mops = Some(mops);
     row.hit_ratio = Some(hit_ratio);
+    let ideal = zipf.top_share(capacity);
+    row.ideal_hit_ratio = Some(ideal);
     row.cache_bytes = Some(capacity * PAGE_SIZE as u64);
     row.note = Some(format!(
-        "hit ratio {hit_ratio:.3} (ideal {:.3}), {mops:.3} Mops, {capacity} of {} pages cached",
-        zipf.top_share(capacity),
+        "hit ratio {hit_ratio:.3} (ideal {ideal:.3}), {mops:.3} Mops, {capacity} of {} pages cached",
         homes.pages
     ));
     Ok(row)

@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! soft-roce-setup/vm-run rdmem-bench suite                              # everything, on Soft-RoCE
+//! soft-roce-setup/vm-run rdmem-bench suite --json > r.jsonl; rdmem-bench plot r.jsonl --out charts
 //! soft-roce-setup/vm-run rdmem-bench verbs --compare-perftest --json
 //! soft-roce-setup/vm-run rdmem-bench verbs --async --json              # async face vs sync
 //! soft-roce-setup/vm-run rdmem-bench alloc --json
@@ -18,6 +19,7 @@ mod checkpoint;
 mod harness;
 mod lock;
 mod perftest;
+mod plot;
 mod report;
 mod tsc;
 mod verbs;
@@ -46,8 +48,12 @@ enum Bench {
     Cache(cache::CacheArgs),
     /// Memory-node snapshots: full, incremental and restore, next to the disk's write speed.
     Checkpoint(checkpoint::CheckpointArgs),
-    /// Everything, with each benchmark's defaults: verbs (next to perftest), alloc, lock, cache.
+    /// Everything: verbs (next to perftest), alloc, lock, cache. The headline points with
+    /// each benchmark's rounds (about 5 minutes on this project's Soft-RoCE VM); `--full`
+    /// for every benchmark's whole sweep (about 12).
     Suite(SuiteArgs),
+    /// SVG charts of a run's JSON lines.
+    Plot(plot::PlotArgs),
     /// Starts perftest servers on this machine on request, for `verbs --perftest-server` on
     /// another machine (cross-machine comparisons).
     PerftestServer {
@@ -73,10 +79,20 @@ struct SuiteArgs {
     /// Skip the perftest comparison of the verbs benchmark.
     #[arg(long)]
     no_perftest: bool,
+    /// Every benchmark's whole default sweep (all transfer sizes, batch sizes 1 to 64), not
+    /// only the headline points.
+    #[arg(long)]
+    full: bool,
     /// Print one JSON object per result instead of tables.
     #[arg(long)]
     json: bool,
 }
+
+/// The verbs points `suite` measures without `--full`: 8-byte latency of the four operations
+/// and READ at 4 KiB, throughput of 8-byte operations at 1, 16 and 64 per doorbell on 1 and 2
+/// threads, each compared point with the benchmark's default rounds.
+const QUICK_VERBS: [&str; 8] =
+    ["--sizes", "8,4096", "--batches", "1,16,64", "--throughput-sizes", "8", "--threads", "1,2"];
 
 /// Parses one benchmark's options from words, as if given on the command line.
 fn args_of<A: clap::Args>(words: &[String]) -> A {
@@ -97,10 +113,20 @@ fn suite(args: &SuiteArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.no_perftest {
         verbs_words.push("--compare-perftest".into());
     }
+    if !args.full {
+        verbs_words.extend(QUICK_VERBS.iter().map(|w| w.to_string()));
+    }
+    let progress = report::Progress::start(&["verbs", "alloc", "lock", "cache"]);
+    progress.part("verbs");
     verbs::run(&args_of(&verbs_words))?;
+    progress.part("alloc");
     alloc::run(&args_of(&common))?;
+    progress.part("lock");
     lock::run(&args_of(&common))?;
-    cache::run(&args_of(&common))
+    progress.part("cache");
+    cache::run(&args_of(&common))?;
+    progress.finish();
+    Ok(())
 }
 
 fn main() {
@@ -112,6 +138,7 @@ fn main() {
         Bench::Cache(args) => cache::run(args),
         Bench::Checkpoint(args) => checkpoint::run(args),
         Bench::Suite(args) => suite(args),
+        Bench::Plot(args) => plot::run(args),
         Bench::PerftestServer { listen } => perftest::serve(listen),
         Bench::BarrierWorker(args) => lock::barrier_worker(args),
         Bench::LockWorker(args) => lock::lock_worker(args),

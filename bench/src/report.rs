@@ -1,8 +1,60 @@
 //! Result rows: one JSON object per line (`--json`) or a human table, and latency summaries
 //! from an hdrhistogram.
 
+use std::sync::OnceLock;
+
 use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+
+/// The suite's progress line, once started: every row printed shows on it.
+static PROGRESS: OnceLock<ProgressBar> = OnceLock::new();
+
+/// `rdmem-bench suite`'s progress line on stderr: the benchmark running, the results so far
+/// and the time taken (drawn only when stderr is a terminal, so logs and pipes stay clean).
+pub(crate) struct Progress {
+    bar: &'static ProgressBar,
+}
+
+impl Progress {
+    /// A line for the benchmarks `parts`, in order.
+    pub(crate) fn start(parts: &[&str]) -> Progress {
+        let bar = PROGRESS.get_or_init(|| {
+            let bar = ProgressBar::new(parts.len() as u64);
+            let style = ProgressStyle::with_template("{elapsed_precise} [{bar:12}] {pos}/{len} {prefix}: {msg}")
+                .expect("a valid template");
+            bar.set_style(style.progress_chars("=> "));
+            bar.enable_steady_tick(std::time::Duration::from_millis(500));
+            bar
+        });
+        Progress { bar }
+    }
+
+    /// `name` starts (the one before it is done).
+    pub(crate) fn part(&self, name: &str) {
+        if !self.bar.prefix().is_empty() {
+            self.bar.inc(1);
+        }
+        self.bar.set_prefix(name.to_owned());
+        self.bar.set_message("starting");
+    }
+
+    /// The last part is done: the line goes.
+    pub(crate) fn finish(&self) {
+        self.bar.inc(1);
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Shows `row` on the progress line, if there is one.
+fn show_progress(row: &Row) {
+    if let Some(bar) = PROGRESS.get() {
+        bar.set_message(format!(
+            "{} {} {} B, {} thread(s), batch {}",
+            row.implementation, row.op, row.size, row.threads, row.batch
+        ));
+    }
+}
 
 /// One result: a latency row (p50/p99/p999) or a throughput row (Mops, GB/s).
 #[derive(Debug, Clone, Serialize)]
@@ -46,6 +98,10 @@ pub(crate) struct Row {
     /// Hits over accesses (cache rows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hit_ratio: Option<f64>,
+    /// The hit ratio of an ideal cache of the same size: the share of accesses to the most
+    /// popular pages that fit (zipfian cache rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ideal_hit_ratio: Option<f64>,
     /// Cache capacity in bytes (cache rows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_bytes: Option<u64>,
@@ -87,6 +143,7 @@ impl Row {
             ratio_vs_sync: None,
             read_share: None,
             hit_ratio: None,
+            ideal_hit_ratio: None,
             cache_bytes: None,
             note: None,
             cross_machine: false,
@@ -124,6 +181,7 @@ impl Row {
             ratio_vs_sync: None,
             read_share: None,
             hit_ratio: None,
+            ideal_hit_ratio: None,
             cache_bytes: None,
             note: None,
             cross_machine: false,
@@ -156,6 +214,15 @@ impl Printer {
     }
 
     pub(crate) fn print(&mut self, row: &Row) {
+        show_progress(row);
+        // Printed around the progress line, which is redrawn below it.
+        match PROGRESS.get() {
+            Some(bar) => bar.suspend(|| self.print_row(row)),
+            None => self.print_row(row),
+        }
+    }
+
+    fn print_row(&mut self, row: &Row) {
         let marked;
         let row = if self.cross_machine {
             marked = Row { cross_machine: true, ..row.clone() };
