@@ -94,7 +94,8 @@ impl KillSwitch {
         self.after(0);
     }
 
-    /// True once an operation was refused.
+    /// True once the process is dead: its operations are spent (or it was killed with
+    /// [`KillSwitch::now`]), so every operation from now on is refused.
     pub fn fired(&self) -> bool {
         self.0.load(Ordering::SeqCst) == 0
     }
