@@ -673,16 +673,14 @@ impl<T: Transport> ThreadAlloc<T> {
     /// others go to their chunk's remote free list (one READ, one WRITE, one or more CAS).
     pub fn free(&self, addr: GlobalAddr) -> Result<()> {
         let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
-        let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
-        let geo = &self.shared.nodes[idx].geo;
-        let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
-        let rel = addr.offset() - geo.chunk_offset(chunk);
+        let (idx, _, chunk, rel) = self.locate(addr)?;
         let inner = &mut *self.inner.borrow_mut();
         let arena = &mut inner.nodes[idx];
         // Our own small block: no network unless the chunk becomes empty.
         if let Some(owned) = arena.chunks.get_mut(chunk) {
             // Blocks are powers of two: shifts, not divisions.
-            let (b, shift) = (rel >> owned.block.trailing_zeros(), owned.block.trailing_zeros());
+            let shift = owned.block.trailing_zeros();
+            let b = rel >> shift;
             if b << shift != rel || b >= owned.blocks {
                 return Err(invalid("not the start of a block"));
             }
@@ -701,10 +699,11 @@ impl<T: Transport> ThreadAlloc<T> {
     }
 
     /// Where `addr` is: its node's index and geometry, its chunk, and its offset in the chunk.
-    fn locate(&self, addr: GlobalAddr) -> Result<(usize, Geometry, u64, u64)> {
+    #[inline]
+    fn locate(&self, addr: GlobalAddr) -> Result<(usize, &Geometry, u64, u64)> {
         let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
         let idx = self.node_index(addr.node()).ok_or_else(|| invalid("no such memory node in this cluster"))?;
-        let geo = self.shared.nodes[idx].geo;
+        let geo = &self.shared.nodes[idx].geo;
         let chunk = geo.chunk_of(addr.offset()).ok_or_else(|| invalid("outside the pool's data area"))?;
         Ok((idx, geo, chunk, addr.offset() - geo.chunk_offset(chunk)))
     }
@@ -721,7 +720,7 @@ impl<T: Transport> ThreadAlloc<T> {
         let invalid = |reason: &str| AllocError::InvalidAddress { addr, reason: reason.to_owned() };
         let (idx, geo, chunk, rel) = self.locate(addr)?;
         let inner = &mut *self.inner.borrow_mut();
-        let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), &geo, chunk)?;
+        let (owner, class) = pool::read_descriptor(&mut inner.net, addr.node(), geo, chunk)?;
         let mine = inner.owner;
         check_owner(owner, addr)?;
         let span = match class {
@@ -735,7 +734,7 @@ impl<T: Transport> ThreadAlloc<T> {
             return Ok(0);
         }
         // The continuations of a large allocation name its first chunk, and follow it.
-        let old = inner.net.cas(pool::desc_word(addr.node(), &geo, chunk, desc::OWNER), owner, mine)?;
+        let old = inner.net.cas(pool::desc_word(addr.node(), geo, chunk, desc::OWNER), owner, mine)?;
         if old != owner && old != mine {
             return Err(invalid("its owner changed while it was taken over (freed, or taken by another)"));
         }

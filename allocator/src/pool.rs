@@ -405,9 +405,12 @@ fn take_owner_words<E: Endpoint>(
     batch.submit()?;
     net.ops += span;
     let Some(busy) = olds.iter().position(|&o| o != 0) else { return Ok(Ok(())) };
-    let mut ignored = vec![0u64; span as usize - 1];
+    // Give back the continuations taken (CAS, so one that is not ours stays as it is), then
+    // the first chunk.
+    let taken: Vec<u64> = (first + 1..first + span).zip(&olds).filter(|&(_, &o)| o == 0).map(|(c, _)| c).collect();
+    let mut ignored = vec![0u64; taken.len()];
     let mut undo = net.ep.batch();
-    for ((c, _), ignored) in (first + 1..first + span).zip(&olds).filter(|(_, o)| **o == 0).zip(ignored.iter_mut()) {
+    for (&c, ignored) in taken.iter().zip(ignored.iter_mut()) {
         undo.cas(desc_word(node, geo, c, desc::OWNER), cont, 0, ignored);
     }
     let zeros = [0u8; layout::DESC_BYTES as usize];

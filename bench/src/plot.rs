@@ -117,13 +117,13 @@ fn draw(
 
 /// The distinct x values of `series`, in order, as labels; the series with each x replaced by
 /// its position among them.
-fn positions(series: Vec<Series>, label: impl Fn(f64) -> String) -> (Vec<Series>, Vec<String>) {
+fn positions(series: Vec<Series>) -> (Vec<Series>, Vec<String>) {
     let mut xs: Vec<f64> = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).collect();
     xs.sort_by(f64::total_cmp);
     xs.dedup();
     let at = |x: f64| xs.iter().position(|&v| v == x).expect("an x of the series") as f64;
     let placed = series.into_iter().map(|(name, p)| (name, p.into_iter().map(|(x, y)| (at(x), y)).collect())).collect();
-    (placed, xs.iter().map(|&x| label(x)).collect())
+    (placed, xs.iter().map(|x| x.to_string()).collect())
 }
 
 /// Draws each series as a line with its points, and the legend.
@@ -140,6 +140,26 @@ fn lines<'a>(
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+    Ok(())
+}
+
+/// A file with one chart of `series` (x values placed by [`positions`] unless `labels` says
+/// what the positions stand for).
+fn one_chart(
+    path: &Path,
+    title: &str,
+    axes: (&str, &str),
+    series: Vec<Series>,
+    labels: Option<Vec<String>>,
+) -> Result<(), BoxError> {
+    let (series, labels) = match labels {
+        Some(labels) => (series, labels),
+        None => positions(series),
+    };
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    draw(&root, title, axes, &series, &labels)?;
+    root.present()?;
     Ok(())
 }
 
@@ -193,11 +213,7 @@ fn throughput(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
     if series.is_empty() {
         return Ok(false);
     }
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (series, labels) = positions(series, |x| format!("{x}"));
-    draw(&root, "8-byte READ throughput by batch", ("operations per doorbell", "Mops"), &series, &labels)?;
-    root.present()?;
+    one_chart(path, "8-byte READ throughput by batch", ("operations per doorbell", "Mops"), series, None)?;
     Ok(true)
 }
 
@@ -230,10 +246,7 @@ fn locks(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
             (imp.to_string(), points)
         })
         .collect();
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    draw(&root, "Lock throughput", ("threads x processes", "Mops"), &series, &labels)?;
-    root.present()?;
+    one_chart(path, "Lock throughput", ("threads x processes", "Mops"), series, Some(labels))?;
     Ok(true)
 }
 
@@ -254,11 +267,7 @@ fn cache(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
     if !ideal.is_empty() {
         series.push(("ideal (most popular pages)".to_owned(), ideal));
     }
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (series, labels) = positions(series, |x| format!("{x}"));
-    draw(&root, "Cache hit ratio, zipfian reads", ("cache size (pages)", "hit ratio"), &series, &labels)?;
-    root.present()?;
+    one_chart(path, "Cache hit ratio, zipfian reads", ("cache size (pages)", "hit ratio"), series, None)?;
     Ok(true)
 }
 
@@ -283,11 +292,7 @@ fn alloc(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
     if series.is_empty() {
         return Ok(false);
     }
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (series, labels) = positions(series, |x| format!("{x}"));
-    draw(&root, "Remote allocation: alloc+free pairs", ("threads", "Mops"), &series, &labels)?;
-    root.present()?;
+    one_chart(path, "Remote allocation: alloc+free pairs", ("threads", "Mops"), series, None)?;
     Ok(true)
 }
 
