@@ -158,7 +158,9 @@ pub struct BandwidthResult {
     pub post_list: u32,
     /// Measured operations (`#iterations`).
     pub iterations: u64,
-    /// Peak bandwidth in GB/s (10^9 bytes per second).
+    /// Peak bandwidth in GB/s (10^9 bytes per second), as perftest prints it: from the shortest
+    /// interval between completions its cycle counter saw, so unreliable under an emulated clock
+    /// (it has read 0 in the VM); use [`BandwidthResult::bw_avg_gbps`] for comparisons.
     pub bw_peak_gbps: f64,
     /// Average bandwidth in GB/s (10^9 bytes per second).
     pub bw_avg_gbps: f64,
@@ -1221,6 +1223,13 @@ Post List requested - CQ moderation will be the size of the post list
         let result = run_read_bandwidth(&target, 8, 16, 1024).unwrap();
         eprintln!("{result:?}");
         assert_eq!((result.size, result.post_list, result.iterations), (8, 16, 1024));
-        assert!(result.bw_avg_gbps > 0.0 && result.bw_peak_gbps > 0.0 && result.msg_rate_mpps > 0.0);
+        // The average and the message rate both come from the whole run's duration: they must
+        // agree (bytes per second = operations per second x size). The peak comes from the
+        // shortest interval perftest's cycle counter saw between completions, which under the
+        // VM's emulated clock has printed 0, so it is only checked to be a number.
+        assert!(result.bw_avg_gbps > 0.0 && result.msg_rate_mpps > 0.0, "{result:?}");
+        let from_rate = result.msg_rate_mpps * 1e6 * result.size as f64 / 1e9;
+        assert!((result.bw_avg_gbps / from_rate - 1.0).abs() < 0.05, "average {result:?} vs rate {from_rate} GB/s");
+        assert!(result.bw_peak_gbps.is_finite() && result.bw_peak_gbps >= 0.0, "{result:?}");
     }
 }

@@ -66,6 +66,7 @@ fn machine_death_of_a_lock_holder_and_of_a_memory_node() {
     me.meet_all(PORT + 1, MEET).expect("memory node up");
     match me.index {
         0 => {
+            me.meet_all(PORT + 6, MEET).expect("the sections before are done");
             me.meet_all(PORT + 2, MEET).expect("node 2 holds the lock");
             kill_node(2);
             // Node 2's allocator client is dead: its chunks come back.
@@ -85,7 +86,12 @@ fn machine_death_of_a_lock_holder_and_of_a_memory_node() {
             for _ in 0..before {
                 section(&lock, &mut ep, counter);
             }
+            // Node 2 takes the lock only once this node is done with it: were it still working
+            // here, it would rightly take over a hold node 2 kept past its lease while waiting.
+            me.meet_all(PORT + 6, MEET).expect("the sections before are done");
             me.meet_all(PORT + 2, MEET).expect("node 2 holds the lock");
+            // This node's lease clock starts when it first sees node 2's hold, after the meeting,
+            // so however long the meeting took, it waits a whole lease.
             let longest = (0..after).map(|_| section(&lock, &mut ep, counter)).max().unwrap();
             println!("node 1: the dead holder delayed it by {longest:?} (lease {LEASE:?})");
             assert!(longest >= LEASE, "the lock was held by the dead machine until its lease ran out");
@@ -111,6 +117,7 @@ fn machine_death_of_a_lock_holder_and_of_a_memory_node() {
             let blocks: Vec<_> =
                 (0..10).map(|_| alloc.alloc(std::alloc::Layout::from_size_align(4096, 8).unwrap()).unwrap()).collect();
             assert_eq!(blocks.len(), 10);
+            me.meet_all(PORT + 6, MEET).expect("the sections before are done");
             let mut guard = lock.lock(&mut ep).expect("acquire");
             let _ = guard.endpoint().read_u64(counter).expect("read");
             me.meet_all(PORT + 2, MEET).expect("holding");
