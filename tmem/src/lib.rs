@@ -9,6 +9,8 @@
 //!   persistent or ephemeral), options and statistics.
 //! - [`StoreHandle`]: one thread's way in (`put`, `get`, the flushes, `remotify`).
 //! - [`page`]: how a page is encoded (same-filled pages take no space; the others LZ4).
+//! - [`nbd`]: an NBD server whose export is a pool's object, so Linux can swap to remote
+//!   memory (the `rdmem-swap` binary, with the `rdma` feature).
 //!
 //! See [`store`] for where pages live and how the races between remotify, get and flush are
 //! resolved.
@@ -18,6 +20,7 @@
 //! nothing below it needs it.
 
 pub mod error;
+pub mod nbd;
 pub mod page;
 pub mod store;
 
