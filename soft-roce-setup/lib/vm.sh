@@ -18,7 +18,7 @@ vm_host_packages() {
         qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio gzip:gzip \
         ibv_devinfo:ibverbs-utils ib_read_lat:perftest rdma:iproute2 \
         "$libdir/libibverbs/librxe-rdmav34.so:ibverbs-providers" \
-        "$libdir/librdmacm.so.1:librdmacm1" apt-get:apt jq:jq
+        "$libdir/librdmacm.so.1:librdmacm1" apt-get:apt jq:jq nbd-client:nbd-client
     busybox=$(command -v busybox)
     # The initramfs needs a static busybox: busybox-static replaces the dynamically linked one.
     if ldd "$busybox" >/dev/null 2>&1; then
@@ -32,8 +32,9 @@ vm_host_packages() {
 # --- kernel and initramfs (cached) -----------------------------------------------------------
 # The modules the init loads, by name; their dependencies are added in load order.
 boot_modules="virtio_pci 9pnet_virtio 9p"
-# crc32_generic is only a soft dependency of rdma_rxe, which fails without it.
-rdma_modules="crc32_generic dummy virtio_net sch_netem rdma_rxe ib_uverbs rdma_ucm"
+# crc32_generic is only a soft dependency of rdma_rxe, which fails without it. nbd and zram:
+# rdmem-swap's test and benchmark (swap to an NBD export, and zram as the local baseline).
+rdma_modules="crc32_generic dummy virtio_net sch_netem rdma_rxe ib_uverbs rdma_ucm nbd zram"
 
 # Prints the module names a .ko depends on, one per line (from its .modinfo "depends=").
 ko_depends() {

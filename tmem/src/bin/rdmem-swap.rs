@@ -80,9 +80,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// The store's figures as `name=value` words (the swap test reads them).
 fn figures(s: &StoreStats) -> String {
     format!(
-        "pages {} (filled {}, local {} in {} B, remote {} in {} B), ratio {}, puts {} refused {}, hits {} misses {}, trimmed {}",
+        "pages={} filled_pages={} local_pages={} local_bytes={} remote_pages={} remote_bytes={} ratio={} puts={} refused={} hits={} misses={} flushed={}",
         s.pages(),
         s.filled_pages,
         s.local_pages,
@@ -158,7 +159,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_secs(every.max(1)));
-                eprintln!("rdmem-swap: {}", figures(&store.stats()));
+                eprintln!("rdmem-swap: stats {}", figures(&store.stats()));
             }
         });
     }
@@ -216,7 +217,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             open.fetch_sub(1, Ordering::AcqRel);
         });
     }
-    eprintln!("rdmem-swap: stopping; {}", figures(&store.stats()));
+    eprintln!("rdmem-swap: stopping; stats {}", figures(&store.stats()));
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
     }
