@@ -21,6 +21,7 @@ mod lock;
 mod perftest;
 mod plot;
 mod report;
+mod tmem;
 mod tsc;
 mod verbs;
 mod verbs_async;
@@ -48,6 +49,8 @@ enum Bench {
     Cache(cache::CacheArgs),
     /// Memory-node snapshots: full, incremental and restore, next to the disk's write speed.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// The page store: put and get by page content, compressed or not, local or remote tier.
+    Tmem(tmem::TmemArgs),
     /// Everything: verbs (next to perftest), alloc, lock, cache. The headline points with
     /// each benchmark's rounds (about 5 minutes on this project's Soft-RoCE VM); `--full`
     /// for every benchmark's whole sweep (about 12).
@@ -137,6 +140,7 @@ fn main() {
         Bench::Lock(args) => lock::run(args),
         Bench::Cache(args) => cache::run(args),
         Bench::Checkpoint(args) => checkpoint::run(args),
+        Bench::Tmem(args) => tmem::run(args),
         Bench::Suite(args) => suite(args),
         Bench::Plot(args) => plot::run(args),
         Bench::PerftestServer { listen } => perftest::serve(listen),

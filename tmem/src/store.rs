@@ -98,7 +98,8 @@ pub struct StoreOptions {
     /// nodes. Split evenly over the shards. 0: every page that takes space goes remote at once.
     pub local_capacity: usize,
     /// The background [`Remotifier`] moves pages out of a shard once the local tier holds more
-    /// than this (split over the shards the same way); at most `local_capacity`.
+    /// than this (split over the shards the same way); more than `local_capacity` is taken as
+    /// `local_capacity`.
     pub remotify_above: usize,
     /// Compress pages with LZ4 (false: keep them as they are; same-filled pages take no space
     /// either way).
@@ -151,14 +152,11 @@ impl StoreStats {
         self.filled_pages + self.local_pages + self.remote_pages
     }
 
-    /// Bytes of the pages stored, over the bytes they take (same-filled ones take none);
-    /// `None` while nothing is stored.
+    /// Bytes of the pages stored, over the bytes they take (same-filled ones count, and take
+    /// none); `None` while no page takes any space (nothing stored, or only same-filled pages).
     pub fn compression_ratio(&self) -> Option<f64> {
         let kept = self.local_bytes + self.remote_bytes;
-        match self.pages() {
-            0 => None,
-            pages => Some((pages * PAGE_SIZE as u64) as f64 / kept.max(1) as f64),
-        }
+        (kept > 0).then(|| (self.pages() * PAGE_SIZE as u64) as f64 / kept as f64)
     }
 
     fn add(&mut self, o: &StoreStats) {
@@ -331,12 +329,8 @@ impl<T: Transport> PageStore<T> {
         if !(1..=4096).contains(&options.shards) {
             return Err(TmemError::InvalidOptions(format!("shards {} is not in 1..=4096", options.shards)));
         }
-        if options.remotify_above > options.local_capacity {
-            return Err(TmemError::InvalidOptions(format!(
-                "remotify_above ({}) is more than local_capacity ({})",
-                options.remotify_above, options.local_capacity
-            )));
-        }
+        let mut options = options;
+        options.remotify_above = options.remotify_above.min(options.local_capacity);
         let shards = options.shards as u64;
         let shared = Shared {
             allocator,

@@ -357,7 +357,8 @@ fn misuse_is_an_error() {
     assert!(bad(StoreOptions { batch: 0, ..StoreOptions::default() }));
     assert!(bad(StoreOptions { batch: 100_000, ..StoreOptions::default() }));
     assert!(bad(StoreOptions { shards: 0, ..StoreOptions::default() }));
-    assert!(bad(StoreOptions { local_capacity: 10, remotify_above: 20, ..StoreOptions::default() }));
+    let (_t, clamped) = self::store(16 << 20, StoreOptions { local_capacity: 0, ..StoreOptions::default() });
+    assert_eq!(clamped.options().remotify_above, 0, "remotify_above is at most local_capacity");
     let _first = store.start_remotifier().unwrap();
     assert!(matches!(store.start_remotifier(), Err(TmemError::InvalidOptions(_))), "one remotifier per store");
     let pools: Vec<_> = std::iter::from_fn(|| store.create_pool(PoolKind::Ephemeral).ok()).collect();
