@@ -21,6 +21,7 @@ mod lock;
 mod perftest;
 mod plot;
 mod report;
+mod swap;
 mod tmem;
 mod tsc;
 mod verbs;
@@ -51,6 +52,9 @@ enum Bench {
     Checkpoint(checkpoint::CheckpointArgs),
     /// The page store: put and get by page content, compressed or not, local or remote tier.
     Tmem(tmem::TmemArgs),
+    /// Swap: a workload three times its memory limit on rdmem-swap, on zram, and unlimited
+    /// (root, nbd and zram: the VM has them).
+    Swap(swap::SwapArgs),
     /// Everything: verbs (next to perftest), alloc, lock, cache. The headline points with
     /// each benchmark's rounds (about 5 minutes on this project's Soft-RoCE VM); `--full`
     /// for every benchmark's whole sweep (about 12).
@@ -141,6 +145,7 @@ fn main() {
         Bench::Cache(args) => cache::run(args),
         Bench::Checkpoint(args) => checkpoint::run(args),
         Bench::Tmem(args) => tmem::run(args),
+        Bench::Swap(args) => swap::run(args),
         Bench::Suite(args) => suite(args),
         Bench::Plot(args) => plot::run(args),
         Bench::PerftestServer { listen } => perftest::serve(listen),

@@ -11,6 +11,8 @@
 //! - [`page`]: how a page is encoded (same-filled pages take no space; the others LZ4).
 //! - [`nbd`]: an NBD server whose export is a pool's object, so Linux can swap to remote
 //!   memory (the `rdmem-swap` binary, with the `rdma` feature).
+//! - [`linux_swap`]: the plumbing of the swap test and benchmark (nbd-client, swapon, zram, a
+//!   cgroup's `memory.max`, the `swap_workload` example).
 //!
 //! See [`store`] for where pages live and how the races between remotify, get and flush are
 //! resolved.
@@ -20,6 +22,7 @@
 //! nothing below it needs it.
 
 pub mod error;
+pub mod linux_swap;
 pub mod nbd;
 pub mod page;
 pub mod store;

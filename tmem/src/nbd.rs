@@ -61,9 +61,9 @@ const TF_SEND_FLUSH: u16 = 4;
 const TF_SEND_FUA: u16 = 8;
 const TF_SEND_TRIM: u16 = 32;
 const TF_SEND_WRITE_ZEROES: u16 = 64;
-const TF_CAN_MULTI_CONN: u16 = 256;
-const TRANSMISSION_FLAGS: u16 =
-    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN;
+// No NBD_FLAG_CAN_MULTI_CONN: a write of part of a page is a read, a patch and a put, which
+// is atomic within a connection (its requests are served in order) but not across them.
+const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
@@ -302,7 +302,8 @@ pub fn transmission<T: Transport, S: Read + Write>(
         }
         let error = match kind {
             CMD_DISC => return Ok(Ended::Disconnected),
-            _ if !in_range => EINVAL, // past the end, as the spec asks
+            CMD_WRITE | CMD_WRITE_ZEROES if !in_range => ENOSPC, // as the spec asks
+            _ if !in_range => EINVAL,
             CMD_READ if len > MAX_REQUEST => EINVAL,
             CMD_READ => {
                 grow(&mut buf, len);
@@ -315,7 +316,11 @@ pub fn transmission<T: Transport, S: Read + Write>(
                 stats.write_bytes += u64::from(len);
                 code(write_range(handle, export, offset, Some(&buf[16..16 + len as usize]), len, &mut page))
             }
-            CMD_TRIM | CMD_WRITE_ZEROES => {
+            CMD_TRIM => {
+                stats.trims += 1;
+                code(trim_range(handle, export, offset, len))
+            }
+            CMD_WRITE_ZEROES => {
                 stats.trims += 1;
                 code(write_range(handle, export, offset, None, len, &mut page))
             }
@@ -391,8 +396,19 @@ fn read_range<T: Transport>(
     Ok(())
 }
 
-/// Writes `data` (or zeros, for TRIM and WRITE_ZEROES: whole pages are flushed, so they take
-/// no space and read as zeros) over `len` bytes at `offset`.
+/// TRIM: the whole pages of the range are flushed (they take no space and read as zeros); the
+/// parts of pages at its ends are left as they are (a trim is a hint).
+fn trim_range<T: Transport>(handle: &mut StoreHandle<T>, export: &Export, offset: u64, len: u32) -> crate::Result<()> {
+    for (index, _, n) in pages(offset, len) {
+        if n == PAGE_SIZE {
+            handle.flush_page(export.pool, export.object, index)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` (or zeros, for WRITE_ZEROES: whole pages are flushed, so they take no space
+/// and read as zeros) over `len` bytes at `offset`.
 fn write_range<T: Transport>(
     handle: &mut StoreHandle<T>,
     export: &Export,

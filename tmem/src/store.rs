@@ -194,11 +194,30 @@ struct Shard {
     map: BTreeMap<Key, Entry>,
     /// Local entries, oldest first, with their generation (stale ones are skipped).
     local: VecDeque<(Key, u64)>,
+    /// Bytes of local pages a remotify batch has taken off `local` and is writing out: they
+    /// still count in `stats.local_bytes` until published, but are leaving.
+    moving: u64,
     next_generation: u64,
     stats: StoreStats,
 }
 
 impl Shard {
+    /// Local bytes that stay local: those not being written out by a remotify batch.
+    fn resident(&self) -> u64 {
+        self.stats.local_bytes - self.moving
+    }
+
+    /// Drops queue entries of versions that are gone (replaced, flushed), once they outnumber
+    /// the local pages: the queue stays within about twice the local tier's page count.
+    fn compact_queue(&mut self) {
+        if self.local.len() > 2 * self.stats.local_pages as usize + 64 {
+            let map = &self.map;
+            self.local.retain(|(key, generation)| {
+                map.get(key).is_some_and(|e| e.generation == *generation && matches!(e.body, Body::Local { .. }))
+            });
+        }
+    }
+
     fn generation(&mut self) -> u64 {
         self.next_generation += 1;
         self.next_generation
@@ -241,13 +260,17 @@ impl Shard {
     }
 
     /// Drops the oldest local ephemeral pages until the local tier holds at most `limit`
-    /// bytes; false if that was not enough.
+    /// resident bytes; false if that was not enough.
     fn drop_ephemeral(&mut self, limit: u64) -> bool {
         let mut keep = VecDeque::new();
-        while self.stats.local_bytes > limit {
+        while self.resident() > limit {
             let Some((key, generation)) = self.local.pop_front() else { break };
             match self.map.get(&key) {
-                Some(e) if e.generation == generation && e.kind == PoolKind::Ephemeral => {
+                Some(e)
+                    if e.generation == generation
+                        && e.kind == PoolKind::Ephemeral
+                        && matches!(e.body, Body::Local { .. }) =>
+                {
                     self.remove(&key);
                     self.stats.dropped += 1;
                 }
@@ -258,7 +281,7 @@ impl Shard {
         while let Some(k) = keep.pop_back() {
             self.local.push_front(k);
         }
-        self.stats.local_bytes <= limit
+        self.resident() <= limit
     }
 }
 
@@ -286,7 +309,8 @@ const STATE_EPHEMERAL: u32 = 2;
 const STATE_DESTROYING: u32 = 3;
 
 /// A store of pages, shared by the threads of a process (clone it freely). Each thread works
-/// through its own [`StoreHandle`] ([`PageStore::handle`]).
+/// through its own [`StoreHandle`] ([`PageStore::handle`]). When the last clone and handle are
+/// dropped, the store's remote blocks go back to the allocator (its pages are gone).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -453,6 +477,33 @@ impl<T: Transport> Shared<T> {
     }
 }
 
+impl<T: Transport> Drop for Shared<T> {
+    /// The last handle and clone are gone: the remote blocks go back to the allocator.
+    fn drop(&mut self) {
+        let mut blocks = Vec::new();
+        for shard in self.shards.iter_mut() {
+            let shard = shard.0.get_mut().unwrap_or_else(|p| p.into_inner());
+            blocks.extend(shard.map.values().filter_map(|e| match e.body {
+                Body::Remote { addr, .. } => Some(addr),
+                _ => None,
+            }));
+        }
+        if blocks.is_empty() {
+            return;
+        }
+        match self.allocator.thread() {
+            Ok(alloc) => {
+                for addr in blocks {
+                    if let Err(e) = alloc.free(addr) {
+                        tracing::warn!("page store: cannot free the remote block at {addr}: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("page store: cannot free its {} remote blocks: {e}", blocks.len()),
+        }
+    }
+}
+
 fn lock<S>(m: &Mutex<S>) -> MutexGuard<'_, S> {
     // A panic while holding a shard leaves counts possibly off by one page, never a page
     // handed out for another: keep going.
@@ -474,6 +525,12 @@ impl Drop for Remotifier {
             let _ = t.join();
         }
     }
+}
+
+/// What one remotify batch did: pages taken off the queue, and how many of them went remote.
+struct Batch {
+    picked: usize,
+    moved: usize,
 }
 
 /// One page picked for a remotify batch.
@@ -525,15 +582,17 @@ impl<T: Transport> StoreHandle<T> {
             let generation = shard.generation();
             let entry = Entry { generation, kind, checksum, body };
             shard.count(&entry);
-            if matches!(entry.body, Body::Local { .. }) {
-                shard.local.push_back((key, generation));
-            }
+            let local = matches!(entry.body, Body::Local { .. });
             shard.stats.puts += 1;
             let old = shard.map.insert(key, entry);
             if let Some(o) = &old {
                 shard.uncount(o);
             }
-            (old, generation, shard.stats.local_bytes)
+            if local {
+                shard.local.push_back((key, generation));
+                shard.compact_queue();
+            }
+            (old, generation, shard.resident())
         };
         self.free_body(old.map(|e| e.body));
         if over > shared.shard_remotify_above && shared.remotifier_wanted() {
@@ -551,11 +610,12 @@ impl<T: Transport> StoreHandle<T> {
         let shared = Arc::clone(&self.store.shared);
         let mut reason = String::new();
         for _ in 0..ROOM_TRIES {
-            if shared.shard(s).stats.local_bytes <= shared.shard_capacity {
+            if shared.shard(s).resident() <= shared.shard_capacity {
                 return Ok(());
             }
+            // Nothing left to take means the resident bytes are within the capacity (pages
+            // another thread is writing out count as gone), so the loop ends at the check.
             match self.remotify_shard(s, shared.shard_capacity) {
-                Ok(0) => break,
                 Ok(_) => {}
                 Err(TmemError::Alloc(AllocError::OutOfMemory { node, reason: r })) => {
                     reason = format!("{node}: {r}");
@@ -733,8 +793,8 @@ impl<T: Transport> StoreHandle<T> {
         for s in 0..self.store.shared.shards.len() {
             loop {
                 match self.remotify_shard(s, limit) {
-                    Ok(0) => break,
-                    Ok(n) => moved += n as u64,
+                    Ok(Batch { picked: 0, .. }) => break,
+                    Ok(batch) => moved += batch.moved as u64,
                     Err(e) if moved == 0 => return Err(e),
                     Err(e) => {
                         tracing::debug!("remotify stopped after {moved} pages: {e}");
@@ -750,13 +810,13 @@ impl<T: Transport> StoreHandle<T> {
     /// more than `limit` bytes locally: how many moved (0: nothing to move). The shard is not
     /// locked during the allocation and the WRITEs: its pages stay readable locally until
     /// they are on the node, and a page replaced or flushed meanwhile has its new block freed.
-    fn remotify_shard(&mut self, s: usize, limit: u64) -> Result<usize> {
+    fn remotify_shard(&mut self, s: usize, limit: u64) -> Result<Batch> {
         let shared = Arc::clone(&self.store.shared);
         let mut moving: Vec<Moving> = Vec::with_capacity(shared.options.batch);
         {
             let mut shard = shared.shard(s);
-            let (mut at, mut local) = (0, shard.stats.local_bytes);
-            while moving.len() < shared.options.batch && local > limit {
+            let (mut at, mut resident) = (0, shard.resident());
+            while moving.len() < shared.options.batch && resident > limit {
                 let Some((key, generation)) = shard.local.pop_front() else { break };
                 let Some(Entry { generation: g, body: Body::Local { bytes, compressed }, .. }) = shard.map.get(&key)
                 else {
@@ -768,11 +828,12 @@ impl<T: Transport> StoreHandle<T> {
                 self.staging[at..at + bytes.len()].copy_from_slice(bytes);
                 moving.push(Moving { key, generation, at, len: bytes.len(), compressed: *compressed, addr: None });
                 at += bytes.len();
-                local -= bytes.len() as u64;
+                resident -= bytes.len() as u64;
             }
+            shard.moving += at as u64;
         }
         if moving.is_empty() {
-            return Ok(0);
+            return Ok(Batch { picked: 0, moved: 0 });
         }
         let mut failure = None;
         for m in moving.iter_mut() {
@@ -780,7 +841,7 @@ impl<T: Transport> StoreHandle<T> {
             match self.alloc.alloc(layout) {
                 Ok(addr) => m.addr = Some(addr),
                 Err(e) => {
-                    failure = Some(e);
+                    failure = Some(TmemError::from(e));
                     break;
                 }
             }
@@ -796,53 +857,49 @@ impl<T: Transport> StoreHandle<T> {
             batch.submit()
         });
         if let Err(e) = written {
+            // Nothing is published: every page stays local, and the blocks go back.
             for m in moving.iter_mut() {
                 if let Some(addr) = m.addr.take() {
                     self.free_block(addr);
                 }
             }
-            self.requeue(s, &moving);
-            return Err(e.into());
+            failure = Some(e.into());
         }
-        let mut stale = Vec::new();
-        let mut moved = 0;
-        {
-            let mut shard = shared.shard(s);
-            for m in &moving {
-                let Some(addr) = m.addr else { continue };
-                let current = shard.map.get(&m.key).is_some_and(|e| e.generation == m.generation);
-                if !current {
-                    stale.push(addr);
-                    continue;
-                }
-                let mut entry = shard.map.remove(&m.key).expect("just seen");
-                shard.uncount(&entry);
-                entry.body = Body::Remote { addr, len: m.len as u32, compressed: m.compressed };
-                shard.count(&entry);
-                shard.map.insert(m.key, entry);
-                shard.stats.remotified += 1;
-                moved += 1;
-            }
-        }
-        self.requeue(s, &moving);
+        let (moved, stale) = self.publish(s, &moving);
         for addr in stale {
             self.free_block(addr);
         }
         match failure {
-            Some(e) if moved == 0 => Err(e.into()),
-            _ => Ok(moved),
+            Some(e) if moved == 0 => Err(e),
+            _ => Ok(Batch { picked: moving.len(), moved }),
         }
     }
 
-    /// Puts the pages of `moving` that got no block back at the front of their shard's queue
-    /// (oldest first, as they were).
-    fn requeue(&self, s: usize, moving: &[Moving]) {
+    /// Ends a remotify batch of shard `s` under one lock: pages written and still current go
+    /// remote; those that got no block go back to the front of the queue (oldest first, as
+    /// they were); the blocks of pages replaced or flushed meanwhile are returned to free.
+    fn publish(&self, s: usize, moving: &[Moving]) -> (usize, Vec<GlobalAddr>) {
         let mut shard = self.store.shared.shard(s);
-        for m in moving.iter().rev().filter(|m| m.addr.is_none()) {
-            if shard.map.get(&m.key).is_some_and(|e| e.generation == m.generation) {
-                shard.local.push_front((m.key, m.generation));
+        shard.moving -= moving.iter().map(|m| m.len as u64).sum::<u64>();
+        let (mut moved, mut stale) = (0, Vec::new());
+        for m in moving.iter().rev() {
+            let current = shard.map.get(&m.key).is_some_and(|e| e.generation == m.generation);
+            match m.addr {
+                Some(addr) if current => {
+                    let mut entry = shard.map.remove(&m.key).expect("just seen");
+                    shard.uncount(&entry);
+                    entry.body = Body::Remote { addr, len: m.len as u32, compressed: m.compressed };
+                    shard.count(&entry);
+                    shard.map.insert(m.key, entry);
+                    shard.stats.remotified += 1;
+                    moved += 1;
+                }
+                Some(addr) => stale.push(addr),
+                None if current => shard.local.push_front((m.key, m.generation)),
+                None => {}
             }
         }
+        (moved, stale)
     }
 
     fn read_remote(&mut self, addr: GlobalAddr, len: usize) -> Result<()> {
@@ -877,5 +934,31 @@ impl<T: Transport> Shared<T> {
         if let Some(thread) = lock(&self.remotifier).as_ref() {
             thread.unpark();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdmem_allocator::AllocatorOptions;
+    use rdmem_core::LoopbackTransport;
+
+    /// A page rewritten over and over in the local tier leaves one queue entry per version
+    /// unless the queue is compacted: it stays within about twice the local pages.
+    #[test]
+    fn the_local_queue_stays_bounded_under_rewrites() {
+        let transport = Arc::new(LoopbackTransport::new(&[16 << 20]));
+        let allocator = Allocator::new(transport, AllocatorOptions::default()).unwrap();
+        let store = PageStore::new(allocator, StoreOptions { shards: 1, ..StoreOptions::default() }).unwrap();
+        let pool = store.create_pool(PoolKind::Persistent).unwrap();
+        let mut handle = store.handle().unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        for version in 0..10_000u32 {
+            page[..4].copy_from_slice(&version.to_le_bytes());
+            page[100] = 1; // not same-filled
+            handle.put(pool, 1, version % 3, &page).unwrap();
+        }
+        let queued = lock(&store.shared.shards[0].0).local.len();
+        assert!(queued <= 2 * 3 + 64 + 1, "{queued} queue entries for 3 local pages");
     }
 }

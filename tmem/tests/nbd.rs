@@ -151,11 +151,13 @@ fn reads_writes_trims_and_errors() {
     assert_eq!((e, &back[..]), (0, &disk[5 * PAGE_SIZE + 17..5 * PAGE_SIZE + 350]));
     assert_eq!(store.stats().pages(), 40);
 
-    // TRIM of 10 whole pages (and a partial one at each end) frees 10 pages.
+    // TRIM of 10 whole pages frees them; a TRIM of part of a page leaves it (a hint).
     let before = store.stats();
     assert_eq!(request(&mut c, 4, 7, 10 * PAGE_SIZE as u64, 10 * PAGE_SIZE as u32, &[]).0, 0);
     assert_eq!(store.stats().pages(), before.pages() - 10);
     disk[10 * PAGE_SIZE..20 * PAGE_SIZE].fill(0);
+    assert_eq!(request(&mut c, 4, 7, 25 * PAGE_SIZE as u64 + 10, 100, &[]).0, 0);
+    assert_eq!(store.stats().pages(), before.pages() - 10);
     // WRITE_ZEROES of an unaligned range zeros exactly it.
     assert_eq!(request(&mut c, 6, 8, 30 * PAGE_SIZE as u64 + 5, PAGE_SIZE as u32, &[]).0, 0);
     disk[30 * PAGE_SIZE + 5..31 * PAGE_SIZE + 5].fill(0);
@@ -165,7 +167,7 @@ fn reads_writes_trims_and_errors() {
     // Past the end, overflowing, an unknown command: EINVAL, and the connection goes on.
     assert_eq!(request(&mut c, 0, 10, SIZE - 100, 200, &[]).0, 22);
     assert_eq!(request(&mut c, 0, 11, u64::MAX - 10, 100, &[]).0, 22);
-    assert_eq!(request(&mut c, 1, 12, SIZE, 4, &[1, 2, 3, 4]).0, 22, "a WRITE past the end");
+    assert_eq!(request(&mut c, 1, 12, SIZE, 4, &[1, 2, 3, 4]).0, 28, "a WRITE past the end: ENOSPC");
     assert_eq!(request(&mut c, 42, 13, 0, 0, &[]).0, 22);
     assert_eq!(request(&mut c, 0, 14, 0, 4, &[]), (0, disk[..4].to_vec()));
     // Disconnect.

@@ -12,15 +12,17 @@
 //! space. The process locks its memory (`mlockall`) so that it never waits on the swap it
 //! serves; run the workloads you want to swap under a cgroup's `memory.max`, not this server.
 //! Memory nodes, token and device also come from RDMEM_* variables or RDMEM_CONFIG.
-//! On SIGTERM or SIGINT it prints the store's figures and exits; stats also go to stderr every
-//! `--stats-every` seconds when given.
+//! On SIGTERM or SIGINT it prints the store's figures and exits, but not while a client is
+//! connected (the kernel's swapped-out pages would be lost): it says so, and a second signal
+//! stops it anyway. Stats also go to stderr every `--stats-every` seconds when given.
+//! A client has [`nbd::HANDSHAKE_TIMEOUT`] for the whole handshake.
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
@@ -55,7 +57,7 @@ struct Cli {
     /// Keep pages as they are (same-filled pages still take no space).
     #[arg(long)]
     no_compress: bool,
-    /// Connections served at once (nbd-client -C N opens N).
+    /// Connections served at once (more are closed at once).
     #[arg(long, default_value_t = 16)]
     max_connections: usize,
     /// Print the store's figures to stderr this often (seconds).
@@ -150,9 +152,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             format!("mlockall: {e} (raise the memlock limit, e.g. ulimit -l unlimited, or run as root)")
         })?;
     }
-    let done = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, Arc::clone(&done))?;
+    let signals = Arc::new(AtomicUsize::new(0));
+    {
+        let mut incoming =
+            signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+        let signals = Arc::clone(&signals);
+        std::thread::spawn(move || {
+            for _ in incoming.forever() {
+                signals.fetch_add(1, Ordering::AcqRel);
+            }
+        });
     }
     if let Some(every) = cli.stats_every {
         let store = store.clone();
@@ -174,7 +183,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Listener::Unix(l, _) => l.set_nonblocking(true)?,
         Listener::Tcp(l) => l.set_nonblocking(true)?,
     }
-    while !done.load(Ordering::Acquire) {
+    let mut warned = false;
+    loop {
+        match signals.load(Ordering::Acquire) {
+            0 => {}
+            1 if open.load(Ordering::Acquire) > 0 => {
+                if !warned {
+                    eprintln!(
+                        "rdmem-swap: {} client(s) connected: their swapped-out pages live here. swapoff and \
+                         nbd-client -d first (signal again to stop anyway)",
+                        open.load(Ordering::Acquire)
+                    );
+                    warned = true;
+                }
+            }
+            _ => break,
+        }
         let accepted: std::io::Result<Box<dyn Conn>> = match &listener {
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
             Listener::Tcp(l) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
@@ -199,7 +223,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         std::thread::spawn(move || {
             let result = (|| -> Result<Ended, Box<dyn std::error::Error>> {
                 stream.setup(Some(nbd::HANDSHAKE_TIMEOUT))?;
-                if let Some(ended) = nbd::handshake(&mut stream, &export)? {
+                let deadline = std::time::Instant::now() + nbd::HANDSHAKE_TIMEOUT;
+                let handshake = nbd::handshake(&mut Deadline { conn: &mut *stream, deadline }, &export)?;
+                if let Some(ended) = handshake {
                     return Ok(ended);
                 }
                 stream.setup(None)?;
@@ -222,6 +248,33 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// A socket whose reads fail once `deadline` has passed (each read waits at most until then).
+struct Deadline<'c> {
+    conn: &'c mut dyn Conn,
+    deadline: std::time::Instant,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the handshake took too long"));
+        }
+        self.conn.setup(Some(left))?;
+        self.conn.read(buf)
+    }
+}
+
+impl std::io::Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 /// A client's socket: blocking, with a read timeout during the handshake only.
