@@ -34,8 +34,8 @@ pub(crate) struct SwapArgs {
     /// The memory the workload fills and checks, MiB.
     #[arg(long, default_value_t = 144)]
     workload_mib: u64,
-    /// Size of each swap device, MiB.
-    #[arg(long, default_value_t = 512)]
+    /// Size of each swap device, MiB (the memory node it starts gets this plus 64 MiB).
+    #[arg(long, default_value_t = 256)]
     swap_mib: u64,
     /// Runs of each.
     #[arg(long, default_value_t = 1)]
@@ -64,7 +64,8 @@ pub(crate) fn run(args: &SwapArgs) -> Result<(), Box<dyn std::error::Error>> {
             format!("--workload-mib ({}) must exceed --limit-mib ({})", args.workload_mib, args.limit_mib).into()
         );
     }
-    let cluster = harness::connect(&args.memnodes, (args.swap_mib << 20).max(64 << 20) * 2)?;
+    // The export's pages at most, plus the allocator's metadata.
+    let cluster = harness::connect(&args.memnodes, (args.swap_mib << 20) + (64 << 20))?;
     let (memnode, token) = match &cluster.memnode {
         Some(node) => (node.addr().to_owned(), node.token().to_owned()),
         None => {
