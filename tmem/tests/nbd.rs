@@ -92,8 +92,8 @@ fn go(c: &mut UnixStream, name: &str) -> Result<(u64, u16), u32> {
     }
 }
 
-/// Sends a request; returns the reply's error and the data of a READ.
-fn request(c: &mut UnixStream, kind: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> (u32, Vec<u8>) {
+/// A request's 28-byte header.
+fn header(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     let mut m = Vec::new();
     m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
     m.extend_from_slice(&0u16.to_be_bytes());
@@ -101,6 +101,12 @@ fn request(c: &mut UnixStream, kind: u16, cookie: u64, offset: u64, len: u32, da
     m.extend_from_slice(&cookie.to_be_bytes());
     m.extend_from_slice(&offset.to_be_bytes());
     m.extend_from_slice(&len.to_be_bytes());
+    m
+}
+
+/// Sends a request; returns the reply's error and the data of a READ.
+fn request(c: &mut UnixStream, kind: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> (u32, Vec<u8>) {
+    let mut m = header(kind, cookie, offset, len);
     m.extend_from_slice(data);
     c.write_all(&m).unwrap();
     let mut h = [0u8; 16];
@@ -171,11 +177,7 @@ fn reads_writes_trims_and_errors() {
     assert_eq!(request(&mut c, 42, 13, 0, 0, &[]).0, 22);
     assert_eq!(request(&mut c, 0, 14, 0, 4, &[]), (0, disk[..4].to_vec()));
     // Disconnect.
-    let mut m = vec![];
-    m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    m.extend_from_slice(&[0, 0, 0, 2]);
-    m.extend_from_slice(&[0; 20]);
-    c.write_all(&m).unwrap();
+    c.write_all(&header(2, 0, 0, 0)).unwrap();
     let (ended, stats) = t.join().unwrap();
     assert!(matches!(ended.unwrap(), Ended::Disconnected));
     assert_eq!(stats.errors, 4);
@@ -213,11 +215,7 @@ fn hostile_clients_are_dropped_and_others_are_served() {
         Box::new(|c| {
             greet(c);
             go(c, "").unwrap();
-            let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
-            m.extend_from_slice(&[0, 0, 0, 1]);
-            m.extend_from_slice(&[0; 16]);
-            m.extend_from_slice(&u32::MAX.to_be_bytes()); // a 4 GiB WRITE
-            c.write_all(&m).unwrap();
+            c.write_all(&header(1, 0, 0, u32::MAX)).unwrap(); // a 4 GiB WRITE
         }),
         Box::new(|c| {
             greet(c);
@@ -227,10 +225,7 @@ fn hostile_clients_are_dropped_and_others_are_served() {
         Box::new(|c| {
             greet(c);
             go(c, "").unwrap();
-            let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
-            m.extend_from_slice(&[0, 0, 0, 1]);
-            m.extend_from_slice(&[0; 16]);
-            m.extend_from_slice(&8192u32.to_be_bytes());
+            let mut m = header(1, 0, 0, 8192);
             m.extend_from_slice(&[1; 100]); // then hangs up mid-WRITE
             c.write_all(&m).unwrap();
         }),
