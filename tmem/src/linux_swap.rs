@@ -120,6 +120,7 @@ impl Drop for SwapServer {
 pub struct SwapDevice {
     device: String,
     nbd: bool,
+    on: bool,
 }
 
 impl SwapDevice {
@@ -130,9 +131,10 @@ impl SwapDevice {
         }
         let socket = server.socket().to_str().ok_or("socket path is not UTF-8")?;
         run("nbd-client", &["-unix", socket, "-b", "4096", "-N", "rdmem", "-swap", device])?;
-        let swap = SwapDevice { device: device.to_owned(), nbd: true };
+        let mut swap = SwapDevice { device: device.to_owned(), nbd: true, on: false };
         run("mkswap", &[device])?;
         run("swapon", &["--discard", device])?;
+        swap.on = true;
         Ok(swap)
     }
 
@@ -141,15 +143,23 @@ impl SwapDevice {
         let name = device.trim_start_matches("/dev/");
         std::fs::write(format!("/sys/block/{name}/disksize"), size.to_string())
             .map_err(|e| format!("cannot size {device}: {e} (is the zram module loaded?)"))?;
-        let swap = SwapDevice { device: device.to_owned(), nbd: false };
+        let mut swap = SwapDevice { device: device.to_owned(), nbd: false, on: false };
         run("mkswap", &[device])?;
         run("swapon", &[device])?;
+        swap.on = true;
         Ok(swap)
     }
 
     /// Its path.
     pub fn path(&self) -> &str {
         &self.device
+    }
+
+    /// Turns the swap off now (the device stays attached until dropped).
+    pub fn off(&mut self) -> Result<(), Error> {
+        run("swapoff", &[&self.device])?;
+        self.on = false;
+        Ok(())
     }
 
     /// For zram: bytes swapped in and the bytes they take (`mm_stat`'s first two fields).
@@ -163,7 +173,9 @@ impl SwapDevice {
 
 impl Drop for SwapDevice {
     fn drop(&mut self) {
-        let _ = Command::new("swapoff").arg(&self.device).status();
+        if self.on {
+            let _ = Command::new("swapoff").arg(&self.device).status();
+        }
         if self.nbd {
             let _ = Command::new("nbd-client").args(["-d", &self.device]).status();
         } else {
