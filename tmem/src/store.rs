@@ -85,6 +85,17 @@ pub struct Key {
     pub index: u32,
 }
 
+impl Key {
+    /// The smallest and largest keys of `pool`: its pages are the keys between them.
+    fn first_of(pool: PoolId) -> Key {
+        Key { pool, object: 0, index: 0 }
+    }
+
+    fn last_of(pool: PoolId) -> Key {
+        Key { pool, object: u64::MAX, index: u32::MAX }
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "page {} of object {} in pool {}", self.index, self.object, self.pool)
@@ -308,6 +319,14 @@ const STATE_PERSISTENT: u32 = 1;
 const STATE_EPHEMERAL: u32 = 2;
 const STATE_DESTROYING: u32 = 3;
 
+/// The state bits of a live pool of `kind`.
+fn state_of(kind: PoolKind) -> u32 {
+    match kind {
+        PoolKind::Persistent => STATE_PERSISTENT,
+        PoolKind::Ephemeral => STATE_EPHEMERAL,
+    }
+}
+
 /// A store of pages, shared by the threads of a process (clone it freely). Each thread works
 /// through its own [`StoreHandle`] ([`PageStore::handle`]). When the last clone and handle are
 /// dropped, the store's remote blocks go back to the allocator (its pages are gone).
@@ -376,10 +395,7 @@ impl<T: Transport> PageStore<T> {
 
     /// Creates a pool; fails with [`TmemError::InvalidOptions`] when [`MAX_POOLS`] exist.
     pub fn create_pool(&self, kind: PoolKind) -> Result<PoolId> {
-        let kind_bits = match kind {
-            PoolKind::Persistent => STATE_PERSISTENT,
-            PoolKind::Ephemeral => STATE_EPHEMERAL,
-        };
+        let kind_bits = state_of(kind);
         for (slot, state) in self.shared.pools.iter().enumerate() {
             let mut current = state.load(Ordering::Acquire);
             // A free slot keeps the generation of its last pool in its upper bits (state 0).
@@ -453,6 +469,17 @@ impl<T: Transport> PageStore<T> {
 }
 
 impl<T: Transport> Shared<T> {
+    /// True when a remotifier should be woken (it is not already asked to).
+    fn remotifier_wanted(&self) -> bool {
+        !self.remotify_wanted.load(Ordering::Relaxed) && !self.remotify_wanted.swap(true, Ordering::AcqRel)
+    }
+
+    fn wake_remotifier(&self) {
+        if let Some(thread) = lock(&self.remotifier).as_ref() {
+            thread.unpark();
+        }
+    }
+
     fn kind(&self, pool: PoolId) -> Result<PoolKind> {
         let state = self.pools.get(pool.slot as usize).map(|s| s.load(Ordering::Acquire));
         match state {
@@ -464,11 +491,10 @@ impl<T: Transport> Shared<T> {
 
     fn shard_of(&self, key: &Key) -> usize {
         // Runs of 16 pages share a shard (neighbours are often used together).
-        let h = xxhash_rust::xxh3::xxh3_64_with_seed(
-            &[key.object.to_le_bytes(), (u64::from(key.index >> 4) | u64::from(key.pool.slot) << 32).to_le_bytes()]
-                .concat(),
-            0,
-        );
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&key.object.to_le_bytes());
+        bytes[8..].copy_from_slice(&(u64::from(key.index >> 4) | u64::from(key.pool.slot) << 32).to_le_bytes());
+        let h = xxhash_rust::xxh3::xxh3_64(&bytes);
         (h % self.shards.len() as u64) as usize
     }
 
@@ -566,7 +592,7 @@ impl<T: Transport> StoreHandle<T> {
     /// it was not stored. In an ephemeral pool, `Ok` promises nothing. Either way, when the
     /// page was not stored, the older version under its key is gone too.
     pub fn put(&mut self, pool: PoolId, object: u64, index: u32, page: &Page) -> Result<()> {
-        let shared = Arc::clone(&self.store.shared);
+        let shared = &self.store.shared;
         let kind = shared.kind(pool)?;
         let key = Key { pool, object, index };
         let checksum = page::checksum(page);
@@ -657,7 +683,7 @@ impl<T: Transport> StoreHandle<T> {
     /// A page whose bytes do not decode to what was put fails with [`TmemError::Corrupt`] (and
     /// is dropped).
     pub fn get(&mut self, pool: PoolId, object: u64, index: u32, out: &mut Page) -> Result<bool> {
-        let shared = Arc::clone(&self.store.shared);
+        let shared = &self.store.shared;
         shared.kind(pool)?;
         let key = Key { pool, object, index };
         let s = shared.shard_of(&key);
@@ -692,7 +718,7 @@ impl<T: Transport> StoreHandle<T> {
                     }
                 }
             };
-            self.read_remote(addr, len)?;
+            Self::read_remote(&self.alloc, &mut self.staging, addr, len)?;
             let mut shard = shared.shard(s);
             // Unchanged since before the READ: the block was this version's all along.
             if !matches!(shard.map.get(&key), Some(e) if e.generation == generation) {
@@ -711,7 +737,7 @@ impl<T: Transport> StoreHandle<T> {
 
     /// Removes the page under (`pool`, `object`, `index`): true if there was one.
     pub fn flush_page(&mut self, pool: PoolId, object: u64, index: u32) -> Result<bool> {
-        let shared = Arc::clone(&self.store.shared);
+        let shared = &self.store.shared;
         shared.kind(pool)?;
         let key = Key { pool, object, index };
         let entry = {
@@ -735,7 +761,7 @@ impl<T: Transport> StoreHandle<T> {
     /// Removes every page of `pool` (the pool stays): how many there were.
     pub fn flush_pool(&mut self, pool: PoolId) -> Result<u64> {
         self.store.shared.kind(pool)?;
-        Ok(self.flush_range(Key { pool, object: 0, index: 0 }, Key { pool, object: u64::MAX, index: u32::MAX }))
+        Ok(self.flush_range(Key::first_of(pool), Key::last_of(pool)))
     }
 
     /// Removes every page of `pool` and the pool: its id is unknown from then on (a pool
@@ -743,17 +769,13 @@ impl<T: Transport> StoreHandle<T> {
     /// or fail with [`TmemError::UnknownPool`].
     pub fn destroy_pool(&mut self, pool: PoolId) -> Result<u64> {
         let shared = Arc::clone(&self.store.shared);
-        let kind_bits = match shared.kind(pool)? {
-            PoolKind::Persistent => STATE_PERSISTENT,
-            PoolKind::Ephemeral => STATE_EPHEMERAL,
-        };
+        let kind_bits = state_of(shared.kind(pool)?);
         let state = &shared.pools[pool.slot as usize];
         let live = pool.generation << 2 | kind_bits;
         state
             .compare_exchange(live, pool.generation << 2 | STATE_DESTROYING, Ordering::AcqRel, Ordering::Acquire)
             .map_err(|_| TmemError::UnknownPool(pool))?;
-        let flushed =
-            self.flush_range(Key { pool, object: 0, index: 0 }, Key { pool, object: u64::MAX, index: u32::MAX });
+        let flushed = self.flush_range(Key::first_of(pool), Key::last_of(pool));
         state.store(pool.generation << 2, Ordering::Release);
         Ok(flushed)
     }
@@ -902,37 +924,30 @@ impl<T: Transport> StoreHandle<T> {
         (moved, stale)
     }
 
-    fn read_remote(&mut self, addr: GlobalAddr, len: usize) -> Result<()> {
-        let staging = &mut self.staging;
-        self.alloc.with_endpoint(|ep| ep.read_into(addr, staging, 0..len))?;
+    /// READs `len` bytes at `addr` into `staging` (fields apart, so that the caller may hold
+    /// the store's state meanwhile).
+    fn read_remote(
+        alloc: &ThreadAlloc<T>,
+        staging: &mut <T::Endpoint as Endpoint>::Buffer,
+        addr: GlobalAddr,
+        len: usize,
+    ) -> Result<()> {
+        alloc.with_endpoint(|ep| ep.read_into(addr, staging, 0..len))?;
         Ok(())
     }
 
     /// Frees what a removed version held (its remote block).
-    fn free_body(&mut self, body: Option<Body>) {
+    fn free_body(&self, body: Option<Body>) {
         if let Some(Body::Remote { addr, .. }) = body {
             self.free_block(addr);
         }
     }
 
-    fn free_block(&mut self, addr: GlobalAddr) {
+    fn free_block(&self, addr: GlobalAddr) {
         if let Err(e) = self.alloc.free(addr) {
             // Its space is lost to this store until the client's chunks are reclaimed; the
             // page itself is already gone from the index, so nothing reads it.
             tracing::warn!("page store: cannot free the remote block at {addr}: {e}");
-        }
-    }
-}
-
-impl<T: Transport> Shared<T> {
-    /// True when a remotifier should be woken (it is not already asked to).
-    fn remotifier_wanted(&self) -> bool {
-        !self.remotify_wanted.load(Ordering::Relaxed) && !self.remotify_wanted.swap(true, Ordering::AcqRel)
-    }
-
-    fn wake_remotifier(&self) {
-        if let Some(thread) = lock(&self.remotifier).as_ref() {
-            thread.unpark();
         }
     }
 }
