@@ -73,7 +73,7 @@ fn device_swap_to_remote_memory_under_a_memory_limit() {
     // The kernel keeps up to 64 free slots per CPU reserved (its swap slot cache, counted as
     // used), and discards a freed slot only once its whole cluster of 256 pages is free, so
     // the clusters that stay partly used keep some freed pages untrimmed (measured: 120 to
-    // 2185 of about 35 000; they are overwritten, freeing their old blocks, when the kernel
+    // 3104 of about 35 000; they are overwritten, freeing their old blocks, when the kernel
     // uses those slots again). So: most of it trimmed by the kernel on its own, then the
     // rest once the swap is off and the whole device is discarded: nothing is left behind.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
