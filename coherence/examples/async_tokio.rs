@@ -1,6 +1,7 @@
 //! The async face over RDMA under tokio: concurrent tasks on one thread share one
-//! `AsyncEndpoint` (one completion queue, one doorbell per pass), and a remote lock is taken
-//! without blocking the runtime while another task holds it.
+//! `AsyncEndpoint` (one completion queue, one doorbell per pass), an idle driver sleeps in
+//! tokio's own reactor (`TokioReactor`: no helper thread), and a remote lock is taken without
+//! blocking the runtime while another task holds it.
 //!
 //! ```sh
 //! soft-roce-setup/vm-run async_tokio                          # starts a memory node itself
@@ -11,7 +12,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use rdmem_coherence::RemoteLock;
-use rdmem_core::aio::AsyncEndpoint;
+use rdmem_core::aio::{AsyncEndpoint, AsyncOptions, TokioReactor};
 use rdmem_core::{GlobalAddr, Transport};
 use rdmem_transport_rdma::spawn::{MemnodeChild, fresh_token};
 use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport};
@@ -31,9 +32,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let node = transport.nodes()[0].id;
 
     // An endpoint's futures stay on its thread: a current-thread runtime and a LocalSet.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
-    let ep = Rc::new(AsyncEndpoint::new(transport.endpoint()?)?);
+    // Made inside the runtime, whose reactor then watches the completion channel.
+    let ep = {
+        let _in = runtime.enter();
+        Rc::new(AsyncEndpoint::with_reactor(transport.endpoint()?, AsyncOptions::default(), &TokioReactor)?)
+    };
     local.block_on(&runtime, async move {
         let counter = GlobalAddr::new(node, 0).unwrap();
         let guarded = GlobalAddr::new(node, 8).unwrap();
@@ -67,6 +72,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let (sum, sections) = (ep.read_u64(counter).await?, ep.read_u64(guarded).await?);
         println!("8 tasks x 100 FAAs: counter = {sum}; 8 x 10 locked sections: {sections}");
+        println!(
+            "the driver slept {} times in tokio's reactor, {} ended by a completion",
+            ep.sleeps(),
+            ep.event_wakes()
+        );
         assert_eq!((sum, sections), (800, 80));
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;

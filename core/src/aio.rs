@@ -72,9 +72,18 @@
 //! share the endpoint's one completion queue; each completion wakes the future of its slot
 //! (routed by `wr_id`). One waiting future at a time polls the completion queue (the *driver*);
 //! it busy-polls for [`AsyncOptions::spin`] after the last completion, then arms the completion
-//! queue's notification and sleeps: a helper thread of the endpoint waits on the completion
-//! channel's descriptor and wakes it. So a burst of operations costs no system call beyond
-//! the doorbells, and an endpoint with nothing to do costs no CPU.
+//! queue's notification and sleeps. So a burst of operations costs no system call beyond the
+//! doorbells, and an endpoint with nothing to do costs no CPU.
+//!
+//! # Sleeping: a helper thread, or your executor's reactor
+//! By default ([`AsyncEndpoint::new`]) a helper thread of the endpoint waits on the completion
+//! channel's descriptor and wakes the sleeping future. [`AsyncEndpoint::with_reactor`] hands
+//! the descriptor to the executor's reactor instead (any runtime, through the small
+//! [`Reactor`] and [`Readable`] traits; `TokioReactor`, behind this crate's `tokio` feature,
+//! uses tokio's `AsyncFd`), with a timer descriptor for the idle checks (every 100 ms a
+//! sleeping driver looks for dead nodes and deadlines), and no thread is started.
+//! [`AsyncEndpoint::sleeps`] and [`AsyncEndpoint::event_wakes`] count the sleeps and those a
+//! completion ended. A reactor whose watchers fail makes the driver poll instead of sleeping.
 //!
 //! # Threads
 //! An `AsyncEndpoint` belongs to one thread (it is `Send`, not `Sync`), and its futures borrow
@@ -93,10 +102,10 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::ops::Range;
+use std::os::fd::BorrowedFd;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
@@ -104,6 +113,12 @@ use smallvec::SmallVec;
 use crate::addr::GlobalAddr;
 use crate::endpoint::{Endpoint, NodeInfo, validate};
 use crate::error::{Error, OpKind, Result, WcStatus};
+
+mod idle;
+#[cfg(feature = "tokio")]
+pub use idle::TokioReactor;
+use idle::{Idle, IdleThread, ReactorIdle};
+pub use idle::{Reactor, Readable};
 
 /// The most slots an endpoint may have: half of a queue pair's send queue, so that slots and
 /// the sync face's write-behinds always find room.
@@ -220,6 +235,13 @@ pub trait Wait: Send + 'static {
     /// Waits until the armed completion queue signals, or `timeout` passes; true when it
     /// signaled. Consumes (and acknowledges) the event.
     fn wait(&mut self, timeout: Duration) -> bool;
+
+    /// The completion channel's descriptor (non-blocking), readable when an event is there,
+    /// for a [`Reactor`] to watch; `None` (the default) for a transport without one (then only
+    /// the idle checks wake a sleeping driver).
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// The non-blocking face of an endpoint that [`AsyncEndpoint`] drives. Transports implement it;
@@ -388,6 +410,8 @@ struct Inner<E: Submit> {
     idle_since: Option<Instant>,
     /// Times the driver went to sleep on the completion channel.
     sleeps: u64,
+    /// The driver went to sleep and has not run since.
+    asleep: bool,
     /// Yields in a row (of operations alone on the endpoint) that gathered no other operation
     /// ([`Inner::skip_yield`]), and the state of the generator that picks the probing ones.
     lone_yields: u32,
@@ -401,7 +425,7 @@ enum Drive {
     Progress,
     /// Nothing yet; still spinning.
     Spin,
-    /// Nothing for a while: the completion queue is armed and the helper thread waits.
+    /// Nothing for a while: the completion queue is armed and the idle sleeper ([`Idle`]) waits.
     Sleep,
 }
 
@@ -491,6 +515,9 @@ impl<E: Submit> Inner<E> {
     /// completion queue and hands `waker` to the helper thread.
     fn drive(&mut self, waker: &Waker, idle: &Idle) -> Drive {
         self.drives = self.drives.wrapping_add(1);
+        if std::mem::take(&mut self.asleep) {
+            idle.woken(waker);
+        }
         self.ring_if_due();
         // Polls in a row before going back to the executor: a round trip through it costs
         // many polls' worth, so a completion is seen sooner, and the executor still runs others
@@ -543,7 +570,10 @@ impl<E: Submit> Inner<E> {
         if self.reap() > 0 {
             return Drive::Progress;
         }
-        idle.sleep(waker.clone());
+        if !idle.sleep(waker) {
+            return Drive::Progress; // woken already: look again (and arm again to sleep)
+        }
+        self.asleep = true;
         self.sleeps += 1;
         Drive::Sleep
     }
@@ -805,69 +835,6 @@ struct Waiting {
     drives_seen: Option<u64>,
 }
 
-/// The helper thread that sleeps on the completion channel for an idle driver.
-struct Idle {
-    shared: Arc<IdleShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct IdleShared {
-    state: Mutex<IdleState>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct IdleState {
-    waker: Option<Waker>,
-    stop: bool,
-}
-
-impl Idle {
-    fn start(mut waiter: impl Wait) -> Result<Idle> {
-        let shared = Arc::new(IdleShared::default());
-        let theirs = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("rdmem-aio-idle".into())
-            .spawn(move || {
-                loop {
-                    {
-                        let mut state = theirs.state.lock().unwrap_or_else(|p| p.into_inner());
-                        while state.waker.is_none() && !state.stop {
-                            state = theirs.ready.wait(state).unwrap_or_else(|p| p.into_inner());
-                        }
-                        if state.stop {
-                            return;
-                        }
-                    }
-                    waiter.wait(IDLE_CHECK);
-                    // The newest sleeper: a driver may have handed over while this waited.
-                    let waker = theirs.state.lock().unwrap_or_else(|p| p.into_inner()).waker.take();
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                }
-            })
-            .map_err(|e| Error::transport("starting the async endpoint's helper thread", e))?;
-        Ok(Idle { shared, thread: Some(thread) })
-    }
-
-    fn sleep(&self, waker: Waker) {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).waker = Some(waker);
-        self.shared.ready.notify_one();
-    }
-}
-
-impl Drop for Idle {
-    fn drop(&mut self) {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
-        self.shared.ready.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// One thread's endpoint with an async face. See the [module docs](self).
 pub struct AsyncEndpoint<E: Submit> {
     inner: RefCell<Inner<E>>,
@@ -881,8 +848,29 @@ impl<E: Submit> AsyncEndpoint<E> {
     }
 
     /// Wraps `ep`. Fails for `slots` outside 1..=[`MAX_SLOTS`] or `slot_bytes` below 8
-    /// ([`Error::Config`]), or when the transport cannot register the slots' memory.
-    pub fn with_options(mut ep: E, options: AsyncOptions) -> Result<Self> {
+    /// ([`Error::Config`]), or when the transport cannot register the slots' memory. An idle
+    /// driver sleeps on a helper thread of the endpoint ([module docs](self)).
+    pub fn with_options(ep: E, options: AsyncOptions) -> Result<Self> {
+        Self::build(ep, options, |waiter| Ok(Idle::Thread(IdleThread::start(waiter)?)))
+    }
+
+    /// Wraps `ep`, with an idle driver sleeping through the executor's reactor instead of a
+    /// helper thread: `reactor` watches the completion channel's descriptor (where the transport
+    /// has one) and a timer for the idle checks, and wakes the sleeping future's task itself. No
+    /// thread is started. With tokio (this crate's `tokio` feature), make the endpoint inside
+    /// the runtime:
+    ///
+    /// ```ignore
+    /// let ep = AsyncEndpoint::with_reactor(transport.endpoint()?, AsyncOptions::default(), &TokioReactor)?;
+    /// ```
+    ///
+    /// Fails as [`AsyncEndpoint::with_options`] does, and with [`Error::Config`] when the
+    /// reactor refuses a descriptor (for tokio: no runtime here, or one without IO).
+    pub fn with_reactor(ep: E, options: AsyncOptions, reactor: &dyn Reactor) -> Result<Self> {
+        Self::build(ep, options, |waiter| Ok(Idle::Reactor(RefCell::new(ReactorIdle::new(waiter, reactor)?))))
+    }
+
+    fn build(mut ep: E, options: AsyncOptions, idle: impl FnOnce(E::Waiter) -> Result<Idle>) -> Result<Self> {
         if options.slots == 0 || options.slots > MAX_SLOTS {
             return Err(Error::Config(format!(
                 "AsyncOptions::slots is {}; it must be 1 to {MAX_SLOTS}",
@@ -914,11 +902,12 @@ impl<E: Submit> AsyncEndpoint<E> {
             empty_reaps: 0,
             idle_since: None,
             sleeps: 0,
+            asleep: false,
             lone_yields: 0,
             probe_state: 0x9e37_79b9,
             options,
         };
-        Ok(AsyncEndpoint { inner: RefCell::new(inner), idle: Idle::start(waiter)? })
+        Ok(AsyncEndpoint { inner: RefCell::new(inner), idle: idle(waiter)? })
     }
 
     /// The memory nodes this endpoint reaches.
@@ -936,6 +925,12 @@ impl<E: Submit> AsyncEndpoint<E> {
     /// [`AsyncOptions::spin`] without a completion) instead of polling.
     pub fn sleeps(&self) -> u64 {
         self.inner.borrow().sleeps
+    }
+
+    /// How many of those sleeps a completion event ended (the others ended at an idle check,
+    /// every 100 ms, which looks for dead nodes and deadlines).
+    pub fn event_wakes(&self) -> u64 {
+        self.idle.event_wakes()
     }
 
     /// Posts a compare-and-swap that nobody waits for (its slot is recycled when it completes),

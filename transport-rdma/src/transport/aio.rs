@@ -149,6 +149,12 @@ impl Wait for RdmaWaiter {
         }
         rc == 0
     }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the descriptor is the channel's, open while `self.channel` lives (as the
+        // borrow does).
+        Some(unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) })
+    }
 }
 
 impl RdmaEndpoint {
