@@ -53,8 +53,8 @@
 //! the completion arrives, then is recycled (the buffer is dropped). Your `&mut [u8]` is not
 //! written after the drop. The operation itself may or may not take effect, as with any
 //! operation whose outcome is not awaited. Dropping the `AsyncEndpoint` waits for nothing: the
-//! transport stops its queue pairs before it frees any memory (it may wait up to 100 ms for its
-//! helper thread). A future dropped before its operation was posted has it posted at once.
+//! transport stops its queue pairs before it frees any memory (with the default helper thread,
+//! it may wait up to 100 ms for that thread). A future dropped before its operation was posted has it posted at once.
 //!
 //! **Keep polling what you start.** One waiting future polls the completion queue for all of
 //! them. If its task stops polling it (say a `select` returned the other branch and the first
@@ -134,8 +134,9 @@ const MORE_REAPS: u32 = 8;
 /// Of the lone operations that skip the coalescing yield, about one in this many yields anyway.
 const PROBE_ONE_IN: u32 = 32;
 
-/// How long the helper thread waits on the completion channel before it wakes the driver
-/// anyway, so that dead nodes and deadlines are checked while nothing completes.
+/// How long a sleeping driver waits for the completion channel (on the helper thread or in the
+/// reactor) before it is woken anyway, so that dead nodes and deadlines are checked while
+/// nothing completes.
 const IDLE_CHECK: Duration = Duration::from_millis(100);
 
 /// One operation as the async face hands it to a transport.
@@ -229,8 +230,10 @@ impl<B: std::ops::Deref<Target = [u8]>> SlotOp<'_, B> {
     }
 }
 
-/// Blocks a helper thread until an endpoint's completion queue has news (after
-/// [`Submit::arm`]). Transports give one from [`Submit::open_slots`].
+/// Waits until an endpoint's completion queue has news (after [`Submit::arm`]): on the helper
+/// thread, or (with [`AsyncEndpoint::with_reactor`]) called with a zero timeout on the
+/// executor's thread to take the events the reactor saw, so `wait(Duration::ZERO)` must return
+/// at once, and false once no event is left. Transports give one from [`Submit::open_slots`].
 pub trait Wait: Send + 'static {
     /// Waits until the armed completion queue signals, or `timeout` passes; true when it
     /// signaled. Consumes (and acknowledges) the event.
@@ -238,7 +241,7 @@ pub trait Wait: Send + 'static {
 
     /// The completion channel's descriptor (non-blocking), readable when an event is there,
     /// for a [`Reactor`] to watch; `None` (the default) for a transport without one (then only
-    /// the idle checks wake a sleeping driver).
+    /// the idle checks, every 100 ms, wake a driver sleeping in a reactor: override it).
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
@@ -512,7 +515,7 @@ impl<E: Submit> Inner<E> {
     }
 
     /// One step of driving: takes completions, and when there were none for `spin`, arms the
-    /// completion queue and hands `waker` to the helper thread.
+    /// completion queue and sleeps ([`Idle`]: the helper thread or the reactor wakes `waker`).
     fn drive(&mut self, waker: &Waker, idle: &Idle) -> Drive {
         self.drives = self.drives.wrapping_add(1);
         if std::mem::take(&mut self.asleep) {

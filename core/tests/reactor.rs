@@ -176,3 +176,21 @@ fn an_endpoint_that_outlives_its_runtime_polls_instead_of_sleeping() {
     assert_eq!(old, 5);
     drop(ep); // deregistering from a reactor that is gone does not panic either
 }
+
+#[test]
+fn futures_awaited_outside_the_endpoints_runtime_poll_instead_of_hanging() {
+    let transport = slow_transport(300);
+    let rt = runtime(); // alive, but not running while block_on below polls
+    let ep = {
+        let _in = rt.enter();
+        AsyncEndpoint::with_reactor(transport.endpoint().unwrap(), sleepy(), &TokioReactor).unwrap()
+    };
+    // Nobody drives the runtime's reactor here: a driver asleep in it would never wake.
+    block_on(async {
+        for _ in 0..5 {
+            ep.faa(word(32), 1).await.expect("FAA outside the runtime");
+        }
+        assert_eq!(ep.read_u64(word(32)).await.unwrap(), 5);
+    });
+    assert_eq!(ep.sleeps(), 0, "outside its runtime the driver must poll, not sleep");
+}

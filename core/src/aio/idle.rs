@@ -40,7 +40,12 @@ pub trait Reactor {
 /// The reactor of the tokio runtime the endpoint is made in (`tokio` feature): watches
 /// through `tokio::io::unix::AsyncFd`. The runtime needs its IO driver (`enable_io` or
 /// `enable_all`); made outside a runtime, or in one without IO, the endpoint is refused with
-/// [`Error::Config`] (not a panic).
+/// [`Error::Config`]. (Without IO, tokio itself panics; that panic is caught, but the panic hook
+/// still prints tokio's message, and a program built with `panic = "abort"` aborts.)
+///
+/// Await the endpoint's futures inside that runtime. Polled elsewhere (another executor, or
+/// that runtime not running on this thread), a driver cannot sleep in a reactor nobody drives:
+/// it busy-polls instead, which works but costs a core.
 #[cfg(feature = "tokio")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioReactor;
@@ -51,9 +56,17 @@ impl Reactor for TokioReactor {
         use tokio::io::Interest;
         use tokio::io::unix::AsyncFd;
 
-        struct Watch(AsyncFd<OwnedFd>);
+        /// The registration, and the runtime whose reactor it is in.
+        struct Watch(AsyncFd<OwnedFd>, tokio::runtime::Id);
         impl Readable for Watch {
             fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                // Polled outside that runtime (another executor, or that runtime not running
+                // here), its reactor may never wake this task: poll instead of sleeping.
+                if tokio::runtime::Handle::try_current().map_or(true, |h| h.id() != self.1) {
+                    return Poll::Ready(Err(io::Error::other(
+                        "polled outside the tokio runtime the async endpoint was made in",
+                    )));
+                }
                 match self.0.poll_read_ready(cx) {
                     Poll::Ready(Ok(mut guard)) => {
                         guard.clear_ready();
@@ -65,9 +78,9 @@ impl Reactor for TokioReactor {
             }
         }
 
-        if tokio::runtime::Handle::try_current().is_err() {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(io::Error::other("no tokio runtime here: make the endpoint inside one"));
-        }
+        };
         // tokio panics (instead of failing) in a runtime built without its IO driver.
         let registered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             #[allow(unsafe_code, reason = "tokio's registration asks the caller to own the descriptor")]
@@ -77,7 +90,7 @@ impl Reactor for TokioReactor {
             }
         }));
         match registered {
-            Ok(Ok(fd)) => Ok(Box::new(Watch(fd))),
+            Ok(Ok(fd)) => Ok(Box::new(Watch(fd, runtime.id()))),
             Ok(Err(e)) => Err(io::Error::other(e.to_string())),
             Err(_) => {
                 Err(io::Error::other("the tokio runtime has no IO driver: build it with enable_io or enable_all"))
@@ -110,12 +123,11 @@ impl Idle {
     /// thread consumed its event itself).
     pub(super) fn woken(&self, waker: &Waker) {
         if let Idle::Reactor(reactor) = self {
-            reactor.borrow_mut().consume(&mut Context::from_waker(waker));
+            reactor.borrow_mut().woken(&mut Context::from_waker(waker));
         }
     }
 
-    /// Sleeps that a completion event ended (the others ended at an idle check, or, with a
-    /// reactor, found their readiness already there).
+    /// Sleeps that a completion event ended (the others ended at an idle check).
     pub(super) fn event_wakes(&self) -> u64 {
         match self {
             Idle::Thread(thread) => thread.shared.event_wakes.load(Ordering::Relaxed),
@@ -199,6 +211,8 @@ pub(super) struct ReactorIdle {
     timer: OwnedFd,
     waiter: Box<dyn Wait>,
     event_wakes: u64,
+    /// A watcher's failure was logged (once per endpoint).
+    warned: bool,
 }
 
 impl ReactorIdle {
@@ -217,39 +231,56 @@ impl ReactorIdle {
                 .map_err(|e| Error::transport("creating the idle check's timer", io::Error::from(e)))?;
         let theirs = timer.try_clone().map_err(|e| Error::transport("duplicating the idle check's timer", e))?;
         let timer_watch = reactor.watch(theirs).map_err(|e| refused("a timer", e))?;
-        Ok(ReactorIdle { channel, timer_watch, timer, waiter: Box::new(waiter), event_wakes: 0 })
+        Ok(ReactorIdle { channel, timer_watch, timer, waiter: Box::new(waiter), event_wakes: 0, warned: false })
     }
 
     fn sleep(&mut self, waker: &Waker) -> bool {
-        let at = Timespec { tv_sec: IDLE_CHECK.as_secs() as _, tv_nsec: IDLE_CHECK.subsec_nanos() as _ };
-        let once = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: at };
-        if rustix::time::timerfd_settime(&self.timer, TimerfdTimerFlags::empty(), &once).is_err() {
+        if !self.set_timer(IDLE_CHECK) {
             return false; // no idle check: keep polling
         }
         let mut cx = Context::from_waker(waker);
-        !self.consume(&mut cx)
+        self.consume(&mut cx).is_none()
     }
 
-    /// Polls both watchers (registering `cx`'s waker); if either was ready, reads what is
-    /// there (completion events, timer expirations) until it would block. True when one was
-    /// ready or failed.
-    fn consume(&mut self, cx: &mut Context<'_>) -> bool {
+    /// After a sleep: takes the readiness that ended it (counting a completion event the
+    /// reactor reported) and disarms the idle check.
+    fn woken(&mut self, cx: &mut Context<'_>) {
+        if self.consume(cx) == Some(true) {
+            self.event_wakes += 1;
+        }
+        self.set_timer(Duration::ZERO);
+    }
+
+    /// Arms the timer to expire once after `after` (zero disarms it); false if that failed.
+    fn set_timer(&mut self, after: Duration) -> bool {
+        let at = Timespec { tv_sec: after.as_secs() as _, tv_nsec: after.subsec_nanos() as _ };
+        let once = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: at };
+        rustix::time::timerfd_settime(&self.timer, TimerfdTimerFlags::empty(), &once).is_ok()
+    }
+
+    /// Polls both watchers (registering `cx`'s waker); if either was ready (or failed), reads
+    /// what is there (completion events, timer expirations) until it would block. `None` when
+    /// neither was ready; otherwise whether the reactor reported the channel ready with a
+    /// completion event there.
+    fn consume(&mut self, cx: &mut Context<'_>) -> Option<bool> {
         let channel = self.channel.as_mut().map_or(Poll::Pending, |c| c.poll_readable(cx));
         let timer = self.timer_watch.poll_readable(cx);
         if channel.is_pending() && timer.is_pending() {
-            return false;
+            return None;
+        }
+        for failed in [&channel, &timer] {
+            if let Poll::Ready(Err(e)) = failed {
+                if !std::mem::replace(&mut self.warned, true) {
+                    tracing::warn!("async endpoint: the reactor failed ({e}); the driver polls instead of sleeping");
+                }
+            }
         }
         let mut events = 0;
         while self.waiter.wait(Duration::ZERO) {
             events += 1;
         }
-        // Counted only when the channel's readiness came through the reactor: an event drained
-        // at a timer's wake was missed by it.
-        if channel.is_ready() && events > 0 {
-            self.event_wakes += 1;
-        }
         let mut expirations = [0u8; 8];
         let _ = rustix::io::read(self.timer.as_fd(), &mut expirations); // EAGAIN when not expired
-        true
+        Some(matches!(channel, Poll::Ready(Ok(()))) && events > 0)
     }
 }
