@@ -372,6 +372,25 @@ enum LocalSide {
     Staged { offset: usize },
 }
 
+impl LocalSide {
+    /// Where `op`'s local side goes, given its staging need (from `staging_need`) and the
+    /// staging offset it would take.
+    #[inline]
+    fn of(op: &Op<'_>, need: usize, offset: usize) -> LocalSide {
+        match op {
+            Op::Read { .. } | Op::Write { .. } if op.is_empty() => LocalSide::Skip,
+            Op::Read { local, key: Some(lkey), .. } => {
+                LocalSide::Registered { addr: local.as_ptr() as u64, lkey: *lkey }
+            }
+            Op::Write { local, key: Some(lkey), .. } => {
+                LocalSide::Registered { addr: local.as_ptr() as u64, lkey: *lkey }
+            }
+            Op::Write { key: None, .. } if need == 0 => LocalSide::Inline,
+            _ => LocalSide::Staged { offset },
+        }
+    }
+}
+
 /// One thread's queue pairs to every memory node. See the module docs for the data path.
 pub struct RdmaEndpoint {
     // Queue pairs go before the completion queue they use (fields drop in order).
@@ -518,17 +537,7 @@ impl RdmaEndpoint {
             if used + need > self.staging.len() || self.round_counts[conn] >= room {
                 break;
             }
-            let side = match op {
-                Op::Read { .. } | Op::Write { .. } if op.is_empty() => LocalSide::Skip,
-                Op::Read { local, key: Some(lkey), .. } => {
-                    LocalSide::Registered { addr: local.as_ptr() as u64, lkey: *lkey }
-                }
-                Op::Write { local, key: Some(lkey), .. } => {
-                    LocalSide::Registered { addr: local.as_ptr() as u64, lkey: *lkey }
-                }
-                Op::Write { key: None, .. } if need == 0 => LocalSide::Inline,
-                _ => LocalSide::Staged { offset: used },
-            };
+            let side = LocalSide::of(op, need, used);
             if !matches!(side, LocalSide::Skip) {
                 self.round_counts[conn] += 1;
                 self.round_last[conn] = Some(end - start);
@@ -556,6 +565,11 @@ impl Endpoint for RdmaEndpoint {
     }
 
     fn execute(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
+        if let [op] = ops {
+            if let Some(done) = self.run_single(op) {
+                return done;
+            }
+        }
         // Refuse the whole batch before posting anything: bad arguments, or a broken node.
         for op in ops.iter() {
             op.validate(&self.shared.nodes, MAX_TRANSFER)?;
@@ -739,6 +753,58 @@ impl RdmaEndpoint {
         Ok(())
     }
 
+    /// The path of a lone operation, perftest's shape: one request built on the stack, posted,
+    /// and polled for, with none of a round's planning and per-operation lists (the same
+    /// validation, failure handling and completion waiting as a round of one). `None` when it
+    /// needs the general path: an empty transfer, one larger than the staging memory, or a
+    /// send queue full of write-behinds.
+    #[inline]
+    fn run_single(&mut self, op: &mut Op<'_>) -> Option<Result<()>> {
+        if let Err(e) = op.validate(&self.shared.nodes, MAX_TRANSFER) {
+            return Some(Err(e));
+        }
+        let c = self.conn_index(op.remote().node());
+        if let Err(e) = self.check_usable(c) {
+            return Some(Err(e));
+        }
+        let conn = &self.conns[c];
+        let limits = conn.limits;
+        let need = Self::staging_need(op, limits.max_inline);
+        if op.is_empty() || need > self.staging.len() || conn.behind >= limits.send_depth {
+            return None;
+        }
+        let side = LocalSide::of(op, need, 0);
+        let remote = RemoteKey { base: conn.pool_base, rkey: conn.rkey };
+        if let (Op::Write { local, .. }, LocalSide::Staged { .. }) = (&*op, side) {
+            self.staging.as_mut_slice()[..local.len()].copy_from_slice(local);
+        }
+        // The books `wait_round` keeps, as `plan_round` leaves them for a round of this one.
+        self.round_counts.iter_mut().for_each(|n| *n = 0);
+        self.round_counts[c] = 1;
+        self.last_wr.iter_mut().for_each(|w| *w = None);
+        let (mut wr, mut sge) = build_wr(op, side, 0, true, remote, (self.staging.addr(), self.staging.lkey()));
+        wr.sg_list = &mut sge;
+        let posted = if std::mem::take(&mut self.post_fault) {
+            self.conns[c].fail_post(12).map_err(|errno| (errno, None)) // ENOMEM
+        } else {
+            // SAFETY: a one-request list (`next` is null) whose scatter entry lives on this
+            // stack through the post; its local memory is registered (or inline) and borrowed
+            // by `op` or owned by this endpoint until the completion is waited for below.
+            unsafe { self.conns[c].post(&mut wr) }
+        };
+        if let Err((errno, _)) = posted {
+            return Some(Err(Error::Post { op: op.kind(), addr: op.remote(), errno }));
+        }
+        self.last_wr[c] = Some(0);
+        if let Err(e) = self.wait_round(std::slice::from_ref(op)) {
+            return Some(Err(e));
+        }
+        if let LocalSide::Staged { .. } = side {
+            unstage(op, self.staging.as_slice());
+        }
+        Some(Ok(()))
+    }
+
     /// Posts one planned round (one doorbell per node), waits for it, copies results out.
     fn run_round(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
         self.stage_writes(ops);
@@ -775,14 +841,7 @@ impl RdmaEndpoint {
     fn unstage_results(&self, ops: &mut [Op<'_>]) {
         for (op, side) in ops.iter_mut().zip(&self.sides) {
             let LocalSide::Staged { offset } = *side else { continue };
-            let staged = &self.staging.as_slice()[offset..];
-            match op {
-                Op::Read { local, .. } => local.copy_from_slice(&staged[..local.len()]),
-                Op::CompareSwap { old, .. } | Op::FetchAdd { old, .. } => {
-                    **old = u64::from_ne_bytes(staged[..8].try_into().expect("8 bytes"));
-                }
-                Op::Write { .. } => {}
-            }
+            unstage(op, &self.staging.as_slice()[offset..]);
         }
     }
 
@@ -941,6 +1000,19 @@ impl RdmaEndpoint {
         }
         let op = &ops[first.unwrap_or(0)];
         (op.kind(), op.remote())
+    }
+}
+
+/// Copies a finished staged operation's result out of `staged` (its staging bytes): a READ's
+/// data, or an atomic's old value.
+#[inline]
+fn unstage(op: &mut Op<'_>, staged: &[u8]) {
+    match op {
+        Op::Read { local, .. } => local.copy_from_slice(&staged[..local.len()]),
+        Op::CompareSwap { old, .. } | Op::FetchAdd { old, .. } => {
+            **old = u64::from_ne_bytes(staged[..8].try_into().expect("8 bytes"));
+        }
+        Op::Write { .. } => {}
     }
 }
 
