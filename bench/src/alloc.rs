@@ -4,6 +4,12 @@
 //! window of blocks, then free them all. Mops counts alloc+free pairs per second over the whole
 //! run; `rdma_ops_per_op` is the network operations the allocators issued divided by the pairs
 //! (the fast path issues none; refills, chunk releases and the first format do).
+//!
+//! **Scaling** (`--pool-sizes`, `--nodes`, `--fill`): for each pool size and node count the
+//! benchmark starts that many memory nodes of that size itself, and each round holds `--fill`
+//! of all their memory in blocks before freeing them (so chunk claims and bitmap scans grow
+//! with the pool, as they do for a real working set). Rows then carry `pool_bytes` (per node)
+//! and `nodes`; the allocator places blocks round-robin across the nodes.
 
 use std::alloc::Layout;
 use std::sync::Arc;
@@ -37,12 +43,26 @@ pub(crate) struct AllocArgs {
     /// Chunk size for a pool this run formats.
     #[arg(long, default_value_t = 1 << 20)]
     chunk_size: u64,
+    /// Scaling: pool sizes per memory node (e.g. `32M,64M,128M`), each a sweep point with nodes
+    /// this run starts (not with --memnode). Their sum over `--nodes` must fit the huge pages.
+    #[arg(long, value_delimiter = ',', value_parser = rdmem_core::config::parse_size)]
+    pool_sizes: Vec<u64>,
+    /// Scaling: memory node counts, each a sweep point (with --pool-sizes; default 1).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    nodes: Vec<usize>,
+    /// Scaling: the share of all the nodes' memory each round holds in blocks (0 to 0.9; with
+    /// --pool-sizes; replaces --window).
+    #[arg(long, default_value_t = 0.5)]
+    fill: f64,
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.pool_sizes.is_empty() {
+        return scaling(args);
+    }
     let harness::Cluster { transport, memnode: _memnode } = harness::connect(&args.memnodes, 256 << 20)?;
     let transport = Arc::new(transport);
     let options = AllocatorOptions { chunk_size: args.chunk_size, ..Default::default() };
@@ -55,6 +75,49 @@ pub(crate) fn run(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
             row.gbps = None;
             row.rdma_ops_per_op = Some(ops as f64 / pairs as f64);
             out.print(&row);
+        }
+    }
+    Ok(())
+}
+
+/// The scaling sweep: pool sizes by node counts, each with nodes of its own.
+fn scaling(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.memnodes.is_empty() {
+        return Err("--pool-sizes starts its own memory nodes: leave out --memnode".into());
+    }
+    if !(args.fill > 0.0 && args.fill <= 0.9) {
+        return Err(format!("--fill is {}; it must be above 0 and at most 0.9", args.fill).into());
+    }
+    if args.nodes.contains(&0) {
+        return Err("--nodes: a count of 0 memory nodes".into());
+    }
+    let mut out = Printer::new(args.json);
+    for &nodes in &args.nodes {
+        for &pool in &args.pool_sizes {
+            let cluster = harness::start_nodes(nodes, pool)?;
+            let transport = Arc::new(cluster.transport);
+            let options = AllocatorOptions { chunk_size: args.chunk_size, ..Default::default() };
+            let allocator = Allocator::new(transport, options)?;
+            for &size in &args.sizes {
+                for &threads in &args.threads {
+                    let held = args.fill * (pool as f64 * nodes as f64) / (size as f64 * threads as f64);
+                    let window = (held as usize).max(1);
+                    let (pairs, ops, seconds) = measure(&allocator, size, threads, args.pairs, window)?;
+                    let mut row = Row::throughput("alloc", "rdmem", "alloc_free", size, threads, 1, pairs, seconds);
+                    row.gbps = None;
+                    row.rdma_ops_per_op = Some(ops as f64 / pairs as f64);
+                    row.pool_bytes = Some(pool);
+                    row.nodes = Some(nodes);
+                    row.note = Some(format!(
+                        "{nodes} node(s) of {} MiB; {} of them held per round ({window} blocks per thread)",
+                        pool >> 20,
+                        args.fill
+                    ));
+                    out.print(&row);
+                }
+            }
+            drop(allocator);
+            drop(cluster.memnodes); // after the transport (in the allocator): nodes go last
         }
     }
     Ok(())

@@ -49,6 +49,15 @@ fn start_memnode(
     pool_size: u64,
     more: &[&str],
 ) -> Result<MemnodeChild, Box<dyn std::error::Error>> {
+    start_memnode_with_token(config, pool_size, more, &fresh_token())
+}
+
+fn start_memnode_with_token(
+    config: &ClusterConfig,
+    pool_size: u64,
+    more: &[&str],
+    token: &str,
+) -> Result<MemnodeChild, Box<dyn std::error::Error>> {
     let size = pool_size.to_string();
     let mut args = vec!["--pool-size", &size, "--page-size", "2M"];
     args.extend_from_slice(more);
@@ -59,7 +68,30 @@ fn start_memnode(
     if let Some(gid) = &gid {
         args.extend(["--gid-index", gid]);
     }
-    Ok(MemnodeChild::start("rdmem-memnode", &fresh_token(), &args)?)
+    Ok(MemnodeChild::start("rdmem-memnode", token, &args)?)
+}
+
+/// Memory nodes a benchmark started for a sweep point, and a transport to all of them.
+pub(crate) struct Nodes {
+    pub(crate) transport: RdmaTransport,
+    pub(crate) memnodes: Vec<MemnodeChild>,
+}
+
+/// Starts `count` memory nodes (ids 0..count) with pools of `pool_size` bytes on the
+/// configured device, and connects to them all.
+pub(crate) fn start_nodes(count: usize, pool_size: u64) -> Result<Nodes, Box<dyn std::error::Error>> {
+    let mut config = ClusterConfig::load(None)?;
+    let token = fresh_token();
+    let ids: Vec<String> = (0..count).map(|i| i.to_string()).collect();
+    let memnodes = ids
+        .iter()
+        .map(|id| start_memnode_with_token(&config, pool_size, &["--node-id", id], &token))
+        .collect::<Result<Vec<_>, _>>()?;
+    config.memnodes = memnodes.iter().map(|n| n.addr().to_owned()).collect();
+    config.token = Some(token);
+    config.token_file = None;
+    let transport = RdmaTransport::connect(RdmaOptions::from_config(&config)?)?;
+    Ok(Nodes { transport, memnodes })
 }
 
 /// Runs `work(t, start)` on `threads` threads; each does its setup, then waits on `start`.

@@ -105,6 +105,12 @@ pub(crate) struct Row {
     /// Cache capacity in bytes (cache rows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_bytes: Option<u64>,
+    /// Pool bytes per memory node (allocator scaling rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_bytes: Option<u64>,
+    /// Memory nodes taking part (allocator scaling rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<usize>,
     /// How the figures compare, when that needs saying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -145,6 +151,8 @@ impl Row {
             hit_ratio: None,
             ideal_hit_ratio: None,
             cache_bytes: None,
+            pool_bytes: None,
+            nodes: None,
             note: None,
             cross_machine: false,
         }
@@ -183,6 +191,8 @@ impl Row {
             hit_ratio: None,
             ideal_hit_ratio: None,
             cache_bytes: None,
+            pool_bytes: None,
+            nodes: None,
             note: None,
             cross_machine: false,
         }
