@@ -4,6 +4,8 @@
 //!   error that says what to do when there is none.
 //! - [`memory`]: huge-page memory regions, registered with a protection domain.
 //! - [`wire`]: the connection handshake (protocol version, token, queue pair info, pool).
+//! - [`cm_auth`]: the MACed private data of RDMA-CM connection setup (a token that never crosses
+//!   the wire, tenants, replay and clock checks); not yet used by the connection path.
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
 //! - [`control`]: requests to a memory node that are not connections (checkpoints).
@@ -32,6 +34,7 @@
 //! the Soft-RoCE VM with `soft-roce-setup/vm-run --device-tests`, and fail (never pass) when no
 //! device is present.
 
+pub mod cm_auth;
 pub mod control;
 pub mod device;
 pub mod error;

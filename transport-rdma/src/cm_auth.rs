@@ -1,0 +1,505 @@
+//! The authenticated private data of an RDMA-CM connection: what a client's connect request,
+//! the node's accept and the node's reject carry, so that the token never crosses the wire.
+//!
+//! Private data travels in plaintext (at most 56 bytes in an RC connect request, 196 in the
+//! reply, 148 in a reject), so it carries MACs, never secrets:
+//!
+//! ```text
+//! request (56 B): magic "RM" | version u8 | 0 u8 | tenant tag u32 | time ms u64 | nonce [16]
+//!                 | mac [24] = HMAC-SHA256(token, "rdmem-cm-connect" | the 32 bytes before)[..24]
+//! accept  (59 B): magic "RM" | version u8 | 0 u8 | node u16 | pool base u64 | size u64
+//!                 | rkey u32 | page u8
+//!                 | mac [32] = HMAC-SHA256(token, "rdmem-cm-accept" | request nonce | the 27 bytes before)
+//! reject   (4 B): magic "RM" | the node's version u8 | reason u8
+//! ```
+//!
+//! The tenant tag is the first 4 bytes of SHA-256 of the tenant's name. The node checks, in
+//! this order: the shape, the version, the tenant, the MAC (constant time), the clock (at most
+//! [`MAX_SKEW`] apart), and that the nonce was not seen while its request could still be
+//! accepted ([`ReplayCache`]). Only then does it remember the nonce, so requests without the
+//! token cannot fill the cache. The accept's MAC covers the request's nonce, so a client knows it
+//! reached a node holding the token, and an old accept cannot be replayed to it. A reject carries
+//! no MAC (an attacker on the path can forge one; that denies service, which such an attacker can
+//! do anyway), so a client treats it as a refusal, never as proof of anything.
+//!
+//! This module is the format and its checks; the connection setup that carries it is issue 14's
+//! next step.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+/// The version of this format.
+pub const VERSION: u8 = 1;
+
+/// The bytes of a connect request.
+pub const REQUEST_LEN: usize = 56;
+
+/// The bytes of an accept.
+pub const ACCEPT_LEN: usize = 59;
+
+/// The bytes of a reject.
+pub const REJECT_LEN: usize = 4;
+
+/// How far apart the client's and the node's clocks may be.
+pub const MAX_SKEW: Duration = Duration::from_secs(30);
+
+/// The most nonces a [`ReplayCache`] holds (of requests that carried the token, within twice
+/// [`MAX_SKEW`]); beyond that the node refuses with [`Refusal::Busy`] rather than forget one.
+pub const REPLAY_CAPACITY: usize = 1 << 16;
+
+const MAGIC: [u8; 2] = *b"RM";
+const REQUEST_MAC_LEN: usize = 24;
+const CONNECT_LABEL: &[u8] = b"rdmem-cm-connect";
+const ACCEPT_LABEL: &[u8] = b"rdmem-cm-accept";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a node refused a connect request: what its reject carries, and what the client's error
+/// says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Not a request of this format (too short, too long, wrong magic).
+    #[error("malformed connect request")]
+    Malformed,
+    /// Another version of the format.
+    #[error("protocol version {client}, node speaks {node}")]
+    Version {
+        /// The client's.
+        client: u8,
+        /// The node's.
+        node: u8,
+    },
+    /// No tenant of that name on this node.
+    #[error("unknown tenant")]
+    UnknownTenant,
+    /// The MAC does not match: the client's token is not the tenant's.
+    #[error("wrong token")]
+    WrongToken,
+    /// The request's time is more than [`MAX_SKEW`] from the node's.
+    #[error("clock skew: the client's clock is more than {}s from the node's", MAX_SKEW.as_secs())]
+    ClockSkew,
+    /// The same request was seen before.
+    #[error("replayed request")]
+    Replayed,
+    /// Too many recent connections to remember their nonces.
+    #[error("node busy: too many connections in the last minute")]
+    Busy,
+}
+
+impl Refusal {
+    fn code(self) -> u8 {
+        match self {
+            Refusal::Malformed => 1,
+            Refusal::Version { .. } => 2,
+            Refusal::UnknownTenant => 3,
+            Refusal::WrongToken => 4,
+            Refusal::ClockSkew => 5,
+            Refusal::Replayed => 6,
+            Refusal::Busy => 7,
+        }
+    }
+
+    /// The reject's private data.
+    pub fn to_reject(self) -> [u8; REJECT_LEN] {
+        [MAGIC[0], MAGIC[1], VERSION, self.code()]
+    }
+
+    /// A reject's private data, read by the client whose request had `client_version`. `None`
+    /// when it is not one of ours (a reject by something else, or garbage).
+    pub fn from_reject(data: &[u8], client_version: u8) -> Option<Refusal> {
+        let [m0, m1, node, code] = *data.get(..REJECT_LEN)? else { return None };
+        if [m0, m1] != MAGIC {
+            return None;
+        }
+        Some(match code {
+            1 => Refusal::Malformed,
+            2 => Refusal::Version { client: client_version, node },
+            3 => Refusal::UnknownTenant,
+            4 => Refusal::WrongToken,
+            5 => Refusal::ClockSkew,
+            6 => Refusal::Replayed,
+            7 => Refusal::Busy,
+            _ => return None,
+        })
+    }
+}
+
+/// The tag that names tenant `name` in a request: the first 4 bytes of its SHA-256.
+pub fn tenant_tag(name: &str) -> u32 {
+    let digest = Sha256::digest(name.as_bytes());
+    u32::from_le_bytes(digest[..4].try_into().expect("4 bytes"))
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn mac_of(token: &[u8], label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(token).expect("HMAC takes a key of any length");
+    mac.update(label);
+    for part in parts {
+        mac.update(part);
+    }
+    mac
+}
+
+/// A client's connect request, and what it needs to check the node's accept.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The private data to send.
+    pub bytes: [u8; REQUEST_LEN],
+    nonce: [u8; 16],
+}
+
+impl Request {
+    /// A request to tenant `tenant` of a node holding `token`, at `now`, with a fresh random
+    /// nonce. Fails only when the system has no randomness to give.
+    pub fn new(token: &[u8], tenant: &str, now: SystemTime) -> std::io::Result<Request> {
+        let mut nonce = [0u8; 16];
+        let mut filled = 0;
+        while filled < nonce.len() {
+            filled += rustix::rand::getrandom(&mut nonce[filled..], rustix::rand::GetRandomFlags::empty())?;
+        }
+        Ok(Request::with_nonce(token, tenant, now, nonce))
+    }
+
+    /// [`Request::new`] with a given nonce (for tests).
+    pub fn with_nonce(token: &[u8], tenant: &str, now: SystemTime, nonce: [u8; 16]) -> Request {
+        let mut bytes = [0u8; REQUEST_LEN];
+        bytes[..2].copy_from_slice(&MAGIC);
+        bytes[2] = VERSION;
+        bytes[4..8].copy_from_slice(&tenant_tag(tenant).to_le_bytes());
+        bytes[8..16].copy_from_slice(&millis(now).to_le_bytes());
+        bytes[16..32].copy_from_slice(&nonce);
+        let tag = mac_of(token, CONNECT_LABEL, &[&bytes[..32]]).finalize().into_bytes();
+        bytes[32..].copy_from_slice(&tag[..REQUEST_MAC_LEN]);
+        Request { bytes, nonce }
+    }
+
+    /// Checks the node's accept: it must carry the MAC of a node holding `token` over this
+    /// request's nonce. `Err(Refusal::WrongToken)` when it does not (not a node holding the
+    /// token, or an accept meant for another request), `Malformed` for the wrong shape.
+    pub fn check_accept(&self, token: &[u8], data: &[u8]) -> Result<Accept, Refusal> {
+        if data.len() < ACCEPT_LEN || data[..2] != MAGIC {
+            return Err(Refusal::Malformed);
+        }
+        if data[2] != VERSION {
+            return Err(Refusal::Version { client: VERSION, node: data[2] });
+        }
+        let (body, tag) = data[..ACCEPT_LEN].split_at(ACCEPT_LEN - 32);
+        mac_of(token, ACCEPT_LABEL, &[&self.nonce, body]).verify_slice(tag).map_err(|_| Refusal::WrongToken)?;
+        let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        Ok(Accept {
+            node: u16::from_le_bytes([body[4], body[5]]),
+            base: u64_at(6),
+            size: u64_at(14),
+            rkey: u32::from_le_bytes(body[22..26].try_into().expect("4 bytes")),
+            page: body[26],
+        })
+    }
+}
+
+/// What a node's accept tells the client: the memory it may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accept {
+    /// The node's id.
+    pub node: u16,
+    /// The pool's base address in the node's address space.
+    pub base: u64,
+    /// The pool's size in bytes.
+    pub size: u64,
+    /// The key this connection reaches the pool with.
+    pub rkey: u32,
+    /// The pool's page size, as the node's descriptor codes it.
+    pub page: u8,
+}
+
+impl Accept {
+    /// The accept's private data for the request whose nonce was `nonce` (from
+    /// [`Verified::nonce`]), MACed with the tenant's `token`.
+    pub fn to_bytes(&self, token: &[u8], nonce: &[u8; 16]) -> [u8; ACCEPT_LEN] {
+        let mut out = [0u8; ACCEPT_LEN];
+        out[..2].copy_from_slice(&MAGIC);
+        out[2] = VERSION;
+        out[4..6].copy_from_slice(&self.node.to_le_bytes());
+        out[6..14].copy_from_slice(&self.base.to_le_bytes());
+        out[14..22].copy_from_slice(&self.size.to_le_bytes());
+        out[22..26].copy_from_slice(&self.rkey.to_le_bytes());
+        out[26] = self.page;
+        let tag = mac_of(token, ACCEPT_LABEL, &[nonce, &out[..27]]).finalize().into_bytes();
+        out[27..].copy_from_slice(&tag);
+        out
+    }
+}
+
+/// A request that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The index of its tenant in the [`Verifier`]'s list.
+    pub tenant: usize,
+    /// Its nonce (the accept's MAC covers it).
+    pub nonce: [u8; 16],
+}
+
+/// The nonces of requests accepted within the last `2 * MAX_SKEW`, so that none is accepted
+/// twice: a request older than that is refused for its clock anyway.
+#[derive(Debug, Default)]
+pub struct ReplayCache {
+    /// Nonce, and the time (ms) after which its request would be refused for its clock.
+    seen: HashMap<[u8; 16], u64>,
+}
+
+impl ReplayCache {
+    /// Remembers `nonce` of a request made at `sent` (ms), at `now` (ms). False when it was
+    /// seen before; `Err(Busy)` when the cache is full of requests still within their time.
+    fn insert(&mut self, nonce: [u8; 16], sent: u64, now: u64) -> Result<bool, Refusal> {
+        if self.seen.contains_key(&nonce) {
+            return Ok(false);
+        }
+        if self.seen.len() >= REPLAY_CAPACITY {
+            self.seen.retain(|_, expires| *expires >= now);
+            if self.seen.len() >= REPLAY_CAPACITY {
+                return Err(Refusal::Busy);
+            }
+        }
+        self.seen.insert(nonce, sent.saturating_add(MAX_SKEW.as_millis() as u64));
+        Ok(true)
+    }
+
+    /// Nonces remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// A node's check of connect requests for its tenants.
+pub struct Verifier {
+    /// Per tenant: its tag, and its token.
+    tenants: Vec<(u32, Vec<u8>)>,
+    replay: ReplayCache,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens.
+        f.debug_struct("Verifier").field("tenants", &self.tenants.len()).field("replay", &self.replay.len()).finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier for `tenants` (name, token), in order ([`Verified::tenant`] indexes them).
+    /// Fails for no tenant, an empty token, or two names with the same tag (rename one).
+    pub fn new(tenants: &[(&str, &[u8])]) -> Result<Verifier, String> {
+        if tenants.is_empty() {
+            return Err("a memory node needs at least one tenant".into());
+        }
+        let mut list: Vec<(u32, Vec<u8>)> = Vec::with_capacity(tenants.len());
+        for (i, (name, token)) in tenants.iter().enumerate() {
+            if token.is_empty() {
+                return Err(format!("tenant {name:?} has an empty token"));
+            }
+            let tag = tenant_tag(name);
+            if let Some(j) = list.iter().position(|(t, _)| *t == tag) {
+                return Err(format!("tenants {:?} and {name:?} have the same tag {tag:#x}: rename one", tenants[j].0));
+            }
+            debug_assert_eq!(list.len(), i);
+            list.push((tag, token.to_vec()));
+        }
+        Ok(Verifier { tenants: list, replay: ReplayCache::default() })
+    }
+
+    /// Checks a connect request's private data at `now` (see the module docs for the order).
+    pub fn verify(&mut self, data: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
+        // RDMA-CM may pad the private data with zeros up to its limit: only the first
+        // REQUEST_LEN bytes count, and the rest must be zeros.
+        if data.len() < REQUEST_LEN || data[REQUEST_LEN..].iter().any(|&b| b != 0) || data[..2] != MAGIC {
+            return Err(Refusal::Malformed);
+        }
+        let data = &data[..REQUEST_LEN];
+        if data[2] != VERSION {
+            return Err(Refusal::Version { client: data[2], node: VERSION });
+        }
+        let tag = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
+        let tenant = self.tenants.iter().position(|(t, _)| *t == tag).ok_or(Refusal::UnknownTenant)?;
+        mac_of(&self.tenants[tenant].1, CONNECT_LABEL, &[&data[..32]])
+            .verify_truncated_left(&data[32..])
+            .map_err(|_| Refusal::WrongToken)?;
+        let sent = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
+        let now = millis(now);
+        if sent.abs_diff(now) > MAX_SKEW.as_millis() as u64 {
+            return Err(Refusal::ClockSkew);
+        }
+        let nonce: [u8; 16] = data[16..32].try_into().expect("16 bytes");
+        if !self.replay.insert(nonce, sent, now)? {
+            return Err(Refusal::Replayed);
+        }
+        Ok(Verified { tenant, nonce })
+    }
+
+    /// The token of tenant `tenant` (to MAC its accept).
+    pub fn token(&self, tenant: usize) -> &[u8] {
+        &self.tenants[tenant].1
+    }
+
+    /// The nonces remembered against replay.
+    pub fn replay_cache(&self) -> &ReplayCache {
+        &self.replay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &[u8] = b"tenant-a-token";
+
+    fn verifier() -> Verifier {
+        Verifier::new(&[("default", &b"default-token"[..]), ("a", TOKEN)]).unwrap()
+    }
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_request_with_the_token_is_accepted_once_and_its_accept_checks() {
+        let mut v = verifier();
+        let req = Request::new(TOKEN, "a", at(NOW)).unwrap();
+        let ok = v.verify(&req.bytes, at(NOW + 5)).unwrap();
+        assert_eq!(ok.tenant, 1);
+        assert_eq!(v.verify(&req.bytes, at(NOW + 6)), Err(Refusal::Replayed));
+        let accept = Accept { node: 3, base: 0x7f00_0000_0000, size: 1 << 30, rkey: 0xabcd, page: 2 };
+        let bytes = accept.to_bytes(v.token(ok.tenant), &ok.nonce);
+        assert_eq!(req.check_accept(TOKEN, &bytes), Ok(accept));
+        // Another request's accept, or one MACed with another token, is refused.
+        let other = Request::new(TOKEN, "a", at(NOW)).unwrap();
+        assert_eq!(other.check_accept(TOKEN, &bytes), Err(Refusal::WrongToken));
+        assert_eq!(req.check_accept(b"default-token", &bytes), Err(Refusal::WrongToken));
+        let mut flipped = bytes;
+        flipped[10] ^= 1; // the pool base, changed on the way
+        assert_eq!(req.check_accept(TOKEN, &flipped), Err(Refusal::WrongToken));
+    }
+
+    #[test]
+    fn the_token_is_nowhere_in_the_bytes_on_the_wire() {
+        let token = b"a-token-long-enough-to-find";
+        let mut v = Verifier::new(&[("t", &token[..])]).unwrap();
+        let req = Request::new(token, "t", at(NOW)).unwrap();
+        let ok = v.verify(&req.bytes, at(NOW)).unwrap();
+        let accept = Accept { node: 0, base: 1, size: 2, rkey: 3, page: 0 }.to_bytes(token, &ok.nonce);
+        for wire in [&req.bytes[..], &accept[..], &Refusal::WrongToken.to_reject()[..]] {
+            for n in 4..=token.len() {
+                assert!(!wire.windows(n).any(|w| token.windows(n).any(|t| t == w)), "{n} token bytes on the wire");
+            }
+        }
+    }
+
+    #[test]
+    fn each_refusal_has_its_reason_and_survives_the_reject() {
+        let mut v = verifier();
+        let wrong = Request::new(b"not-the-token", "a", at(NOW)).unwrap();
+        assert_eq!(v.verify(&wrong.bytes, at(NOW)), Err(Refusal::WrongToken));
+        let mut version = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes;
+        version[2] = 2;
+        let refusal = v.verify(&version, at(NOW)).unwrap_err();
+        assert_eq!(refusal.to_string(), "protocol version 2, node speaks 1");
+        assert_eq!(Refusal::from_reject(&refusal.to_reject(), 2), Some(refusal));
+        let unknown = Request::new(TOKEN, "b", at(NOW)).unwrap();
+        assert_eq!(v.verify(&unknown.bytes, at(NOW)), Err(Refusal::UnknownTenant));
+        let old = Request::new(TOKEN, "a", at(NOW - 31_000)).unwrap();
+        assert_eq!(v.verify(&old.bytes, at(NOW)), Err(Refusal::ClockSkew));
+        let future = Request::new(TOKEN, "a", at(NOW + 31_000)).unwrap();
+        assert_eq!(v.verify(&future.bytes, at(NOW)), Err(Refusal::ClockSkew));
+        for r in [
+            Refusal::Malformed,
+            Refusal::UnknownTenant,
+            Refusal::WrongToken,
+            Refusal::ClockSkew,
+            Refusal::Replayed,
+            Refusal::Busy,
+        ] {
+            assert_eq!(Refusal::from_reject(&r.to_reject(), 1), Some(r));
+        }
+        assert_eq!(Refusal::from_reject(b"XX\x01\x04", 1), None);
+        assert_eq!(Refusal::from_reject(b"RM\x01\x63", 1), None);
+        assert_eq!(Refusal::from_reject(b"RM", 1), None);
+        // No refusal was remembered against replay.
+        assert!(v.replay_cache().is_empty());
+    }
+
+    #[test]
+    fn garbage_truncated_and_oversized_data_is_malformed_and_never_panics() {
+        let mut v = verifier();
+        let good = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes;
+        assert_eq!(v.verify(&[], at(NOW)), Err(Refusal::Malformed));
+        for n in 0..REQUEST_LEN {
+            assert_eq!(v.verify(&good[..n], at(NOW)), Err(Refusal::Malformed), "truncated to {n}");
+        }
+        // Padding with zeros (as the CM may do) is fine; anything else past the end is not.
+        let mut padded = good.to_vec();
+        padded.resize(196, 0);
+        assert!(v.verify(&padded, at(NOW)).is_ok());
+        let mut oversized = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes.to_vec();
+        oversized.extend_from_slice(&[1; 100]);
+        assert_eq!(v.verify(&oversized, at(NOW)), Err(Refusal::Malformed));
+        // Every single-bit flip of a good request is refused, for some reason.
+        let fresh = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes;
+        for byte in 0..REQUEST_LEN {
+            for bit in 0..8 {
+                let mut bad = fresh;
+                bad[byte] ^= 1 << bit;
+                assert!(v.verify(&bad, at(NOW)).is_err(), "bit {bit} of byte {byte} flipped was accepted");
+            }
+        }
+        // Random garbage: many lengths, many fillings.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 200) as usize;
+            let data: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            assert!(v.verify(&data, at(NOW)).is_err());
+        }
+        // The good one still passes after all that.
+        assert!(v.verify(&fresh, at(NOW)).is_ok());
+    }
+
+    #[test]
+    fn the_replay_cache_forgets_only_requests_past_their_time_and_is_bounded() {
+        let mut cache = ReplayCache::default();
+        for i in 0..REPLAY_CAPACITY as u64 {
+            let mut nonce = [0u8; 16];
+            nonce[..8].copy_from_slice(&i.to_le_bytes());
+            assert_eq!(cache.insert(nonce, NOW, NOW), Ok(true));
+        }
+        // Full of requests still within their time: refuse rather than forget.
+        assert_eq!(cache.insert([0xff; 16], NOW, NOW + 1), Err(Refusal::Busy));
+        // Once they are past it, they make room (a replay of one is refused for its clock).
+        assert_eq!(cache.insert([0xff; 16], NOW + 40_000, NOW + 40_000), Ok(true));
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.insert([0xff; 16], NOW + 40_000, NOW + 40_001), Ok(false));
+    }
+
+    #[test]
+    fn tenants_must_have_tokens_and_distinct_tags() {
+        assert!(Verifier::new(&[]).is_err());
+        assert!(Verifier::new(&[("a", &b""[..])]).is_err());
+        assert!(Verifier::new(&[("a", &b"x"[..]), ("a", &b"y"[..])]).unwrap_err().contains("same tag"));
+        let shown = format!("{:?}", verifier());
+        assert!(
+            !shown.contains("default-token") && !shown.contains("tenant-a-token"),
+            "Debug printed a token: {shown}"
+        );
+    }
+}
