@@ -13,11 +13,18 @@
 //! reject   (4 B): magic "RM" | the node's version u8 | reason u8
 //! ```
 //!
+//! A request on the wire is a plaintext with its MAC, so a guessable token could be found
+//! offline: tokens must be random and at least [`MIN_TOKEN`] bytes (the [`Verifier`] refuses
+//! shorter ones). Tenant names are not secret: a sender without the token can tell an unknown
+//! tenant from a wrong token.
+//!
 //! The tenant tag is the first 4 bytes of SHA-256 of the tenant's name. The node checks, in
 //! this order: the shape, the version, the tenant, the MAC (constant time), the clock (at most
 //! [`MAX_SKEW`] apart), and that the nonce was not seen while its request could still be
-//! accepted ([`ReplayCache`]). Only then does it remember the nonce, so requests without the
-//! token cannot fill the cache. The accept's MAC covers the request's nonce, so a client knows it
+//! accepted (a [`ReplayCache`] per tenant). Only then does it remember the nonce, so requests
+//! without the token cannot fill a cache, and one tenant cannot fill another's. The node's clock
+//! is taken as never going back (the latest time seen), so a clock stepped back cannot reopen
+//! a replay. The accept's MAC covers the request's nonce, so a client knows it
 //! reached a node holding the token, and an old accept cannot be replayed to it. A reject carries
 //! no MAC (an attacker on the path can forge one; that denies service, which such an attacker can
 //! do anyway), so a client treats it as a refusal, never as proof of anything.
@@ -34,6 +41,9 @@ use sha2::{Digest, Sha256};
 /// The version of this format.
 pub const VERSION: u8 = 1;
 
+/// The shortest token a [`Verifier`] takes, in bytes (it should be random).
+pub const MIN_TOKEN: usize = 16;
+
 /// The bytes of a connect request.
 pub const REQUEST_LEN: usize = 56;
 
@@ -46,8 +56,9 @@ pub const REJECT_LEN: usize = 4;
 /// How far apart the client's and the node's clocks may be.
 pub const MAX_SKEW: Duration = Duration::from_secs(30);
 
-/// The most nonces a [`ReplayCache`] holds (of requests that carried the token, within twice
-/// [`MAX_SKEW`]); beyond that the node refuses with [`Refusal::Busy`] rather than forget one.
+/// The most nonces a [`ReplayCache`] (one per tenant) holds, of requests that carried the
+/// token and could still pass the clock check; beyond that the node refuses that tenant's
+/// requests with [`Refusal::Busy`] rather than forget one.
 pub const REPLAY_CAPACITY: usize = 1 << 16;
 
 const MAGIC: [u8; 2] = *b"RM";
@@ -183,7 +194,7 @@ impl Request {
     /// request's nonce. `Err(Refusal::WrongToken)` when it does not (not a node holding the
     /// token, or an accept meant for another request), `Malformed` for the wrong shape.
     pub fn check_accept(&self, token: &[u8], data: &[u8]) -> Result<Accept, Refusal> {
-        if data.len() < ACCEPT_LEN || data[..2] != MAGIC {
+        if data.len() < ACCEPT_LEN || data[ACCEPT_LEN..].iter().any(|&b| b != 0) || data[..2] != MAGIC || data[3] != 0 {
             return Err(Refusal::Malformed);
         }
         if data[2] != VERSION {
@@ -244,8 +255,9 @@ pub struct Verified {
     pub nonce: [u8; 16],
 }
 
-/// The nonces of requests accepted within the last `2 * MAX_SKEW`, so that none is accepted
-/// twice: a request older than that is refused for its clock anyway.
+/// The nonces of accepted requests, each kept at least until its request's time plus
+/// [`MAX_SKEW`] (after which the clock check refuses it anyway), so that none is accepted twice.
+/// Expired ones are dropped only when the cache is full.
 #[derive(Debug, Default)]
 pub struct ReplayCache {
     /// Nonce, and the time (ms) after which its request would be refused for its clock.
@@ -284,27 +296,34 @@ impl ReplayCache {
 pub struct Verifier {
     /// Per tenant: its tag, and its token.
     tenants: Vec<(u32, Vec<u8>)>,
-    replay: ReplayCache,
+    /// Per tenant.
+    replay: Vec<ReplayCache>,
+    /// The latest time (ms) a request was checked at: the clock never goes back.
+    latest: u64,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the tokens.
-        f.debug_struct("Verifier").field("tenants", &self.tenants.len()).field("replay", &self.replay.len()).finish()
+        f.debug_struct("Verifier").field("tenants", &self.tenants.len()).finish_non_exhaustive()
     }
 }
 
 impl Verifier {
     /// A verifier for `tenants` (name, token), in order ([`Verified::tenant`] indexes them).
-    /// Fails for no tenant, an empty token, or two names with the same tag (rename one).
+    /// Fails for no tenant, a token shorter than [`MIN_TOKEN`], or two names with the same tag
+    /// (rename one).
     pub fn new(tenants: &[(&str, &[u8])]) -> Result<Verifier, String> {
         if tenants.is_empty() {
             return Err("a memory node needs at least one tenant".into());
         }
         let mut list: Vec<(u32, Vec<u8>)> = Vec::with_capacity(tenants.len());
         for (i, (name, token)) in tenants.iter().enumerate() {
-            if token.is_empty() {
-                return Err(format!("tenant {name:?} has an empty token"));
+            if token.len() < MIN_TOKEN {
+                return Err(format!(
+                    "tenant {name:?} has a token of {} bytes; it must be at least {MIN_TOKEN} random bytes",
+                    token.len()
+                ));
             }
             let tag = tenant_tag(name);
             if let Some(j) = list.iter().position(|(t, _)| *t == tag) {
@@ -313,14 +332,16 @@ impl Verifier {
             debug_assert_eq!(list.len(), i);
             list.push((tag, token.to_vec()));
         }
-        Ok(Verifier { tenants: list, replay: ReplayCache::default() })
+        let replay = list.iter().map(|_| ReplayCache::default()).collect();
+        Ok(Verifier { tenants: list, replay, latest: 0 })
     }
 
     /// Checks a connect request's private data at `now` (see the module docs for the order).
     pub fn verify(&mut self, data: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
         // RDMA-CM may pad the private data with zeros up to its limit: only the first
         // REQUEST_LEN bytes count, and the rest must be zeros.
-        if data.len() < REQUEST_LEN || data[REQUEST_LEN..].iter().any(|&b| b != 0) || data[..2] != MAGIC {
+        if data.len() < REQUEST_LEN || data[REQUEST_LEN..].iter().any(|&b| b != 0) || data[..2] != MAGIC || data[3] != 0
+        {
             return Err(Refusal::Malformed);
         }
         let data = &data[..REQUEST_LEN];
@@ -333,12 +354,13 @@ impl Verifier {
             .verify_truncated_left(&data[32..])
             .map_err(|_| Refusal::WrongToken)?;
         let sent = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
-        let now = millis(now);
+        let now = millis(now).max(self.latest);
+        self.latest = now;
         if sent.abs_diff(now) > MAX_SKEW.as_millis() as u64 {
             return Err(Refusal::ClockSkew);
         }
         let nonce: [u8; 16] = data[16..32].try_into().expect("16 bytes");
-        if !self.replay.insert(nonce, sent, now)? {
+        if !self.replay[tenant].insert(nonce, sent, now)? {
             return Err(Refusal::Replayed);
         }
         Ok(Verified { tenant, nonce })
@@ -349,9 +371,9 @@ impl Verifier {
         &self.tenants[tenant].1
     }
 
-    /// The nonces remembered against replay.
-    pub fn replay_cache(&self) -> &ReplayCache {
-        &self.replay
+    /// The nonces of tenant `tenant` remembered against replay.
+    pub fn replay_cache(&self, tenant: usize) -> &ReplayCache {
+        &self.replay[tenant]
     }
 }
 
@@ -359,10 +381,11 @@ impl Verifier {
 mod tests {
     use super::*;
 
-    const TOKEN: &[u8] = b"tenant-a-token";
+    const TOKEN: &[u8] = b"tenant-a-token-0123";
+    const DEFAULT: &[u8] = b"default-token-0123";
 
     fn verifier() -> Verifier {
-        Verifier::new(&[("default", &b"default-token"[..]), ("a", TOKEN)]).unwrap()
+        Verifier::new(&[("default", DEFAULT), ("a", TOKEN)]).unwrap()
     }
 
     fn at(ms: u64) -> SystemTime {
@@ -384,7 +407,7 @@ mod tests {
         // Another request's accept, or one MACed with another token, is refused.
         let other = Request::new(TOKEN, "a", at(NOW)).unwrap();
         assert_eq!(other.check_accept(TOKEN, &bytes), Err(Refusal::WrongToken));
-        assert_eq!(req.check_accept(b"default-token", &bytes), Err(Refusal::WrongToken));
+        assert_eq!(req.check_accept(DEFAULT, &bytes), Err(Refusal::WrongToken));
         let mut flipped = bytes;
         flipped[10] ^= 1; // the pool base, changed on the way
         assert_eq!(req.check_accept(TOKEN, &flipped), Err(Refusal::WrongToken));
@@ -434,7 +457,7 @@ mod tests {
         assert_eq!(Refusal::from_reject(b"RM\x01\x63", 1), None);
         assert_eq!(Refusal::from_reject(b"RM", 1), None);
         // No refusal was remembered against replay.
-        assert!(v.replay_cache().is_empty());
+        assert!(v.replay_cache(0).is_empty() && v.replay_cache(1).is_empty());
     }
 
     #[test]
@@ -468,7 +491,12 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let len = (x % 200) as usize;
-            let data: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            let mut data: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            // Half of them pass the shape checks (a valid header and tenant), to reach the MAC.
+            if x % 2 == 0 && len >= REQUEST_LEN {
+                data[..8].copy_from_slice(&fresh[..8]);
+                data[REQUEST_LEN..].fill(0);
+            }
             assert!(v.verify(&data, at(NOW)).is_err());
         }
         // The good one still passes after all that.
@@ -495,11 +523,77 @@ mod tests {
     fn tenants_must_have_tokens_and_distinct_tags() {
         assert!(Verifier::new(&[]).is_err());
         assert!(Verifier::new(&[("a", &b""[..])]).is_err());
-        assert!(Verifier::new(&[("a", &b"x"[..]), ("a", &b"y"[..])]).unwrap_err().contains("same tag"));
+        assert!(Verifier::new(&[("a", &b"fifteen-bytes.."[..])]).unwrap_err().contains("at least 16"));
+        assert!(Verifier::new(&[("a", TOKEN), ("a", DEFAULT)]).unwrap_err().contains("same tag"));
         let shown = format!("{:?}", verifier());
         assert!(
             !shown.contains("default-token") && !shown.contains("tenant-a-token"),
             "Debug printed a token: {shown}"
         );
+    }
+
+    #[test]
+    fn the_clock_and_replay_boundaries_hold() {
+        // A replay is refused as a replay up to the last instant its request passes the clock
+        // check, and for its clock after that; never accepted.
+        let mut v = verifier();
+        let req = Request::new(TOKEN, "a", at(NOW)).unwrap();
+        assert!(v.verify(&req.bytes, at(NOW)).is_ok());
+        assert_eq!(v.verify(&req.bytes, at(NOW + 30_000)), Err(Refusal::Replayed));
+        assert_eq!(v.verify(&req.bytes, at(NOW + 30_001)), Err(Refusal::ClockSkew));
+        // The node's clock stepped back: it counts as the latest time seen, so the replay is
+        // still refused for its clock.
+        assert_eq!(v.verify(&req.bytes, at(NOW)), Err(Refusal::ClockSkew));
+        // A request exactly MAX_SKEW from the node's clock passes; one ms more does not.
+        let mut v = verifier();
+        assert!(v.verify(&Request::new(TOKEN, "a", at(NOW - 30_000)).unwrap().bytes, at(NOW)).is_ok());
+        assert_eq!(
+            v.verify(&Request::new(TOKEN, "a", at(NOW - 30_001)).unwrap().bytes, at(NOW)),
+            Err(Refusal::ClockSkew)
+        );
+    }
+
+    #[test]
+    fn a_full_cache_keeps_nonces_until_their_time_is_over() {
+        let mut cache = ReplayCache::default();
+        for i in 0..REPLAY_CAPACITY as u64 {
+            let mut nonce = [0u8; 16];
+            nonce[..8].copy_from_slice(&i.to_le_bytes());
+            cache.insert(nonce, NOW, NOW).unwrap();
+        }
+        assert_eq!(cache.insert([0xee; 16], NOW, NOW + 30_000), Err(Refusal::Busy));
+        assert_eq!(cache.insert([0xee; 16], NOW + 30_001, NOW + 30_001), Ok(true));
+    }
+
+    #[test]
+    fn one_tenant_filling_its_cache_does_not_refuse_another() {
+        let mut v = verifier();
+        for _ in 0..REPLAY_CAPACITY {
+            v.verify(&Request::new(TOKEN, "a", at(NOW)).unwrap().bytes, at(NOW)).unwrap();
+        }
+        assert_eq!(v.verify(&Request::new(TOKEN, "a", at(NOW)).unwrap().bytes, at(NOW)), Err(Refusal::Busy));
+        assert!(v.verify(&Request::new(DEFAULT, "default", at(NOW)).unwrap().bytes, at(NOW)).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_accept_is_refused() {
+        let v = verifier();
+        let req = Request::new(TOKEN, "a", at(NOW)).unwrap();
+        let good = Accept { node: 1, base: 2, size: 3, rkey: 4, page: 0 }.to_bytes(v.token(1), &req.nonce);
+        for n in 0..ACCEPT_LEN {
+            assert_eq!(req.check_accept(TOKEN, &good[..n]), Err(Refusal::Malformed), "truncated to {n}");
+        }
+        let mut magic = good;
+        magic[0] = b'X';
+        assert_eq!(req.check_accept(TOKEN, &magic), Err(Refusal::Malformed));
+        let mut version = good;
+        version[2] = 9;
+        assert_eq!(req.check_accept(TOKEN, &version), Err(Refusal::Version { client: VERSION, node: 9 }));
+        let mut trailing = good.to_vec();
+        trailing.push(1);
+        assert_eq!(req.check_accept(TOKEN, &trailing), Err(Refusal::Malformed));
+        let mut padded = good.to_vec();
+        padded.resize(196, 0);
+        assert!(req.check_accept(TOKEN, &padded).is_ok());
     }
 }
