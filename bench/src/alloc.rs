@@ -70,11 +70,7 @@ pub(crate) fn run(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = Printer::new(args.json);
     for &size in &args.sizes {
         for &threads in &args.threads {
-            let (pairs, ops, seconds) = measure(&allocator, size, threads, args.pairs, args.window)?;
-            let mut row = Row::throughput("alloc", "rdmem", "alloc_free", size, threads, 1, pairs, seconds);
-            row.gbps = None;
-            row.rdma_ops_per_op = Some(ops as f64 / pairs as f64);
-            out.print(&row);
+            out.print(&measured_row(&allocator, size, threads, args.pairs, args.window)?);
         }
     }
     Ok(())
@@ -102,10 +98,7 @@ fn scaling(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
                 for &threads in &args.threads {
                     let held = args.fill * (pool as f64 * nodes as f64) / (size as f64 * threads as f64);
                     let window = (held as usize).max(1);
-                    let (pairs, ops, seconds) = measure(&allocator, size, threads, args.pairs, window)?;
-                    let mut row = Row::throughput("alloc", "rdmem", "alloc_free", size, threads, 1, pairs, seconds);
-                    row.gbps = None;
-                    row.rdma_ops_per_op = Some(ops as f64 / pairs as f64);
+                    let mut row = measured_row(&allocator, size, threads, args.pairs, window)?;
                     row.pool_bytes = Some(pool);
                     row.nodes = Some(nodes);
                     row.note = Some(format!(
@@ -121,6 +114,21 @@ fn scaling(args: &AllocArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// One point's row: alloc+free pairs per second and network operations per pair.
+fn measured_row(
+    allocator: &Allocator<RdmaTransport>,
+    size: usize,
+    threads: usize,
+    pairs: u64,
+    window: usize,
+) -> Result<Row, Box<dyn std::error::Error>> {
+    let (pairs, ops, seconds) = measure(allocator, size, threads, pairs, window)?;
+    let mut row = Row::throughput("alloc", "rdmem", "alloc_free", size, threads, 1, pairs, seconds);
+    row.gbps = None;
+    row.rdma_ops_per_op = Some(ops as f64 / pairs as f64);
+    Ok(row)
 }
 
 /// Returns (pairs, network operations, seconds).

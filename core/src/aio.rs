@@ -54,7 +54,8 @@
 //! written after the drop. The operation itself may or may not take effect, as with any
 //! operation whose outcome is not awaited. Dropping the `AsyncEndpoint` waits for nothing: the
 //! transport stops its queue pairs before it frees any memory (with the default helper thread,
-//! it may wait up to 100 ms for that thread). A future dropped before its operation was posted has it posted at once.
+//! it may wait up to 100 ms for that thread). A future dropped before its operation was posted
+//! has it posted at once.
 //!
 //! **Keep polling what you start.** One waiting future polls the completion queue for all of
 //! them. If its task stops polling it (say a `select` returned the other branch and the first
