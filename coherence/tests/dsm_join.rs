@@ -10,7 +10,7 @@ fn a_failed_connection_keeps_its_typed_cause() {
     // SAFETY: this binary has this one test, so no other thread reads the environment now.
     unsafe {
         std::env::set_var("RDMEM_MEMNODES", "127.0.0.1:1");
-        std::env::set_var("RDMEM_TOKEN", "not-used");
+        std::env::set_var("RDMEM_TOKEN", "not-used-by-this-test-0123");
         std::env::remove_var("RDMEM_CONFIG");
     }
     match Dsm::join(DsmOptions::new(0, 1)) {

@@ -4,6 +4,40 @@ use std::fmt;
 
 use crate::addr::{GlobalAddr, NodeId};
 
+/// Why a memory node refused a connection or a request ([`Error::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The client's token is not the tenant's (the request's MAC does not match).
+    #[error("wrong token")]
+    WrongToken,
+    /// The node has no tenant of the name the client gave.
+    #[error("unknown tenant")]
+    UnknownTenant,
+    /// The client and the node speak different versions of the protocol.
+    #[error("protocol version {client}, node speaks {node}")]
+    Version {
+        /// The client's.
+        client: u16,
+        /// The node's.
+        node: u16,
+    },
+    /// The node saw this very request before (someone replayed a captured one).
+    #[error("replayed request")]
+    Replayed,
+    /// The client's clock is too far from the node's for its request to be checked.
+    #[error("clock skew: the client's clock is more than 30 s from the node's")]
+    ClockSkew,
+    /// The node is too busy to take the request now (try again later).
+    #[error("node busy: {0}")]
+    Busy(String),
+    /// The request was not one the node could read.
+    #[error("malformed request")]
+    Malformed,
+    /// Any other refusal, in the node's words.
+    #[error("{0}")]
+    Other(String),
+}
+
 /// The kind of a one-sided operation, named in errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpKind {
@@ -283,15 +317,16 @@ pub enum Error {
         /// The node.
         node: NodeId,
     },
-    /// The memory node refused the connection (wrong token, protocol version, ...).
-    #[error("memory node at {peer} refused the connection: {reason}")]
+    /// The memory node refused the connection or the request (wrong token, protocol version,
+    /// replayed request, unknown tenant, ...): [`Refusal`] says which.
+    #[error("memory node at {peer} refused the connection: {refusal}")]
     Refused {
         /// Where the node was reached.
         peer: String,
-        /// What it said.
-        reason: String,
+        /// Why.
+        refusal: Refusal,
     },
-    /// The memory node could not be reached or the handshake broke off.
+    /// The memory node could not be reached or connection setup broke off.
     #[error("cannot connect to memory node at {peer}: {reason}")]
     Connect {
         /// Where the node was to be reached.

@@ -61,5 +61,5 @@ pub mod loopback;
 pub use addr::{GlobalAddr, NodeId, RemotePtr};
 pub use config::{ClusterConfig, DEFAULT_PORT, DeviceConfig};
 pub use endpoint::{Batch, Checkpoint, Endpoint, LocalBuffer, NodeInfo, Op, RegSlice, RegSliceMut, Transport};
-pub use error::{Error, OpKind, Resource, Result, WcStatus};
+pub use error::{Error, OpKind, Refusal, Resource, Result, WcStatus};
 pub use loopback::{KillSwitch, LoopbackBuffer, LoopbackEndpoint, LoopbackOptions, LoopbackTransport};

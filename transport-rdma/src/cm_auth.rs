@@ -29,8 +29,10 @@
 //! no MAC (an attacker on the path can forge one; that denies service, which such an attacker can
 //! do anyway), so a client treats it as a refusal, never as proof of anything.
 //!
-//! This module is the format and its checks; the connection setup that carries it is issue 14's
-//! next step.
+//! Control requests over TCP (checkpoints, [`crate::wire`]) carry the same 56 bytes, made with
+//! [`Request::control`]: their MAC has its own label and covers the operation asked for.
+//! The connection setup that carries connect requests is [`crate::cm`], used by
+//! [`crate::RdmaTransport`] and [`crate::Memnode`].
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,6 +45,23 @@ pub const VERSION: u8 = 1;
 
 /// The shortest token a [`Verifier`] takes, in bytes (it should be random).
 pub const MIN_TOKEN: usize = 16;
+
+/// The tenant of a node's single pool, and of clients that name none.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Fails for a token too short to be safe (1 to [`MIN_TOKEN`] - 1 bytes); the empty token is
+/// taken (no authentication: `--insecure-no-token`).
+pub fn check_token(token: &[u8]) -> Result<(), String> {
+    if !token.is_empty() && token.len() < MIN_TOKEN {
+        return Err(format!(
+            "a token of {} bytes is too short: it must be at least {MIN_TOKEN} random bytes (e.g. `head -c 32 \
+             /dev/urandom | base64`), since what crosses the wire is a MAC made with it, which a short token \
+             lets anyone who sees it guess offline",
+            token.len()
+        ));
+    }
+    Ok(())
+}
 
 /// The bytes of a connect request.
 pub const REQUEST_LEN: usize = 56;
@@ -65,6 +84,7 @@ const MAGIC: [u8; 2] = *b"RM";
 const REQUEST_MAC_LEN: usize = 24;
 const CONNECT_LABEL: &[u8] = b"rdmem-cm-connect";
 const ACCEPT_LABEL: &[u8] = b"rdmem-cm-accept";
+const CONTROL_LABEL: &[u8] = b"rdmem-control";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -138,6 +158,22 @@ impl Refusal {
     }
 }
 
+impl From<Refusal> for rdmem_core::Refusal {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Malformed => rdmem_core::Refusal::Malformed,
+            Refusal::Version { client, node } => {
+                rdmem_core::Refusal::Version { client: u16::from(client), node: u16::from(node) }
+            }
+            Refusal::UnknownTenant => rdmem_core::Refusal::UnknownTenant,
+            Refusal::WrongToken => rdmem_core::Refusal::WrongToken,
+            Refusal::ClockSkew => rdmem_core::Refusal::ClockSkew,
+            Refusal::Replayed => rdmem_core::Refusal::Replayed,
+            Refusal::Busy => rdmem_core::Refusal::Busy("too many connections in the last minute".into()),
+        }
+    }
+}
+
 /// The tag that names tenant `name` in a request: the first 4 bytes of its SHA-256.
 pub fn tenant_tag(name: &str) -> u32 {
     let digest = Sha256::digest(name.as_bytes());
@@ -157,6 +193,16 @@ fn mac_of(token: &[u8], label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     mac
 }
 
+/// 16 random bytes from the system.
+fn random_nonce() -> std::io::Result<[u8; 16]> {
+    let mut nonce = [0u8; 16];
+    let mut filled = 0;
+    while filled < nonce.len() {
+        filled += rustix::rand::getrandom(&mut nonce[filled..], rustix::rand::GetRandomFlags::empty())?;
+    }
+    Ok(nonce)
+}
+
 /// A client's connect request, and what it needs to check the node's accept.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -169,23 +215,29 @@ impl Request {
     /// A request to tenant `tenant` of a node holding `token`, at `now`, with a fresh random
     /// nonce. Fails only when the system has no randomness to give.
     pub fn new(token: &[u8], tenant: &str, now: SystemTime) -> std::io::Result<Request> {
-        let mut nonce = [0u8; 16];
-        let mut filled = 0;
-        while filled < nonce.len() {
-            filled += rustix::rand::getrandom(&mut nonce[filled..], rustix::rand::GetRandomFlags::empty())?;
-        }
-        Ok(Request::with_nonce(token, tenant, now, nonce))
+        Ok(Request::with_nonce(token, tenant, now, random_nonce()?))
     }
 
     /// [`Request::new`] with a given nonce (for tests).
     pub fn with_nonce(token: &[u8], tenant: &str, now: SystemTime, nonce: [u8; 16]) -> Request {
+        Request::made(token, tenant, now, nonce, CONNECT_LABEL, &[])
+    }
+
+    /// The authentication of a control request (a checkpoint, over TCP) that asks for `op`
+    /// (its bytes on the wire): the same 56 bytes, with a MAC under another label that also
+    /// covers `op`, so it cannot pass for a connect request, nor its operation be changed.
+    pub fn control(token: &[u8], tenant: &str, now: SystemTime, op: &[u8]) -> std::io::Result<Request> {
+        Ok(Request::made(token, tenant, now, random_nonce()?, CONTROL_LABEL, op))
+    }
+
+    fn made(token: &[u8], tenant: &str, now: SystemTime, nonce: [u8; 16], label: &[u8], bound: &[u8]) -> Request {
         let mut bytes = [0u8; REQUEST_LEN];
         bytes[..2].copy_from_slice(&MAGIC);
         bytes[2] = VERSION;
         bytes[4..8].copy_from_slice(&tenant_tag(tenant).to_le_bytes());
         bytes[8..16].copy_from_slice(&millis(now).to_le_bytes());
         bytes[16..32].copy_from_slice(&nonce);
-        let tag = mac_of(token, CONNECT_LABEL, &[&bytes[..32]]).finalize().into_bytes();
+        let tag = mac_of(token, label, &[&bytes[..32], bound]).finalize().into_bytes();
         bytes[32..].copy_from_slice(&tag[..REQUEST_MAC_LEN]);
         Request { bytes, nonce }
     }
@@ -312,19 +364,15 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// A verifier for `tenants` (name, token), in order ([`Verified::tenant`] indexes them).
     /// Fails for no tenant, a token shorter than [`MIN_TOKEN`], or two names with the same tag
-    /// (rename one).
+    /// (rename one). The empty token is taken (a node started with `--insecure-no-token`):
+    /// anyone can make its MACs, so it authenticates nothing.
     pub fn new(tenants: &[(&str, &[u8])]) -> Result<Verifier, String> {
         if tenants.is_empty() {
             return Err("a memory node needs at least one tenant".into());
         }
         let mut list: Vec<(u32, Vec<u8>)> = Vec::with_capacity(tenants.len());
         for (i, (name, token)) in tenants.iter().enumerate() {
-            if token.len() < MIN_TOKEN {
-                return Err(format!(
-                    "tenant {name:?} has a token of {} bytes; it must be at least {MIN_TOKEN} random bytes",
-                    token.len()
-                ));
-            }
+            check_token(token).map_err(|e| format!("tenant {name:?}: {e}"))?;
             let tag = tenant_tag(name);
             if let Some(j) = list.iter().position(|(t, _)| *t == tag) {
                 return Err(format!("tenants {:?} and {name:?} have the same tag {tag:#x}: rename one", tenants[j].0));
@@ -338,6 +386,19 @@ impl Verifier {
 
     /// Checks a connect request's private data at `now` (see the module docs for the order).
     pub fn verify(&mut self, data: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
+        self.verify_with(data, CONNECT_LABEL, &[], now)
+    }
+
+    /// Checks the authentication of a control request for `op` ([`Request::control`]), with
+    /// the same checks and replay caches as connect requests.
+    pub fn verify_control(&mut self, data: &[u8], op: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
+        if data.len() != REQUEST_LEN {
+            return Err(Refusal::Malformed);
+        }
+        self.verify_with(data, CONTROL_LABEL, op, now)
+    }
+
+    fn verify_with(&mut self, data: &[u8], label: &[u8], bound: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
         // RDMA-CM may pad the private data with zeros up to its limit: only the first
         // REQUEST_LEN bytes count, and the rest must be zeros.
         if data.len() < REQUEST_LEN || data[REQUEST_LEN..].iter().any(|&b| b != 0) || data[..2] != MAGIC || data[3] != 0
@@ -350,7 +411,7 @@ impl Verifier {
         }
         let tag = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
         let tenant = self.tenants.iter().position(|(t, _)| *t == tag).ok_or(Refusal::UnknownTenant)?;
-        mac_of(&self.tenants[tenant].1, CONNECT_LABEL, &[&data[..32]])
+        mac_of(&self.tenants[tenant].1, label, &[&data[..32], bound])
             .verify_truncated_left(&data[32..])
             .map_err(|_| Refusal::WrongToken)?;
         let sent = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
@@ -522,7 +583,8 @@ mod tests {
     #[test]
     fn tenants_must_have_tokens_and_distinct_tags() {
         assert!(Verifier::new(&[]).is_err());
-        assert!(Verifier::new(&[("a", &b""[..])]).is_err());
+        assert!(Verifier::new(&[("a", &b""[..])]).is_ok(), "the empty token of --insecure-no-token");
+        assert!(Verifier::new(&[("a", &b"x"[..])]).unwrap_err().contains("at least 16"));
         assert!(Verifier::new(&[("a", &b"fifteen-bytes.."[..])]).unwrap_err().contains("at least 16"));
         assert!(Verifier::new(&[("a", TOKEN), ("a", DEFAULT)]).unwrap_err().contains("same tag"));
         let shown = format!("{:?}", verifier());
@@ -595,5 +657,30 @@ mod tests {
         let mut padded = good.to_vec();
         padded.resize(196, 0);
         assert!(req.check_accept(TOKEN, &padded).is_ok());
+    }
+
+    #[test]
+    fn control_requests_are_bound_to_their_operation_and_cannot_pass_for_connects() {
+        let mut v = verifier();
+        let now = SystemTime::now();
+        let op = [1u8, 9, 0, 0, 0, 0, 0, 0, 0, 1];
+        let control = Request::control(DEFAULT, "default", now, &op).unwrap();
+        assert!(v.verify_control(&control.bytes, &op, now).is_ok());
+        // The same bytes again: a replay, as for connect requests.
+        assert_eq!(v.verify_control(&control.bytes, &op, now), Err(Refusal::Replayed));
+        // Another operation under the same MAC, or a control request sent as a connect request
+        // (and the other way round): the MAC does not match.
+        let fresh = Request::control(DEFAULT, "default", now, &op).unwrap();
+        assert_eq!(v.verify_control(&fresh.bytes, &[2], now), Err(Refusal::WrongToken));
+        assert_eq!(v.verify(&fresh.bytes, now), Err(Refusal::WrongToken));
+        let connect = Request::new(DEFAULT, "default", now).unwrap();
+        assert_eq!(v.verify_control(&connect.bytes, &[], now), Err(Refusal::WrongToken));
+        // Padding is a connect request's (RDMA-CM's) only: a control request is exact.
+        let mut padded = fresh.bytes.to_vec();
+        padded.push(0);
+        assert_eq!(v.verify_control(&padded, &op, now), Err(Refusal::Malformed));
+        assert!(v.verify_control(&fresh.bytes, &op, now).is_ok());
+        assert!(check_token(b"").is_ok() && check_token(&[7; MIN_TOKEN]).is_ok());
+        assert!(check_token(&[7; MIN_TOKEN - 1]).unwrap_err().contains("at least 16"));
     }
 }

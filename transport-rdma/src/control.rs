@@ -1,9 +1,10 @@
-//! Control requests to a memory node: one TCP connection per request, authenticated with the
-//! token like a queue pair's handshake, answered once, no queue pair. Today: checkpoints, and
+//! Control requests to a memory node: one TCP connection per request, authenticated with a MAC
+//! made with the token (never the token itself, see [`crate::wire`]), answered once, no queue
+//! pair. Today: checkpoints, and
 //! the newest one's sequence number.
 //!
 //! ```no_run
-//! let done = rdmem_transport_rdma::control::checkpoint("10.77.0.1:7471", "secret", None, false)?;
+//! let done = rdmem_transport_rdma::control::checkpoint("10.77.0.1:7471", "0123456789abcdef-secret", None, false)?;
 //! println!("snapshot {} of node {}: {} bytes", done.seq, done.node, done.bytes);
 //! # Ok::<(), rdmem_core::Error>(())
 //! ```
@@ -11,10 +12,11 @@
 //! ([`rdmem_core::Transport::checkpoint`]).
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rdmem_core::{Checkpoint, Error, NodeId, Result};
 
+use crate::cm_auth;
 use crate::wire::{self, Answer, Op, Request};
 
 /// How long connecting may take.
@@ -57,7 +59,7 @@ pub fn newest(peer: &str, token: &str) -> Result<(NodeId, u64)> {
 /// A refusal as [`Error::Refused`]; any other answer than the one asked for is a broken peer.
 fn unexpected(peer: &str, answer: Answer) -> Error {
     match answer {
-        Answer::Refused(reason) => Error::Refused { peer: peer.to_owned(), reason },
+        Answer::Refused(refusal) => Error::Refused { peer: peer.to_owned(), refusal },
         other => Error::Connect { peer: peer.to_owned(), reason: format!("answered {other:?}, not what was asked") },
     }
 }
@@ -67,7 +69,10 @@ fn ask(peer: &str, token: &str, op: Op) -> Result<Answer> {
     let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
     let mut stream = dial(peer, CONNECT_TIMEOUT)?;
     wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
-    let request = Request { version: wire::VERSION, token: token.as_bytes().to_vec(), op };
+    cm_auth::check_token(token.as_bytes()).map_err(Error::Config)?;
+    let auth = cm_auth::Request::control(token.as_bytes(), cm_auth::DEFAULT_TENANT, SystemTime::now(), &op.to_bytes())
+        .map_err(|e| fail(format!("no randomness for the request's nonce: {e}")))?;
+    let request = Request { version: wire::VERSION, auth: auth.bytes, op };
     request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;
     Answer::read_from(&mut stream).map_err(|e| fail(format!("waiting for the answer: {e}")))
 }

@@ -252,6 +252,24 @@ impl Device {
         self.gid
     }
 
+    /// The IPv4 address of the GID in use, when it is a RoCE v2 GID of one (`::ffff:a.b.c.d`):
+    /// the address RDMA-CM reaches this device at.
+    pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        let raw = self.gid.raw;
+        (raw[..10].iter().all(|&b| b == 0) && raw[10..12] == [0xff, 0xff])
+            .then(|| std::net::Ipv4Addr::new(raw[12], raw[13], raw[14], raw[15]))
+    }
+
+    /// `addr`, with a loopback IP replaced by this device's own ([`Device::ipv4`]): RDMA-CM
+    /// cannot route over `lo`, so `127.0.0.1` stands for this machine's RDMA address (a node
+    /// listening on `127.0.0.1` listens there, a client connecting to it connects there).
+    pub fn routable(&self, addr: std::net::SocketAddr) -> std::net::SocketAddr {
+        match self.ipv4() {
+            Some(ip) if addr.ip().is_loopback() => std::net::SocketAddr::from((ip, addr.port())),
+            _ => addr,
+        }
+    }
+
     /// The index of the GID in use.
     pub fn gid_index(&self) -> u32 {
         self.gid_index

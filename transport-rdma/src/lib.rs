@@ -3,9 +3,10 @@
 //! - [`device`]: open the right device, port and GID on Soft-RoCE, RoCE or InfiniBand, with an
 //!   error that says what to do when there is none.
 //! - [`memory`]: huge-page memory regions, registered with a protection domain.
-//! - [`wire`]: the connection handshake (protocol version, token, queue pair info, pool).
-//! - [`cm_auth`]: the MACed private data of RDMA-CM connection setup (a token that never crosses
-//!   the wire, tenants, replay and clock checks); not yet used by the connection path.
+//! - [`cm`]: RDMA-CM connection setup (librdmacm): every queue pair is connected through it.
+//! - [`cm_auth`]: the MACed private data of connection setup (a token that never crosses the
+//!   wire, tenants, replay and clock checks).
+//! - [`wire`]: control requests over TCP (checkpoints), authenticated with the same MACs.
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
 //! - [`control`]: requests to a memory node that are not connections (checkpoints).
@@ -20,7 +21,7 @@
 //!
 //! let transport = RdmaTransport::connect(RdmaOptions {
 //!     memnodes: vec!["10.77.0.1:7471".into()],
-//!     token: "secret".into(),
+//!     token: "change-me-to-32-random-bytes".into(), // at least 16 bytes; never sent
 //!     device: Default::default(), // or RDMEM_DEVICE / RDMEM_GID_INDEX
 //! })?;
 //! let mut ep = transport.endpoint()?; // one per thread
@@ -34,6 +35,7 @@
 //! the Soft-RoCE VM with `soft-roce-setup/vm-run --device-tests`, and fail (never pass) when no
 //! device is present.
 
+pub mod cm;
 pub mod cm_auth;
 pub mod control;
 pub mod device;

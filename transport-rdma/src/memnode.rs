@@ -1,13 +1,16 @@
 //! The memory node: a registered pool that clients reach with one-sided verbs only.
 //!
 //! [`Memnode::start`] maps the pool (huge pages by default), registers it as one memory region
-//! with remote READ, WRITE and atomic access, and listens for clients on TCP. Each client
-//! connection is one handshake ([`crate::wire`]): protocol version and token are checked first,
-//! and only then is a queue pair created with access to the pool. After the handshake the
-//! node's CPU does nothing for that client: one thread polls every control socket, and when a
-//! client goes away (closed, killed, or its machine gone) its queue pair is destroyed. A client
-//! that dies never disturbs the others, and no client, with a token or without, can stop the
-//! node or keep others out (see [`Memnode::serve`]).
+//! with remote READ, WRITE and atomic access, and listens for clients with RDMA-CM
+//! ([`crate::cm`]), and for control requests (checkpoints, [`crate::wire`]) on TCP, both on the
+//! same address and port. Each client queue pair is one RDMA-CM connection whose connect request
+//! carries a MAC made with the token ([`crate::cm_auth`]: version, tenant, MAC, clock and replay
+//! are checked first, and only then is a queue pair created with access to the pool); the token
+//! itself never crosses the wire. After that the node's CPU does nothing for that client: one
+//! thread reads the connection manager's events, and when a client disconnects (or its process
+//! dies: the kernel disconnects it) its queue pair is destroyed. A client that dies never
+//! disturbs the others, and no client, with a token or without, can stop the node or keep
+//! others out (see [`Memnode::serve`]).
 //!
 //! The node knows nothing of what lives in its pool: the pool starts zeroed (or restored from a
 //! snapshot) and the layers above (the allocator) format it with one-sided operations.
@@ -22,13 +25,13 @@
 //! one of a busy pool is fuzzy. With [`MemnodeConfig::restore`], [`Memnode::start`] loads a
 //! snapshot into the registered pool before any client can connect.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdmem_checkpoint::{Checkpointer, Report, Take};
 
@@ -39,11 +42,15 @@ use sideway::ibverbs::completion::GenericCompletionQueue;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair};
 
+use rdmem_core::Refusal;
+
+use crate::cm::{self, CmId, EventChannel, IdKey};
+use crate::cm_auth::{self, Verifier};
 use crate::device::{Device, DeviceSelection};
 use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
 use crate::queue_pair;
-use crate::wire::{self, Answer, Checkpointed, Hello, Op, Opening, Reply, Request, Welcome};
+use crate::wire::{self, Answer, Checkpointed, Op, Opening, Request};
 
 /// How a memory node is set up.
 #[derive(Debug, Clone)]
@@ -59,7 +66,8 @@ pub struct MemnodeConfig {
     pub page_size: PageSize,
     /// The RDMA device.
     pub device: DeviceSelection,
-    /// The token clients must present (empty: only the empty token is accepted).
+    /// The token clients must prove they hold: at least [`cm_auth::MIN_TOKEN`] bytes, or empty
+    /// (no authentication, `--insecure-no-token`).
     pub token: String,
     /// This node's id, the node part of its global addresses.
     pub node_id: u16,
@@ -107,7 +115,7 @@ pub struct PoolDescriptor {
     pub rkey: u32,
     /// Pages actually backing the pool.
     pub page_size: PageSize,
-    /// Listening address.
+    /// Listening address (RDMA-CM and TCP).
     pub listen: SocketAddr,
 }
 
@@ -123,11 +131,15 @@ struct State {
     newest: AtomicU64,
 }
 
-/// A running memory node. Dropping it stops accepting; connected clients keep their queue
-/// pairs until they disconnect.
+/// A running memory node. Dropping it stops accepting and disconnects its clients.
 pub struct Memnode {
     state: Arc<State>,
     listener: TcpListener,
+    /// Checks connect and control requests (only the serving thread uses it).
+    verifier: Mutex<Verifier>,
+    /// The RDMA-CM listener and its events (connect requests and every client's connection).
+    cm_listener: CmId,
+    cm_events: EventChannel,
     descriptor: PoolDescriptor,
 }
 
@@ -149,6 +161,8 @@ impl Memnode {
         if !config.force_pool_size {
             crate::memory::check_fits(config.pool_size, config.page_size)?;
         }
+        let verifier =
+            Verifier::new(&[(cm_auth::DEFAULT_TENANT, config.token.as_bytes())]).map_err(RdmaError::Config)?;
         let device = Device::open(&config.device)?;
         let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
         let len = usize::try_from(config.pool_size).map_err(|_| RdmaError::verbs("pool size", "too large"))?;
@@ -170,6 +184,17 @@ impl Memnode {
         let listener = TcpListener::bind(config.listen)
             .map_err(|e| RdmaError::io(format!("cannot listen on {}", config.listen), e))?;
         let listen = listener.local_addr().map_err(|e| RdmaError::io("local address", e))?;
+        // RDMA-CM listens on the same address and port (its port space is its own).
+        let cm_events = EventChannel::new()?;
+        let mut cm_listener = CmId::new(&cm_events)?;
+        let cm_listen = device.routable(listen);
+        cm_listener.bind(cm_listen).map_err(|e| {
+            RdmaError::Config(format!(
+                "RDMA-CM cannot listen on {cm_listen} ({e}): give --listen the address of a netdev under an RDMA \
+                 device (e.g. rxe0's), or 0.0.0.0"
+            ))
+        })?;
+        cm_listener.listen(CM_BACKLOG)?;
         let descriptor = PoolDescriptor {
             node_id: config.node_id,
             device: device.name().to_owned(),
@@ -182,7 +207,7 @@ impl Memnode {
         let newest = AtomicU64::new(checkpointer.as_ref().map_or(0, |c| c.lock().expect("new").newest()));
         let state =
             Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0), checkpointer, newest });
-        Ok(Memnode { state, listener, descriptor })
+        Ok(Memnode { state, listener, verifier: Mutex::new(verifier), cm_listener, cm_events, descriptor })
     }
 
     /// What this node serves.
@@ -224,23 +249,28 @@ impl Memnode {
         Ok(report)
     }
 
-    /// Accepts clients until `stop` becomes true (checked at least every 50 ms), from one thread
-    /// that polls every socket: the listener, the handshakes in progress and the connected
-    /// clients' control sockets. No thread per client, so no client (and no number of them)
-    /// can make the node run out of threads or stop serving the others:
-    /// - a handshake must be complete within [`HANDSHAKE_DEADLINE`] of its accept (one byte
-    ///   every few seconds does not hold a slot any longer);
-    /// - at most [`MAX_PENDING`] handshakes are in progress: past that the oldest is dropped
-    ///   for the newest, so idle connections cannot keep a real client out;
+    /// Serves until `stop` becomes true (checked at least every 50 ms), from one thread that
+    /// polls the RDMA-CM event channel, the control listener and the control requests in
+    /// progress. No thread per client, so no client (and no number of them) can make the node
+    /// run out of threads or stop serving the others:
+    /// - a connect request is checked ([`cm_auth`]) before anything is created for it, and
+    ///   refused with its reason (wrong token, version, unknown tenant, clock, replay);
+    /// - a connection must be established within [`HANDSHAKE_DEADLINE`] of its request, and at
+    ///   most [`MAX_PENDING`] are in progress: past that the oldest is dropped for the newest,
+    ///   so half-open connections cannot keep a real client out;
+    /// - a control request must be complete within [`HANDSHAKE_DEADLINE`] of its accept (one
+    ///   byte every few seconds does not hold a slot any longer), and at most [`MAX_PENDING`]
+    ///   are in progress, likewise;
     /// - when accept runs out of file descriptors (EMFILE, ENFILE) or memory, the oldest
-    ///   handshake is dropped to make room, or accepting pauses for [`ACCEPT_BACKOFF`];
+    ///   control request is dropped to make room, or accepting pauses for [`ACCEPT_BACKOFF`];
     /// - warnings about misbehaving peers are rate-limited (one a second per kind, with a count
     ///   of those suppressed).
     ///
     /// Checkpoints (asked for, or every [`CheckpointConfig::every`]) are taken on a thread of
     /// their own, one at a time, each answered when it is on disk.
     ///
-    /// Only a failure of the listening socket itself ends it with an error.
+    /// Only a failure of the listening socket or of the connection manager itself ends it with
+    /// an error.
     pub fn serve(&self, stop: &AtomicBool) -> Result<(), RdmaError> {
         let (jobs, queue) = mpsc::sync_channel::<Job>(MAX_QUEUED_CHECKPOINTS);
         std::thread::scope(|scope| {
@@ -299,7 +329,7 @@ impl Memnode {
             }),
             Err(e) => {
                 tracing::warn!("checkpoint asked for by {} failed: {e}", job.peer);
-                Answer::Refused(format!("checkpoint failed: {e}"))
+                Answer::Refused(Refusal::Other(format!("checkpoint failed: {e}")))
             }
         };
         let sent = job
@@ -314,32 +344,32 @@ impl Memnode {
 
     fn serve_clients(&self, stop: &AtomicBool, jobs: &mpsc::SyncSender<Job>) -> Result<(), RdmaError> {
         self.listener.set_nonblocking(true).map_err(|e| RdmaError::io("listener", e))?;
+        let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut clients: Vec<Client> = Vec::new();
+        let mut clients = Clients::default();
         let mut warnings = RateLimited::default();
         let mut accept_paused_until: Option<Instant> = None;
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
-            // Handshakes past their deadline are dropped (the peer only sees the close).
+            // Control requests past their deadline are dropped (the peer only sees the close).
             while pending.front().is_some_and(|p| p.deadline <= now) {
                 let p = pending.pop_front().expect("non-empty");
                 warnings.warn(Warning::Deadline, || {
-                    format!("handshake from {} not complete within {HANDSHAKE_DEADLINE:?}; closed", p.peer)
+                    format!("control request from {} not complete within {HANDSHAKE_DEADLINE:?}; closed", p.peer)
                 });
             }
+            clients.drop_late(now, &mut warnings);
             if accept_paused_until.is_some_and(|t| t <= now) {
                 accept_paused_until = None;
             }
             let accepting = accept_paused_until.is_none();
             let timeout =
                 pending.front().map_or(POLL_INTERVAL, |p| p.deadline.saturating_duration_since(now).min(POLL_INTERVAL));
-            let (listener_ready, ready) = {
-                let mut fds = Vec::with_capacity(1 + pending.len() + clients.len());
-                if accepting {
-                    fds.push(PollFd::new(&self.listener, PollFlags::IN));
-                }
+            let (cm_ready, listener_ready, pending_ready) = {
+                let mut fds = Vec::with_capacity(2 + pending.len());
+                fds.push(PollFd::new(&self.cm_events, PollFlags::IN));
+                fds.push(PollFd::new(&self.listener, if accepting { PollFlags::IN } else { PollFlags::empty() }));
                 fds.extend(pending.iter().map(|p| PollFd::new(&p.stream, PollFlags::IN)));
-                fds.extend(clients.iter().map(|c| PollFd::new(&c.stream, PollFlags::IN)));
                 let ts = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
                 match rustix::event::poll(&mut fds, Some(&ts)) {
                     Ok(_) => {}
@@ -347,23 +377,12 @@ impl Memnode {
                     Err(e) => return Err(RdmaError::io("poll", e.into())),
                 }
                 let flags: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-                if accepting { (flags[0], flags[1..].to_vec()) } else { (false, flags) }
+                (flags[0], accepting && flags[1], flags[2..].to_vec())
             };
-            let (pending_ready, clients_ready) = ready.split_at(pending.len());
-            // Connected clients first: a readable control socket is data (ignored) or the end.
-            let gone: Vec<usize> = clients_ready.iter().enumerate().filter(|&(_, &r)| r).map(|(i, _)| i).collect();
-            for &i in gone.iter().rev() {
-                if !clients[i].still_there() {
-                    let client = clients.swap_remove(i);
-                    let now = self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
-                    tracing::info!(
-                        "client {} left (queue pair {} destroyed, {now} connected)",
-                        client.peer,
-                        client.qp.qp_number()
-                    );
-                }
+            if cm_ready {
+                self.cm_events(&mut verifier, &mut clients, &mut warnings)?;
             }
-            // Handshakes that have bytes to read: complete ones become clients.
+            // Control requests that have bytes to read: complete ones are answered or queued.
             let readable: Vec<usize> = pending_ready.iter().enumerate().filter(|&(_, &r)| r).map(|(i, _)| i).collect();
             for &i in readable.iter().rev() {
                 match pending[i].read_more() {
@@ -373,37 +392,81 @@ impl Memnode {
                     }
                     Progress::Done(Opening::Request(request)) => {
                         let p = pending.remove(i).expect("index in range");
-                        if let Some(job) = self.control(p, request, &mut warnings) {
+                        if let Some(job) = self.control(p, request, &mut verifier, &mut warnings) {
                             // Only a node with a checkpointer queues jobs: its thread is there.
                             if let Err(mpsc::TrySendError::Full(mut job)) = jobs.try_send(job) {
-                                let reason = format!(
-                                    "{MAX_QUEUED_CHECKPOINTS} checkpoint requests are waiting already; ask again later"
-                                );
+                                let reason =
+                                    format!("{MAX_QUEUED_CHECKPOINTS} checkpoint requests are waiting already");
                                 warnings.warn(Warning::Refused, || format!("refused {}'s request: {reason}", job.peer));
-                                let _ = Answer::Refused(reason).write_to(&mut job.stream);
+                                let _ = Answer::Refused(Refusal::Busy(reason)).write_to(&mut job.stream);
                             }
                         }
                     }
-                    Progress::Done(Opening::Hello(hello)) => {
-                        let p = pending.remove(i).expect("index in range");
-                        if let Some(client) = self.admit(p, hello, &mut warnings) {
-                            let now = self.state.clients.fetch_add(1, Ordering::SeqCst) + 1;
-                            tracing::info!(
-                                "client {} connected (queue pair {}, {now} connected)",
-                                client.peer,
-                                client.qp.qp_number()
-                            );
-                            clients.push(client);
-                        }
+                    Progress::Done(Opening::Legacy) => {
+                        let mut p = pending.remove(i).expect("index in range");
+                        warnings.warn(Warning::Refused, || format!("refused {}: {}", p.peer, wire::LEGACY_REFUSAL));
+                        let _ = std::io::Write::write_all(&mut p.stream, &Opening::legacy_refusal());
                     }
                     Progress::Bad(e) => {
                         let p = pending.remove(i).expect("index in range");
-                        warnings.warn(Warning::Garbage, || format!("handshake with {} failed: {e}", p.peer));
+                        warnings.warn(Warning::Garbage, || format!("control request from {} failed: {e}", p.peer));
                     }
                 }
             }
             if listener_ready {
                 self.accept_all(&mut pending, &mut warnings, &mut accept_paused_until)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles every event waiting on the RDMA-CM channel: connect requests are checked and
+    /// accepted or rejected, established connections counted, ended ones destroyed.
+    fn cm_events(
+        &self,
+        verifier: &mut Verifier,
+        clients: &mut Clients,
+        warnings: &mut RateLimited,
+    ) -> Result<(), RdmaError> {
+        while let Some(event) = self.cm_events.next()? {
+            match event.kind {
+                cm::CONNECT_REQUEST => {
+                    // SAFETY: a CONNECT_REQUEST just read from this channel, adopted once.
+                    let id = unsafe { self.cm_events.adopt(&event) };
+                    if let Some(client) = self.admit(id, &event, verifier, warnings) {
+                        clients.add(event.id, client, warnings);
+                    }
+                }
+                cm::ESTABLISHED => {
+                    if let Some(client) = clients.established(event.id) {
+                        let now = self.state.clients.fetch_add(1, Ordering::SeqCst) + 1;
+                        tracing::info!(
+                            "client {} connected (queue pair {}, {now} connected)",
+                            client.peer,
+                            client.qp.qp_number()
+                        );
+                    }
+                }
+                cm::DEVICE_REMOVAL if event.id == self.cm_listener.key() => {
+                    return Err(RdmaError::verbs("RDMA-CM", "the device was removed"));
+                }
+                cm::DISCONNECTED | cm::CONNECT_ERROR | cm::UNREACHABLE | cm::REJECTED | cm::DEVICE_REMOVAL => {
+                    if let Some(client) = clients.remove(event.id) {
+                        if client.established {
+                            let now = self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
+                            tracing::info!(
+                                "client {} left (queue pair {} destroyed, {now} connected)",
+                                client.peer,
+                                client.qp.qp_number()
+                            );
+                        } else {
+                            warnings.warn(Warning::Deadline, || {
+                                format!("connection from {} failed before it was established ({event:?})", client.peer)
+                            });
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -423,12 +486,15 @@ impl Memnode {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    // A client whose machine vanishes (no FIN) is dropped within DEAD_PEER_BOUND.
+                    // A requester whose machine vanishes (no FIN) is dropped within DEAD_PEER_BOUND.
                     let _ = crate::wire::keep_alive(&stream);
                     if pending.len() >= MAX_PENDING {
                         let oldest = pending.pop_front().expect("full");
                         warnings.warn(Warning::Crowded, || {
-                            format!("{MAX_PENDING} handshakes in progress; dropped the oldest, from {}", oldest.peer)
+                            format!(
+                                "{MAX_PENDING} control requests in progress; dropped the oldest, from {}",
+                                oldest.peer
+                            )
                         });
                     }
                     pending.push_back(Pending {
@@ -441,10 +507,10 @@ impl Memnode {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if out_of_resources(&e) => {
-                    // Room for the next one: drop the oldest handshake, or pause accepting.
+                    // Room for the next one: drop the oldest control request, or pause accepting.
                     match pending.pop_front() {
                         Some(oldest) => warnings.warn(Warning::Resources, || {
-                            format!("accept failed ({e}); dropped the oldest handshake, from {}", oldest.peer)
+                            format!("accept failed ({e}); dropped the oldest control request, from {}", oldest.peer)
                         }),
                         None => {
                             warnings.warn(Warning::Resources, || {
@@ -463,81 +529,86 @@ impl Memnode {
     }
 
     /// Checks a complete control request: a job for the checkpoint thread, or refused.
-    fn control(&self, mut p: Pending, request: Result<Request, u16>, warnings: &mut RateLimited) -> Option<Job> {
+    fn control(
+        &self,
+        mut p: Pending,
+        request: Result<Request, u16>,
+        verifier: &mut Verifier,
+        warnings: &mut RateLimited,
+    ) -> Option<Job> {
         let peer = p.peer;
-        let reason = match request {
-            Err(version) => format!(
+        let refusal = match request {
+            Err(version) => Refusal::Other(format!(
                 "protocol version {version} is not supported; this memory node speaks version {}",
                 wire::VERSION
-            ),
-            Ok(r) if !wire::tokens_match(&r.token, self.state.config.token.as_bytes()) => "wrong token".into(),
-            Ok(_) if self.state.checkpointer.is_none() => {
-                "this memory node takes no checkpoints: start it with --checkpoint-dir".into()
-            }
-            Ok(Request { op: Op::Checkpoint { seq, full }, .. }) => {
-                return Some(Job { stream: p.stream, peer, take: Take { seq, full } });
-            }
-            Ok(Request { op: Op::Newest, .. }) => {
-                // Answered at once, even while a checkpoint is being written (a reply this
-                // small does not block on a fresh connection).
-                let seq = self.state.newest.load(Ordering::SeqCst);
-                let _ = Answer::Newest { node_id: self.state.config.node_id, seq }.write_to(&mut p.stream);
-                return None;
-            }
+            )),
+            Ok(r) => match verifier.verify_control(&r.auth, &r.op.to_bytes(), SystemTime::now()) {
+                Err(refusal) => refusal.into(),
+                Ok(_) if self.state.checkpointer.is_none() => {
+                    Refusal::Other("this memory node takes no checkpoints: start it with --checkpoint-dir".into())
+                }
+                Ok(_) => match r.op {
+                    Op::Checkpoint { seq, full } => {
+                        return Some(Job { stream: p.stream, peer, take: Take { seq, full } });
+                    }
+                    Op::Newest => {
+                        // Answered at once, even while a checkpoint is being written (a reply
+                        // this small does not block on a fresh connection).
+                        let seq = self.state.newest.load(Ordering::SeqCst);
+                        let _ = Answer::Newest { node_id: self.state.config.node_id, seq }.write_to(&mut p.stream);
+                        return None;
+                    }
+                },
+            },
         };
-        warnings.warn(Warning::Refused, || format!("refused {peer}'s request: {reason}"));
-        let _ = Answer::Refused(reason).write_to(&mut p.stream);
+        warnings.warn(Warning::Refused, || format!("refused {peer}'s request: {refusal}"));
+        let _ = Answer::Refused(refusal).write_to(&mut p.stream);
         None
     }
 
-    /// Checks a complete Hello and connects a queue pair; the refusal (or failure) is sent to
-    /// the peer and logged.
-    fn admit(&self, mut p: Pending, hello: Result<Hello, u16>, warnings: &mut RateLimited) -> Option<Client> {
+    /// Checks a connect request and, when it passes, creates a queue pair connected as the CM
+    /// negotiated and accepts with the pool's descriptor and the MAC over the request's nonce;
+    /// a refusal (or failure) is rejected with its reason and logged.
+    fn admit(
+        &self,
+        mut id: CmId,
+        event: &cm::Event,
+        verifier: &mut Verifier,
+        warnings: &mut RateLimited,
+    ) -> Option<Client> {
         let state = &self.state;
-        let peer = p.peer;
-        let mut refuse = |stream: &mut TcpStream, reason: String| {
-            warnings.warn(Warning::Refused, || format!("refused {peer}: {reason}"));
-            let _ = Reply::Refused(reason).write_to(stream);
-        };
-        let hello = match hello {
-            Ok(hello) => hello,
-            Err(version) => {
-                let reason = format!(
-                    "protocol version {version} is not supported; this memory node speaks version {}",
-                    wire::VERSION
-                );
-                refuse(&mut p.stream, reason);
+        let peer = id.peer_addr().map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string());
+        let verified = match verifier.verify(event.private_data(), SystemTime::now()) {
+            Ok(verified) => verified,
+            Err(refusal) => {
+                warnings.warn(Warning::Refused, || format!("refused {peer}: {refusal}"));
+                let _ = id.reject(&refusal.to_reject());
                 return None;
             }
         };
-        if !wire::tokens_match(&hello.token, state.config.token.as_bytes()) {
-            refuse(&mut p.stream, "wrong token".into());
-            return None;
-        }
         let result = (|| {
             let (mut qp, limits) = queue_pair::create(&state.device, &state.pd, &state.cq, 1)?;
-            let psn = queue_pair::random_psn(qp.qp_number());
             let access = AccessFlags::LocalWrite
                 | AccessFlags::RemoteRead
                 | AccessFlags::RemoteWrite
                 | AccessFlags::RemoteAtomic;
-            queue_pair::connect(&state.device, &mut qp, &limits, psn, &hello.qp, access)?;
-            let welcome = Welcome {
-                node_id: state.config.node_id,
-                pool_base: state.pool.addr(),
-                pool_size: state.pool.len() as u64,
+            queue_pair::connect(&state.device, &mut qp, &limits, &id.negotiated()?, access)?;
+            let accept = cm_auth::Accept {
+                node: state.config.node_id,
+                base: state.pool.addr(),
+                size: state.pool.len() as u64,
                 rkey: state.pool.rkey(),
-                qp: queue_pair::local_info(&state.device, &qp, psn),
+                page: state.pool.page_size().bytes().trailing_zeros() as u8,
             };
-            // A reply of ~60 bytes fits the empty send buffer of a fresh connection: this
-            // write does not block (a peer that reads nothing cannot stall the node).
-            Reply::Welcome(welcome).write_to(&mut p.stream).map_err(|e| RdmaError::io("handshake reply", e))?;
+            let private = accept.to_bytes(verifier.token(verified.tenant), &verified.nonce);
+            id.accept(qp.qp_number(), limits.read_atomic_depth, &private)?;
             Ok::<_, RdmaError>(qp)
         })();
         match result {
-            Ok(qp) => Some(Client { stream: p.stream, peer, qp }),
+            Ok(qp) => Some(Client { qp, _id: id, peer, established: false, since: Instant::now() }),
             Err(e) => {
-                refuse(&mut p.stream, format!("memory node error: {e}"));
+                warnings.warn(Warning::Refused, || format!("cannot take {peer}: {e}"));
+                let _ = id.reject(&cm_auth::Refusal::Busy.to_reject());
                 None
             }
         }
@@ -547,17 +618,21 @@ impl Memnode {
 /// Checkpoint requests waiting for the checkpoint thread at most; past them, requests are
 /// refused (each would hold a socket and cost a read of the whole pool).
 pub const MAX_QUEUED_CHECKPOINTS: usize = 16;
-/// How long a client has for its whole handshake, from its connection's accept to the last
-/// byte of its Hello.
+/// How long a client has to establish its connection from its connect request, and a control
+/// request to arrive whole from its connection's accept.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
-/// Handshakes in progress at most; past it, the oldest is dropped for the newest.
+/// Connections (and, apart, control requests) in progress at most; past it, the oldest is
+/// dropped for the newest.
 pub const MAX_PENDING: usize = 256;
-/// How long accepting pauses when it runs out of descriptors and no handshake can be dropped.
+/// The RDMA-CM listener's backlog of connect requests not yet read.
+const CM_BACKLOG: i32 = 1024;
+/// How long accepting pauses when it runs out of descriptors and no control request can be
+/// dropped.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest the serve loop sleeps in poll (how quickly it sees `stop`).
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// A connection whose Hello is still coming.
+/// A control connection whose request is still coming.
 struct Pending {
     stream: TcpStream,
     peer: SocketAddr,
@@ -572,7 +647,7 @@ struct Job {
     take: Take,
 }
 
-/// What reading a handshake's socket gave.
+/// What reading a control request's socket gave.
 enum Progress {
     NeedMore,
     Closed,
@@ -589,11 +664,8 @@ impl Pending {
                 Ok(0) => return Progress::Closed,
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
-                    if self.buf.len() > wire::MAX_HELLO {
-                        return Progress::Bad(std::io::Error::new(
-                            std::io::ErrorKind::InvalidData,
-                            "more bytes than a Hello holds",
-                        ));
+                    if self.buf.len() > 2 * wire::MAX_REQUEST {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -603,31 +675,86 @@ impl Pending {
         }
         match Opening::read_from(&mut self.buf.as_slice()) {
             Ok(opening) => Progress::Done(opening),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Progress::NeedMore,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && self.buf.len() <= wire::MAX_REQUEST => {
+                Progress::NeedMore
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Progress::Bad(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "more bytes than a control request holds",
+            )),
             Err(e) => Progress::Bad(e),
         }
     }
 }
 
-/// A connected client: its queue pair lives as long as its control socket is open.
+/// A client's connection: its queue pair lives as long as its RDMA-CM connection (destroyed
+/// first, then the id, which disconnects).
 struct Client {
-    stream: TcpStream,
-    peer: SocketAddr,
     qp: ExtendedQueuePair,
+    /// Held: destroying it ends the connection.
+    _id: CmId,
+    peer: String,
+    established: bool,
+    /// When its connect request came.
+    since: Instant,
 }
 
-impl Client {
-    /// Reads what the client sent (nothing is expected: it is discarded); false once the
-    /// socket is closed or broken.
-    fn still_there(&mut self) -> bool {
-        let mut sink = [0u8; 256];
-        loop {
-            match self.stream.read(&mut sink) {
-                Ok(0) => return false,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+/// The node's client connections, by their RDMA-CM id.
+#[derive(Default)]
+struct Clients {
+    by_id: HashMap<IdKey, Client>,
+    /// Connections accepted and not yet established.
+    in_progress: usize,
+}
+
+impl Clients {
+    /// Adds an accepted connection; past [`MAX_PENDING`] in progress, the oldest is dropped.
+    fn add(&mut self, key: IdKey, client: Client, warnings: &mut RateLimited) {
+        if self.in_progress >= MAX_PENDING {
+            let oldest =
+                self.by_id.iter().filter(|(_, c)| !c.established).min_by_key(|(_, c)| c.since).map(|(k, _)| *k);
+            if let Some(old) = oldest.and_then(|k| self.remove(k)) {
+                warnings.warn(Warning::Crowded, || {
+                    format!("{MAX_PENDING} connections in progress; dropped the oldest, from {}", old.peer)
+                });
+            }
+        }
+        self.in_progress += 1;
+        self.by_id.insert(key, client);
+    }
+
+    /// Marks a connection established; `None` if it is not ours or was already.
+    fn established(&mut self, key: IdKey) -> Option<&Client> {
+        let client = self.by_id.get_mut(&key).filter(|c| !c.established)?;
+        client.established = true;
+        self.in_progress -= 1;
+        Some(client)
+    }
+
+    fn remove(&mut self, key: IdKey) -> Option<Client> {
+        let client = self.by_id.remove(&key)?;
+        if !client.established {
+            self.in_progress -= 1;
+        }
+        Some(client)
+    }
+
+    /// Drops the connections not established within [`HANDSHAKE_DEADLINE`] of their request.
+    fn drop_late(&mut self, now: Instant, warnings: &mut RateLimited) {
+        if self.in_progress == 0 {
+            return;
+        }
+        let late: Vec<IdKey> = self
+            .by_id
+            .iter()
+            .filter(|(_, c)| !c.established && now.duration_since(c.since) >= HANDSHAKE_DEADLINE)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in late {
+            if let Some(c) = self.remove(key) {
+                warnings.warn(Warning::Deadline, || {
+                    format!("connection from {} not established within {HANDSHAKE_DEADLINE:?}; dropped", c.peer)
+                });
             }
         }
     }
@@ -719,7 +846,7 @@ fn restore(from: &RestoreConfig, pool: &mut [u8]) -> Result<rdmem_checkpoint::Re
 }
 
 /// Raises this process's soft limit of open files to the hard limit (the node holds a socket
-/// per client and per handshake); logs what it could not do.
+/// per control request, and librdmacm one per client id); logs what it could not do.
 pub fn raise_open_files_limit() {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);

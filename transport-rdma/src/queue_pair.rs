@@ -1,4 +1,5 @@
-//! Creating RC queue pairs and connecting them to a peer (INIT -> RTR -> RTS).
+//! Creating RC queue pairs and connecting them to a peer (INIT -> RTR -> RTS) as RDMA-CM
+//! negotiated ([`crate::cm`]).
 //!
 //! Both sides of a connection use these: the compute endpoint and the memory node. Queue pairs
 //! are extended (`ibv_create_qp_ex`, the `ibv_wr_*` posting API) with the atomic operations
@@ -17,9 +18,9 @@ use sideway::ibverbs::queue_pair::{
     ExtendedQueuePair, QueuePair, QueuePairAttribute, QueuePairState, SendOperationFlags,
 };
 
+use crate::cm::Negotiated;
 use crate::device::Device;
 use crate::error::RdmaError;
-use crate::wire::QpInfo;
 
 /// Limits a queue pair was created with.
 #[derive(Debug, Clone, Copy)]
@@ -67,21 +68,18 @@ pub(crate) fn create(
     Err(RdmaError::verbs("ibv_create_qp_ex", last_error.expect("tried at least once")))
 }
 
-/// This side's connection info for `qp`.
-pub(crate) fn local_info(device: &Device, qp: &ExtendedQueuePair, psn: u32) -> QpInfo {
-    QpInfo { qpn: qp.qp_number(), psn, lid: device.lid(), gid: device.gid().raw }
-}
-
-/// Moves `qp` from RESET to RTS, connected to `remote`. `access` is what the peer may do to
-/// our memory through this queue pair (nothing for clients; READ/WRITE/atomics for nodes).
+/// Moves `qp` from RESET to RTS, connected as RDMA-CM negotiated (the peer's queue pair, both
+/// starting PSNs, which the kernel's CM picks at random, and our GID index). `access` is what
+/// the peer may do to our memory through this queue pair (nothing for clients;
+/// READ/WRITE/atomics for nodes).
 pub(crate) fn connect(
     device: &Device,
     qp: &mut ExtendedQueuePair,
     limits: &QpLimits,
-    local_psn: u32,
-    remote: &QpInfo,
+    negotiated: &Negotiated,
     access: AccessFlags,
 ) -> Result<(), RdmaError> {
+    let (remote, local_psn) = (&negotiated.remote, negotiated.local_psn);
     let mut attr = QueuePairAttribute::new();
     attr.setup_state(QueuePairState::Init).setup_pkey_index(0).setup_port(device.port()).setup_access_flags(access);
     qp.modify(&attr).map_err(|e| RdmaError::verbs("ibv_modify_qp(INIT)", e))?;
@@ -98,8 +96,9 @@ pub(crate) fn connect(
     ah.setup_port(device.port()).setup_dest_lid(remote.lid).setup_service_level(0);
     // RoCE always routes by GID; InfiniBand by LID, with a GRH only without one.
     if !device.is_infiniband() || remote.lid == 0 {
-        let gid_index = u8::try_from(device.gid_index()).map_err(|_| RdmaError::verbs("GID index", "above 255"))?;
-        ah.setup_grh_src_gid_index(gid_index).setup_grh_dest_gid(&Gid { raw: remote.gid }).setup_grh_hop_limit(64);
+        ah.setup_grh_src_gid_index(negotiated.sgid_index)
+            .setup_grh_dest_gid(&Gid { raw: remote.gid })
+            .setup_grh_hop_limit(64);
     }
     attr.setup_address_vector(&ah);
     qp.modify(&attr).map_err(|e| RdmaError::verbs("ibv_modify_qp(RTR)", e))?;
@@ -124,10 +123,4 @@ pub(crate) fn set_error(qp: &mut ExtendedQueuePair) {
     if let Err(e) = qp.modify(&attr) {
         tracing::warn!("cannot move queue pair {} to the error state: {e}", qp.qp_number());
     }
-}
-
-/// A 24-bit starting packet sequence number, different per queue pair and run.
-pub(crate) fn random_psn(qpn: u32) -> u32 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    (nanos ^ qpn.rotate_left(8)) & 0x00ff_ffff
 }

@@ -35,7 +35,7 @@
 //! reported as [`Error::Completion`] naming the operation and the remote address; the queue pair
 //! flushes the rest. A node that dies shows up as "retry counter exceeded" within seconds.
 
-use std::net::TcpStream;
+use std::cell::Cell;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,11 +56,12 @@ use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair};
 use smallvec::SmallVec;
 
+use crate::cm::{self, CmId, EventChannel};
+use crate::cm_auth;
 use crate::device::{Device, DeviceSelection};
 use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
 use crate::queue_pair::{self, QpLimits};
-use crate::wire::{self, Hello, Reply};
 
 mod aio;
 
@@ -82,8 +83,10 @@ const POLL_BATCH: usize = 16;
 /// dead peer much sooner, through its retry counter; this only turns a lost completion into an
 /// error instead of a hang).
 const COMPLETION_DEADLINE: Duration = Duration::from_secs(60);
-/// Handshake socket timeouts.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connection setup with one node may take, from address resolution to established.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long RDMA-CM may take to resolve a node's address, and then its route.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Options of an [`RdmaTransport`].
 #[derive(Debug, Clone)]
@@ -143,6 +146,7 @@ impl RdmaTransport {
         if options.memnodes.is_empty() {
             return Err(Error::Config("no memory nodes given".into()));
         }
+        cm_auth::check_token(options.token.as_bytes()).map_err(Error::Config)?;
         let device = Device::open(&options.device).map_err(RdmaError::from)?;
         let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
         let mut shared = Shared { options, device, pd, nodes: Vec::new() };
@@ -230,9 +234,47 @@ struct Connection {
     /// A write-behind's failure, seen while waiting for another node: reported by the next
     /// operation to this node.
     failure: Option<Error>,
-    /// Open for the life of the queue pair: the node drops its queue pair when this closes, and
-    /// this end sees EOF when the node's process dies (non-blocking, peeked while waiting).
-    control: TcpStream,
+    /// The RDMA-CM connection of the queue pair: the node drops its queue pair when this is
+    /// destroyed (a disconnect), and this end gets `DISCONNECTED` when the node's process dies
+    /// (read, non-blocking, while waiting).
+    cm: CmLink,
+}
+
+/// A connected RDMA-CM id and its event channel (one per connection, so its events are its
+/// own). Drop order: the id, then the channel.
+struct CmLink {
+    id: CmId,
+    channel: EventChannel,
+    /// A DISCONNECTED (or another end of the connection) was seen.
+    gone: Cell<bool>,
+}
+
+impl CmLink {
+    /// True once the node has ended the connection (its process died, or it evicted us).
+    fn is_gone(&self) -> bool {
+        while !self.gone.get() {
+            match self.channel.next() {
+                Ok(Some(event)) => {
+                    if matches!(event.kind, cm::DISCONNECTED | cm::DEVICE_REMOVAL | cm::TIMEWAIT_EXIT) {
+                        self.gone.set(true);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("the RDMA-CM event channel failed ({e}): taking the node for gone");
+                    self.gone.set(true);
+                }
+            }
+        }
+        self.gone.get()
+    }
+}
+
+impl Drop for CmLink {
+    fn drop(&mut self) {
+        // The node gets DISCONNECTED and destroys its side (and revokes what it gave).
+        self.id.disconnect();
+    }
 }
 
 /// A completion queue with its completion channel (the async face sleeps on the channel).
@@ -264,7 +306,7 @@ fn same_node<T>(node: NodeId, peer: &str, answer: Result<(NodeId, T)>) -> Result
             reason: format!("the node at {peer} now says it is {said} (restarted with another --node-id?)"),
         }),
         Ok((_, value)) => Ok(value),
-        Err(Error::Refused { reason, .. }) => Err(Error::Checkpoint { node, reason }),
+        Err(Error::Refused { refusal, .. }) => Err(Error::Checkpoint { node, reason: refusal.to_string() }),
         Err(e) => Err(e),
     }
 }
@@ -287,42 +329,82 @@ fn connect_all(shared: &Shared) -> Result<(Cq, Vec<Connection>)> {
     Ok((cq, conns))
 }
 
-/// Creates a queue pair, does the handshake with the node at `peer`, and connects the pair.
+/// Creates a queue pair and connects it to the node at `peer` with RDMA-CM: address and route
+/// resolution, a connect request carrying a MAC made with the token ([`cm_auth`]), the node's
+/// accept checked for its own MAC, the pair moved to RTS as negotiated, then established.
 fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Result<Connection> {
     let fail = |reason: String| Error::Connect { peer: peer.to_owned(), reason };
-    let (mut qp, limits) = queue_pair::create(&shared.device, &shared.pd, cq, SEND_DEPTH)?;
-    let psn = queue_pair::random_psn(qp.qp_number());
-    let mut stream = crate::control::dial(peer, HANDSHAKE_TIMEOUT)?;
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .and_then(|()| stream.set_nodelay(true))
-        .and_then(|()| wire::keep_alive(&stream))
-        .map_err(|e| fail(e.to_string()))?;
-    let hello = Hello {
-        version: wire::VERSION,
-        token: shared.options.token.as_bytes().to_vec(),
-        qp: queue_pair::local_info(&shared.device, &qp, psn),
-    };
-    // A socket timeout reads as EAGAIN ("Resource temporarily unavailable"): say what it is.
-    let handshake = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            fail(format!("handshake timed out: no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()))
+    let addr = shared.device.routable(cm::resolve(peer).map_err(|e| fail(format!("cannot resolve: {e}")))?);
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let channel = EventChannel::new()?;
+    let mut id = CmId::new(&channel)?;
+    let next = |want: cm::EventKind, what: &str| -> Result<cm::Event> {
+        match channel.wait(deadline)? {
+            Some(event) if event.kind == want => Ok(event),
+            Some(event) => Err(fail(format!("{what}: {event:?}"))),
+            None => Err(fail(format!("{what}: no answer within {} s", CONNECT_TIMEOUT.as_secs()))),
         }
-        _ => fail(format!("handshake: {e}")),
     };
-    hello.write_to(&mut stream).map_err(handshake)?;
-    let welcome = match Reply::read_from(&mut stream).map_err(handshake)? {
-        Reply::Welcome(w) => w,
-        Reply::Refused(reason) => return Err(Error::Refused { peer: peer.to_owned(), reason }),
+    id.resolve_addr(addr, RESOLVE_TIMEOUT)?;
+    next(
+        cm::ADDR_RESOLVED,
+        &format!("cannot resolve {addr} to an RDMA device (is it the address of a netdev under one, e.g. rxe0's?)"),
+    )?;
+    id.resolve_route(RESOLVE_TIMEOUT)?;
+    next(cm::ROUTE_RESOLVED, &format!("no route to {addr}"))?;
+    match id.device_name() {
+        Some(name) if name == shared.device.name() => {}
+        other => {
+            return Err(fail(format!(
+                "{addr} is reached through device {}, but this transport opened {} (set RDMEM_DEVICE)",
+                other.as_deref().unwrap_or("(none)"),
+                shared.device.name()
+            )));
+        }
+    }
+    let (mut qp, limits) = queue_pair::create(&shared.device, &shared.pd, cq, SEND_DEPTH)?;
+    let token = shared.options.token.as_bytes();
+    let request = cm_auth::Request::new(token, cm_auth::DEFAULT_TENANT, std::time::SystemTime::now())
+        .map_err(|e| fail(format!("no randomness for the connect request's nonce: {e}")))?;
+    id.connect(qp.qp_number(), limits.read_atomic_depth, &request.bytes)?;
+    let answer = match channel.wait(deadline)? {
+        Some(event) => event,
+        None => {
+            return Err(fail(format!("connection setup timed out: no answer within {} s", CONNECT_TIMEOUT.as_secs())));
+        }
     };
-    queue_pair::connect(&shared.device, &mut qp, &limits, psn, &welcome.qp, AccessFlags::LocalWrite)?;
-    // From now on the socket is only watched: closed means the node is gone (see wait_round).
-    stream.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
+    let accept = match answer.kind {
+        cm::CONNECT_RESPONSE => request.check_accept(token, answer.private_data()).map_err(|refusal| {
+            fail(match refusal {
+                cm_auth::Refusal::WrongToken => {
+                    "its accept does not carry this token's MAC: it is not a memory node holding the token".into()
+                }
+                other => format!("its accept is not one of ours ({other})"),
+            })
+        })?,
+        cm::REJECTED => {
+            return Err(match cm_auth::Refusal::from_reject(answer.private_data(), cm_auth::VERSION) {
+                Some(refusal) => Error::Refused { peer: peer.to_owned(), refusal: refusal.into() },
+                // IB CM reject reason 8: no listener for the service (the port).
+                None if answer.status == 8 => {
+                    fail(format!("nothing listens on {addr} (is rdmem-memnode running there?)"))
+                }
+                None => fail(format!("rejected by the connection manager (reason {})", answer.status)),
+            });
+        }
+        _ if answer.status == -libc::ETIMEDOUT => {
+            return Err(fail("connection setup timed out: nothing answered the connect request".into()));
+        }
+        _ => return Err(fail(format!("connection failed: {answer:?}"))),
+    };
+    let negotiated = id.negotiated()?;
+    queue_pair::connect(&shared.device, &mut qp, &limits, &negotiated, AccessFlags::LocalWrite)?;
+    id.establish()?;
     Ok(Connection {
-        node: NodeInfo { id: NodeId(welcome.node_id), pool_size: welcome.pool_size },
+        node: NodeInfo { id: NodeId(accept.node), pool_size: accept.size },
         peer: peer.to_owned(),
-        pool_base: welcome.pool_base,
-        rkey: welcome.rkey,
+        pool_base: accept.base,
+        rkey: accept.rkey,
         qp,
         limits,
         broken: false,
@@ -330,7 +412,7 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
         behind_seq: 0,
         behind_addrs: vec![GlobalAddr::NULL; (limits.send_depth / 2).max(1) as usize],
         failure: None,
-        control: stream,
+        cm: CmLink { id, channel, gone: Cell::new(false) },
     })
 }
 
@@ -733,9 +815,9 @@ impl Connection {
         self.break_off();
     }
 
-    /// True when the node's control socket is closed: its process (or machine) is gone.
+    /// True when the node has ended the connection: its process is gone (or it evicted us).
     fn is_gone(&self) -> bool {
-        wire::peer_closed(&self.control)
+        self.cm.is_gone()
     }
 }
 

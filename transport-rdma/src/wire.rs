@@ -1,35 +1,33 @@
-//! The connection handshake between a compute endpoint and a memory node, over TCP.
+//! Control requests to a memory node, over TCP: one request per connection, answered once.
+//! (Queue pairs are connected with RDMA-CM, [`crate::cm`]; this is what is not a connection.)
 //!
 //! ```text
-//! client -> node  Hello:   magic "RDMEM\0" | version u16 | token_len u16 | token | QpInfo
-//! node -> client  Welcome: magic | status u8 = 0 | node_id u16 | pool_base u64 | pool_size u64
-//!                          | rkey u32 | QpInfo
-//!              or Refused: magic | status u8 = 1 | reason_len u16 | reason (UTF-8)
-//! QpInfo: qpn u32 | psn u32 | lid u16 | gid [u8; 16]          (all integers little-endian)
-//! ```
-//!
-//! A connection may instead carry one control request (no queue pair), answered once:
-//! ```text
-//! client -> node  Request: magic "RDMCTL" | version u16 | token_len u16 | token | op u8
+//! client -> node  Request: magic "RDMCTL" | version u16 | auth [56] | op u8
 //!                          op 1, checkpoint: seq u64 (0: the next) | full u8 (0 or 1)
 //!                          op 2, newest: nothing
+//!                 auth: cm_auth::Request::control over the op's bytes (tenant tag, time,
+//!                 nonce, HMAC-SHA256 keyed by the token): the token never crosses the wire
 //! node -> client  Checkpointed: magic "RDMCTL" | status u8 = 0 | node_id u16 | seq u64
 //!                          | parent u64 (0: none)
 //!                          | full u8 | data_blocks u64 | zero_blocks u64 | bytes u64
 //!                          | scanned u64 | micros u64
 //!              or Newest: magic "RDMCTL" | status u8 = 2 | node_id u16 | seq u64 (0: none)
 //!              or Refused: magic "RDMCTL" | status u8 = 1 | reason_len u16 | reason (UTF-8)
+//!                          | code u8 (a [`Refusal`]: 0 other, 1 malformed, 2 version, 3 unknown
+//!                          tenant, 4 wrong token, 5 clock skew, 6 replayed, 7 busy)
 //!                          (any op: wrong token, other version, no --checkpoint-dir, queue full)
 //! ```
-//! The version comes right after the magic so that a node can refuse any other version with a
-//! message, whatever the rest of that version's Hello looks like. The TCP connection stays open
-//! for the life of the queue pair: when it closes, the node destroys the queue pair.
+//! (all integers little-endian). The version comes right after the magic so that a node can
+//! refuse any other version with a message, whatever the rest of that version's request looks
+//! like. Answers carry no MAC: a client takes them as reports, not proof.
 //!
-//! Why TCP and not RDMA-CM private data: sideway's RDMA-CM has no way to set private data, and
-//! the handshake needs a channel that exists before any RDMA access is granted (the token is
-//! checked before the node creates a queue pair with access to its pool).
+//! A client of version 1 (before RDMA-CM) opened with `"RDMEM\0" | version 1 | token ...` on
+//! this port; the node answers it with [`LEGACY_REFUSAL`]'s message in version 1's format
+//! instead of reading its token.
 
 use std::io::{self, Read, Write};
+
+use rdmem_core::Refusal;
 
 /// How long the other end of a control connection may be silent before its machine is taken
 /// for dead: TCP keepalive probes start after [`KEEPALIVE_IDLE`] and [`KEEPALIVE_PROBES`]
@@ -67,17 +65,17 @@ pub fn peer_closed(stream: &std::net::TcpStream) -> bool {
     }
 }
 
-/// Identifies rdmem's handshake.
-pub const MAGIC: [u8; 6] = *b"RDMEM\0";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
-/// The longest token accepted.
-pub const MAX_TOKEN: usize = 1024;
+/// The magic of version 1's queue pair handshake (refused, see the module docs).
+pub const LEGACY_MAGIC: [u8; 6] = *b"RDMEM\0";
+/// What a version 1 client is told.
+pub const LEGACY_REFUSAL: &str =
+    "this memory node connects queue pairs over RDMA-CM (protocol version 2); this client speaks version 1: upgrade it";
+/// The protocol version this build speaks (2: RDMA-CM, MACs instead of tokens).
+pub const VERSION: u16 = 2;
 /// Identifies a control request.
 pub const CONTROL_MAGIC: [u8; 6] = *b"RDMCTL";
-/// The most bytes a Hello or a control request of this version takes (magic, version, token
-/// length, token, and a QpInfo or an op).
-pub const MAX_HELLO: usize = 6 + 2 + 2 + MAX_TOKEN + 26;
+/// The most bytes a control request of this version takes (magic, version, auth, op).
+pub const MAX_REQUEST: usize = 6 + 2 + crate::cm_auth::REQUEST_LEN + 10;
 const MAX_REASON: usize = 1024;
 
 /// What a peer needs to connect its queue pair to ours.
@@ -93,61 +91,10 @@ pub struct QpInfo {
     pub gid: [u8; 16],
 }
 
-/// The client's opening message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hello {
-    /// Protocol version.
-    pub version: u16,
-    /// The shared token.
-    pub token: Vec<u8>,
-    /// The client's queue pair.
-    pub qp: QpInfo,
-}
-
-/// What the node grants: its pool and its queue pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Welcome {
-    /// The node's id (the node part of its global addresses).
-    pub node_id: u16,
-    /// Address of pool offset 0 in the node's memory region.
-    pub pool_base: u64,
-    /// Pool size in bytes.
-    pub pool_size: u64,
-    /// Remote key of the pool.
-    pub rkey: u32,
-    /// The node's queue pair.
-    pub qp: QpInfo,
-}
-
-/// The node's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// Connected.
-    Welcome(Welcome),
-    /// Refused, with the reason.
-    Refused(String),
-}
-
-fn put_qp(out: &mut Vec<u8>, qp: &QpInfo) {
-    out.extend_from_slice(&qp.qpn.to_le_bytes());
-    out.extend_from_slice(&qp.psn.to_le_bytes());
-    out.extend_from_slice(&qp.lid.to_le_bytes());
-    out.extend_from_slice(&qp.gid);
-}
-
 fn get<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
     let mut b = [0u8; N];
     r.read_exact(&mut b)?;
     Ok(b)
-}
-
-fn get_qp(r: &mut impl Read) -> io::Result<QpInfo> {
-    Ok(QpInfo {
-        qpn: u32::from_le_bytes(get(r)?),
-        psn: u32::from_le_bytes(get(r)?),
-        lid: u16::from_le_bytes(get(r)?),
-        gid: get(r)?,
-    })
 }
 
 fn bad(msg: impl Into<String>) -> io::Error {
@@ -160,70 +107,6 @@ fn check_magic(r: &mut impl Read, magic: [u8; 6]) -> io::Result<()> {
         return Err(bad("not an rdmem peer (bad magic)"));
     }
     Ok(())
-}
-
-impl Hello {
-    /// Sends the message.
-    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut out = Vec::with_capacity(64 + self.token.len());
-        out.extend_from_slice(&MAGIC);
-        put_version_and_token(&mut out, self.version, &self.token)?;
-        put_qp(&mut out, &self.qp);
-        w.write_all(&out)?;
-        w.flush()
-    }
-
-    /// Reads the magic and version; `Ok(Err(version))` when the version is not ours (the rest
-    /// of the message is then not read).
-    pub fn read_from(r: &mut impl Read) -> io::Result<Result<Hello, u16>> {
-        check_magic(r, MAGIC)?;
-        Hello::read_rest(r)
-    }
-
-    /// Reads a Hello after its magic.
-    fn read_rest(r: &mut impl Read) -> io::Result<Result<Hello, u16>> {
-        match get_version_and_token(r)? {
-            Ok(token) => Ok(Ok(Hello { version: VERSION, token, qp: get_qp(r)? })),
-            Err(version) => Ok(Err(version)),
-        }
-    }
-}
-
-impl Reply {
-    /// Sends the message.
-    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(&MAGIC);
-        match self {
-            Reply::Welcome(welcome) => {
-                out.push(0);
-                out.extend_from_slice(&welcome.node_id.to_le_bytes());
-                out.extend_from_slice(&welcome.pool_base.to_le_bytes());
-                out.extend_from_slice(&welcome.pool_size.to_le_bytes());
-                out.extend_from_slice(&welcome.rkey.to_le_bytes());
-                put_qp(&mut out, &welcome.qp);
-            }
-            Reply::Refused(reason) => put_reason(&mut out, reason),
-        }
-        w.write_all(&out)?;
-        w.flush()
-    }
-
-    /// Reads the node's answer.
-    pub fn read_from(r: &mut impl Read) -> io::Result<Reply> {
-        check_magic(r, MAGIC)?;
-        match get::<1>(r)?[0] {
-            0 => Ok(Reply::Welcome(Welcome {
-                node_id: u16::from_le_bytes(get(r)?),
-                pool_base: u64::from_le_bytes(get(r)?),
-                pool_size: u64::from_le_bytes(get(r)?),
-                rkey: u32::from_le_bytes(get(r)?),
-                qp: get_qp(r)?,
-            })),
-            1 => Ok(Reply::Refused(get_reason(r)?)),
-            other => Err(bad(format!("unknown reply status {other}"))),
-        }
-    }
 }
 
 /// What a control connection asks for.
@@ -245,10 +128,26 @@ pub enum Op {
 pub struct Request {
     /// Protocol version.
     pub version: u16,
-    /// The shared token.
-    pub token: Vec<u8>,
+    /// Its authentication: [`crate::cm_auth::Request::control`] over [`Op::to_bytes`].
+    pub auth: [u8; crate::cm_auth::REQUEST_LEN],
     /// What to do.
     pub op: Op,
+}
+
+impl Op {
+    /// The operation's bytes on the wire (what a request's MAC covers).
+    pub fn to_bytes(&self) -> smallvec::SmallVec<[u8; 10]> {
+        let mut out = smallvec::SmallVec::new();
+        match *self {
+            Op::Checkpoint { seq, full } => {
+                out.push(1);
+                out.extend_from_slice(&seq.unwrap_or(0).to_le_bytes());
+                out.push(full as u8);
+            }
+            Op::Newest => out.push(2),
+        }
+        out
+    }
 }
 
 /// What a checkpoint wrote, as the node reports it.
@@ -286,56 +185,65 @@ pub enum Answer {
         /// The sequence number.
         seq: u64,
     },
-    /// Refused or failed, with the reason.
-    Refused(String),
+    /// Refused or failed, and why.
+    Refused(Refusal),
 }
 
 /// What a connection opens with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Opening {
-    /// A queue pair's handshake (`Err(version)`: a version this build does not speak).
-    Hello(Result<Hello, u16>),
-    /// A control request (`Err(version)` likewise).
+    /// A control request (`Err(version)`: a version this build does not speak).
     Request(Result<Request, u16>),
+    /// Version 1's queue pair handshake (answer it with [`Opening::legacy_refusal`]).
+    Legacy,
 }
 
 impl Opening {
-    /// Reads a Hello or a control request, told apart by their magic.
+    /// Reads a control request, or the start of version 1's handshake.
     pub fn read_from(r: &mut impl Read) -> io::Result<Opening> {
         let magic = get::<6>(r)?;
-        if magic == CONTROL_MAGIC {
-            return Request::read_rest(r).map(Opening::Request);
+        if magic == LEGACY_MAGIC {
+            return Ok(Opening::Legacy);
         }
-        if magic != MAGIC {
+        if magic != CONTROL_MAGIC {
             return Err(bad("not an rdmem peer (bad magic)"));
         }
-        Hello::read_rest(r).map(Opening::Hello)
+        Request::read_rest(r).map(Opening::Request)
+    }
+
+    /// Version 1's refusal: magic | status 1 | reason, telling that client to upgrade.
+    pub fn legacy_refusal() -> Vec<u8> {
+        let mut out = LEGACY_MAGIC.to_vec();
+        put_reason(&mut out, LEGACY_REFUSAL);
+        out
     }
 }
 
-/// Reads a version and a token; `Ok(Err(version))` for a version not ours.
-fn get_version_and_token(r: &mut impl Read) -> io::Result<Result<Vec<u8>, u16>> {
-    let version = u16::from_le_bytes(get(r)?);
-    if version != VERSION {
-        return Ok(Err(version));
+/// A refusal's code on the wire (after its reason, where version 1 readers stop).
+fn refusal_code(refusal: &Refusal) -> u8 {
+    match refusal {
+        Refusal::Other(_) => 0,
+        Refusal::Malformed => 1,
+        Refusal::Version { .. } => 2,
+        Refusal::UnknownTenant => 3,
+        Refusal::WrongToken => 4,
+        Refusal::ClockSkew => 5,
+        Refusal::Replayed => 6,
+        Refusal::Busy(_) => 7,
     }
-    let len = u16::from_le_bytes(get(r)?) as usize;
-    if len > MAX_TOKEN {
-        return Err(bad(format!("token longer than {MAX_TOKEN} bytes")));
-    }
-    let mut token = vec![0u8; len];
-    r.read_exact(&mut token)?;
-    Ok(Ok(token))
 }
 
-fn put_version_and_token(out: &mut Vec<u8>, version: u16, token: &[u8]) -> io::Result<()> {
-    if token.len() > MAX_TOKEN {
-        return Err(bad(format!("token longer than {MAX_TOKEN} bytes")));
+/// The refusal a code and its reason name (a version's numbers stay in the reason's words).
+fn refusal_of(code: u8, reason: String) -> Refusal {
+    match code {
+        1 => Refusal::Malformed,
+        3 => Refusal::UnknownTenant,
+        4 => Refusal::WrongToken,
+        5 => Refusal::ClockSkew,
+        6 => Refusal::Replayed,
+        7 => Refusal::Busy(reason.strip_prefix("node busy: ").unwrap_or(&reason).to_owned()),
+        _ => Refusal::Other(reason),
     }
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&(token.len() as u16).to_le_bytes());
-    out.extend_from_slice(token);
-    Ok(())
 }
 
 fn put_reason(out: &mut Vec<u8>, reason: &str) {
@@ -358,27 +266,22 @@ fn get_reason(r: &mut impl Read) -> io::Result<String> {
 impl Request {
     /// Sends the request.
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut out = Vec::with_capacity(32 + self.token.len());
+        let mut out = Vec::with_capacity(MAX_REQUEST);
         out.extend_from_slice(&CONTROL_MAGIC);
-        put_version_and_token(&mut out, self.version, &self.token)?;
-        match self.op {
-            Op::Checkpoint { seq, full } => {
-                out.push(1);
-                out.extend_from_slice(&seq.unwrap_or(0).to_le_bytes());
-                out.push(full as u8);
-            }
-            Op::Newest => out.push(2),
-        }
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&self.auth);
+        out.extend_from_slice(&self.op.to_bytes());
         w.write_all(&out)?;
         w.flush()
     }
 
     /// Reads a request after its magic.
     fn read_rest(r: &mut impl Read) -> io::Result<Result<Request, u16>> {
-        let (version, token) = match get_version_and_token(r)? {
-            Ok(token) => (VERSION, token),
-            Err(version) => return Ok(Err(version)),
-        };
+        let version = u16::from_le_bytes(get(r)?);
+        if version != VERSION {
+            return Ok(Err(version));
+        }
+        let auth = get::<{ crate::cm_auth::REQUEST_LEN }>(r)?;
         let op = match get::<1>(r)?[0] {
             1 => {
                 let seq = u64::from_le_bytes(get(r)?);
@@ -392,7 +295,7 @@ impl Request {
             2 => Op::Newest,
             other => return Err(bad(format!("unknown control operation {other}"))),
         };
-        Ok(Ok(Request { version, token, op }))
+        Ok(Ok(Request { version, auth, op }))
     }
 }
 
@@ -418,7 +321,10 @@ impl Answer {
                 out.extend_from_slice(&node_id.to_le_bytes());
                 out.extend_from_slice(&seq.to_le_bytes());
             }
-            Answer::Refused(reason) => put_reason(&mut out, reason),
+            Answer::Refused(refusal) => {
+                put_reason(&mut out, &refusal.to_string());
+                out.push(refusal_code(refusal));
+            }
         }
         w.write_all(&out)?;
         w.flush()
@@ -447,70 +353,32 @@ impl Answer {
                     micros: word(r)?,
                 }))
             }
-            1 => Ok(Answer::Refused(get_reason(r)?)),
+            1 => {
+                let reason = get_reason(r)?;
+                // Version 1 nodes sent no code: the reason is all there is.
+                let code = get::<1>(r).map_or(0, |c| c[0]);
+                Ok(Answer::Refused(refusal_of(code, reason)))
+            }
             2 => Ok(Answer::Newest { node_id: u16::from_le_bytes(get(r)?), seq: word(r)? }),
             other => Err(bad(format!("unknown answer status {other}"))),
         }
     }
 }
 
-/// Compares tokens in time that depends only on their lengths.
-pub fn tokens_match(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const QP: QpInfo = QpInfo { qpn: 0x11, psn: 0xabcdef, lid: 3, gid: [7; 16] };
-
-    #[test]
-    fn hello_round_trips() {
-        let hello = Hello { version: VERSION, token: b"secret".to_vec(), qp: QP };
-        let mut wire = Vec::new();
-        hello.write_to(&mut wire).unwrap();
-        assert_eq!(Hello::read_from(&mut wire.as_slice()).unwrap(), Ok(hello));
-    }
-
-    #[test]
-    fn other_versions_are_reported_not_parsed() {
-        let hello = Hello { version: VERSION + 1, token: vec![], qp: QP };
-        let mut wire = Vec::new();
-        hello.write_to(&mut wire).unwrap();
-        wire.truncate(8); // a future version may send anything after its version
-        assert_eq!(Hello::read_from(&mut wire.as_slice()).unwrap(), Err(VERSION + 1));
-    }
-
-    #[test]
-    fn replies_round_trip() {
-        let welcome = Reply::Welcome(Welcome { node_id: 2, pool_base: 1 << 40, pool_size: 1 << 30, rkey: 99, qp: QP });
-        let refused = Reply::Refused("wrong token".into());
-        for reply in [welcome, refused] {
-            let mut wire = Vec::new();
-            reply.write_to(&mut wire).unwrap();
-            assert_eq!(Reply::read_from(&mut wire.as_slice()).unwrap(), reply);
-        }
-    }
-
-    #[test]
-    fn garbage_is_an_error() {
-        assert!(Hello::read_from(&mut &b"GET / HTTP/1.1\r\n"[..]).is_err());
-        assert!(Reply::read_from(&mut &b"RDMEM\0\x07"[..]).is_err());
-        assert!(Hello::read_from(&mut &b"RDM"[..]).is_err(), "short input");
-        let mut long = MAGIC.to_vec();
-        long.extend_from_slice(&VERSION.to_le_bytes());
-        long.extend_from_slice(&(MAX_TOKEN as u16 + 1).to_le_bytes());
-        assert!(Hello::read_from(&mut long.as_slice()).is_err(), "oversized token");
-    }
+    const AUTH: [u8; crate::cm_auth::REQUEST_LEN] = [7; crate::cm_auth::REQUEST_LEN];
 
     #[test]
     fn control_requests_and_answers_round_trip() {
         for op in [Op::Checkpoint { seq: None, full: false }, Op::Checkpoint { seq: Some(42), full: true }, Op::Newest]
         {
-            let request = Request { version: VERSION, token: b"t".to_vec(), op };
+            let request = Request { version: VERSION, auth: AUTH, op };
             let mut wire = Vec::new();
             request.write_to(&mut wire).unwrap();
+            assert!(wire.len() <= MAX_REQUEST);
             assert_eq!(Opening::read_from(&mut wire.as_slice()).unwrap(), Opening::Request(Ok(request)));
         }
         let done = Answer::Checkpointed(Checkpointed {
@@ -536,23 +404,44 @@ mod tests {
             micros: 0,
         });
         let newest = Answer::Newest { node_id: 3, seq: 17 };
-        for answer in [done, no_parent, newest, Answer::Refused("no --checkpoint-dir".into())] {
+        let refusals = [
+            Refusal::Other("no --checkpoint-dir".into()),
+            Refusal::Malformed,
+            Refusal::UnknownTenant,
+            Refusal::WrongToken,
+            Refusal::ClockSkew,
+            Refusal::Replayed,
+            Refusal::Busy("16 checkpoint requests are waiting".into()),
+        ];
+        let refused = refusals.into_iter().map(Answer::Refused);
+        for answer in [done, no_parent, newest].into_iter().chain(refused) {
             let mut wire = Vec::new();
             answer.write_to(&mut wire).unwrap();
             assert_eq!(Answer::read_from(&mut wire.as_slice()).unwrap(), answer);
         }
-        // A Hello still reads as one.
-        let hello = Hello { version: VERSION, token: vec![], qp: QP };
-        let mut wire = Vec::new();
-        hello.write_to(&mut wire).unwrap();
-        assert_eq!(Opening::read_from(&mut wire.as_slice()).unwrap(), Opening::Hello(Ok(hello)));
+    }
+
+    #[test]
+    fn version_1_handshakes_are_told_to_upgrade_in_their_format() {
+        // Version 1's Hello: magic, version 1, token length, token, QpInfo.
+        let mut hello = LEGACY_MAGIC.to_vec();
+        hello.extend_from_slice(&1u16.to_le_bytes());
+        hello.extend_from_slice(&6u16.to_le_bytes());
+        hello.extend_from_slice(b"secret");
+        assert_eq!(Opening::read_from(&mut hello.as_slice()).unwrap(), Opening::Legacy);
+        // Version 1's Reply::Refused: magic | 1 | len u16 | reason.
+        let refusal = Opening::legacy_refusal();
+        assert_eq!(&refusal[..7], b"RDMEM\0\x01");
+        let len = u16::from_le_bytes([refusal[7], refusal[8]]) as usize;
+        assert_eq!(&refusal[9..], LEGACY_REFUSAL.as_bytes());
+        assert_eq!(len, LEGACY_REFUSAL.len());
     }
 
     #[test]
     fn bad_control_requests_are_errors() {
         let mut wire = CONTROL_MAGIC.to_vec();
         wire.extend_from_slice(&VERSION.to_le_bytes());
-        wire.extend_from_slice(&0u16.to_le_bytes());
+        wire.extend_from_slice(&AUTH);
         let mut unknown = wire.clone();
         unknown.push(9);
         assert!(Opening::read_from(&mut unknown.as_slice()).unwrap_err().to_string().contains("unknown control"));
@@ -560,22 +449,23 @@ mod tests {
         flag.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
         assert!(Opening::read_from(&mut flag.as_slice()).is_err());
         assert!(Opening::read_from(&mut wire.as_slice()).is_err(), "short");
+        assert!(Opening::read_from(&mut &b"GET / HTTP/1.1\r\n"[..]).is_err());
+        assert!(Answer::read_from(&mut &b"RDMCTL\x07"[..]).is_err());
         let mut other = CONTROL_MAGIC.to_vec();
         other.extend_from_slice(&(VERSION + 1).to_le_bytes());
         assert_eq!(Opening::read_from(&mut other.as_slice()).unwrap(), Opening::Request(Err(VERSION + 1)));
         // A long reason is cut at a character boundary.
         let long = "é".repeat(MAX_REASON);
         let mut wire = Vec::new();
-        Answer::Refused(long).write_to(&mut wire).unwrap();
-        let Answer::Refused(back) = Answer::read_from(&mut wire.as_slice()).unwrap() else { panic!() };
+        Answer::Refused(Refusal::Other(long)).write_to(&mut wire).unwrap();
+        let Answer::Refused(Refusal::Other(back)) = Answer::read_from(&mut wire.as_slice()).unwrap() else { panic!() };
         assert!(back.len() <= MAX_REASON && back.chars().all(|c| c == 'é'), "{back}");
-    }
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(tokens_match(b"abc", b"abc"));
-        assert!(!tokens_match(b"abc", b"abd"));
-        assert!(!tokens_match(b"abc", b"ab"));
-        assert!(tokens_match(b"", b""));
+        // A version 1 node's refusal, without the code, reads as its words.
+        let mut old = CONTROL_MAGIC.to_vec();
+        put_reason(&mut old, "wrong token");
+        assert_eq!(
+            Answer::read_from(&mut old.as_slice()).unwrap(),
+            Answer::Refused(Refusal::Other("wrong token".into()))
+        );
     }
 }

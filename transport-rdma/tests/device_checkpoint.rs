@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use rdmem_core::{Endpoint, Error, GlobalAddr, NodeId, Transport};
+use rdmem_core::{Endpoint, Error, GlobalAddr, NodeId, Refusal, Transport};
 use rdmem_transport_rdma::spawn::MemnodeChild;
 use rdmem_transport_rdma::{DeviceSelection, RdmaOptions, RdmaTransport, control};
 
@@ -169,8 +169,8 @@ fn checkpoint_requests_that_cannot_be_served_are_refused_with_their_reason() {
 
     let dir = tempfile::tempdir().unwrap();
     let node = checkpointing_memnode(dir.path(), &[]);
-    let e = control::checkpoint(node.addr(), "wrong-token", None, false).unwrap_err();
-    assert!(matches!(&e, Error::Refused { reason, .. } if reason == "wrong token"), "{e}");
+    let e = control::checkpoint(node.addr(), "not-the-checkpoint-token", None, false).unwrap_err();
+    assert!(matches!(&e, Error::Refused { refusal: Refusal::WrongToken, .. }), "{e}");
     assert!(matches!(control::checkpoint(node.addr(), TOKEN, Some(0), false), Err(Error::Config(_))));
     let transport = connect(&node);
     assert_eq!(transport.checkpoint(NodeId(0), Some(5), false).unwrap().seq, 5);

@@ -28,7 +28,8 @@ use rdmem_transport_rdma::{CheckpointConfig, DeviceSelection, Memnode, MemnodeCo
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address and port to listen on for client handshakes.
+    /// Address and port to listen on, for RDMA-CM connections and (TCP) control requests; a
+    /// loopback address stands for the RDMA device's own.
     #[arg(long, default_value = "0.0.0.0:7471")]
     listen: SocketAddr,
     /// Pool size, with an optional K, M or G suffix (binary units).
