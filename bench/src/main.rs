@@ -16,6 +16,7 @@
 mod alloc;
 mod cache;
 mod checkpoint;
+mod connect;
 mod harness;
 mod lock;
 mod perftest;
@@ -48,6 +49,8 @@ enum Bench {
     Lock(lock::LockArgs),
     /// Page cache: hit and miss latency (next to a raw READ), hit ratio under a zipfian load.
     Cache(cache::CacheArgs),
+    /// Connection setup: connections per second, and each one's setup to its first operation.
+    Connect(connect::ConnectArgs),
     /// Memory-node snapshots: full, incremental and restore, next to the disk's write speed.
     Checkpoint(checkpoint::CheckpointArgs),
     /// The page store: put and get by page content, compressed or not, local or remote tier.
@@ -143,6 +146,7 @@ fn main() {
         Bench::Alloc(args) => alloc::run(args),
         Bench::Lock(args) => lock::run(args),
         Bench::Cache(args) => cache::run(args),
+        Bench::Connect(args) => connect::run(args),
         Bench::Checkpoint(args) => checkpoint::run(args),
         Bench::Tmem(args) => tmem::run(args),
         Bench::Swap(args) => swap::run(args),

@@ -478,9 +478,15 @@ pub fn resolve(peer: &str) -> std::io::Result<SocketAddr> {
 /// What a memory node answered a [`probe`].
 #[derive(Debug)]
 pub enum ProbeAnswer {
-    /// It accepted, with this private data (the connection is then left half-open: the node
-    /// drops it after its deadline).
-    Accepted(Vec<u8>),
+    /// It accepted, with this private data. The connection stays half-open (accepted, never
+    /// established) while `held` lives: the node drops it at its deadline, or when `held` is
+    /// dropped (the kernel then rejects it).
+    Accepted {
+        /// The accept's private data.
+        private: Vec<u8>,
+        /// The probe's id.
+        held: HalfOpen,
+    },
     /// It (or the connection manager) rejected, with the CM's reason and the private data.
     Rejected {
         /// The IB CM reject reason (28: by the node; 8: nothing listens).
@@ -514,9 +520,14 @@ pub fn probe(addr: SocketAddr, private: &[u8], timeout: Duration) -> Result<Prob
             id.resolve_route(timeout)?;
         }
     }
-    id.connect(PROBE_QP_NUM, 1, private)?;
+    // Each probe names another queue pair number: the CM rejects a second request from the
+    // same one as a stale connection while the first is half-open.
+    let qp_num = NEXT_PROBE_QP_NUM.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0x00ff_ffff;
+    id.connect(qp_num, 1, private)?;
     Ok(match channel.wait(deadline)? {
-        Some(event) if event.kind == CONNECT_RESPONSE => ProbeAnswer::Accepted(event.private_data().to_vec()),
+        Some(event) if event.kind == CONNECT_RESPONSE => {
+            ProbeAnswer::Accepted { private: event.private_data().to_vec(), held: HalfOpen(id) }
+        }
         Some(event) if event.kind == REJECTED => {
             ProbeAnswer::Rejected { status: event.status, private: event.private_data().to_vec() }
         }
@@ -525,5 +536,14 @@ pub fn probe(addr: SocketAddr, private: &[u8], timeout: Duration) -> Result<Prob
     })
 }
 
-/// The queue pair number a [`probe`] names (none of ours: it is never connected).
-const PROBE_QP_NUM: u32 = 0x00ab_cdef;
+/// A probe's connection left half-open (see [`ProbeAnswer::Accepted`]).
+pub struct HalfOpen(CmId);
+
+impl std::fmt::Debug for HalfOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HalfOpen({:?})", self.0.key())
+    }
+}
+
+/// The queue pair number the next [`probe`] names (none of ours: it is never connected).
+static NEXT_PROBE_QP_NUM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0x00ab_0000);

@@ -170,6 +170,11 @@ impl RdmaTransport {
         Self::connect(RdmaOptions::from_config(&ClusterConfig::load(None)?)?)
     }
 
+    /// The options it was made with (to open another transport like it).
+    pub fn options(&self) -> &RdmaOptions {
+        &self.shared.options
+    }
+
     /// The device in use.
     pub fn device(&self) -> &Device {
         &self.shared.device

@@ -68,7 +68,7 @@ fn wrong_token_wrong_version_and_a_replay_are_each_refused_with_their_own_error(
     // same bytes again (a captured request replayed) are refused as a replay.
     let request = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap();
     match cm::probe(addr, &request.bytes, WAIT).unwrap() {
-        ProbeAnswer::Accepted(private) => {
+        ProbeAnswer::Accepted { private, .. } => {
             let accept = request.check_accept(TOKEN.as_bytes(), &private).expect("the node's MAC");
             assert_eq!(accept.node, 0);
             assert_eq!(accept.size, 16 << 20);
@@ -160,4 +160,103 @@ fn the_token_is_in_no_byte_of_the_private_data_or_the_control_traffic() {
 
 fn connect_to(addr: &str, token: &str) -> Result<RdmaTransport, Error> {
     RdmaTransport::connect(RdmaOptions::for_memnodes(&[addr], token).unwrap())
+}
+
+/// A client that keeps working while the node is attacked: FAAs on its own word through one
+/// endpoint, and a new transport (a new connection) every 50 operations. Returns how many
+/// operations it made; any failure panics.
+fn legitimate_client(node: &str, word: u64, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let word = GlobalAddr::new(NodeId(0), word).unwrap();
+    let mut done = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) || done == 0 {
+        let transport = connect_to(node, TOKEN).expect("a legitimate client connects during the attack");
+        let mut ep = transport.endpoint().unwrap();
+        for _ in 0..50 {
+            assert_eq!(ep.faa(word, 1).expect("and works"), done);
+            done += 1;
+        }
+    }
+    done
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_thousand_abusive_connect_requests_of_each_kind_leave_the_node_serving() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let node = memnode();
+    let addr = cm_addr(&node);
+    let stop = AtomicBool::new(false);
+    let peer = node.addr().to_owned();
+    let mut random = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                random ^= random << 13;
+                random ^= random >> 7;
+                random ^= random << 17;
+                random as u8
+            })
+            .collect()
+    };
+    std::thread::scope(|scope| {
+        let client = scope.spawn(|| legitimate_client(&peer, 4096, &stop));
+        // A failed assertion below stops the client too, so the scope ends and the test fails.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop_on_panic = StopOnDrop(&stop);
+        let began = std::time::Instant::now();
+        // 1. Garbage private data, half of it with our header so it reaches the MAC check.
+        for i in 0..1000 {
+            let mut data = bytes(cm_auth::REQUEST_LEN);
+            if i % 2 == 0 {
+                data[..4].copy_from_slice(&[b'R', b'M', cm_auth::VERSION, 0]);
+                data[4..8].copy_from_slice(&cm_auth::tenant_tag(DEFAULT_TENANT).to_le_bytes());
+            }
+            let refusal = refusal_of(cm::probe(addr, &data, WAIT).unwrap());
+            assert!(matches!(refusal, cm_auth::Refusal::Malformed | cm_auth::Refusal::WrongToken), "{refusal:?}");
+        }
+        // 2. Truncated requests: every length below a whole one (zero-padded by the CM).
+        let whole = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap().bytes;
+        for i in 0..1000 {
+            let len = i % cm_auth::REQUEST_LEN;
+            // Refused for whatever its zeros make of it (a version 0, tenant 0, a bad MAC).
+            let refusal = refusal_of(cm::probe(addr, &whole[..len], WAIT).unwrap());
+            assert!(!matches!(refusal, cm_auth::Refusal::Replayed | cm_auth::Refusal::Busy), "{len}: {refusal:?}");
+        }
+        // 3. Oversized private data cannot be sent: librdmacm refuses it before the wire.
+        assert!(cm::probe(addr, &[0u8; cm_auth::REQUEST_LEN + 1], WAIT).is_err());
+        // 4. Half-open connections: requests with the token, accepted, never established, 300
+        //    held at a time (the node drops the oldest past 256 in progress, and each after 10 s).
+        let mut held = std::collections::VecDeque::new();
+        for _ in 0..1000 {
+            let request = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap();
+            match cm::probe(addr, &request.bytes, WAIT).unwrap() {
+                ProbeAnswer::Accepted { private, held: half_open } => {
+                    request.check_accept(TOKEN.as_bytes(), &private).expect("the node's MAC");
+                    held.push_back(half_open);
+                    if held.len() > 300 {
+                        held.pop_front();
+                    }
+                }
+                other => panic!("a request with the token must be accepted: {other:?}"),
+            }
+        }
+        drop(held);
+        // 5. A flood of real connections opened and closed at once.
+        for _ in 0..1000 {
+            drop(connect_to(&peer, TOKEN).expect("connect"));
+        }
+        println!("4000 abusive connection attempts in {:?}", began.elapsed());
+        stop.store(true, Ordering::SeqCst);
+        let done = client.join().expect("the legitimate client never failed");
+        println!("the legitimate client made {done} operations meanwhile");
+    });
+    // The node is still up and its word holds every operation.
+    let transport = connect_to(node.addr(), TOKEN).expect("connect after the attack");
+    let mut ep = transport.endpoint().unwrap();
+    assert!(ep.read_u64(GlobalAddr::new(NodeId(0), 4096).unwrap()).unwrap() > 0);
 }
