@@ -95,16 +95,8 @@ pub struct Event {
     pub status: i32,
     /// The id it is about (for `CONNECT_REQUEST`, a new id: [`EventChannel::adopt`] it).
     pub id: IdKey,
-    /// The listening id of a `CONNECT_REQUEST`.
-    pub listen_id: IdKey,
     private: [u8; MAX_PRIVATE_DATA],
     private_len: u8,
-    /// The queue pair number and the read/atomic depths a connect request or reply offered.
-    pub qp_num: u32,
-    /// Reads and atomics the peer lets us have in flight (its responder resources).
-    pub responder_resources: u8,
-    /// Reads and atomics the peer will have in flight (its initiator depth).
-    pub initiator_depth: u8,
 }
 
 impl Event {
@@ -168,12 +160,8 @@ impl EventChannel {
                 kind: ev.event,
                 status: ev.status,
                 id: IdKey(ev.id as usize),
-                listen_id: IdKey(ev.listen_id as usize),
                 private,
                 private_len: if conn.private_data.is_null() { 0 } else { len as u8 },
-                qp_num: conn.qp_num,
-                responder_resources: conn.responder_resources,
-                initiator_depth: conn.initiator_depth,
             };
             rdma_ack_cm_event(raw);
             event
