@@ -28,8 +28,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let memnodes = if given.is_empty() { children.iter().map(|c| c.addr().to_owned()).collect() } else { given };
 
-    let transport =
-        Arc::new(RdmaTransport::connect(RdmaOptions { memnodes, token, device: DeviceSelection::from_env()? })?);
+    let transport = Arc::new(RdmaTransport::connect(RdmaOptions {
+        memnodes,
+        token,
+        device: DeviceSelection::from_env()?,
+        ..Default::default()
+    })?);
     let options = AllocatorOptions { placement: Placement::RoundRobin, mode: Mode::Stealing, ..Default::default() };
     let allocator = Allocator::new(Arc::clone(&transport), options)?;
     let alloc = allocator.thread()?; // one per thread

@@ -28,7 +28,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let memnodes = child.as_ref().map_or(given, |c| vec![c.addr().to_owned()]);
-    let transport = RdmaTransport::connect(RdmaOptions { memnodes, token, device: DeviceSelection::from_env()? })?;
+    let transport = RdmaTransport::connect(RdmaOptions {
+        memnodes,
+        token,
+        device: DeviceSelection::from_env()?,
+        ..Default::default()
+    })?;
     let node = transport.nodes()[0].id;
 
     // An endpoint's futures stay on its thread: a current-thread runtime and a LocalSet.

@@ -41,6 +41,7 @@ fn read_counter(node: &MemnodeChild) -> u64 {
         memnodes: vec![node.addr().to_owned()],
         token: TOKEN.into(),
         device: DeviceSelection::from_env().unwrap(),
+        ..Default::default()
     })
     .unwrap();
     transport.endpoint().unwrap().read_u64(GlobalAddr::new(NodeId(0), COUNTER).unwrap()).unwrap()

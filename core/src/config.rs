@@ -5,6 +5,7 @@
 //!
 //! ```toml
 //! token_file = "/etc/rdmem/token"   # or: token = "..."
+//! tenant = "alice"                  # optional: the memory nodes' tenant ("default" if not given)
 //! memnodes = ["10.0.0.1:7471", "10.0.0.2:7471"]
 //!
 //! [device]                          # optional: rdmem picks one itself
@@ -14,7 +15,7 @@
 //! ```
 //!
 //! The environment: `RDMEM_CONFIG` (the file's path), `RDMEM_MEMNODES` (comma-separated
-//! `host:port`), `RDMEM_TOKEN`, `RDMEM_TOKEN_FILE`, and `RDMEM_DEVICE`, `RDMEM_PORT`,
+//! `host:port`), `RDMEM_TOKEN`, `RDMEM_TOKEN_FILE`, `RDMEM_TENANT`, and `RDMEM_DEVICE`, `RDMEM_PORT`,
 //! `RDMEM_GID_INDEX` for the device.
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ pub struct ClusterConfig {
     pub token: Option<String>,
     /// A file holding the token (surrounding whitespace ignored).
     pub token_file: Option<PathBuf>,
+    /// The tenant whose pools to use, on every memory node (`None`: the nodes' default pools).
+    pub tenant: Option<String>,
     /// The RDMA device.
     #[serde(default)]
     pub device: DeviceConfig,
@@ -91,6 +94,9 @@ impl ClusterConfig {
         if let Some(file) = var("RDMEM_TOKEN_FILE") {
             self.token_file = Some(file.into());
             self.token = None;
+        }
+        if let Some(tenant) = var("RDMEM_TENANT") {
+            self.tenant = Some(tenant);
         }
         if let Some(name) = var("RDMEM_DEVICE") {
             self.device.name = Some(name);
@@ -216,6 +222,7 @@ mod tests {
         let mut config = ClusterConfig::from_toml(
             r#"
             token = "from-file"
+            tenant = "alice"
             memnodes = ["10.0.0.1", "10.0.0.2:9000"]
             [device]
             name = "mlx5_0"
@@ -224,13 +231,20 @@ mod tests {
         .unwrap();
         assert_eq!(config.memnode_addrs().unwrap(), vec!["10.0.0.1:7471", "10.0.0.2:9000"]);
         assert_eq!(config.device.name.as_deref(), Some("mlx5_0"));
+        assert_eq!(config.tenant.as_deref(), Some("alice"));
 
-        let env: HashMap<&str, &str> =
-            [("RDMEM_MEMNODES", "a:1, b"), ("RDMEM_TOKEN", "from-env"), ("RDMEM_GID_INDEX", "3")].into();
+        let env: HashMap<&str, &str> = [
+            ("RDMEM_MEMNODES", "a:1, b"),
+            ("RDMEM_TOKEN", "from-env"),
+            ("RDMEM_GID_INDEX", "3"),
+            ("RDMEM_TENANT", "bob"),
+        ]
+        .into();
         config.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
         assert_eq!(config.memnode_addrs().unwrap(), vec!["a:1", "b:7471"]);
         assert_eq!(config.resolve_token().unwrap(), "from-env");
         assert_eq!(config.device.gid_index, Some(3));
+        assert_eq!(config.tenant.as_deref(), Some("bob"));
     }
 
     #[test]

@@ -6,10 +6,14 @@
 //! - [`cm`]: RDMA-CM connection setup (librdmacm): every queue pair is connected through it.
 //! - [`cm_auth`]: the MACed private data of connection setup (a token that never crosses the
 //!   wire, tenants, replay and clock checks).
-//! - [`wire`]: control requests over TCP (checkpoints), authenticated with the same MACs.
+//! - [`wire`]: control requests over TCP (checkpoints, clients, evictions), authenticated with
+//!   the same MACs.
+//! - [`window`]: a memory window, and so a remote key, per client connection, revoked when it
+//!   ends.
 //! - [`RdmaTransport`] / [`RdmaEndpoint`]: `rdmem_core`'s transport traits over RC queue pairs,
 //!   one per memory node per thread; batches posted with one doorbell per node.
-//! - [`control`]: requests to a memory node that are not connections (checkpoints).
+//! - [`control`]: requests to a memory node that are not connections (checkpoints, a tenant's
+//!   clients, evictions).
 //! - [`Memnode`]: the memory node (the `rdmem-memnode` binary is a thin wrapper around it);
 //!   [`spawn`] runs that binary as a child process and helps programs that run on several
 //!   machines of a test cluster (launchers, benchmarks, device and cluster tests).
@@ -22,6 +26,7 @@
 //! let transport = RdmaTransport::connect(RdmaOptions {
 //!     memnodes: vec!["10.77.0.1:7471".into()],
 //!     token: "change-me-to-32-random-bytes".into(), // at least 16 bytes; never sent
+//!     tenant: String::new(), // the nodes' default pools, or a `--tenant` of theirs
 //!     device: Default::default(), // or RDMEM_DEVICE / RDMEM_GID_INDEX
 //! })?;
 //! let mut ep = transport.endpoint()?; // one per thread
@@ -45,6 +50,7 @@ pub mod memory;
 mod queue_pair;
 pub mod spawn;
 pub mod transport;
+pub mod window;
 pub mod wire;
 
 pub use device::{Device, DeviceError, DeviceSelection};

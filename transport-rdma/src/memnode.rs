@@ -50,14 +50,16 @@ use crate::device::{Device, DeviceSelection};
 use crate::error::RdmaError;
 use crate::memory::{PageSize, Region};
 use crate::queue_pair;
-use crate::wire::{self, Answer, Checkpointed, Op, Opening, Request};
+use crate::window::{Window, WindowSupport};
+use crate::wire::{self, Answer, Checkpointed, ClientEntry, Op, Opening, Request};
 
 /// How a memory node is set up.
 #[derive(Debug, Clone)]
 pub struct MemnodeConfig {
     /// Where to listen for clients.
     pub listen: SocketAddr,
-    /// Pool size in bytes, a whole number of `page_size` pages.
+    /// The default tenant's pool size in bytes, a whole number of `page_size` pages; 0: no
+    /// default tenant (then `tenants` names at least one).
     pub pool_size: u64,
     /// Register the pool even when it is larger than the free memory (the OOM killer may then
     /// end other processes).
@@ -66,9 +68,13 @@ pub struct MemnodeConfig {
     pub page_size: PageSize,
     /// The RDMA device.
     pub device: DeviceSelection,
-    /// The token clients must prove they hold: at least [`cm_auth::MIN_TOKEN`] bytes, or empty
-    /// (no authentication, `--insecure-no-token`).
+    /// The token the default tenant's clients must prove they hold: at least
+    /// [`cm_auth::MIN_TOKEN`] bytes, or empty (no authentication, `--insecure-no-token`).
     pub token: String,
+    /// More tenants (`--tenant NAME:SIZE:TOKEN_FILE`), each with a pool, protection domain and
+    /// memory region of its own: a client of one cannot reach another's memory, and the device
+    /// enforces it.
+    pub tenants: Vec<TenantConfig>,
     /// This node's id, the node part of its global addresses.
     pub node_id: u16,
     /// Where and how often to write snapshots of the pool (`None`: checkpoint requests are
@@ -76,6 +82,44 @@ pub struct MemnodeConfig {
     pub checkpoint: Option<CheckpointConfig>,
     /// A snapshot to load into the pool before serving.
     pub restore: Option<RestoreConfig>,
+}
+
+/// A tenant of a memory node: a pool of its own, reached with its own token.
+#[derive(Clone)]
+pub struct TenantConfig {
+    /// Its name, which clients give ([`crate::RdmaOptions::tenant`]); not secret.
+    pub name: String,
+    /// Its pool's size in bytes, a whole number of the node's pages.
+    pub pool_size: u64,
+    /// Its token, at least [`cm_auth::MIN_TOKEN`] bytes.
+    pub token: String,
+}
+
+impl std::fmt::Debug for TenantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantConfig").field("name", &self.name).field("pool_size", &self.pool_size).finish()
+    }
+}
+
+impl std::str::FromStr for TenantConfig {
+    type Err = String;
+
+    /// `NAME:SIZE:TOKEN_FILE` (the size with an optional K, M or G suffix; the token is the
+    /// file's content without its trailing newline).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(3, ':');
+        let (Some(name), Some(size), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("tenant {s:?}: give NAME:SIZE:TOKEN_FILE, e.g. alice:1G:/etc/rdmem/alice.token"));
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(format!("tenant name {name:?}: use letters, digits, '-', '_' and '.'"));
+        }
+        let pool_size = rdmem_core::config::parse_size(size).map_err(|e| format!("tenant {name}: {e}"))?;
+        let token = rdmem_core::config::resolve_token(None, Some(std::path::Path::new(file)))
+            .map_err(|e| format!("tenant {name}: {e}"))?;
+        cm_auth::check_token(token.as_bytes()).map_err(|e| format!("tenant {name} ({file}): {e}"))?;
+        Ok(TenantConfig { name: name.to_owned(), pool_size, token })
+    }
 }
 
 /// Snapshots of the pool ([`rdmem_checkpoint`]).
@@ -100,9 +144,11 @@ pub struct RestoreConfig {
     pub seq: Option<u64>,
 }
 
-/// What a memory node serves, as it logs it at start.
+/// What a memory node serves to one tenant, as it logs it at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolDescriptor {
+    /// The tenant ([`cm_auth::DEFAULT_TENANT`] for the node's default pool).
+    pub tenant: String,
     /// Node id.
     pub node_id: u16,
     /// Device name.
@@ -111,7 +157,8 @@ pub struct PoolDescriptor {
     pub base: u64,
     /// Pool size in bytes.
     pub size: u64,
-    /// Remote key.
+    /// The memory region's remote key. With memory windows ([`Memnode::windows`]) it gives no
+    /// remote access: each client connection gets a window's key of its own instead.
     pub rkey: u32,
     /// Pages actually backing the pool.
     pub page_size: PageSize,
@@ -122,13 +169,25 @@ pub struct PoolDescriptor {
 struct State {
     config: MemnodeConfig,
     device: Device,
-    pd: Arc<ProtectionDomain>,
+    /// In the [`Verifier`]'s order: [`Verified::tenant`](cm_auth::Verified::tenant) indexes it.
+    tenants: Vec<Tenant>,
+    /// The default tenant's index (`None`: the node has none).
+    default_tenant: Option<usize>,
+    /// Memory windows per connection, or the regions' keys.
+    windows: WindowSupport,
     cq: GenericCompletionQueue,
-    pool: Region,
     clients: AtomicUsize,
     checkpointer: Option<Mutex<Checkpointer>>,
     /// The newest snapshot's sequence number in the checkpoint directory.
     newest: AtomicU64,
+}
+
+/// A tenant's pool: its own protection domain and memory region.
+struct Tenant {
+    name: String,
+    // The region is deregistered before its protection domain is freed (field order).
+    pool: Region,
+    pd: Arc<ProtectionDomain>,
 }
 
 /// A running memory node. Dropping it stops accepting and disconnects its clients.
@@ -140,7 +199,7 @@ pub struct Memnode {
     /// The RDMA-CM listener and its events (connect requests and every client's connection).
     cm_listener: CmId,
     cm_events: EventChannel,
-    descriptor: PoolDescriptor,
+    descriptors: Vec<PoolDescriptor>,
 }
 
 impl Memnode {
@@ -149,35 +208,68 @@ impl Memnode {
     /// socket.
     pub fn start(config: MemnodeConfig) -> Result<Self, RdmaError> {
         let page = config.page_size.bytes() as u64;
-        if config.pool_size == 0 || config.pool_size % page != 0 {
-            return Err(RdmaError::Config(format!(
-                "pool size {} bytes is not a whole number of {:?} pages ({page} bytes): give a multiple, \
-                 e.g. {} bytes",
-                config.pool_size,
-                config.page_size,
-                config.pool_size.div_ceil(page).max(1) * page
-            )));
+        let mut wanted: Vec<(&str, u64, &str)> = Vec::new();
+        if config.pool_size != 0 {
+            wanted.push((cm_auth::DEFAULT_TENANT, config.pool_size, &config.token));
+        }
+        wanted.extend(config.tenants.iter().map(|t| (t.name.as_str(), t.pool_size, t.token.as_str())));
+        if wanted.is_empty() {
+            return Err(RdmaError::Config("no pool to serve: give a pool size, or a tenant".into()));
+        }
+        for (i, (name, _, _)) in wanted.iter().enumerate() {
+            if wanted[..i].iter().any(|(other, _, _)| other == name) {
+                return Err(RdmaError::Config(format!("tenant {name:?} is given twice")));
+            }
+        }
+        for &(name, size, _) in &wanted {
+            if size == 0 || size % page != 0 {
+                return Err(RdmaError::Config(format!(
+                    "tenant {name}: pool size {size} bytes is not a whole number of {:?} pages ({page} bytes): give \
+                     a multiple, e.g. {} bytes",
+                    config.page_size,
+                    size.div_ceil(page).max(1) * page
+                )));
+            }
+        }
+        let default_tenant = wanted.iter().position(|(name, _, _)| *name == cm_auth::DEFAULT_TENANT);
+        if default_tenant.is_none() && (config.checkpoint.is_some() || config.restore.is_some()) {
+            return Err(RdmaError::Config(
+                "checkpoints and restores are of the default tenant's pool, and this node has none: give a pool \
+                 size and a token too"
+                    .into(),
+            ));
         }
         if !config.force_pool_size {
-            crate::memory::check_fits(config.pool_size, config.page_size)?;
+            crate::memory::check_fits(wanted.iter().map(|w| w.1).sum(), config.page_size)?;
         }
         let verifier =
-            Verifier::new(&[(cm_auth::DEFAULT_TENANT, config.token.as_bytes())]).map_err(RdmaError::Config)?;
+            Verifier::new(&wanted.iter().map(|&(name, _, token)| (name, token.as_bytes())).collect::<Vec<_>>())
+                .map_err(RdmaError::Config)?;
         let device = Device::open(&config.device)?;
-        let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
-        let len = usize::try_from(config.pool_size).map_err(|_| RdmaError::verbs("pool size", "too large"))?;
-        let access =
-            AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite | AccessFlags::RemoteAtomic;
-        let mut pool = Region::new(&pd, len, config.page_size, access)?;
-        let restored = match &config.restore {
-            Some(r) => Some(restore(r, pool.as_mut_slice())?),
-            None => None,
+        let mut tenants = Vec::with_capacity(wanted.len());
+        let mut windows = None;
+        for &(name, size, _) in &wanted {
+            let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
+            let windows = *windows.get_or_insert_with(|| WindowSupport::probe(&pd));
+            let len = usize::try_from(size).map_err(|_| RdmaError::verbs("pool size", "too large"))?;
+            let pool = Region::new(&pd, len, config.page_size, windows.region_access())?;
+            tenants.push(Tenant { name: name.to_owned(), pool, pd });
+        }
+        let windows = windows.expect("at least one tenant");
+        let restored = match (&config.restore, default_tenant) {
+            (Some(r), Some(d)) => Some(restore(r, tenants[d].pool.as_mut_slice())?),
+            _ => None,
         };
-        let checkpointer = match &config.checkpoint {
-            Some(c) => Some(Mutex::new(Checkpointer::open(&c.dir, len as u64, c.block_size, restored.as_ref())?)),
-            None => None,
+        let checkpointer = match (&config.checkpoint, default_tenant) {
+            (Some(c), Some(d)) => Some(Mutex::new(Checkpointer::open(
+                &c.dir,
+                tenants[d].pool.len() as u64,
+                c.block_size,
+                restored.as_ref(),
+            )?)),
+            _ => None,
         };
-        // The node never posts: its completion queue only has to exist for its queue pairs.
+        // The node posts only memory window binds, one at a time, each waited for.
         let mut builder = device.context().create_cq_builder();
         builder.setup_cqe(16);
         let cq = GenericCompletionQueue::from(builder.build().map_err(|e| RdmaError::verbs("ibv_create_cq", e))?);
@@ -195,24 +287,49 @@ impl Memnode {
             ))
         })?;
         cm_listener.listen(CM_BACKLOG)?;
-        let descriptor = PoolDescriptor {
-            node_id: config.node_id,
-            device: device.name().to_owned(),
-            base: pool.addr(),
-            size: pool.len() as u64,
-            rkey: pool.rkey(),
-            page_size: pool.page_size(),
-            listen,
-        };
+        let descriptors = tenants
+            .iter()
+            .map(|t| PoolDescriptor {
+                tenant: t.name.clone(),
+                node_id: config.node_id,
+                device: device.name().to_owned(),
+                base: t.pool.addr(),
+                size: t.pool.len() as u64,
+                rkey: t.pool.rkey(),
+                page_size: t.pool.page_size(),
+                listen,
+            })
+            .collect();
         let newest = AtomicU64::new(checkpointer.as_ref().map_or(0, |c| c.lock().expect("new").newest()));
-        let state =
-            Arc::new(State { config, device, pd, cq, pool, clients: AtomicUsize::new(0), checkpointer, newest });
-        Ok(Memnode { state, listener, verifier: Mutex::new(verifier), cm_listener, cm_events, descriptor })
+        let state = Arc::new(State {
+            config,
+            device,
+            tenants,
+            default_tenant,
+            windows,
+            cq,
+            clients: AtomicUsize::new(0),
+            checkpointer,
+            newest,
+        });
+        Ok(Memnode { state, listener, verifier: Mutex::new(verifier), cm_listener, cm_events, descriptors })
     }
 
-    /// What this node serves.
+    /// What this node serves: the default tenant's pool, or the first tenant's when it has no
+    /// default tenant.
     pub fn descriptor(&self) -> &PoolDescriptor {
-        &self.descriptor
+        &self.descriptors[self.state.default_tenant.unwrap_or(0)]
+    }
+
+    /// Every tenant's pool, the default tenant's first.
+    pub fn descriptors(&self) -> &[PoolDescriptor] {
+        &self.descriptors
+    }
+
+    /// Whether each client connection gets a memory window of its own (revoked when it ends),
+    /// or the pools' own keys (devices without type-2 windows).
+    pub fn windows(&self) -> WindowSupport {
+        self.state.windows
     }
 
     /// Clients connected right now.
@@ -234,7 +351,8 @@ impl Memnode {
         // asked for by number is pinned, one without is not; the number is the same, picked
         // under the lock.)
         self.state.newest.fetch_max(take.seq.unwrap_or(cp.newest().saturating_add(1)), Ordering::SeqCst);
-        let report = cp.checkpoint(self.state.pool.as_slice(), take)?;
+        let pool = &self.state.tenants[self.state.default_tenant.expect("a checkpointer has a default tenant")].pool;
+        let report = cp.checkpoint(pool.as_slice(), take)?;
         tracing::info!(
             "checkpoint {} ({}{}): {} bytes written ({} blocks of data, {} of zeros) to {} in {:.3} s",
             report.seq,
@@ -392,7 +510,7 @@ impl Memnode {
                     }
                     Progress::Done(Opening::Request(request)) => {
                         let p = pending.remove(i).expect("index in range");
-                        if let Some(job) = self.control(p, request, &mut verifier, &mut warnings) {
+                        if let Some(job) = self.control(p, request, &mut verifier, &mut clients, &mut warnings) {
                             // Only a node with a checkpointer queues jobs: its thread is there.
                             if let Err(mpsc::TrySendError::Full(mut job)) = jobs.try_send(job) {
                                 let reason =
@@ -441,9 +559,11 @@ impl Memnode {
                     if let Some(client) = clients.established(event.id) {
                         let now = self.state.clients.fetch_add(1, Ordering::SeqCst) + 1;
                         tracing::info!(
-                            "client {} connected (queue pair {}, {now} connected)",
+                            "client {} of tenant {} connected (client id {}, key {}; {now} connected)",
                             client.peer,
-                            client.qp.qp_number()
+                            self.state.tenants[client.tenant].name,
+                            client.qp.qp_number(),
+                            client.window.as_ref().map_or("the pool's".to_owned(), |w| format!("{:#x}", w.rkey())),
                         );
                     }
                 }
@@ -455,7 +575,8 @@ impl Memnode {
                         if client.established {
                             let now = self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
                             tracing::info!(
-                                "client {} left (queue pair {} destroyed, {now} connected)",
+                                "client {} left (client id {}: its key revoked, its queue pair destroyed; {now} \
+                                 connected)",
                                 client.peer,
                                 client.qp.qp_number()
                             );
@@ -528,12 +649,15 @@ impl Memnode {
         }
     }
 
-    /// Checks a complete control request: a job for the checkpoint thread, or refused.
+    /// Checks a complete control request: answered at once (the newest snapshot, the tenant's
+    /// clients, an eviction), a job for the checkpoint thread, or refused. A tenant's token
+    /// lists and evicts that tenant's clients only.
     fn control(
         &self,
         mut p: Pending,
         request: Result<Request, u16>,
         verifier: &mut Verifier,
+        clients: &mut Clients,
         warnings: &mut RateLimited,
     ) -> Option<Job> {
         let peer = p.peer;
@@ -544,9 +668,43 @@ impl Memnode {
             )),
             Ok(r) => match verifier.verify_control(&r.auth, &r.op.to_bytes(), SystemTime::now()) {
                 Err(refusal) => refusal.into(),
+                Ok(v) if r.op == Op::Clients => {
+                    let list = clients.of_tenant(v.tenant);
+                    let _ = Answer::Clients(list).write_to(&mut p.stream);
+                    return None;
+                }
+                Ok(v) if matches!(r.op, Op::Evict { .. }) => {
+                    let Op::Evict { client } = r.op else { unreachable!("matched above") };
+                    match clients.evict(client, v.tenant) {
+                        Some(gone) => {
+                            let now = if gone.established {
+                                self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1
+                            } else {
+                                self.state.clients.load(Ordering::SeqCst)
+                            };
+                            tracing::info!(
+                                "evicted client {client} ({}) of tenant {} at {peer}'s request: its key revoked, its \
+                                 queue pair destroyed; {now} connected",
+                                gone.peer,
+                                self.state.tenants[v.tenant].name
+                            );
+                            drop(gone);
+                            let _ = Answer::Evicted { client }.write_to(&mut p.stream);
+                            return None;
+                        }
+                        None => Refusal::Other(format!(
+                            "no client {client} of tenant {} is connected",
+                            self.state.tenants[v.tenant].name
+                        )),
+                    }
+                }
                 Ok(_) if self.state.checkpointer.is_none() => {
                     Refusal::Other("this memory node takes no checkpoints: start it with --checkpoint-dir".into())
                 }
+                Ok(v) if Some(v.tenant) != self.state.default_tenant => Refusal::Other(format!(
+                    "checkpoints are of the default tenant's pool only, not tenant {}'s",
+                    self.state.tenants[v.tenant].name
+                )),
                 Ok(_) => match r.op {
                     Op::Checkpoint { seq, full } => {
                         return Some(Job { stream: p.stream, peer, take: Take { seq, full } });
@@ -558,6 +716,7 @@ impl Memnode {
                         let _ = Answer::Newest { node_id: self.state.config.node_id, seq }.write_to(&mut p.stream);
                         return None;
                     }
+                    Op::Clients | Op::Evict { .. } => unreachable!("answered above"),
                 },
             },
         };
@@ -586,26 +745,44 @@ impl Memnode {
                 return None;
             }
         };
+        let tenant = &state.tenants[verified.tenant];
         let result = (|| {
-            let (mut qp, limits) = queue_pair::create(&state.device, &state.pd, &state.cq, 1)?;
+            let (mut qp, limits) = queue_pair::create(&state.device, &tenant.pd, &state.cq, 1)?;
             let access = AccessFlags::LocalWrite
                 | AccessFlags::RemoteRead
                 | AccessFlags::RemoteWrite
                 | AccessFlags::RemoteAtomic;
             queue_pair::connect(&state.device, &mut qp, &limits, &id.negotiated()?, access)?;
+            // A key of the connection's own, bound to its queue pair, or the pool's.
+            let (window, rkey) = match state.windows {
+                WindowSupport::Windows => {
+                    let mut window = Window::alloc(&tenant.pd)?;
+                    let rkey = window.bind(&mut qp, &state.cq, &tenant.pool)?;
+                    (Some(window), rkey)
+                }
+                WindowSupport::RegionKey => (None, tenant.pool.rkey()),
+            };
             let accept = cm_auth::Accept {
                 node: state.config.node_id,
-                base: state.pool.addr(),
-                size: state.pool.len() as u64,
-                rkey: state.pool.rkey(),
-                page: state.pool.page_size().bytes().trailing_zeros() as u8,
+                base: tenant.pool.addr(),
+                size: tenant.pool.len() as u64,
+                rkey,
+                page: tenant.pool.page_size().bytes().trailing_zeros() as u8,
             };
             let private = accept.to_bytes(verifier.token(verified.tenant), &verified.nonce);
             id.accept(qp.qp_number(), limits.read_atomic_depth, &private)?;
-            Ok::<_, RdmaError>(qp)
+            Ok::<_, RdmaError>((window, qp))
         })();
         match result {
-            Ok(qp) => Some(Client { qp, _id: id, peer, established: false, since: Instant::now() }),
+            Ok((window, qp)) => Some(Client {
+                window,
+                qp,
+                id,
+                peer,
+                tenant: verified.tenant,
+                established: false,
+                since: Instant::now(),
+            }),
             Err(e) => {
                 warnings.warn(Warning::Refused, || format!("cannot take {peer}: {e}"));
                 let _ = id.reject(&cm_auth::Refusal::Busy.to_reject());
@@ -687,13 +864,18 @@ impl Pending {
     }
 }
 
-/// A client's connection: its queue pair lives as long as its RDMA-CM connection (destroyed
-/// first, then the id, which disconnects).
+/// A client's connection: its window and queue pair live as long as its RDMA-CM connection
+/// (the window is deallocated first, which revokes its key, then the queue pair is destroyed,
+/// then the id, which disconnects).
 struct Client {
+    /// Its memory window (`None` on devices without them).
+    window: Option<Window>,
     qp: ExtendedQueuePair,
     /// Held: destroying it ends the connection.
-    _id: CmId,
+    id: CmId,
     peer: String,
+    /// Its tenant's index.
+    tenant: usize,
     established: bool,
     /// When its connect request came.
     since: Instant,
@@ -736,6 +918,32 @@ impl Clients {
         if !client.established {
             self.in_progress -= 1;
         }
+        Some(client)
+    }
+
+    /// Tenant `tenant`'s established clients, by id.
+    fn of_tenant(&self, tenant: usize) -> Vec<ClientEntry> {
+        let mut list: Vec<ClientEntry> = self
+            .by_id
+            .values()
+            .filter(|c| c.established && c.tenant == tenant)
+            .map(|c| ClientEntry { id: c.qp.qp_number(), peer: c.peer.clone() })
+            .collect();
+        list.sort_by_key(|c| c.id);
+        list.truncate(wire::MAX_CLIENTS_LISTED);
+        list
+    }
+
+    /// Ends tenant `tenant`'s client `id` (its queue pair number on this node): disconnects it
+    /// and hands it back to be dropped (which revokes its key). `None` if it has no such
+    /// client.
+    fn evict(&mut self, id: u32, tenant: usize) -> Option<Client> {
+        let key = self.by_id.iter().find(|(_, c)| c.tenant == tenant && c.qp.qp_number() == id).map(|(k, _)| *k)?;
+        let mut client = self.remove(key)?;
+        // The window goes first: from here on its key opens nothing, even before the client
+        // hears of the disconnect.
+        client.window = None;
+        client.id.disconnect();
         Some(client)
     }
 

@@ -153,6 +153,15 @@ impl Region {
         self.mr.rkey()
     }
 
+    /// The memory region's verbs handle (to bind memory windows over it).
+    ///
+    /// # Safety
+    /// The pointer is valid only while the region lives.
+    pub(crate) unsafe fn raw_mr(&self) -> *mut rdma_mummy_sys::ibv_mr {
+        // SAFETY: the MR is alive while `self` is.
+        unsafe { self.mr.mr().as_ptr() }
+    }
+
     /// The start address (as the device sees it).
     pub fn addr(&self) -> u64 {
         self.map.as_ptr() as u64

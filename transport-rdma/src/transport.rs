@@ -88,15 +88,31 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long RDMA-CM may take to resolve a node's address, and then its route.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Options of an [`RdmaTransport`].
-#[derive(Debug, Clone)]
+/// Options of an [`RdmaTransport`]. `Default` gives no memory nodes, an empty token, the
+/// default tenant and a device picked automatically: fill in `memnodes` and `token`.
+#[derive(Clone, Default)]
 pub struct RdmaOptions {
     /// Memory nodes as `host:port`, in order.
     pub memnodes: Vec<String>,
-    /// The shared token the memory nodes ask for.
+    /// The tenant's token the memory nodes ask for (at least 16 bytes; it never crosses the
+    /// wire, only MACs made with it).
     pub token: String,
+    /// The tenant whose pools to use on every node (`--tenant` of `rdmem-memnode`); empty:
+    /// the nodes' default pools ([`cm_auth::DEFAULT_TENANT`]). Each tenant has its own pools,
+    /// protection domains and token: a client of one cannot reach another's memory.
+    pub tenant: String,
     /// Which device, port and GID to use.
     pub device: DeviceSelection,
+}
+
+impl std::fmt::Debug for RdmaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaOptions")
+            .field("memnodes", &self.memnodes)
+            .field("tenant", &self.tenant_name())
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RdmaOptions {
@@ -107,8 +123,14 @@ impl RdmaOptions {
         Ok(RdmaOptions {
             memnodes: memnodes.iter().map(|m| m.as_ref().to_owned()).collect(),
             token: token.to_owned(),
+            tenant: String::new(),
             device: DeviceSelection::from_env().map_err(RdmaError::from)?,
         })
+    }
+
+    /// The tenant named in connect and control requests.
+    pub fn tenant_name(&self) -> &str {
+        if self.tenant.is_empty() { cm_auth::DEFAULT_TENANT } else { &self.tenant }
     }
 
     /// Options from a cluster configuration (memory nodes, token, device).
@@ -116,6 +138,7 @@ impl RdmaOptions {
         Ok(RdmaOptions {
             memnodes: config.memnode_addrs()?,
             token: config.resolve_token()?,
+            tenant: config.tenant.clone().unwrap_or_default(),
             device: DeviceSelection {
                 name: config.device.name.clone(),
                 port: config.device.port,
@@ -208,14 +231,17 @@ impl Transport for RdmaTransport {
     /// refusal is [`Error::Checkpoint`] with its reason.
     fn checkpoint(&self, node: NodeId, seq: Option<u64>, full: bool) -> Result<rdmem_core::Checkpoint> {
         let peer = self.peer_of(node)?;
-        let done = crate::control::checkpoint(peer, &self.shared.options.token, seq, full);
+        let done = crate::control::Control::new(peer, &self.shared.options.token)
+            .tenant(self.shared.options.tenant_name())
+            .checkpoint(seq, full);
         let done = same_node(node, peer, done.map(|d| (d.node, d)))?;
         Ok(done)
     }
 
     fn newest_checkpoint(&self, node: NodeId) -> Result<u64> {
         let peer = self.peer_of(node)?;
-        same_node(node, peer, crate::control::newest(peer, &self.shared.options.token))
+        let control = crate::control::Control::new(peer, &self.shared.options.token);
+        same_node(node, peer, control.tenant(self.shared.options.tenant_name()).newest())
     }
 }
 
@@ -369,7 +395,7 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
     }
     let (mut qp, limits) = queue_pair::create(&shared.device, &shared.pd, cq, SEND_DEPTH)?;
     let token = shared.options.token.as_bytes();
-    let request = cm_auth::Request::new(token, cm_auth::DEFAULT_TENANT, std::time::SystemTime::now())
+    let request = cm_auth::Request::new(token, shared.options.tenant_name(), std::time::SystemTime::now())
         .map_err(|e| fail(format!("no randomness for the connect request's nonce: {e}")))?;
     id.connect(qp.qp_number(), limits.read_atomic_depth, &request.bytes)?;
     let answer = match channel.wait(deadline)? {
@@ -554,6 +580,23 @@ impl RdmaEndpoint {
     pub fn inject_wrong_rkey(&mut self, node: NodeId) {
         if let Some(conn) = self.conns.iter_mut().find(|c| c.node.id == node) {
             conn.rkey ^= 0x5a;
+        }
+    }
+
+    /// The remote key and pool base this endpoint's connection to `node` was given: with
+    /// memory windows, a key of that connection's own, which the device accepts on its queue
+    /// pair only and which the node revokes when the connection ends.
+    pub fn remote_key(&self, node: NodeId) -> Option<(u64, u32)> {
+        self.conns.iter().find(|c| c.node.id == node).map(|c| (c.pool_base, c.rkey))
+    }
+
+    /// For tests of isolation: later requests to `node` go to pool base `base` with key `rkey`
+    /// (another connection's, another tenant's), as a forged request would.
+    #[doc(hidden)]
+    pub fn forge_remote_key(&mut self, node: NodeId, base: u64, rkey: u32) {
+        if let Some(conn) = self.conns.iter_mut().find(|c| c.node.id == node) {
+            conn.pool_base = base;
+            conn.rkey = rkey;
         }
     }
 

@@ -121,6 +121,25 @@ pub enum Op {
     },
     /// The newest snapshot's sequence number.
     Newest,
+    /// End a client's connection and revoke its key (one of the requester's tenant).
+    Evict {
+        /// The client's id, as [`Op::Clients`] lists it and the node logs it.
+        client: u32,
+    },
+    /// The requester's tenant's connected clients.
+    Clients,
+}
+
+/// The most clients one [`Answer::Clients`] lists.
+pub const MAX_CLIENTS_LISTED: usize = 4096;
+
+/// A connected client, as [`Op::Clients`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientEntry {
+    /// Its id on the node (its queue pair's number there): what [`Op::Evict`] takes.
+    pub id: u32,
+    /// Where it connected from.
+    pub peer: String,
 }
 
 /// A control request.
@@ -145,6 +164,11 @@ impl Op {
                 out.push(full as u8);
             }
             Op::Newest => out.push(2),
+            Op::Evict { client } => {
+                out.push(3);
+                out.extend_from_slice(&client.to_le_bytes());
+            }
+            Op::Clients => out.push(4),
         }
         out
     }
@@ -187,6 +211,13 @@ pub enum Answer {
     },
     /// Refused or failed, and why.
     Refused(Refusal),
+    /// The client is gone and its key revoked.
+    Evicted {
+        /// Its id.
+        client: u32,
+    },
+    /// The tenant's connected clients (at most [`MAX_CLIENTS_LISTED`]).
+    Clients(Vec<ClientEntry>),
 }
 
 /// What a connection opens with.
@@ -293,6 +324,8 @@ impl Request {
                 Op::Checkpoint { seq: (seq != 0).then_some(seq), full }
             }
             2 => Op::Newest,
+            3 => Op::Evict { client: u32::from_le_bytes(get(r)?) },
+            4 => Op::Clients,
             other => return Err(bad(format!("unknown control operation {other}"))),
         };
         Ok(Ok(Request { version, auth, op }))
@@ -324,6 +357,21 @@ impl Answer {
             Answer::Refused(refusal) => {
                 put_reason(&mut out, &refusal.to_string());
                 out.push(refusal_code(refusal));
+            }
+            Answer::Evicted { client } => {
+                out.push(3);
+                out.extend_from_slice(&client.to_le_bytes());
+            }
+            Answer::Clients(list) => {
+                let list = &list[..list.len().min(MAX_CLIENTS_LISTED)];
+                out.push(4);
+                out.extend_from_slice(&(list.len() as u16).to_le_bytes());
+                for c in list {
+                    let peer = &c.peer.as_bytes()[..c.peer.len().min(u8::MAX as usize)];
+                    out.extend_from_slice(&c.id.to_le_bytes());
+                    out.push(peer.len() as u8);
+                    out.extend_from_slice(peer);
+                }
             }
         }
         w.write_all(&out)?;
@@ -360,6 +408,21 @@ impl Answer {
                 Ok(Answer::Refused(refusal_of(code, reason)))
             }
             2 => Ok(Answer::Newest { node_id: u16::from_le_bytes(get(r)?), seq: word(r)? }),
+            3 => Ok(Answer::Evicted { client: u32::from_le_bytes(get(r)?) }),
+            4 => {
+                let n = u16::from_le_bytes(get(r)?) as usize;
+                if n > MAX_CLIENTS_LISTED {
+                    return Err(bad(format!("{n} clients listed, more than {MAX_CLIENTS_LISTED}")));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = u32::from_le_bytes(get(r)?);
+                    let mut peer = vec![0u8; get::<1>(r)?[0] as usize];
+                    r.read_exact(&mut peer)?;
+                    list.push(ClientEntry { id, peer: String::from_utf8_lossy(&peer).into_owned() });
+                }
+                Ok(Answer::Clients(list))
+            }
             other => Err(bad(format!("unknown answer status {other}"))),
         }
     }
@@ -373,8 +436,13 @@ mod tests {
 
     #[test]
     fn control_requests_and_answers_round_trip() {
-        for op in [Op::Checkpoint { seq: None, full: false }, Op::Checkpoint { seq: Some(42), full: true }, Op::Newest]
-        {
+        for op in [
+            Op::Checkpoint { seq: None, full: false },
+            Op::Checkpoint { seq: Some(42), full: true },
+            Op::Newest,
+            Op::Evict { client: 0x1234_5678 },
+            Op::Clients,
+        ] {
             let request = Request { version: VERSION, auth: AUTH, op };
             let mut wire = Vec::new();
             request.write_to(&mut wire).unwrap();
@@ -414,10 +482,42 @@ mod tests {
             Refusal::Busy("16 checkpoint requests are waiting".into()),
         ];
         let refused = refusals.into_iter().map(Answer::Refused);
-        for answer in [done, no_parent, newest].into_iter().chain(refused) {
+        let evicted = Answer::Evicted { client: 17 };
+        let clients = Answer::Clients(vec![
+            ClientEntry { id: 17, peer: "10.77.0.2:40001".into() },
+            ClientEntry { id: 18, peer: String::new() },
+        ]);
+        let none = Answer::Clients(Vec::new());
+        for answer in [done, no_parent, newest, evicted, clients, none].into_iter().chain(refused) {
             let mut wire = Vec::new();
             answer.write_to(&mut wire).unwrap();
             assert_eq!(Answer::read_from(&mut wire.as_slice()).unwrap(), answer);
+        }
+    }
+
+    #[test]
+    fn client_lists_are_bounded_both_ways() {
+        let many: Vec<ClientEntry> =
+            (0..MAX_CLIENTS_LISTED as u32 + 10).map(|id| ClientEntry { id, peer: "x".repeat(300) }).collect();
+        let mut wire = Vec::new();
+        Answer::Clients(many).write_to(&mut wire).unwrap();
+        match Answer::read_from(&mut wire.as_slice()).unwrap() {
+            Answer::Clients(list) => {
+                assert_eq!(list.len(), MAX_CLIENTS_LISTED);
+                assert!(list.iter().all(|c| c.peer.len() == 255));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A count above the bound is refused before anything is allocated for it.
+        let mut forged = CONTROL_MAGIC.to_vec();
+        forged.push(4);
+        forged.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert!(Answer::read_from(&mut forged.as_slice()).unwrap_err().to_string().contains("more than"));
+        // Truncated entries are errors, not panics.
+        let mut wire = Vec::new();
+        Answer::Clients(vec![ClientEntry { id: 1, peer: "abc".into() }]).write_to(&mut wire).unwrap();
+        for cut in 0..wire.len() {
+            assert!(Answer::read_from(&mut &wire[..cut]).is_err(), "cut at {cut}");
         }
     }
 

@@ -28,6 +28,7 @@ fn connect(nodes: &[&MemnodeChild]) -> RdmaTransport {
         memnodes: nodes.iter().map(|n| n.addr().to_string()).collect(),
         token: TOKEN.into(),
         device: DeviceSelection::from_env().expect("RDMEM_* variables"),
+        ..Default::default()
     };
     RdmaTransport::connect(options).expect("connect")
 }

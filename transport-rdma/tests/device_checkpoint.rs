@@ -34,6 +34,7 @@ fn connect(node: &MemnodeChild) -> RdmaTransport {
         memnodes: vec![node.addr().to_owned()],
         token: TOKEN.into(),
         device: DeviceSelection::from_env().expect("RDMEM_* variables"),
+        ..Default::default()
     })
     .expect("connect")
 }

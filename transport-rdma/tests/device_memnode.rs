@@ -24,6 +24,7 @@ fn legitimate_client(node: &MemnodeChild) -> Duration {
         memnodes: vec![node.addr().to_owned()],
         token: TOKEN.into(),
         device: DeviceSelection::from_env().expect("RDMEM_* variables"),
+        ..Default::default()
     })
     .expect("a legitimate client connects");
     let took = started.elapsed();

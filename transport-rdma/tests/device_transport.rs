@@ -27,6 +27,7 @@ fn options(addrs: &[&str], token: &str) -> RdmaOptions {
         memnodes: addrs.iter().map(|a| a.to_string()).collect(),
         token: token.into(),
         device: DeviceSelection::from_env().expect("RDMEM_* variables"),
+        ..Default::default()
     }
 }
 

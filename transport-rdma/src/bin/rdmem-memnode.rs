@@ -13,6 +13,17 @@
 //! ```sh
 //! rdmem-memnode --pool-size 1G --checkpoint-dir /var/lib/rdmem --restore /var/lib/rdmem
 //! ```
+//!
+//! Tenants: `--tenant NAME:SIZE:TOKEN_FILE` (repeatable) serves another pool, with its own
+//! token, protection domain and memory region; clients name it (`RDMEM_TENANT`). Without a
+//! token of its own (`RDMEM_TOKEN`, `--token-file`) the node then has no default pool. Each
+//! client connection gets a remote key of its own (a memory window bound to its queue pair),
+//! revoked when it disconnects or is evicted:
+//! ```sh
+//! rdmem-memnode --tenant alice:1G:/etc/rdmem/alice --tenant bob:512M:/etc/rdmem/bob
+//! RDMEM_TOKEN_FILE=/etc/rdmem/alice rdmem-memnode clients --memnode 10.0.0.1:7471 --tenant alice
+//! RDMEM_TOKEN_FILE=/etc/rdmem/alice rdmem-memnode evict --memnode 10.0.0.1:7471 --tenant alice 17
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,21 +31,31 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use rdmem_core::config::resolve_token;
+use rdmem_transport_rdma::control::Control;
+use rdmem_transport_rdma::memnode::TenantConfig;
 use rdmem_transport_rdma::{CheckpointConfig, DeviceSelection, Memnode, MemnodeConfig, PageSize, RestoreConfig};
 
 /// Serve a registered memory pool to rdmem clients over one-sided RDMA.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Administer a running node instead of serving.
+    #[command(subcommand)]
+    admin: Option<Admin>,
     /// Address and port to listen on, for RDMA-CM connections and (TCP) control requests; a
     /// loopback address stands for the RDMA device's own.
     #[arg(long, default_value = "0.0.0.0:7471")]
     listen: SocketAddr,
-    /// Pool size, with an optional K, M or G suffix (binary units).
-    #[arg(long, default_value = "256M", value_parser = rdmem_core::config::parse_size)]
-    pool_size: u64,
+    /// The default tenant's pool size, with an optional K, M or G suffix (binary units;
+    /// default 256M).
+    #[arg(long, value_parser = rdmem_core::config::parse_size)]
+    pool_size: Option<u64>,
+    /// Another tenant, NAME:SIZE:TOKEN_FILE (repeatable): a pool of SIZE with its own token,
+    /// protection domain and memory region, for clients that name NAME.
+    #[arg(long = "tenant", value_name = "NAME:SIZE:TOKEN_FILE")]
+    tenants: Vec<TenantConfig>,
     /// Pages backing the pool: 2M, 1G or none (normal pages).
     #[arg(long, default_value = "2M")]
     page_size: PageSize,
@@ -80,13 +101,69 @@ struct Args {
     restore_seq: Option<u64>,
 }
 
+/// Requests to a running node, signed with a tenant's token (`RDMEM_TOKEN` or
+/// `RDMEM_TOKEN_FILE`); each tenant sees and evicts only its own clients.
+#[derive(Subcommand, Debug)]
+enum Admin {
+    /// List the tenant's connected clients (id, address).
+    Clients {
+        #[command(flatten)]
+        to: AdminTarget,
+    },
+    /// Disconnect one of the tenant's clients and revoke its key at once.
+    Evict {
+        #[command(flatten)]
+        to: AdminTarget,
+        /// The client's id, as `clients` lists it and the node logs it.
+        client: u32,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct AdminTarget {
+    /// The node, HOST:PORT.
+    #[arg(long)]
+    memnode: String,
+    /// The tenant (default: the node's default tenant).
+    #[arg(long, default_value = "")]
+    tenant: String,
+    /// File holding the tenant's token (or set RDMEM_TOKEN).
+    #[arg(long, env = "RDMEM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+fn admin(admin: Admin) -> Result<(), Box<dyn std::error::Error>> {
+    let to = match &admin {
+        Admin::Clients { to } | Admin::Evict { to, .. } => to,
+    };
+    let token_env = std::env::var("RDMEM_TOKEN").ok();
+    let token = resolve_token(token_env.as_deref().filter(|t| !t.is_empty()), to.token_file.as_deref())?;
+    let control = Control::new(&to.memnode, &token).tenant(&to.tenant);
+    match admin {
+        Admin::Clients { .. } => {
+            for c in control.clients()? {
+                println!("{}\t{}", c.id, c.peer);
+            }
+        }
+        Admin::Evict { client, .. } => {
+            control.evict(client)?;
+            println!("evicted client {client}");
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    if let Err(e) = run(args) {
+    let mut args = Args::parse();
+    let done = match args.admin.take() {
+        Some(a) => admin(a),
+        None => run(args),
+    };
+    if let Err(e) = done {
         eprintln!("rdmem-memnode: error: {e}");
         std::process::exit(1);
     }
@@ -95,7 +172,15 @@ fn main() {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let token_env = std::env::var("RDMEM_TOKEN").ok();
     let token = resolve_token(token_env.as_deref().filter(|t| !t.is_empty()), args.token_file.as_deref())?;
+    // With tenants and no token of its own, the node has no default pool.
+    let default_pool = !token.is_empty() || args.insecure_no_token || args.tenants.is_empty();
+    if !default_pool && args.pool_size.is_some() {
+        return Err("--pool-size is the default tenant's, and it has no token: set RDMEM_TOKEN or --token-file, or \
+                    drop --pool-size (the tenants have their sizes)"
+            .into());
+    }
     match (token.is_empty(), args.insecure_no_token) {
+        (true, false) if !default_pool => {}
         (true, false) => {
             return Err("no token: set RDMEM_TOKEN or --token-file, or pass --insecure-no-token to let anyone \
                         who can reach this node use its memory"
@@ -108,7 +193,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     rdmem_transport_rdma::memnode::raise_open_files_limit();
     let config = MemnodeConfig {
         listen: args.listen,
-        pool_size: args.pool_size,
+        pool_size: if default_pool { args.pool_size.unwrap_or(256 << 20) } else { 0 },
+        tenants: args.tenants,
         page_size: args.page_size,
         device: DeviceSelection { name: args.device, port: args.port, gid_index: args.gid_index },
         token,
@@ -122,15 +208,26 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         restore: args.restore.map(|dir| RestoreConfig { dir, seq: args.restore_seq }),
     };
     let node = Memnode::start(config)?;
+    for d in node.descriptors() {
+        tracing::info!(
+            "tenant {}: pool of {} bytes on {:?} pages at {:#x}, region key {:#x}",
+            d.tenant,
+            d.size,
+            d.page_size,
+            d.base,
+            d.rkey
+        );
+    }
     let d = node.descriptor();
     tracing::info!(
-        "serving node {} on {}: pool of {} bytes on {:?} pages at {:#x}, rkey {:#x}; listening on {}",
+        "serving node {} on {}: {} tenant(s), {}; listening on {}",
         d.node_id,
         d.device,
-        d.size,
-        d.page_size,
-        d.base,
-        d.rkey,
+        node.descriptors().len(),
+        match node.windows() {
+            rdmem_transport_rdma::window::WindowSupport::Windows => "a memory window per client",
+            rdmem_transport_rdma::window::WindowSupport::RegionKey => "the pools' own keys (no memory windows)",
+        },
         d.listen
     );
     let stop = Arc::new(AtomicBool::new(false));
