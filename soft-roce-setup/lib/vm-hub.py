@@ -10,7 +10,14 @@ by default, and dropped bursts under load). A VM that stops reading (killed) get
 MAX_QUEUED bytes queued, then its frames are dropped, and its connection is closed when qemu dies.
 Nothing here touches an IP network: the frames never leave this machine.
 
-usage: vm-hub.py HUB_SOCKET
+With CAPTURE_FILE, every frame that crosses the switch is also written there (pcap, Ethernet),
+except the data packets of RDMA reliable connections (RoCE v2, UDP port 4791, RC opcodes), which
+are the bulk of the traffic and only carry what clients read and write: so the file holds the
+connection setup (RDMA-CM's MADs with their private data), the control traffic (TCP) and
+everything else, and stays small. It is flushed after every frame, so a test can read it while
+the cluster runs, and stops growing at MAX_CAPTURE bytes.
+
+usage: vm-hub.py HUB_SOCKET [CAPTURE_FILE]
 """
 
 import os
@@ -18,8 +25,41 @@ import selectors
 import socket
 import struct
 import sys
+import time
 
 MAX_QUEUED = 8 << 20
+MAX_CAPTURE = 256 << 20
+ROCE_V2_PORT = 4791
+
+
+def is_rc_data(frame):
+    """A RoCE v2 packet of a reliable connection (BTH opcodes 0x00-0x1f): data, not setup."""
+    if len(frame) < 14 + 20 + 8 + 1 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return False
+    ihl = (frame[14] & 0x0F) * 4
+    udp = 14 + ihl
+    if len(frame) < udp + 9:
+        return False
+    (dport,) = struct.unpack(">H", frame[udp + 2 : udp + 4])
+    return dport == ROCE_V2_PORT and frame[udp + 8] < 0x20
+
+
+class Capture:
+    def __init__(self, path):
+        self.file = open(path, "wb")
+        # pcap: magic, version 2.4, no time zone, no accuracy, snapshot length, Ethernet.
+        self.file.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        self.file.flush()
+        self.size = 24
+
+    def write(self, frame):
+        if self.size + 16 + len(frame) > MAX_CAPTURE or is_rc_data(frame):
+            return
+        now = time.time()
+        record = struct.pack("<IIII", int(now), int(now * 1e6) % 1000000, len(frame), len(frame))
+        self.file.write(record + frame)
+        self.file.flush()
+        self.size += len(record) + len(frame)
 
 
 class Port:
@@ -30,10 +70,11 @@ class Port:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     path = sys.argv[1]
+    capture = Capture(sys.argv[2]) if len(sys.argv) == 3 else None
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -100,6 +141,8 @@ def main() -> int:
                     del port.inbuf[: 4 + n]
                     if n < 14:
                         continue
+                    if capture:
+                        capture.write(frame)
                     dst, src = frame[0:6], frame[6:12]
                     where[src] = port
                     if dst[0] & 1 or dst not in where:

@@ -27,7 +27,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -515,19 +515,26 @@ impl Memnode {
                             if let Err(mpsc::TrySendError::Full(mut job)) = jobs.try_send(job) {
                                 let reason =
                                     format!("{MAX_QUEUED_CHECKPOINTS} checkpoint requests are waiting already");
-                                warnings.warn(Warning::Refused, || format!("refused {}'s request: {reason}", job.peer));
+                                let ip = Some(job.peer.ip());
+                                warnings.warn_from(Warning::Refused, ip, 7, || {
+                                    format!("refused {}'s request: {reason}", job.peer)
+                                });
                                 let _ = Answer::Refused(Refusal::Busy(reason)).write_to(&mut job.stream);
                             }
                         }
                     }
                     Progress::Done(Opening::Legacy) => {
                         let mut p = pending.remove(i).expect("index in range");
-                        warnings.warn(Warning::Refused, || format!("refused {}: {}", p.peer, wire::LEGACY_REFUSAL));
+                        warnings.warn_from(Warning::Refused, Some(p.peer.ip()), 0, || {
+                            format!("refused {}: {}", p.peer, wire::LEGACY_REFUSAL)
+                        });
                         let _ = std::io::Write::write_all(&mut p.stream, &Opening::legacy_refusal());
                     }
                     Progress::Bad(e) => {
                         let p = pending.remove(i).expect("index in range");
-                        warnings.warn(Warning::Garbage, || format!("control request from {} failed: {e}", p.peer));
+                        warnings.warn_from(Warning::Garbage, Some(p.peer.ip()), 0, || {
+                            format!("control request from {} failed: {e}", p.peer)
+                        });
                     }
                 }
             }
@@ -720,7 +727,9 @@ impl Memnode {
                 },
             },
         };
-        warnings.warn(Warning::Refused, || format!("refused {peer}'s request: {refusal}"));
+        warnings.warn_from(Warning::Refused, Some(peer.ip()), wire::refusal_code(&refusal), || {
+            format!("refused {peer}'s request: {refusal}")
+        });
         let _ = Answer::Refused(refusal).write_to(&mut p.stream);
         None
     }
@@ -736,11 +745,14 @@ impl Memnode {
         warnings: &mut RateLimited,
     ) -> Option<Client> {
         let state = &self.state;
-        let peer = id.peer_addr().map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string());
+        let source = id.peer_addr();
+        let peer = source.map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string());
+        let source = source.map(|a| a.ip());
         let verified = match verifier.verify(event.private_data(), SystemTime::now()) {
             Ok(verified) => verified,
             Err(refusal) => {
-                warnings.warn(Warning::Refused, || format!("refused {peer}: {refusal}"));
+                let code = refusal.to_reject()[3];
+                warnings.warn_from(Warning::Refused, source, code, || format!("refused {peer}: {refusal}"));
                 let _ = id.reject(&refusal.to_reject());
                 return None;
             }
@@ -784,7 +796,7 @@ impl Memnode {
                 since: Instant::now(),
             }),
             Err(e) => {
-                warnings.warn(Warning::Refused, || format!("cannot take {peer}: {e}"));
+                warnings.warn_from(Warning::Refused, source, 0xff, || format!("cannot take {peer}: {e}"));
                 let _ = id.reject(&cm_auth::Refusal::Busy.to_reject());
                 None
             }
@@ -1001,7 +1013,7 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 }
 
 /// Kinds of warnings about peers, each rate-limited on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Warning {
     Deadline,
     Crowded,
@@ -1010,29 +1022,89 @@ enum Warning {
     Refused,
 }
 
-const WARNING_KINDS: usize = 5;
+/// How often one kind of warning, for one source and reason, is logged at most.
+const WARNING_INTERVAL: Duration = Duration::from_secs(1);
+/// Sources and reasons remembered at most; past them, warnings of a kind share one limit.
+const WARNING_SOURCES: usize = 4096;
 
-/// At most one warning a second per kind; the others are counted and the count is logged with
-/// the next one.
+/// Who a warning is about and why: a kind, the peer's address (`None`: not known, or the
+/// shared limit) and a reason (a refusal's code; 0 for the others).
+type WarningKey = (Warning, Option<IpAddr>, u8);
+
+/// At most one warning a second per kind, source and reason: a flood from one peer does not
+/// hide another's, and a flood of one reason does not hide another. The others are counted,
+/// and the count is logged with the next one of the same key. At most [`WARNING_SOURCES`] keys
+/// are remembered (those quiet for a second are forgotten first, their counts carried to the
+/// kind's shared key), so a flood from many addresses costs bounded memory.
 #[derive(Default)]
 struct RateLimited {
-    last: [Option<Instant>; WARNING_KINDS],
-    suppressed: [u64; WARNING_KINDS],
+    keys: HashMap<WarningKey, (Instant, u64)>,
+    /// When quiet keys were last forgotten.
+    swept: Option<Instant>,
 }
 
 impl RateLimited {
+    /// A warning not about one peer and reason.
     fn warn(&mut self, kind: Warning, message: impl FnOnce() -> String) {
-        let k = kind as usize;
-        let now = Instant::now();
-        if self.last[k].is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
-            self.suppressed[k] += 1;
-            return;
+        let _ = self.warn_from(kind, None, 0, message);
+    }
+
+    /// A warning about `source`, for `reason`; true if it was logged (not suppressed).
+    fn warn_from(
+        &mut self,
+        kind: Warning,
+        source: Option<IpAddr>,
+        reason: u8,
+        message: impl FnOnce() -> String,
+    ) -> bool {
+        self.warn_at(Instant::now(), (kind, source, reason), message)
+    }
+
+    /// [`RateLimited::warn_from`] at `now`.
+    fn warn_at(&mut self, now: Instant, key: WarningKey, message: impl FnOnce() -> String) -> bool {
+        let (kind, mut key) = (key.0, key);
+        if !self.keys.contains_key(&key) && self.keys.len() >= WARNING_SOURCES {
+            // At most one sweep a second: a flood from new addresses costs no sweep each.
+            if self.swept.is_none_or(|t| now.duration_since(t) >= WARNING_INTERVAL) {
+                self.swept = Some(now);
+                self.forget_quiet(now);
+            }
+            if self.keys.len() >= WARNING_SOURCES {
+                key = (kind, None, 0);
+            }
         }
-        self.last[k] = Some(now);
-        match std::mem::take(&mut self.suppressed[k]) {
+        let (last, suppressed) = self.keys.entry(key).or_insert((now - WARNING_INTERVAL * 2, 0));
+        if now.duration_since(*last) < WARNING_INTERVAL {
+            *suppressed += 1;
+            return false;
+        }
+        *last = now;
+        match std::mem::take(suppressed) {
             0 => tracing::warn!("{}", message()),
             n => tracing::warn!("{} ({n} more like it in the last second not shown)", message()),
         }
+        true
+    }
+
+    /// Forgets the keys quiet for [`WARNING_INTERVAL`], carrying their suppressed counts to
+    /// their kind's shared key.
+    fn forget_quiet(&mut self, now: Instant) {
+        let mut carried: Vec<(Warning, u64)> = Vec::new();
+        self.keys.retain(|&(kind, source, _), (last, suppressed)| {
+            let quiet = now.duration_since(*last) >= WARNING_INTERVAL && source.is_some();
+            if quiet && *suppressed > 0 {
+                carried.push((kind, *suppressed));
+            }
+            !quiet
+        });
+        for (kind, n) in carried {
+            self.keys.entry((kind, None, 0)).or_insert((now - WARNING_INTERVAL * 2, 0)).1 += n;
+        }
+    }
+
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.keys.len()
     }
 }
 
@@ -1063,5 +1135,60 @@ pub fn raise_open_files_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, raised) {
             tracing::warn!("cannot raise the open files limit from {:?}: {e}", limit.current);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([10, 0, 0, last]))
+    }
+
+    #[test]
+    fn warnings_are_limited_per_source_and_reason() {
+        let mut w = RateLimited::default();
+        let mut logged = 0;
+        let mut log = |w: &mut RateLimited, source, reason| {
+            logged += w.warn_from(Warning::Refused, source, reason, String::new) as u32;
+        };
+        // A flood from one source and reason logs once a second...
+        for _ in 0..1000 {
+            log(&mut w, ip(1), 4);
+        }
+        // ... and hides neither another source nor another reason of the same source.
+        log(&mut w, ip(2), 4);
+        log(&mut w, ip(1), 6);
+        log(&mut w, None, 0);
+        assert_eq!(logged, 4);
+        assert_eq!(w.keys[&(Warning::Refused, ip(1), 4)].1, 999, "the rest are counted");
+    }
+
+    #[test]
+    fn a_flood_from_many_sources_costs_bounded_memory() {
+        let mut w = RateLimited::default();
+        let start = Instant::now();
+        let flood = |w: &mut RateLimited, now: Instant, from: u32| {
+            let mut logged = 0u32;
+            for i in from..from + WARNING_SOURCES as u32 * 3 {
+                let source = Some(IpAddr::from(i.to_be_bytes()));
+                logged += w.warn_at(now, (Warning::Garbage, source, 0), String::new) as u32;
+            }
+            logged
+        };
+        let logged = flood(&mut w, start, 0);
+        assert!(w.remembered() <= WARNING_SOURCES + 1, "{}", w.remembered());
+        // The first WARNING_SOURCES sources are logged; the rest (none quiet for a second yet)
+        // share the kind's limit: one more line, the others counted there.
+        assert_eq!(logged, WARNING_SOURCES as u32 + 1);
+        assert_eq!(w.keys[&(Warning::Garbage, None, 0)].1, WARNING_SOURCES as u64 * 2 - 1);
+        // A second later the quiet sources are forgotten, and new ones are logged again.
+        let logged = flood(&mut w, start + WARNING_INTERVAL, 1 << 20);
+        assert!(w.remembered() <= WARNING_SOURCES + 1, "{}", w.remembered());
+        // (The shared key keeps its slot: one source fewer, then the shared line with the
+        // count carried from the first flood.)
+        assert_eq!(logged, WARNING_SOURCES as u32);
+        assert_eq!(w.keys[&(Warning::Garbage, None, 0)].1, WARNING_SOURCES as u64 * 2);
     }
 }

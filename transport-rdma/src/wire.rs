@@ -251,7 +251,7 @@ impl Opening {
 }
 
 /// A refusal's code on the wire (after its reason, where version 1 readers stop).
-fn refusal_code(refusal: &Refusal) -> u8 {
+pub(crate) fn refusal_code(refusal: &Refusal) -> u8 {
     match refusal {
         Refusal::Other(_) => 0,
         Refusal::Malformed => 1,

@@ -1,13 +1,17 @@
 //! Cluster tier: the transport between machines. Node 0 serves a memory node on its own address;
 //! every other machine runs the transport conformance checks against it, then 2 threads each
 //! add to one word (the sum must be exact); then the same with 5% packet loss on node 0's link
-//! (netem), printing the slowdown. Ignored by plain `cargo test`; runs on every machine at once
-//! with `soft-roce-setup/vm-cluster --device-tests`, and fails outside a cluster.
+//! (netem), printing the slowdown. And what crosses the switch between machines (the cluster's
+//! capture): connection setup and control requests, with no byte run of the token. Ignored by
+//! plain `cargo test`; runs on every machine at once with `soft-roce-setup/vm-cluster
+//! --device-tests`, and fails outside a cluster.
 
 use std::time::{Duration, Instant};
 
 use rdmem_core::conformance;
 use rdmem_core::{Endpoint, GlobalAddr, NodeId, Transport};
+use rdmem_transport_rdma::cm_auth;
+use rdmem_transport_rdma::control::Control;
 use rdmem_transport_rdma::spawn::{ClusterNode, MemnodeChild};
 use rdmem_transport_rdma::{RdmaOptions, RdmaTransport};
 
@@ -106,4 +110,47 @@ fn cluster_transport_conformance_and_exact_sums_across_machines_with_and_without
         assert_eq!(sum, clients * 2 * lossy_n, "nothing lost on a lossy link");
     }
     me.meet_all(PORT + 5, MEET).expect("done");
+}
+
+/// True when `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+#[ignore = "needs a VM cluster: run with soft-roce-setup/vm-cluster --device-tests"]
+fn cluster_the_token_is_in_no_frame_that_crosses_the_switch() {
+    const TOKEN: &str = "cluster-capture-token-Zq7#Lm2!";
+    const PORT: u16 = 7700;
+    let me = ClusterNode::from_env().unwrap();
+    assert!(me.nodes() >= 2, "needs a memory node machine and a client machine");
+    let capture = std::env::var("RDMEM_CAPTURE").expect("vm-cluster names its capture in RDMEM_CAPTURE");
+    let server = me.addr(0, PORT);
+    let _memnode = (me.index == 0).then(|| {
+        MemnodeChild::start_on("memnode", &server, TOKEN, &["--pool-size", "16M"]).expect("memory node on node 0")
+    });
+    me.meet_all(PORT + 1, MEET).expect("memory node up");
+    if me.index == 1 {
+        // Connection setup (RDMA-CM across machines), data, and control requests.
+        let transport = RdmaTransport::connect(RdmaOptions::for_memnodes(&[&server], TOKEN).unwrap()).unwrap();
+        transport.endpoint().unwrap().faa(GlobalAddr::new(NodeId(0), 64).unwrap(), 1).unwrap();
+        assert!(!Control::new(&server, TOKEN).clients().unwrap().is_empty(), "this client is listed");
+        let e = Control::new(&server, TOKEN).checkpoint(None, false).unwrap_err();
+        assert!(e.to_string().contains("--checkpoint-dir"), "{e}");
+    }
+    me.meet_all(PORT + 2, MEET).expect("client done");
+    if me.index == 0 {
+        let frames = std::fs::read(&capture).expect("the switch's capture");
+        // What the client sent crossed the switch, so the capture holds it: the connect
+        // request's header (magic, version, reserved byte, tenant tag) and the control magic.
+        let mut header = vec![b'R', b'M', cm_auth::VERSION, 0];
+        header.extend_from_slice(&cm_auth::tenant_tag(cm_auth::DEFAULT_TENANT).to_le_bytes());
+        assert!(contains(&frames, &header), "no connect request in {} bytes of capture", frames.len());
+        assert!(contains(&frames, b"RDMCTL"), "no control request in the capture");
+        // No run of 6 bytes of the token anywhere (a random match in a few MB is ~1e-7).
+        let leaked: Vec<&[u8]> = TOKEN.as_bytes().windows(6).filter(|w| contains(&frames, w)).collect();
+        assert!(leaked.is_empty(), "token bytes on the wire: {leaked:?}");
+        println!("capture: {} bytes of setup and control frames checked; no token bytes", frames.len());
+    }
+    me.meet_all(PORT + 3, MEET).expect("checked");
 }
