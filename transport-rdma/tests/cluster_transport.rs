@@ -133,8 +133,15 @@ fn cluster_the_token_is_in_no_frame_that_crosses_the_switch() {
     if me.index == 1 {
         // Connection setup (RDMA-CM across machines), data, and control requests.
         let transport = RdmaTransport::connect(RdmaOptions::for_memnodes(&[&server], TOKEN).unwrap()).unwrap();
-        transport.endpoint().unwrap().faa(GlobalAddr::new(NodeId(0), 64).unwrap(), 1).unwrap();
-        assert!(!Control::new(&server, TOKEN).clients().unwrap().is_empty(), "this client is listed");
+        let mut ep = transport.endpoint().unwrap();
+        ep.faa(GlobalAddr::new(NodeId(0), 64).unwrap(), 1).unwrap();
+        // Listed once the node has read the connection's ESTABLISHED event.
+        let control = Control::new(&server, TOKEN);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control.clients().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "this client is never listed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let e = Control::new(&server, TOKEN).checkpoint(None, false).unwrap_err();
         assert!(e.to_string().contains("--checkpoint-dir"), "{e}");
     }

@@ -108,6 +108,19 @@ fn refused_by_the_device(result: Result<u64, Error>, what: &str) {
     }
 }
 
+/// The ids `control` lists that are not in `before`, once there are `want` of them (the node
+/// lists a client once it has read its connection's ESTABLISHED event).
+fn new_clients(control: &Control<'_>, before: &[u32], want: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ids: Vec<u32> = control.clients().unwrap().iter().map(|c| c.id).filter(|id| !before.contains(id)).collect();
+        if ids.len() >= want || std::time::Instant::now() >= deadline {
+            return ids;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn key_of(ep: &RdmaEndpoint) -> (u64, u32) {
     ep.remote_key(NodeId(0)).expect("connected to node 0")
 }
@@ -147,15 +160,18 @@ fn a_key_is_revoked_when_its_connection_ends() {
     let transport = node.connect("", TOKEN).unwrap();
     let control = Control::new(&node.addr, TOKEN);
     let mut keeper = transport.endpoint().unwrap();
+    assert_eq!(new_clients(&control, &[], 1).len(), 1, "the keeper is listed");
     for round in 0..10u64 {
+        let before: Vec<u32> = control.clients().unwrap().iter().map(|c| c.id).collect();
         let mut gone = transport.endpoint().unwrap();
         gone.write_u64(word(8), round).unwrap();
         let (base, key) = key_of(&gone);
-        let listed = control.clients().unwrap().len();
+        let id = new_clients(&control, &before, 1);
+        assert_eq!(id.len(), 1, "the new client is listed: {id:?}");
         drop(gone);
-        // The node has seen the disconnect once the list shrinks (a few milliseconds).
+        // The node has seen the disconnect once it lists the client no more (milliseconds).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while control.clients().unwrap().len() >= listed {
+        while control.clients().unwrap().iter().any(|c| c.id == id[0]) {
             assert!(std::time::Instant::now() < deadline, "the node never saw the disconnect");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -176,7 +192,7 @@ fn an_evicted_client_fails_at_once_and_others_of_its_tenant_keep_working() {
         let victim_transport = node.connect("", TOKEN).unwrap();
         let mut victim = victim_transport.endpoint().unwrap();
         victim.write_u64(word(24), round).unwrap();
-        let ids: Vec<u32> = control.clients().unwrap().iter().map(|c| c.id).filter(|id| !before.contains(id)).collect();
+        let ids = new_clients(&control, &before, 1);
         assert_eq!(ids.len(), 1, "one new client: {ids:?}");
         let (base, key) = key_of(&victim);
         control.evict(ids[0]).unwrap();
