@@ -75,6 +75,11 @@ pub struct MemnodeConfig {
     /// memory region of its own: a client of one cannot reach another's memory, and the device
     /// enforces it.
     pub tenants: Vec<TenantConfig>,
+    /// Give each client connection a memory window of its own (revoked when it ends), where
+    /// the device has them. `false` (`--no-memory-windows`): every client of a tenant gets its
+    /// pool's region key, which is never revoked (for devices whose windows misbehave, and to
+    /// measure what windows cost).
+    pub memory_windows: bool,
     /// This node's id, the node part of its global addresses.
     pub node_id: u16,
     /// Where and how often to write snapshots of the pool (`None`: checkpoint requests are
@@ -250,7 +255,17 @@ impl Memnode {
         let mut windows = None;
         for &(name, size, _) in &wanted {
             let pd = device.context().alloc_pd().map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
-            let windows = *windows.get_or_insert_with(|| WindowSupport::probe(&pd));
+            let windows = *windows.get_or_insert_with(|| {
+                if config.memory_windows {
+                    WindowSupport::probe(&pd)
+                } else {
+                    tracing::warn!(
+                        "--no-memory-windows: every client of a tenant gets its pool's own remote key, which a client \
+                         keeps after it disconnects or is evicted"
+                    );
+                    WindowSupport::RegionKey
+                }
+            });
             let len = usize::try_from(size).map_err(|_| RdmaError::verbs("pool size", "too large"))?;
             let pool = Region::new(&pd, len, config.page_size, windows.region_access())?;
             tenants.push(Tenant { name: name.to_owned(), pool, pd });

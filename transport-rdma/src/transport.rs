@@ -118,12 +118,12 @@ impl std::fmt::Debug for RdmaOptions {
 impl RdmaOptions {
     /// Options for `memnodes` (`host:port`) and `token`, with the device picked as
     /// [`DeviceSelection::from_env`] says (`RDMEM_DEVICE`, `RDMEM_PORT`, `RDMEM_GID_INDEX`, or
-    /// automatically).
+    /// automatically) and the tenant `RDMEM_TENANT` names (default: the nodes' default pools).
     pub fn for_memnodes<S: AsRef<str>>(memnodes: &[S], token: &str) -> Result<Self> {
         Ok(RdmaOptions {
             memnodes: memnodes.iter().map(|m| m.as_ref().to_owned()).collect(),
             token: token.to_owned(),
-            tenant: String::new(),
+            tenant: std::env::var("RDMEM_TENANT").unwrap_or_default(),
             device: DeviceSelection::from_env().map_err(RdmaError::from)?,
         })
     }

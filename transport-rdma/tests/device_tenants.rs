@@ -35,6 +35,10 @@ struct Node {
 
 impl Node {
     fn start(tenants: Vec<TenantConfig>) -> Node {
+        Node::start_with(tenants, true)
+    }
+
+    fn start_with(tenants: Vec<TenantConfig>, memory_windows: bool) -> Node {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let config = MemnodeConfig {
@@ -45,6 +49,7 @@ impl Node {
             device: DeviceSelection::from_env().unwrap(),
             token: TOKEN.into(),
             tenants,
+            memory_windows,
             node_id: 0,
             checkpoint: None,
             restore: None,
@@ -259,4 +264,21 @@ fn a_tenant_cannot_reach_another_tenants_memory() {
     let e = bob_control.evict(alices_clients[0].id).unwrap_err();
     assert!(e.to_string().contains("no client"), "{e}");
     assert_eq!(a.read_u64(word(0)).unwrap(), 0xaaaa, "alice's client was not evicted by bob");
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn without_windows_the_clients_of_a_tenant_share_its_region_key() {
+    // What the tests above would see without windows (`--no-memory-windows`, or a device
+    // without them): one key for all, which the device accepts from any connection.
+    let node = Node::start_with(Vec::new(), false);
+    assert_eq!(node.windows, WindowSupport::RegionKey);
+    let transport = node.connect("", TOKEN).unwrap();
+    let mut a = transport.endpoint().unwrap();
+    let b = transport.endpoint().unwrap();
+    let region = node.descriptor("default");
+    assert_eq!(key_of(&a), (region.base, region.rkey));
+    assert_eq!(key_of(&b), (region.base, region.rkey));
+    a.write_u64(word(64), 77).unwrap();
+    assert_eq!(forged_read(&transport, region.base, region.rkey, word(64)).unwrap(), 77);
 }

@@ -78,6 +78,11 @@ struct Args {
     /// whole pool. Without this flag (or a token) the node refuses to start.
     #[arg(long)]
     insecure_no_token: bool,
+    /// Hand every client of a tenant the pool's own remote key instead of a memory window of
+    /// its connection's own: the key is then never revoked, and any client of the tenant can use
+    /// another's. For devices whose windows misbehave, and to measure what windows cost.
+    #[arg(long)]
+    no_memory_windows: bool,
     /// Register the pool even if it is larger than the memory this machine has free (the OOM
     /// killer may then end other processes).
     #[arg(long)]
@@ -195,6 +200,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listen: args.listen,
         pool_size: if default_pool { args.pool_size.unwrap_or(256 << 20) } else { 0 },
         tenants: args.tenants,
+        memory_windows: !args.no_memory_windows,
         page_size: args.page_size,
         device: DeviceSelection { name: args.device, port: args.port, gid_index: args.gid_index },
         token,
