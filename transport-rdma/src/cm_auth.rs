@@ -121,7 +121,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    fn code(self) -> u8 {
+    /// Its code on the wire, in connect rejects and control answers alike (0 is no refusal of
+    /// this list: another reason, in words).
+    pub(crate) fn code(self) -> u8 {
         match self {
             Refusal::Malformed => 1,
             Refusal::Version { .. } => 2,
@@ -145,14 +147,38 @@ impl Refusal {
         if [m0, m1] != MAGIC {
             return None;
         }
+        Refusal::of_code(code, client_version, node)
+    }
+
+    /// The refusal `code` names ([`Refusal::Version`] with the versions given); `None` for a
+    /// code of no refusal of this list.
+    pub(crate) fn of_code(code: u8, client: u8, node: u8) -> Option<Refusal> {
         Some(match code {
             1 => Refusal::Malformed,
-            2 => Refusal::Version { client: client_version, node },
+            2 => Refusal::Version { client, node },
             3 => Refusal::UnknownTenant,
             4 => Refusal::WrongToken,
             5 => Refusal::ClockSkew,
             6 => Refusal::Replayed,
             7 => Refusal::Busy,
+            _ => return None,
+        })
+    }
+
+    /// The refusal of this list a typed one is (`None` for [`rdmem_core::Refusal::Other`]).
+    pub(crate) fn of(refusal: &rdmem_core::Refusal) -> Option<Refusal> {
+        use rdmem_core::Refusal as R;
+        Some(match refusal {
+            R::Malformed => Refusal::Malformed,
+            R::Version { client, node } => Refusal::Version {
+                client: u8::try_from(*client).unwrap_or(u8::MAX),
+                node: u8::try_from(*node).unwrap_or(u8::MAX),
+            },
+            R::UnknownTenant => Refusal::UnknownTenant,
+            R::WrongToken => Refusal::WrongToken,
+            R::ClockSkew => Refusal::ClockSkew,
+            R::Replayed => Refusal::Replayed,
+            R::Busy(_) => Refusal::Busy,
             _ => return None,
         })
     }

@@ -766,7 +766,7 @@ impl Memnode {
         let verified = match verifier.verify(event.private_data(), SystemTime::now()) {
             Ok(verified) => verified,
             Err(refusal) => {
-                let code = refusal.to_reject()[3];
+                let code = refusal.code();
                 warnings.warn_from(Warning::Refused, source, code, || format!("refused {peer}: {refusal}"));
                 let _ = id.reject(&refusal.to_reject());
                 return None;

@@ -250,30 +250,20 @@ impl Opening {
     }
 }
 
-/// A refusal's code on the wire (after its reason, where version 1 readers stop).
+/// A refusal's code on the wire (after its reason, where version 1 readers stop): connect
+/// rejects' codes ([`crate::cm_auth::Refusal`]), 0 for any other.
 pub(crate) fn refusal_code(refusal: &Refusal) -> u8 {
-    match refusal {
-        Refusal::Other(_) => 0,
-        Refusal::Malformed => 1,
-        Refusal::Version { .. } => 2,
-        Refusal::UnknownTenant => 3,
-        Refusal::WrongToken => 4,
-        Refusal::ClockSkew => 5,
-        Refusal::Replayed => 6,
-        Refusal::Busy(_) => 7,
-    }
+    crate::cm_auth::Refusal::of(refusal).map_or(0, |r| r.code())
 }
 
 /// The refusal a code and its reason name (a version's numbers stay in the reason's words).
 fn refusal_of(code: u8, reason: String) -> Refusal {
-    match code {
-        1 => Refusal::Malformed,
-        3 => Refusal::UnknownTenant,
-        4 => Refusal::WrongToken,
-        5 => Refusal::ClockSkew,
-        6 => Refusal::Replayed,
-        7 => Refusal::Busy(reason.strip_prefix("node busy: ").unwrap_or(&reason).to_owned()),
-        _ => Refusal::Other(reason),
+    match crate::cm_auth::Refusal::of_code(code, 0, 0) {
+        Some(crate::cm_auth::Refusal::Busy) => {
+            Refusal::Busy(reason.strip_prefix("node busy: ").unwrap_or(&reason).to_owned())
+        }
+        Some(crate::cm_auth::Refusal::Version { .. }) | None => Refusal::Other(reason),
+        Some(refusal) => refusal.into(),
     }
 }
 
