@@ -1263,3 +1263,22 @@ fn better_failure(first: Option<Failed>, next: Failed) -> Option<Failed> {
         _ => Some(next),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_never_print_their_token_and_name_the_default_tenant() {
+        let options = RdmaOptions {
+            memnodes: vec!["10.0.0.1:7471".into()],
+            token: "a-very-secret-token-value".into(),
+            ..Default::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("10.0.0.1:7471") && shown.contains("\"default\""), "{shown}");
+        let bob = RdmaOptions { tenant: "bob".into(), ..options };
+        assert_eq!(bob.tenant_name(), "bob");
+    }
+}
