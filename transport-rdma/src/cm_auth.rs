@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! request (56 B): magic "RM" | version u8 | 0 u8 | tenant tag u32 | time ms u64 | nonce [16]
-//!                 | mac [24] = HMAC-SHA256(token, "rdmem-cm-connect" | the 32 bytes before)[..24]
+//!                 | mac [24] = HMAC-SHA256(token, "rdmem-cm-connect" | the 32 bytes before
+//!                                          | destination [18])[..24]
 //! accept  (59 B): magic "RM" | version u8 | 0 u8 | node u16 | pool base u64 | size u64
 //!                 | rkey u32 | page u8
 //!                 | mac [32] = HMAC-SHA256(token, "rdmem-cm-accept" | request nonce | the 27 bytes before)
@@ -17,6 +18,11 @@
 //! offline: tokens must be random and at least [`MIN_TOKEN`] bytes (the [`Verifier`] refuses
 //! shorter ones). Tenant names are not secret: a sender without the token can tell an unknown
 //! tenant from a wrong token.
+//!
+//! The MAC also covers the request's destination (the node's IPv6 or IPv4-mapped address and
+//! port, as the client addressed it and as the node received it, [`destination`]), which is
+//! not sent: a request captured on its way to one node is refused by every other node of the
+//! same tenant (as a wrong token), since each keeps its own replay cache.
 //!
 //! The tenant tag is the first 4 bytes of SHA-256 of the tenant's name. The node checks, in
 //! this order: the shape, the version, the tenant, the MAC (constant time), the clock (at most
@@ -29,24 +35,27 @@
 //! no MAC (an attacker on the path can forge one; that denies service, which such an attacker can
 //! do anyway), so a client treats it as a refusal, never as proof of anything.
 //!
-//! Control requests over TCP (checkpoints, [`crate::wire`]) carry the same 56 bytes, made with
-//! [`Request::control`]: their MAC has its own label and covers the operation asked for.
+//! Control requests over TCP (checkpoints, a tenant's clients, evictions, [`crate::wire`])
+//! carry the same 56 bytes, made with [`Request::control`]: their MAC has its own label and
+//! covers the destination and the operation asked for.
 //! The connection setup that carries connect requests is [`crate::cm`], used by
 //! [`crate::RdmaTransport`] and [`crate::Memnode`].
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-/// The version of this format.
-pub const VERSION: u8 = 1;
+/// The version of this format (2: the MAC covers the destination).
+pub const VERSION: u8 = 2;
 
 /// The shortest token a [`Verifier`] takes, in bytes (it should be random).
 pub const MIN_TOKEN: usize = 16;
 
-/// The tenant of a node's single pool, and of clients that name none.
+/// The tenant of a node's own pool (its token and `--pool-size`), and of clients that name
+/// none.
 pub const DEFAULT_TENANT: &str = "default";
 
 /// Fails for a token too short to be safe (1 to [`MIN_TOKEN`] - 1 bytes); the empty token is
@@ -115,8 +124,9 @@ pub enum Refusal {
     /// The same request was seen before.
     #[error("replayed request")]
     Replayed,
-    /// Too many recent connections to remember their nonces.
-    #[error("node busy: too many connections in the last minute")]
+    /// Too many connections: the tenant holds as many as the node allows it, or too many came
+    /// in the last minute to remember their nonces.
+    #[error("node busy: too many connections (try again later)")]
     Busy,
 }
 
@@ -195,9 +205,22 @@ impl From<Refusal> for rdmem_core::Refusal {
             Refusal::WrongToken => rdmem_core::Refusal::WrongToken,
             Refusal::ClockSkew => rdmem_core::Refusal::ClockSkew,
             Refusal::Replayed => rdmem_core::Refusal::Replayed,
-            Refusal::Busy => rdmem_core::Refusal::Busy("too many connections in the last minute".into()),
+            Refusal::Busy => rdmem_core::Refusal::Busy("too many connections (try again later)".into()),
         }
     }
+}
+
+/// A destination as a request's MAC covers it: the address as IPv6 (an IPv4 address mapped),
+/// then the port, big-endian.
+pub fn destination(to: SocketAddr) -> [u8; 18] {
+    let ip = match to.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    };
+    let mut out = [0u8; 18];
+    out[..16].copy_from_slice(&ip.octets());
+    out[16..].copy_from_slice(&to.port().to_be_bytes());
+    out
 }
 
 /// The tag that names tenant `name` in a request: the first 4 bytes of its SHA-256.
@@ -238,32 +261,37 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request to tenant `tenant` of a node holding `token`, at `now`, with a fresh random
-    /// nonce. Fails only when the system has no randomness to give.
-    pub fn new(token: &[u8], tenant: &str, now: SystemTime) -> std::io::Result<Request> {
-        Ok(Request::with_nonce(token, tenant, now, random_nonce()?))
+    /// A request to tenant `tenant` of the node at `to` (the address RDMA-CM connects to)
+    /// holding `token`, at `now`, with a fresh random nonce. Fails only when the system has no
+    /// randomness to give.
+    pub fn new(token: &[u8], tenant: &str, to: SocketAddr, now: SystemTime) -> std::io::Result<Request> {
+        Ok(Request::with_nonce(token, tenant, to, now, random_nonce()?))
     }
 
     /// [`Request::new`] with a given nonce (for tests).
-    pub fn with_nonce(token: &[u8], tenant: &str, now: SystemTime, nonce: [u8; 16]) -> Request {
-        Request::made(token, tenant, now, nonce, CONNECT_LABEL, &[])
+    pub fn with_nonce(token: &[u8], tenant: &str, to: SocketAddr, now: SystemTime, nonce: [u8; 16]) -> Request {
+        Request::made(token, tenant, now, nonce, CONNECT_LABEL, &[&destination(to)])
     }
 
-    /// The authentication of a control request (a checkpoint, over TCP) that asks for `op`
-    /// (its bytes on the wire): the same 56 bytes, with a MAC under another label that also
-    /// covers `op`, so it cannot pass for a connect request, nor its operation be changed.
-    pub fn control(token: &[u8], tenant: &str, now: SystemTime, op: &[u8]) -> std::io::Result<Request> {
-        Ok(Request::made(token, tenant, now, random_nonce()?, CONTROL_LABEL, op))
+    /// The authentication of a control request (over TCP, to the node at `to`) that asks for
+    /// `op` (its bytes on the wire): the same 56 bytes, with a MAC under another label that
+    /// also covers `op`, so it cannot pass for a connect request, nor its operation be changed.
+    pub fn control(token: &[u8], tenant: &str, to: SocketAddr, now: SystemTime, op: &[u8]) -> std::io::Result<Request> {
+        Ok(Request::made(token, tenant, now, random_nonce()?, CONTROL_LABEL, &[&destination(to), op]))
     }
 
-    fn made(token: &[u8], tenant: &str, now: SystemTime, nonce: [u8; 16], label: &[u8], bound: &[u8]) -> Request {
+    fn made(token: &[u8], tenant: &str, now: SystemTime, nonce: [u8; 16], label: &[u8], bound: &[&[u8]]) -> Request {
         let mut bytes = [0u8; REQUEST_LEN];
         bytes[..2].copy_from_slice(&MAGIC);
         bytes[2] = VERSION;
         bytes[4..8].copy_from_slice(&tenant_tag(tenant).to_le_bytes());
         bytes[8..16].copy_from_slice(&millis(now).to_le_bytes());
         bytes[16..32].copy_from_slice(&nonce);
-        let tag = mac_of(token, label, &[&bytes[..32], bound]).finalize().into_bytes();
+        let tag = {
+            let mut parts: smallvec::SmallVec<[&[u8]; 3]> = smallvec::smallvec![&bytes[..32]];
+            parts.extend_from_slice(bound);
+            mac_of(token, label, &parts).finalize().into_bytes()
+        };
         bytes[32..].copy_from_slice(&tag[..REQUEST_MAC_LEN]);
         Request { bytes, nonce }
     }
@@ -410,21 +438,34 @@ impl Verifier {
         Ok(Verifier { tenants: list, replay, latest: 0 })
     }
 
-    /// Checks a connect request's private data at `now` (see the module docs for the order).
-    pub fn verify(&mut self, data: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
-        self.verify_with(data, CONNECT_LABEL, &[], now)
+    /// Checks a connect request's private data, received at `at` (the address and port it was
+    /// sent to), at `now` (see the module docs for the order).
+    pub fn verify(&mut self, data: &[u8], at: SocketAddr, now: SystemTime) -> Result<Verified, Refusal> {
+        self.verify_with(data, CONNECT_LABEL, &[&destination(at)], now)
     }
 
-    /// Checks the authentication of a control request for `op` ([`Request::control`]), with
-    /// the same checks and replay caches as connect requests.
-    pub fn verify_control(&mut self, data: &[u8], op: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
+    /// Checks the authentication of a control request for `op` ([`Request::control`]),
+    /// received at `at`, with the same checks and replay caches as connect requests.
+    pub fn verify_control(
+        &mut self,
+        data: &[u8],
+        at: SocketAddr,
+        op: &[u8],
+        now: SystemTime,
+    ) -> Result<Verified, Refusal> {
         if data.len() != REQUEST_LEN {
             return Err(Refusal::Malformed);
         }
-        self.verify_with(data, CONTROL_LABEL, op, now)
+        self.verify_with(data, CONTROL_LABEL, &[&destination(at), op], now)
     }
 
-    fn verify_with(&mut self, data: &[u8], label: &[u8], bound: &[u8], now: SystemTime) -> Result<Verified, Refusal> {
+    fn verify_with(
+        &mut self,
+        data: &[u8],
+        label: &[u8],
+        bound: &[&[u8]],
+        now: SystemTime,
+    ) -> Result<Verified, Refusal> {
         // RDMA-CM may pad the private data with zeros up to its limit: only the first
         // REQUEST_LEN bytes count, and the rest must be zeros.
         if data.len() < REQUEST_LEN || data[REQUEST_LEN..].iter().any(|&b| b != 0) || data[..2] != MAGIC || data[3] != 0
@@ -437,7 +478,9 @@ impl Verifier {
         }
         let tag = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
         let tenant = self.tenants.iter().position(|(t, _)| *t == tag).ok_or(Refusal::UnknownTenant)?;
-        mac_of(&self.tenants[tenant].1, label, &[&data[..32], bound])
+        let mut parts: smallvec::SmallVec<[&[u8]; 3]> = smallvec::smallvec![&data[..32]];
+        parts.extend_from_slice(bound);
+        mac_of(&self.tenants[tenant].1, label, &parts)
             .verify_truncated_left(&data[32..])
             .map_err(|_| Refusal::WrongToken)?;
         let sent = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
@@ -481,18 +524,43 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000_000;
 
+    /// Where the requests of these tests go.
+    const TO: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 1)), 7471);
+
+    #[test]
+    fn a_request_is_refused_by_any_other_destination_than_its_own() {
+        let mut v = verifier();
+        let other_node: SocketAddr = "10.77.0.2:7471".parse().unwrap();
+        let other_port: SocketAddr = "10.77.0.1:7472".parse().unwrap();
+        let req = Request::new(TOKEN, "a", TO, at(NOW)).unwrap();
+        // Captured on its way to TO and replayed to another node (or port) of the tenant.
+        assert_eq!(v.verify(&req.bytes, other_node, at(NOW)), Err(Refusal::WrongToken));
+        assert_eq!(v.verify(&req.bytes, other_port, at(NOW)), Err(Refusal::WrongToken));
+        assert!(v.verify(&req.bytes, TO, at(NOW)).is_ok());
+        let op = [4u8];
+        let control = Request::control(TOKEN, "a", TO, at(NOW), &op).unwrap();
+        assert_eq!(v.verify_control(&control.bytes, other_node, &op, at(NOW)), Err(Refusal::WrongToken));
+        assert!(v.verify_control(&control.bytes, TO, &op, at(NOW)).is_ok());
+        // An IPv4 address and its IPv6-mapped form are one destination.
+        let mapped =
+            SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv4Addr::new(10, 77, 0, 1).to_ipv6_mapped()), 7471);
+        assert_eq!(destination(TO), destination(mapped));
+        let again = Request::new(TOKEN, "a", TO, at(NOW)).unwrap();
+        assert!(v.verify(&again.bytes, mapped, at(NOW)).is_ok());
+    }
+
     #[test]
     fn a_request_with_the_token_is_accepted_once_and_its_accept_checks() {
         let mut v = verifier();
-        let req = Request::new(TOKEN, "a", at(NOW)).unwrap();
-        let ok = v.verify(&req.bytes, at(NOW + 5)).unwrap();
+        let req = Request::new(TOKEN, "a", TO, at(NOW)).unwrap();
+        let ok = v.verify(&req.bytes, TO, at(NOW + 5)).unwrap();
         assert_eq!(ok.tenant, 1);
-        assert_eq!(v.verify(&req.bytes, at(NOW + 6)), Err(Refusal::Replayed));
+        assert_eq!(v.verify(&req.bytes, TO, at(NOW + 6)), Err(Refusal::Replayed));
         let accept = Accept { node: 3, base: 0x7f00_0000_0000, size: 1 << 30, rkey: 0xabcd, page: 2 };
         let bytes = accept.to_bytes(v.token(ok.tenant), &ok.nonce);
         assert_eq!(req.check_accept(TOKEN, &bytes), Ok(accept));
         // Another request's accept, or one MACed with another token, is refused.
-        let other = Request::new(TOKEN, "a", at(NOW)).unwrap();
+        let other = Request::new(TOKEN, "a", TO, at(NOW)).unwrap();
         assert_eq!(other.check_accept(TOKEN, &bytes), Err(Refusal::WrongToken));
         assert_eq!(req.check_accept(DEFAULT, &bytes), Err(Refusal::WrongToken));
         let mut flipped = bytes;
@@ -504,8 +572,8 @@ mod tests {
     fn the_token_is_nowhere_in_the_bytes_on_the_wire() {
         let token = b"a-token-long-enough-to-find";
         let mut v = Verifier::new(&[("t", &token[..])]).unwrap();
-        let req = Request::new(token, "t", at(NOW)).unwrap();
-        let ok = v.verify(&req.bytes, at(NOW)).unwrap();
+        let req = Request::new(token, "t", TO, at(NOW)).unwrap();
+        let ok = v.verify(&req.bytes, TO, at(NOW)).unwrap();
         let accept = Accept { node: 0, base: 1, size: 2, rkey: 3, page: 0 }.to_bytes(token, &ok.nonce);
         for wire in [&req.bytes[..], &accept[..], &Refusal::WrongToken.to_reject()[..]] {
             for n in 4..=token.len() {
@@ -517,19 +585,19 @@ mod tests {
     #[test]
     fn each_refusal_has_its_reason_and_survives_the_reject() {
         let mut v = verifier();
-        let wrong = Request::new(b"not-the-token", "a", at(NOW)).unwrap();
-        assert_eq!(v.verify(&wrong.bytes, at(NOW)), Err(Refusal::WrongToken));
-        let mut version = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes;
-        version[2] = 2;
-        let refusal = v.verify(&version, at(NOW)).unwrap_err();
-        assert_eq!(refusal.to_string(), "protocol version 2, node speaks 1");
-        assert_eq!(Refusal::from_reject(&refusal.to_reject(), 2), Some(refusal));
-        let unknown = Request::new(TOKEN, "b", at(NOW)).unwrap();
-        assert_eq!(v.verify(&unknown.bytes, at(NOW)), Err(Refusal::UnknownTenant));
-        let old = Request::new(TOKEN, "a", at(NOW - 31_000)).unwrap();
-        assert_eq!(v.verify(&old.bytes, at(NOW)), Err(Refusal::ClockSkew));
-        let future = Request::new(TOKEN, "a", at(NOW + 31_000)).unwrap();
-        assert_eq!(v.verify(&future.bytes, at(NOW)), Err(Refusal::ClockSkew));
+        let wrong = Request::new(b"not-the-token", "a", TO, at(NOW)).unwrap();
+        assert_eq!(v.verify(&wrong.bytes, TO, at(NOW)), Err(Refusal::WrongToken));
+        let mut version = Request::new(TOKEN, "a", TO, at(NOW)).unwrap().bytes;
+        version[2] = 1; // the version before destinations
+        let refusal = v.verify(&version, TO, at(NOW)).unwrap_err();
+        assert_eq!(refusal.to_string(), "protocol version 1, node speaks 2");
+        assert_eq!(Refusal::from_reject(&refusal.to_reject(), 1), Some(refusal));
+        let unknown = Request::new(TOKEN, "b", TO, at(NOW)).unwrap();
+        assert_eq!(v.verify(&unknown.bytes, TO, at(NOW)), Err(Refusal::UnknownTenant));
+        let old = Request::new(TOKEN, "a", TO, at(NOW - 31_000)).unwrap();
+        assert_eq!(v.verify(&old.bytes, TO, at(NOW)), Err(Refusal::ClockSkew));
+        let future = Request::new(TOKEN, "a", TO, at(NOW + 31_000)).unwrap();
+        assert_eq!(v.verify(&future.bytes, TO, at(NOW)), Err(Refusal::ClockSkew));
         for r in [
             Refusal::Malformed,
             Refusal::UnknownTenant,
@@ -550,25 +618,25 @@ mod tests {
     #[test]
     fn garbage_truncated_and_oversized_data_is_malformed_and_never_panics() {
         let mut v = verifier();
-        let good = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes;
-        assert_eq!(v.verify(&[], at(NOW)), Err(Refusal::Malformed));
+        let good = Request::new(TOKEN, "a", TO, at(NOW)).unwrap().bytes;
+        assert_eq!(v.verify(&[], TO, at(NOW)), Err(Refusal::Malformed));
         for n in 0..REQUEST_LEN {
-            assert_eq!(v.verify(&good[..n], at(NOW)), Err(Refusal::Malformed), "truncated to {n}");
+            assert_eq!(v.verify(&good[..n], TO, at(NOW)), Err(Refusal::Malformed), "truncated to {n}");
         }
         // Padding with zeros (as the CM may do) is fine; anything else past the end is not.
         let mut padded = good.to_vec();
         padded.resize(196, 0);
-        assert!(v.verify(&padded, at(NOW)).is_ok());
-        let mut oversized = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes.to_vec();
+        assert!(v.verify(&padded, TO, at(NOW)).is_ok());
+        let mut oversized = Request::new(TOKEN, "a", TO, at(NOW)).unwrap().bytes.to_vec();
         oversized.extend_from_slice(&[1; 100]);
-        assert_eq!(v.verify(&oversized, at(NOW)), Err(Refusal::Malformed));
+        assert_eq!(v.verify(&oversized, TO, at(NOW)), Err(Refusal::Malformed));
         // Every single-bit flip of a good request is refused, for some reason.
-        let fresh = Request::new(TOKEN, "a", at(NOW)).unwrap().bytes;
+        let fresh = Request::new(TOKEN, "a", TO, at(NOW)).unwrap().bytes;
         for byte in 0..REQUEST_LEN {
             for bit in 0..8 {
                 let mut bad = fresh;
                 bad[byte] ^= 1 << bit;
-                assert!(v.verify(&bad, at(NOW)).is_err(), "bit {bit} of byte {byte} flipped was accepted");
+                assert!(v.verify(&bad, TO, at(NOW)).is_err(), "bit {bit} of byte {byte} flipped was accepted");
             }
         }
         // Random garbage: many lengths, many fillings.
@@ -584,10 +652,10 @@ mod tests {
                 data[..8].copy_from_slice(&fresh[..8]);
                 data[REQUEST_LEN..].fill(0);
             }
-            assert!(v.verify(&data, at(NOW)).is_err());
+            assert!(v.verify(&data, TO, at(NOW)).is_err());
         }
         // The good one still passes after all that.
-        assert!(v.verify(&fresh, at(NOW)).is_ok());
+        assert!(v.verify(&fresh, TO, at(NOW)).is_ok());
     }
 
     #[test]
@@ -625,18 +693,18 @@ mod tests {
         // A replay is refused as a replay up to the last instant its request passes the clock
         // check, and for its clock after that; never accepted.
         let mut v = verifier();
-        let req = Request::new(TOKEN, "a", at(NOW)).unwrap();
-        assert!(v.verify(&req.bytes, at(NOW)).is_ok());
-        assert_eq!(v.verify(&req.bytes, at(NOW + 30_000)), Err(Refusal::Replayed));
-        assert_eq!(v.verify(&req.bytes, at(NOW + 30_001)), Err(Refusal::ClockSkew));
+        let req = Request::new(TOKEN, "a", TO, at(NOW)).unwrap();
+        assert!(v.verify(&req.bytes, TO, at(NOW)).is_ok());
+        assert_eq!(v.verify(&req.bytes, TO, at(NOW + 30_000)), Err(Refusal::Replayed));
+        assert_eq!(v.verify(&req.bytes, TO, at(NOW + 30_001)), Err(Refusal::ClockSkew));
         // The node's clock stepped back: it counts as the latest time seen, so the replay is
         // still refused for its clock.
-        assert_eq!(v.verify(&req.bytes, at(NOW)), Err(Refusal::ClockSkew));
+        assert_eq!(v.verify(&req.bytes, TO, at(NOW)), Err(Refusal::ClockSkew));
         // A request exactly MAX_SKEW from the node's clock passes; one ms more does not.
         let mut v = verifier();
-        assert!(v.verify(&Request::new(TOKEN, "a", at(NOW - 30_000)).unwrap().bytes, at(NOW)).is_ok());
+        assert!(v.verify(&Request::new(TOKEN, "a", TO, at(NOW - 30_000)).unwrap().bytes, TO, at(NOW)).is_ok());
         assert_eq!(
-            v.verify(&Request::new(TOKEN, "a", at(NOW - 30_001)).unwrap().bytes, at(NOW)),
+            v.verify(&Request::new(TOKEN, "a", TO, at(NOW - 30_001)).unwrap().bytes, TO, at(NOW)),
             Err(Refusal::ClockSkew)
         );
     }
@@ -657,16 +725,16 @@ mod tests {
     fn one_tenant_filling_its_cache_does_not_refuse_another() {
         let mut v = verifier();
         for _ in 0..REPLAY_CAPACITY {
-            v.verify(&Request::new(TOKEN, "a", at(NOW)).unwrap().bytes, at(NOW)).unwrap();
+            v.verify(&Request::new(TOKEN, "a", TO, at(NOW)).unwrap().bytes, TO, at(NOW)).unwrap();
         }
-        assert_eq!(v.verify(&Request::new(TOKEN, "a", at(NOW)).unwrap().bytes, at(NOW)), Err(Refusal::Busy));
-        assert!(v.verify(&Request::new(DEFAULT, "default", at(NOW)).unwrap().bytes, at(NOW)).is_ok());
+        assert_eq!(v.verify(&Request::new(TOKEN, "a", TO, at(NOW)).unwrap().bytes, TO, at(NOW)), Err(Refusal::Busy));
+        assert!(v.verify(&Request::new(DEFAULT, "default", TO, at(NOW)).unwrap().bytes, TO, at(NOW)).is_ok());
     }
 
     #[test]
     fn a_malformed_accept_is_refused() {
         let v = verifier();
-        let req = Request::new(TOKEN, "a", at(NOW)).unwrap();
+        let req = Request::new(TOKEN, "a", TO, at(NOW)).unwrap();
         let good = Accept { node: 1, base: 2, size: 3, rkey: 4, page: 0 }.to_bytes(v.token(1), &req.nonce);
         for n in 0..ACCEPT_LEN {
             assert_eq!(req.check_accept(TOKEN, &good[..n]), Err(Refusal::Malformed), "truncated to {n}");
@@ -690,22 +758,22 @@ mod tests {
         let mut v = verifier();
         let now = SystemTime::now();
         let op = [1u8, 9, 0, 0, 0, 0, 0, 0, 0, 1];
-        let control = Request::control(DEFAULT, "default", now, &op).unwrap();
-        assert!(v.verify_control(&control.bytes, &op, now).is_ok());
+        let control = Request::control(DEFAULT, "default", TO, now, &op).unwrap();
+        assert!(v.verify_control(&control.bytes, TO, &op, now).is_ok());
         // The same bytes again: a replay, as for connect requests.
-        assert_eq!(v.verify_control(&control.bytes, &op, now), Err(Refusal::Replayed));
+        assert_eq!(v.verify_control(&control.bytes, TO, &op, now), Err(Refusal::Replayed));
         // Another operation under the same MAC, or a control request sent as a connect request
         // (and the other way round): the MAC does not match.
-        let fresh = Request::control(DEFAULT, "default", now, &op).unwrap();
-        assert_eq!(v.verify_control(&fresh.bytes, &[2], now), Err(Refusal::WrongToken));
-        assert_eq!(v.verify(&fresh.bytes, now), Err(Refusal::WrongToken));
-        let connect = Request::new(DEFAULT, "default", now).unwrap();
-        assert_eq!(v.verify_control(&connect.bytes, &[], now), Err(Refusal::WrongToken));
+        let fresh = Request::control(DEFAULT, "default", TO, now, &op).unwrap();
+        assert_eq!(v.verify_control(&fresh.bytes, TO, &[2], now), Err(Refusal::WrongToken));
+        assert_eq!(v.verify(&fresh.bytes, TO, now), Err(Refusal::WrongToken));
+        let connect = Request::new(DEFAULT, "default", TO, now).unwrap();
+        assert_eq!(v.verify_control(&connect.bytes, TO, &[], now), Err(Refusal::WrongToken));
         // Padding is a connect request's (RDMA-CM's) only: a control request is exact.
         let mut padded = fresh.bytes.to_vec();
         padded.push(0);
-        assert_eq!(v.verify_control(&padded, &op, now), Err(Refusal::Malformed));
-        assert!(v.verify_control(&fresh.bytes, &op, now).is_ok());
+        assert_eq!(v.verify_control(&padded, TO, &op, now), Err(Refusal::Malformed));
+        assert!(v.verify_control(&fresh.bytes, TO, &op, now).is_ok());
         assert!(check_token(b"").is_ok() && check_token(&[7; MIN_TOKEN]).is_ok());
         assert!(check_token(&[7; MIN_TOKEN - 1]).unwrap_err().contains("at least 16"));
     }

@@ -105,18 +105,38 @@ impl<'a> Control<'a> {
         }
     }
 
-    /// The tenant's connected clients (at most [`wire::MAX_CLIENTS_LISTED`]), by id.
+    /// The tenant's clients, by id: those established, and those accepted (with their key)
+    /// and not yet established. Asked for [`wire::CLIENTS_PER_ANSWER`] at a time, so a list
+    /// that changes meanwhile may miss a client that came in between.
     pub fn clients(&self) -> Result<Vec<ClientEntry>> {
-        match self.ask(Op::Clients)? {
-            Answer::Clients(list) => Ok(list),
-            other => Err(unexpected(self.peer, other)),
+        let mut all: Vec<ClientEntry> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |c| c.id);
+            match self.ask(Op::Clients { after })? {
+                Answer::Clients(page) => {
+                    let last = page.len() < wire::CLIENTS_PER_ANSWER;
+                    if page.iter().any(|c| c.id <= after) {
+                        return Err(Error::Connect {
+                            peer: self.peer.to_owned(),
+                            reason: format!("listed clients out of order (after {after})"),
+                        });
+                    }
+                    all.extend(page);
+                    if last {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(unexpected(self.peer, other)),
+            }
         }
     }
 
     /// Ends the tenant's client `client` (an id from [`Control::clients`] or the node's log):
-    /// its key is revoked before the answer comes, so none of its operations reaches the pool
-    /// afterwards, and its queue pair is destroyed. A client of another tenant, or none, is
-    /// [`Error::Refused`].
+    /// its memory window is deallocated before the answer comes, so its key opens nothing
+    /// afterwards, and its queue pair is destroyed. (A node without windows, see
+    /// `--no-memory-windows`, only destroys the queue pair: the tenant's one key stays valid for
+    /// its other clients, and for any process that still holds the token.) A client of another
+    /// tenant, or none, is [`Error::Refused`].
     pub fn evict(&self, client: u32) -> Result<()> {
         match self.ask(Op::Evict { client })? {
             Answer::Evicted { client: gone } if gone == client => Ok(()),
@@ -131,7 +151,8 @@ impl<'a> Control<'a> {
         cm_auth::check_token(self.token.as_bytes()).map_err(Error::Config)?;
         let mut stream = dial(peer, CONNECT_TIMEOUT)?;
         wire::keep_alive(&stream).map_err(|e| fail(e.to_string()))?;
-        let auth = cm_auth::Request::control(self.token.as_bytes(), self.tenant, SystemTime::now(), &op.to_bytes())
+        let to = stream.peer_addr().map_err(|e| fail(format!("the connection's address: {e}")))?;
+        let auth = cm_auth::Request::control(self.token.as_bytes(), self.tenant, to, SystemTime::now(), &op.to_bytes())
             .map_err(|e| fail(format!("no randomness for the request's nonce: {e}")))?;
         let request = Request { version: wire::VERSION, auth: auth.bytes, op };
         request.write_to(&mut stream).map_err(|e| fail(format!("sending the request: {e}")))?;

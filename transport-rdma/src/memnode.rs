@@ -1,14 +1,19 @@
 //! The memory node: a registered pool that clients reach with one-sided verbs only.
 //!
-//! [`Memnode::start`] maps the pool (huge pages by default), registers it as one memory region
-//! with remote READ, WRITE and atomic access, and listens for clients with RDMA-CM
-//! ([`crate::cm`]), and for control requests (checkpoints, [`crate::wire`]) on TCP, both on the
-//! same address and port. Each client queue pair is one RDMA-CM connection whose connect request
-//! carries a MAC made with the token ([`crate::cm_auth`]: version, tenant, MAC, clock and replay
-//! are checked first, and only then is a queue pair created with access to the pool); the token
-//! itself never crosses the wire. After that the node's CPU does nothing for that client: one
-//! thread reads the connection manager's events, and when a client disconnects (or its process
-//! dies: the kernel disconnects it) its queue pair is destroyed. A client that dies never
+//! [`Memnode::start`] maps a pool per tenant (huge pages by default; the default tenant's, and
+//! one per [`TenantConfig`]), registers each as a memory region of its tenant's own protection
+//! domain, and listens for clients with RDMA-CM ([`crate::cm`]), and for control requests
+//! (checkpoints, a tenant's clients, evictions, [`crate::wire`]) on TCP, both on the same
+//! address and port. Each client queue pair is one RDMA-CM connection whose connect request
+//! carries a MAC made with its tenant's token ([`crate::cm_auth`]: version, tenant, MAC, clock
+//! and replay are checked first, and only then is a queue pair created with access to the
+//! pool); the token itself never crosses the wire. Each connection gets a remote key of its own,
+//! a memory window bound to its queue pair ([`crate::window`]; the regions themselves then give
+//! no remote access), or on devices without windows (or with
+//! [`MemnodeConfig::memory_windows`] off) its pool's region key. After that the node's CPU does
+//! nothing for that client: one thread reads the connection manager's events, and when a client
+//! disconnects (or its process dies: the kernel disconnects it, or it is evicted) its window is
+//! deallocated, revoking its key, and its queue pair is destroyed. A client that dies never
 //! disturbs the others, and no client, with a token or without, can stop the node or keep
 //! others out (see [`Memnode::serve`]).
 //!
@@ -80,6 +85,10 @@ pub struct MemnodeConfig {
     /// pool's region key, which is never revoked (for devices whose windows misbehave, and to
     /// measure what windows cost).
     pub memory_windows: bool,
+    /// The most client connections (established or in progress) one tenant may hold at once;
+    /// past it, connect requests are refused as busy, so no tenant can take all the device's
+    /// queue pairs and windows from the others.
+    pub max_clients_per_tenant: usize,
     /// This node's id, the node part of its global addresses.
     pub node_id: u16,
     /// Where and how often to write snapshots of the pool (`None`: checkpoint requests are
@@ -232,7 +241,7 @@ impl Memnode {
                     "tenant {name}: pool size {size} bytes is not a whole number of {:?} pages ({page} bytes): give \
                      a multiple, e.g. {} bytes",
                     config.page_size,
-                    size.div_ceil(page).max(1) * page
+                    size.div_ceil(page).max(1).saturating_mul(page)
                 )));
             }
         }
@@ -245,7 +254,10 @@ impl Memnode {
             ));
         }
         if !config.force_pool_size {
-            crate::memory::check_fits(wanted.iter().map(|w| w.1).sum(), config.page_size)?;
+            let total = wanted.iter().try_fold(0u64, |sum, w| sum.checked_add(w.1));
+            let total =
+                total.ok_or_else(|| RdmaError::Config("the tenants' pools add up to more than 2^64 bytes".into()))?;
+            crate::memory::check_fits(total, config.page_size)?;
         }
         let verifier =
             Verifier::new(&wanted.iter().map(|&(name, _, token)| (name, token.as_bytes())).collect::<Vec<_>>())
@@ -396,8 +408,9 @@ impl Memnode {
     ///   are in progress, likewise;
     /// - when accept runs out of file descriptors (EMFILE, ENFILE) or memory, the oldest
     ///   control request is dropped to make room, or accepting pauses for [`ACCEPT_BACKOFF`];
-    /// - warnings about misbehaving peers are rate-limited (one a second per kind, with a count
-    ///   of those suppressed).
+    /// - a tenant holds at most [`MemnodeConfig::max_clients_per_tenant`] connections;
+    /// - warnings about misbehaving peers are rate-limited (one a second per kind, source
+    ///   address and reason, with a count of those suppressed).
     ///
     /// Checkpoints (asked for, or every [`CheckpointConfig::every`]) are taken on a thread of
     /// their own, one at a time, each answered when it is on disk.
@@ -573,7 +586,7 @@ impl Memnode {
                 cm::CONNECT_REQUEST => {
                     // SAFETY: a CONNECT_REQUEST just read from this channel, adopted once.
                     let id = unsafe { self.cm_events.adopt(&event) };
-                    if let Some(client) = self.admit(id, &event, verifier, warnings) {
+                    if let Some(client) = self.admit(id, &event, verifier, clients, warnings) {
                         clients.add(event.id, client, warnings);
                     }
                 }
@@ -597,10 +610,10 @@ impl Memnode {
                         if client.established {
                             let now = self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
                             tracing::info!(
-                                "client {} left (client id {}: its key revoked, its queue pair destroyed; {now} \
-                                 connected)",
+                                "client {} left (client id {}: {}its queue pair destroyed; {now} connected)",
                                 client.peer,
-                                client.qp.qp_number()
+                                client.qp.qp_number(),
+                                if client.window.is_some() { "its key revoked, " } else { "" }
                             );
                         } else {
                             warnings.warn(Warning::Deadline, || {
@@ -688,10 +701,14 @@ impl Memnode {
                 "protocol version {version} is not supported; this memory node speaks version {}",
                 wire::VERSION
             )),
-            Ok(r) => match verifier.verify_control(&r.auth, &r.op.to_bytes(), SystemTime::now()) {
-                Err(refusal) => refusal.into(),
-                Ok(v) if r.op == Op::Clients => {
-                    let list = clients.of_tenant(v.tenant);
+            // The address the request was sent to: its MAC covers it.
+            Ok(r) => match p.stream.local_addr().map_err(|_| Refusal::Malformed).and_then(|at| {
+                verifier.verify_control(&r.auth, at, &r.op.to_bytes(), SystemTime::now()).map_err(Refusal::from)
+            }) {
+                Err(refusal) => refusal,
+                Ok(v) if matches!(r.op, Op::Clients { .. }) => {
+                    let Op::Clients { after } = r.op else { unreachable!("matched above") };
+                    let list = clients.of_tenant(v.tenant, after);
                     let _ = Answer::Clients(list).write_to(&mut p.stream);
                     return None;
                 }
@@ -705,10 +722,11 @@ impl Memnode {
                                 self.state.clients.load(Ordering::SeqCst)
                             };
                             tracing::info!(
-                                "evicted client {client} ({}) of tenant {} at {peer}'s request: its key revoked, its \
-                                 queue pair destroyed; {now} connected",
+                                "evicted client {client} ({}) of tenant {} at {peer}'s request: {}its queue pair \
+                                 destroyed; {now} connected",
                                 gone.peer,
-                                self.state.tenants[v.tenant].name
+                                self.state.tenants[v.tenant].name,
+                                if self.state.windows == WindowSupport::Windows { "its key revoked, " } else { "" }
                             );
                             drop(gone);
                             let _ = Answer::Evicted { client }.write_to(&mut p.stream);
@@ -738,7 +756,7 @@ impl Memnode {
                         let _ = Answer::Newest { node_id: self.state.config.node_id, seq }.write_to(&mut p.stream);
                         return None;
                     }
-                    Op::Clients | Op::Evict { .. } => unreachable!("answered above"),
+                    Op::Clients { .. } | Op::Evict { .. } => unreachable!("answered above"),
                 },
             },
         };
@@ -757,13 +775,16 @@ impl Memnode {
         mut id: CmId,
         event: &cm::Event,
         verifier: &mut Verifier,
+        clients: &Clients,
         warnings: &mut RateLimited,
     ) -> Option<Client> {
         let state = &self.state;
         let source = id.peer_addr();
         let peer = source.map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string());
         let source = source.map(|a| a.ip());
-        let verified = match verifier.verify(event.private_data(), SystemTime::now()) {
+        // The address the request was sent to: its MAC covers it.
+        let at = id.local_addr().ok_or(cm_auth::Refusal::Malformed);
+        let verified = match at.and_then(|at| verifier.verify(event.private_data(), at, SystemTime::now())) {
             Ok(verified) => verified,
             Err(refusal) => {
                 let code = refusal.code();
@@ -773,8 +794,19 @@ impl Memnode {
             }
         };
         let tenant = &state.tenants[verified.tenant];
+        if clients.count(verified.tenant) >= state.config.max_clients_per_tenant {
+            warnings.warn_from(Warning::Crowded, source, 0, || {
+                format!(
+                    "refused {peer}: tenant {} holds {} connections, the most it may (--max-clients-per-tenant)",
+                    tenant.name, state.config.max_clients_per_tenant
+                )
+            });
+            let _ = id.reject(&cm_auth::Refusal::Busy.to_reject());
+            return None;
+        }
         let result = (|| {
-            let (mut qp, limits) = queue_pair::create(&state.device, &tenant.pd, &state.cq, 1)?;
+            let windows = state.windows == WindowSupport::Windows;
+            let (mut qp, limits) = queue_pair::create(&state.device, &tenant.pd, &state.cq, 1, windows)?;
             let access = AccessFlags::LocalWrite
                 | AccessFlags::RemoteRead
                 | AccessFlags::RemoteWrite
@@ -914,6 +946,8 @@ struct Clients {
     by_id: HashMap<IdKey, Client>,
     /// Connections accepted and not yet established.
     in_progress: usize,
+    /// Connections (established or not) per tenant.
+    per_tenant: HashMap<usize, usize>,
 }
 
 impl Clients {
@@ -929,7 +963,13 @@ impl Clients {
             }
         }
         self.in_progress += 1;
+        *self.per_tenant.entry(client.tenant).or_default() += 1;
         self.by_id.insert(key, client);
+    }
+
+    /// Tenant `tenant`'s connections (established or not).
+    fn count(&self, tenant: usize) -> usize {
+        self.per_tenant.get(&tenant).copied().unwrap_or(0)
     }
 
     /// Marks a connection established; `None` if it is not ours or was already.
@@ -945,19 +985,23 @@ impl Clients {
         if !client.established {
             self.in_progress -= 1;
         }
+        if let Some(n) = self.per_tenant.get_mut(&client.tenant) {
+            *n -= 1;
+        }
         Some(client)
     }
 
-    /// Tenant `tenant`'s established clients, by id.
-    fn of_tenant(&self, tenant: usize) -> Vec<ClientEntry> {
+    /// Tenant `tenant`'s clients (established or not) with ids above `after`, by id, at most
+    /// [`wire::CLIENTS_PER_ANSWER`].
+    fn of_tenant(&self, tenant: usize, after: u32) -> Vec<ClientEntry> {
         let mut list: Vec<ClientEntry> = self
             .by_id
             .values()
-            .filter(|c| c.established && c.tenant == tenant)
-            .map(|c| ClientEntry { id: c.qp.qp_number(), peer: c.peer.clone() })
+            .filter(|c| c.tenant == tenant && c.qp.qp_number() > after)
+            .map(|c| ClientEntry { id: c.qp.qp_number(), peer: c.peer.clone(), established: c.established })
             .collect();
         list.sort_by_key(|c| c.id);
-        list.truncate(wire::MAX_CLIENTS_LISTED);
+        list.truncate(wire::CLIENTS_PER_ANSWER);
         list
     }
 
@@ -1042,6 +1086,17 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(1);
 /// Sources and reasons remembered at most; past them, warnings of a kind share one limit.
 const WARNING_SOURCES: usize = 4096;
 
+/// The part of an address a warning is limited by: an IPv4 address whole, an IPv6 address's
+/// /64 (one host may hold all of one).
+fn source_prefix(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))
+        }
+        other => other,
+    }
+}
+
 /// Who a warning is about and why: a kind, the peer's address (`None`: not known, or the
 /// shared limit) and a reason (a refusal's code; 0 for the others).
 type WarningKey = (Warning, Option<IpAddr>, u8);
@@ -1053,7 +1108,8 @@ type WarningKey = (Warning, Option<IpAddr>, u8);
 /// kind's shared key), so a flood from many addresses costs bounded memory.
 #[derive(Default)]
 struct RateLimited {
-    keys: HashMap<WarningKey, (Instant, u64)>,
+    /// Per key: when it was last logged, and how many were suppressed since.
+    keys: HashMap<WarningKey, (Option<Instant>, u64)>,
     /// When quiet keys were last forgotten.
     swept: Option<Instant>,
 }
@@ -1072,7 +1128,7 @@ impl RateLimited {
         reason: u8,
         message: impl FnOnce() -> String,
     ) -> bool {
-        self.warn_at(Instant::now(), (kind, source, reason), message)
+        self.warn_at(Instant::now(), (kind, source.map(source_prefix), reason), message)
     }
 
     /// [`RateLimited::warn_from`] at `now`.
@@ -1088,15 +1144,15 @@ impl RateLimited {
                 key = (kind, None, 0);
             }
         }
-        let (last, suppressed) = self.keys.entry(key).or_insert((now - WARNING_INTERVAL * 2, 0));
-        if now.duration_since(*last) < WARNING_INTERVAL {
+        let (last, suppressed) = self.keys.entry(key).or_insert((None, 0));
+        if last.is_some_and(|t| now.duration_since(t) < WARNING_INTERVAL) {
             *suppressed += 1;
             return false;
         }
-        *last = now;
+        *last = Some(now);
         match std::mem::take(suppressed) {
             0 => tracing::warn!("{}", message()),
-            n => tracing::warn!("{} ({n} more like it in the last second not shown)", message()),
+            n => tracing::warn!("{} ({n} more like it not shown)", message()),
         }
         true
     }
@@ -1106,14 +1162,14 @@ impl RateLimited {
     fn forget_quiet(&mut self, now: Instant) {
         let mut carried: Vec<(Warning, u64)> = Vec::new();
         self.keys.retain(|&(kind, source, _), (last, suppressed)| {
-            let quiet = now.duration_since(*last) >= WARNING_INTERVAL && source.is_some();
+            let quiet = last.is_none_or(|t| now.duration_since(t) >= WARNING_INTERVAL) && source.is_some();
             if quiet && *suppressed > 0 {
                 carried.push((kind, *suppressed));
             }
             !quiet
         });
         for (kind, n) in carried {
-            self.keys.entry((kind, None, 0)).or_insert((now - WARNING_INTERVAL * 2, 0)).1 += n;
+            self.keys.entry((kind, None, 0)).or_insert((None, 0)).1 += n;
         }
     }
 
@@ -1178,6 +1234,18 @@ mod tests {
         log(&mut w, None, 0);
         assert_eq!(logged, 4);
         assert_eq!(w.keys[&(Warning::Refused, ip(1), 4)].1, 999, "the rest are counted");
+    }
+
+    #[test]
+    fn an_ipv6_flood_from_one_prefix_counts_as_one_source() {
+        let mut w = RateLimited::default();
+        let mut logged = 0;
+        for i in 0..1000u128 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | i));
+            logged += w.warn_from(Warning::Garbage, Some(ip), 0, String::new) as u32;
+        }
+        assert_eq!(logged, 1);
+        assert_eq!(w.remembered(), 1);
     }
 
     #[test]

@@ -33,20 +33,26 @@ pub(crate) struct QpLimits {
     pub read_atomic_depth: u8,
 }
 
-/// Creates an RC queue pair on `pd` using `cq` for both queues, in state RESET.
+/// Creates an RC queue pair on `pd` using `cq` for both queues, in state RESET; with
+/// `bind_windows`, its send queue can also bind memory windows (a memory node's: some devices
+/// size their send queue entries by the operations named here).
 pub(crate) fn create(
     device: &Device,
     pd: &Arc<ProtectionDomain>,
     cq: &GenericCompletionQueue,
     send_depth: u32,
+    bind_windows: bool,
 ) -> Result<(ExtendedQueuePair, QpLimits), RdmaError> {
     let attr = device.context().query_device().map_err(|e| RdmaError::verbs("ibv_query_device", e))?;
     let send_depth = send_depth.min(attr.max_qp_wr().max(1) as u32);
     let read_atomic_depth = attr.max_qp_rd_atom().clamp(1, 255).min(attr.max_qp_init_rd_atom().max(1)) as u8;
-    let ops = SendOperationFlags::Write
+    let mut ops = SendOperationFlags::Write
         | SendOperationFlags::Read
         | SendOperationFlags::AtomicCompareAndSwap
         | SendOperationFlags::AtomicFetchAndAdd;
+    if bind_windows {
+        ops |= SendOperationFlags::BindMemoryWindow;
+    }
     // Ask for inline data, then less, then none: devices differ in what they accept.
     let mut last_error = None;
     for max_inline in [256, 64, 0] {

@@ -393,9 +393,9 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
             )));
         }
     }
-    let (mut qp, limits) = queue_pair::create(&shared.device, &shared.pd, cq, SEND_DEPTH)?;
+    let (mut qp, limits) = queue_pair::create(&shared.device, &shared.pd, cq, SEND_DEPTH, false)?;
     let token = shared.options.token.as_bytes();
-    let request = cm_auth::Request::new(token, shared.options.tenant_name(), std::time::SystemTime::now())
+    let request = cm_auth::Request::new(token, shared.options.tenant_name(), addr, std::time::SystemTime::now())
         .map_err(|e| fail(format!("no randomness for the connect request's nonce: {e}")))?;
     id.connect(qp.qp_number(), limits.read_atomic_depth, &request.bytes)?;
     let answer = match channel.wait(deadline)? {

@@ -14,6 +14,7 @@
 //! access, with a warning at start ([`WindowSupport::probe`]).
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdma_mummy_sys::{
@@ -45,7 +46,7 @@ pub enum WindowSupport {
 
 impl WindowSupport {
     /// Whether `pd`'s device can allocate a type-2 window (one is allocated and freed).
-    pub fn probe(pd: &ProtectionDomain) -> WindowSupport {
+    pub fn probe(pd: &Arc<ProtectionDomain>) -> WindowSupport {
         match Window::alloc(pd) {
             Ok(_) => WindowSupport::Windows,
             Err(e) => {
@@ -68,10 +69,12 @@ impl WindowSupport {
     }
 }
 
-/// A type-2 memory window, deallocated (and its key revoked) when dropped.
-pub struct Window {
+/// A type-2 memory window, deallocated (and its key revoked) when dropped. It holds its
+/// protection domain (and so the device context) alive until then.
+pub(crate) struct Window {
     mw: NonNull<ibv_mw>,
     rkey: u32,
+    _pd: Arc<ProtectionDomain>,
 }
 
 // SAFETY: an ibv_mw handle may be used and freed from any thread (verbs objects are
@@ -86,7 +89,7 @@ impl std::fmt::Debug for Window {
 
 impl Window {
     /// Allocates an unbound type-2 window on `pd`.
-    pub fn alloc(pd: &ProtectionDomain) -> Result<Window, RdmaError> {
+    pub(crate) fn alloc(pd: &Arc<ProtectionDomain>) -> Result<Window, RdmaError> {
         // SAFETY: the PD is alive for the call; a window keeps its own reference in the kernel.
         let mw = unsafe { ibv_alloc_mw(pd.pd().as_ptr(), ibv_mw_type::IBV_MW_TYPE_2) };
         let Some(mw) = NonNull::new(mw) else {
@@ -94,14 +97,14 @@ impl Window {
         };
         // SAFETY: a window just allocated.
         let rkey = unsafe { mw.as_ref().rkey };
-        Ok(Window { mw, rkey })
+        Ok(Window { mw, rkey, _pd: Arc::clone(pd) })
     }
 
     /// Binds the window over all of `pool` with remote READ, WRITE and atomics, by a signaled
     /// work request on `qp` (in RTS), whose completion is waited for on `cq` (which must have
-    /// no other completions coming: the node posts nothing else). Returns the key, which only
-    /// `qp`'s peer can use.
-    pub fn bind(
+    /// no other completions coming: the node posts nothing else, and other completions found
+    /// there are dropped). Returns the key, which only `qp`'s peer can use.
+    pub(crate) fn bind(
         &mut self,
         qp: &mut ExtendedQueuePair,
         cq: &GenericCompletionQueue,
@@ -166,7 +169,7 @@ impl Window {
     }
 
     /// The key of the current binding.
-    pub fn rkey(&self) -> u32 {
+    pub(crate) fn rkey(&self) -> u32 {
         self.rkey
     }
 }

@@ -126,20 +126,31 @@ pub enum Op {
         /// The client's id, as [`Op::Clients`] lists it and the node logs it.
         client: u32,
     },
-    /// The requester's tenant's connected clients.
-    Clients,
+    /// The requester's tenant's clients whose ids are above `after`, in id order, at most
+    /// [`CLIENTS_PER_ANSWER`] (ask again after the last for more).
+    Clients {
+        /// Ids up to this one are left out (0: from the start).
+        after: u32,
+    },
 }
 
-/// The most clients one [`Answer::Clients`] lists.
-pub const MAX_CLIENTS_LISTED: usize = 4096;
+/// The most clients one [`Answer::Clients`] lists: small enough that the answer fits a fresh
+/// connection's send buffer, so the node never waits on a slow reader.
+pub const CLIENTS_PER_ANSWER: usize = 48;
+/// The longest peer address a [`ClientEntry`] carries, in bytes.
+pub const MAX_PEER: usize = 64;
 
-/// A connected client, as [`Op::Clients`] lists it.
+/// A client of the node, as [`Op::Clients`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientEntry {
     /// Its id on the node (its queue pair's number there): what [`Op::Evict`] takes.
     pub id: u32,
-    /// Where it connected from.
+    /// Where it connected from (at most [`MAX_PEER`] bytes: a socket address fits).
     pub peer: String,
+    /// Its connection is established; `false`: accepted (with its key) and not yet
+    /// established, which a connection may stay for at most
+    /// [`HANDSHAKE_DEADLINE`](crate::memnode::HANDSHAKE_DEADLINE).
+    pub established: bool,
 }
 
 /// A control request.
@@ -168,7 +179,10 @@ impl Op {
                 out.push(3);
                 out.extend_from_slice(&client.to_le_bytes());
             }
-            Op::Clients => out.push(4),
+            Op::Clients { after } => {
+                out.push(4);
+                out.extend_from_slice(&after.to_le_bytes());
+            }
         }
         out
     }
@@ -211,12 +225,12 @@ pub enum Answer {
     },
     /// Refused or failed, and why.
     Refused(Refusal),
-    /// The client is gone and its key revoked.
+    /// The client is gone (its window, if the node has them, deallocated first).
     Evicted {
         /// Its id.
         client: u32,
     },
-    /// The tenant's connected clients (at most [`MAX_CLIENTS_LISTED`]).
+    /// The tenant's clients asked for (at most [`CLIENTS_PER_ANSWER`]).
     Clients(Vec<ClientEntry>),
 }
 
@@ -315,7 +329,7 @@ impl Request {
             }
             2 => Op::Newest,
             3 => Op::Evict { client: u32::from_le_bytes(get(r)?) },
-            4 => Op::Clients,
+            4 => Op::Clients { after: u32::from_le_bytes(get(r)?) },
             other => return Err(bad(format!("unknown control operation {other}"))),
         };
         Ok(Ok(Request { version, auth, op }))
@@ -353,14 +367,18 @@ impl Answer {
                 out.extend_from_slice(&client.to_le_bytes());
             }
             Answer::Clients(list) => {
-                let list = &list[..list.len().min(MAX_CLIENTS_LISTED)];
+                let list = &list[..list.len().min(CLIENTS_PER_ANSWER)];
                 out.push(4);
                 out.extend_from_slice(&(list.len() as u16).to_le_bytes());
                 for c in list {
-                    let peer = &c.peer.as_bytes()[..c.peer.len().min(u8::MAX as usize)];
+                    let mut end = c.peer.len().min(MAX_PEER);
+                    while !c.peer.is_char_boundary(end) {
+                        end -= 1;
+                    }
                     out.extend_from_slice(&c.id.to_le_bytes());
-                    out.push(peer.len() as u8);
-                    out.extend_from_slice(peer);
+                    out.push(c.established as u8);
+                    out.push(end as u8);
+                    out.extend_from_slice(&c.peer.as_bytes()[..end]);
                 }
             }
         }
@@ -401,15 +419,20 @@ impl Answer {
             3 => Ok(Answer::Evicted { client: u32::from_le_bytes(get(r)?) }),
             4 => {
                 let n = u16::from_le_bytes(get(r)?) as usize;
-                if n > MAX_CLIENTS_LISTED {
-                    return Err(bad(format!("{n} clients listed, more than {MAX_CLIENTS_LISTED}")));
+                if n > CLIENTS_PER_ANSWER {
+                    return Err(bad(format!("{n} clients listed, more than {CLIENTS_PER_ANSWER}")));
                 }
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
                     let id = u32::from_le_bytes(get(r)?);
-                    let mut peer = vec![0u8; get::<1>(r)?[0] as usize];
+                    let established = match get::<1>(r)?[0] {
+                        0 => false,
+                        1 => true,
+                        f => return Err(bad(format!("client state {f} is not 0 or 1"))),
+                    };
+                    let mut peer = vec![0u8; (get::<1>(r)?[0] as usize).min(MAX_PEER)];
                     r.read_exact(&mut peer)?;
-                    list.push(ClientEntry { id, peer: String::from_utf8_lossy(&peer).into_owned() });
+                    list.push(ClientEntry { id, peer: String::from_utf8_lossy(&peer).into_owned(), established });
                 }
                 Ok(Answer::Clients(list))
             }
@@ -431,7 +454,8 @@ mod tests {
             Op::Checkpoint { seq: Some(42), full: true },
             Op::Newest,
             Op::Evict { client: 0x1234_5678 },
-            Op::Clients,
+            Op::Clients { after: 0 },
+            Op::Clients { after: u32::MAX },
         ] {
             let request = Request { version: VERSION, auth: AUTH, op };
             let mut wire = Vec::new();
@@ -474,8 +498,8 @@ mod tests {
         let refused = refusals.into_iter().map(Answer::Refused);
         let evicted = Answer::Evicted { client: 17 };
         let clients = Answer::Clients(vec![
-            ClientEntry { id: 17, peer: "10.77.0.2:40001".into() },
-            ClientEntry { id: 18, peer: String::new() },
+            ClientEntry { id: 17, peer: "10.77.0.2:40001".into(), established: true },
+            ClientEntry { id: 18, peer: String::new(), established: false },
         ]);
         let none = Answer::Clients(Vec::new());
         for answer in [done, no_parent, newest, evicted, clients, none].into_iter().chain(refused) {
@@ -487,14 +511,19 @@ mod tests {
 
     #[test]
     fn client_lists_are_bounded_both_ways() {
-        let many: Vec<ClientEntry> =
-            (0..MAX_CLIENTS_LISTED as u32 + 10).map(|id| ClientEntry { id, peer: "x".repeat(300) }).collect();
+        let many: Vec<ClientEntry> = (0..CLIENTS_PER_ANSWER as u32 + 10)
+            .map(|id| ClientEntry { id, peer: "é".repeat(200), established: true })
+            .collect();
         let mut wire = Vec::new();
         Answer::Clients(many).write_to(&mut wire).unwrap();
+        // The longest answer fits a fresh connection's smallest send buffer (4 KiB, tcp_wmem's
+        // minimum, and 16 KiB by default).
+        assert!(wire.len() <= 4 << 10, "{}", wire.len());
         match Answer::read_from(&mut wire.as_slice()).unwrap() {
             Answer::Clients(list) => {
-                assert_eq!(list.len(), MAX_CLIENTS_LISTED);
-                assert!(list.iter().all(|c| c.peer.len() == 255));
+                assert_eq!(list.len(), CLIENTS_PER_ANSWER);
+                // Cut at a character boundary: 32 two-byte characters.
+                assert!(list.iter().all(|c| c.peer == "é".repeat(32)), "{:?}", list[0].peer);
             }
             other => panic!("{other:?}"),
         }
@@ -505,7 +534,9 @@ mod tests {
         assert!(Answer::read_from(&mut forged.as_slice()).unwrap_err().to_string().contains("more than"));
         // Truncated entries are errors, not panics.
         let mut wire = Vec::new();
-        Answer::Clients(vec![ClientEntry { id: 1, peer: "abc".into() }]).write_to(&mut wire).unwrap();
+        Answer::Clients(vec![ClientEntry { id: 1, peer: "abc".into(), established: true }])
+            .write_to(&mut wire)
+            .unwrap();
         for cut in 0..wire.len() {
             assert!(Answer::read_from(&mut &wire[..cut]).is_err(), "cut at {cut}");
         }

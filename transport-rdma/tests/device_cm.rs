@@ -50,7 +50,7 @@ fn wrong_token_wrong_version_and_a_replay_are_each_refused_with_their_own_error(
     assert!(e.to_string().contains("wrong token"), "{e}");
 
     // Another version of the format: refused for its version before its MAC is looked at.
-    let mut other = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap().bytes;
+    let mut other = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, addr, SystemTime::now()).unwrap().bytes;
     other[2] = cm_auth::VERSION + 1;
     let refusal = refusal_of(cm::probe(addr, &other, WAIT).unwrap());
     assert_eq!(refusal, cm_auth::Refusal::Version { client: cm_auth::VERSION, node: cm_auth::VERSION });
@@ -61,12 +61,12 @@ fn wrong_token_wrong_version_and_a_replay_are_each_refused_with_their_own_error(
     );
 
     // An unknown tenant.
-    let stranger = cm_auth::Request::new(TOKEN.as_bytes(), "nobody", SystemTime::now()).unwrap();
+    let stranger = cm_auth::Request::new(TOKEN.as_bytes(), "nobody", addr, SystemTime::now()).unwrap();
     assert_eq!(refusal_of(cm::probe(addr, &stranger.bytes, WAIT).unwrap()), cm_auth::Refusal::UnknownTenant);
 
     // A request made with the token is accepted once, with the node's MAC over its nonce; the
     // same bytes again (a captured request replayed) are refused as a replay.
-    let request = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap();
+    let request = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, addr, SystemTime::now()).unwrap();
     match cm::probe(addr, &request.bytes, WAIT).unwrap() {
         ProbeAnswer::Accepted { private, .. } => {
             let accept = request.check_accept(TOKEN.as_bytes(), &private).expect("the node's MAC");
@@ -78,9 +78,21 @@ fn wrong_token_wrong_version_and_a_replay_are_each_refused_with_their_own_error(
     }
     assert_eq!(refusal_of(cm::probe(addr, &request.bytes, WAIT).unwrap()), cm_auth::Refusal::Replayed);
 
+    // A request on its way to this node, replayed first to another node of the same tenant
+    // (same token, own replay cache): refused there, since its MAC covers its destination.
+    let other_node = memnode();
+    let elsewhere = cm_addr(&other_node);
+    let captured = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, addr, SystemTime::now()).unwrap();
+    assert_eq!(refusal_of(cm::probe(elsewhere, &captured.bytes, WAIT).unwrap()), cm_auth::Refusal::WrongToken);
+    match cm::probe(addr, &captured.bytes, WAIT).unwrap() {
+        ProbeAnswer::Accepted { .. } => {}
+        other => panic!("the request must still be good where it was going: {other:?}"),
+    }
+    drop(other_node);
+
     // An old request (a clock far off, or a capture replayed after the replay window).
     let old = SystemTime::now() - cm_auth::MAX_SKEW - Duration::from_secs(5);
-    let stale = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, old).unwrap();
+    let stale = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, addr, old).unwrap();
     assert_eq!(refusal_of(cm::probe(addr, &stale.bytes, WAIT).unwrap()), cm_auth::Refusal::ClockSkew);
 
     // Through all of it, a real client connects and works.
@@ -220,7 +232,7 @@ fn a_thousand_abusive_connect_requests_of_each_kind_leave_the_node_serving() {
             assert!(matches!(refusal, cm_auth::Refusal::Malformed | cm_auth::Refusal::WrongToken), "{refusal:?}");
         }
         // 2. Truncated requests: every length below a whole one (zero-padded by the CM).
-        let whole = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap().bytes;
+        let whole = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, addr, SystemTime::now()).unwrap().bytes;
         for i in 0..1000 {
             let len = i % cm_auth::REQUEST_LEN;
             // Refused for whatever its zeros make of it (a version 0, tenant 0, a bad MAC).
@@ -233,7 +245,7 @@ fn a_thousand_abusive_connect_requests_of_each_kind_leave_the_node_serving() {
         //    held at a time (the node drops the oldest past 256 in progress, and each after 10 s).
         let mut held = std::collections::VecDeque::new();
         for _ in 0..1000 {
-            let request = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, SystemTime::now()).unwrap();
+            let request = cm_auth::Request::new(TOKEN.as_bytes(), DEFAULT_TENANT, addr, SystemTime::now()).unwrap();
             match cm::probe(addr, &request.bytes, WAIT).unwrap() {
                 ProbeAnswer::Accepted { private, held: half_open } => {
                     request.check_accept(TOKEN.as_bytes(), &private).expect("the node's MAC");

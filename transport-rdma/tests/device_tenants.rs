@@ -35,10 +35,10 @@ struct Node {
 
 impl Node {
     fn start(tenants: Vec<TenantConfig>) -> Node {
-        Node::start_with(tenants, true)
+        Node::start_with(tenants, true, 4096)
     }
 
-    fn start_with(tenants: Vec<TenantConfig>, memory_windows: bool) -> Node {
+    fn start_with(tenants: Vec<TenantConfig>, memory_windows: bool, max_clients_per_tenant: usize) -> Node {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let config = MemnodeConfig {
@@ -50,6 +50,7 @@ impl Node {
             token: TOKEN.into(),
             tenants,
             memory_windows,
+            max_clients_per_tenant,
             node_id: 0,
             checkpoint: None,
             restore: None,
@@ -271,7 +272,7 @@ fn a_tenant_cannot_reach_another_tenants_memory() {
 fn without_windows_the_clients_of_a_tenant_share_its_region_key() {
     // What the tests above would see without windows (`--no-memory-windows`, or a device
     // without them): one key for all, which the device accepts from any connection.
-    let node = Node::start_with(Vec::new(), false);
+    let node = Node::start_with(Vec::new(), false, 4096);
     assert_eq!(node.windows, WindowSupport::RegionKey);
     let transport = node.connect("", TOKEN).unwrap();
     let mut a = transport.endpoint().unwrap();
@@ -281,4 +282,38 @@ fn without_windows_the_clients_of_a_tenant_share_its_region_key() {
     assert_eq!(key_of(&b), (region.base, region.rkey));
     a.write_u64(word(64), 77).unwrap();
     assert_eq!(forged_read(&transport, region.base, region.rkey, word(64)).unwrap(), 77);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bob.token");
+    std::fs::write(&file, TOKEN_B).unwrap();
+    let bob_config: TenantConfig = format!("bob:4M:{}", file.display()).parse().unwrap();
+    let node = Node::start_with(vec![bob_config], true, 3);
+    let control = Control::new(&node.addr, TOKEN);
+    let alice = node.connect("", TOKEN).unwrap();
+    let mut held: Vec<RdmaEndpoint> = (0..3).map(|_| alice.endpoint().unwrap()).collect();
+    for _ in 0..5 {
+        let e = alice.endpoint().err().expect("a fourth connection is refused");
+        assert!(matches!(&e, Error::Refused { refusal: Refusal::Busy(_), .. }), "{e}");
+    }
+    // Another tenant is not held back by this one.
+    let bob = node.connect("bob", TOKEN_B).unwrap();
+    let mut b = bob.endpoint().unwrap();
+    b.write_u64(word(0), 5).unwrap();
+    // A connection that ends makes room (once the node has seen it end).
+    let before = control.clients().unwrap().len();
+    assert_eq!(before, 3);
+    held.pop();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while control.clients().unwrap().len() >= before {
+        assert!(std::time::Instant::now() < deadline, "the node never saw the disconnect");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut again = alice.endpoint().expect("room again");
+    again.write_u64(word(0), 7).unwrap();
+    assert_eq!(held[0].read_u64(word(0)).unwrap(), 7);
+    assert_eq!(b.read_u64(word(0)).unwrap(), 5);
 }

@@ -65,6 +65,8 @@ fn bad_tenants_are_refused_with_what_is_wrong() {
     // mistake; and checkpoints are of the default pool.
     let sized = [tenant(format!("alice:2M:{good}")), vec!["--pool-size".into(), "2M".into()]].concat();
     refused(&run(sized, None), "drop --pool-size");
+    let open = [tenant(format!("alice:2M:{good}")), vec!["--insecure-no-token".into()]].concat();
+    refused(&run(open, None), "open to anyone");
     let checkpointed = [tenant(format!("alice:2M:{good}")), vec!["--checkpoint-dir".into(), "/tmp/x".into()]].concat();
     refused(&run(checkpointed, None), "default tenant's pool");
 }

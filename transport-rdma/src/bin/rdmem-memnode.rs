@@ -83,6 +83,10 @@ struct Args {
     /// another's. For devices whose windows misbehave, and to measure what windows cost.
     #[arg(long)]
     no_memory_windows: bool,
+    /// The most connections (established or in progress) one tenant may hold at once; past
+    /// it, connect requests are refused as busy.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_clients_per_tenant: u32,
     /// Register the pool even if it is larger than the memory this machine has free (the OOM
     /// killer may then end other processes).
     #[arg(long)]
@@ -110,7 +114,7 @@ struct Args {
 /// `RDMEM_TOKEN_FILE`); each tenant sees and evicts only its own clients.
 #[derive(Subcommand, Debug)]
 enum Admin {
-    /// List the tenant's connected clients (id, address).
+    /// List the tenant's clients: id, address, established or connecting.
     Clients {
         #[command(flatten)]
         to: AdminTarget,
@@ -141,13 +145,15 @@ fn admin(admin: Admin) -> Result<(), Box<dyn std::error::Error>> {
     let to = match &admin {
         Admin::Clients { to } | Admin::Evict { to, .. } => to,
     };
-    let token_env = std::env::var("RDMEM_TOKEN").ok();
-    let token = resolve_token(token_env.as_deref().filter(|t| !t.is_empty()), to.token_file.as_deref())?;
+    // A token file named (flag or RDMEM_TOKEN_FILE) wins over RDMEM_TOKEN, which may hold
+    // another tenant's token.
+    let token_env = std::env::var("RDMEM_TOKEN").ok().filter(|t| !t.is_empty() && to.token_file.is_none());
+    let token = resolve_token(token_env.as_deref(), to.token_file.as_deref())?;
     let control = Control::new(&to.memnode, &token).tenant(&to.tenant);
     match admin {
         Admin::Clients { .. } => {
             for c in control.clients()? {
-                println!("{}\t{}", c.id, c.peer);
+                println!("{}\t{}\t{}", c.id, c.peer, if c.established { "established" } else { "connecting" });
             }
         }
         Admin::Evict { client, .. } => {
@@ -184,6 +190,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     drop --pool-size (the tenants have their sizes)"
             .into());
     }
+    if args.insecure_no_token && !args.tenants.is_empty() {
+        return Err("--insecure-no-token with --tenant: the default pool would be open to anyone while the tenants' \
+                    need tokens; give the node a token, or serve only tenants"
+            .into());
+    }
     match (token.is_empty(), args.insecure_no_token) {
         (true, false) if !default_pool => {}
         (true, false) => {
@@ -201,6 +212,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         pool_size: if default_pool { args.pool_size.unwrap_or(256 << 20) } else { 0 },
         tenants: args.tenants,
         memory_windows: !args.no_memory_windows,
+        max_clients_per_tenant: args.max_clients_per_tenant as usize,
         page_size: args.page_size,
         device: DeviceSelection { name: args.device, port: args.port, gid_index: args.gid_index },
         token,
