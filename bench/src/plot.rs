@@ -46,12 +46,13 @@ pub(crate) fn run(args: &PlotArgs) -> Result<(), BoxError> {
         rows.push(row);
     }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let charts: [(&str, Chart); 5] = [
+    let charts: [(&str, Chart); 6] = [
         ("latency.svg", latency),
         ("throughput.svg", throughput),
         ("locks.svg", locks),
         ("cache.svg", cache),
         ("alloc.svg", alloc),
+        ("alloc-scaling.svg", alloc_scaling),
     ];
     for (name, chart) in charts {
         let path = args.out.join(name);
@@ -271,9 +272,11 @@ fn cache(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
     Ok(true)
 }
 
-/// Allocator alloc+free throughput by threads, per block size.
+/// Allocator alloc+free throughput by threads, per block size (the plain sweep: rows without
+/// `pool_bytes`).
 fn alloc(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
-    let all = select(rows, "alloc", "rdmem", "alloc_free", &[]);
+    let mut all = select(rows, "alloc", "rdmem", "alloc_free", &[]);
+    all.retain(|r| num_of(r, "pool_bytes").is_none());
     let mut sizes: Vec<f64> = all.iter().filter_map(|r| num_of(r, "size")).collect();
     sizes.sort_by(f64::total_cmp);
     sizes.dedup();
@@ -293,6 +296,37 @@ fn alloc(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
         return Ok(false);
     }
     one_chart(path, "Remote allocation: alloc+free pairs", ("threads", "Mops"), series, None)?;
+    Ok(true)
+}
+
+/// How the allocator's cost grows (`rdmem-bench alloc --pool-sizes --nodes`): network
+/// operations per alloc+free pair by pool size, one thread, a line per block size and number of
+/// memory nodes.
+fn alloc_scaling(rows: &[Value], path: &Path) -> Result<bool, BoxError> {
+    let mut all = select(rows, "alloc", "rdmem", "alloc_free", &[]);
+    all.retain(|r| num_of(r, "pool_bytes").is_some());
+    let mut lines: Vec<(f64, f64)> =
+        all.iter().filter_map(|r| Some((num_of(r, "size")?, num_of(r, "nodes")?))).collect();
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    lines.dedup();
+    let series: Vec<Series> = lines
+        .iter()
+        .map(|&(size, n)| {
+            let mut points: Vec<(f64, f64)> = all
+                .iter()
+                .filter(|r| num_of(r, "size") == Some(size) && num_of(r, "nodes") == Some(n))
+                .filter(|r| num_of(r, "threads").is_none_or(|t| t == 1.0))
+                .filter_map(|r| Some((num_of(r, "pool_bytes")? / f64::from(1 << 20), num_of(r, "rdma_ops_per_op")?)))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (format!("{size} B blocks, {n} node{}", if n == 1.0 { "" } else { "s" }), points)
+        })
+        .collect();
+    if series.is_empty() {
+        return Ok(false);
+    }
+    let title = "Remote allocation as pools grow, half of them held: network operations per pair";
+    one_chart(path, title, ("pool per node (MiB)", "network operations per alloc+free pair"), series, None)?;
     Ok(true)
 }
 
@@ -324,6 +358,20 @@ mod tests {
             assert!(svg.contains("<svg") && svg.contains("rdmem"), "{name} is a chart with its legend");
         }
         assert!(!charts.join("locks.svg").exists(), "no lock rows, no lock chart");
+    }
+
+    #[test]
+    fn scaling_rows_get_their_own_chart_and_stay_out_of_the_plain_one() {
+        let rows = r#"{"bench":"alloc","impl":"rdmem","op":"alloc_free","size":4096,"threads":1,"batch":1,"mops":1.0,"ops":10,"rdma_ops_per_op":0.05,"pool_bytes":33554432,"nodes":1}
+{"bench":"alloc","impl":"rdmem","op":"alloc_free","size":4096,"threads":1,"batch":1,"mops":1.0,"ops":10,"rdma_ops_per_op":0.08,"pool_bytes":67108864,"nodes":1}
+{"bench":"alloc","impl":"rdmem","op":"alloc_free","size":4096,"threads":1,"batch":1,"mops":1.0,"ops":10,"rdma_ops_per_op":0.05,"pool_bytes":33554432,"nodes":2}
+"#;
+        let (dir, r) = plot(rows);
+        r.unwrap();
+        let charts = dir.path().join("charts");
+        let svg = std::fs::read_to_string(charts.join("alloc-scaling.svg")).unwrap();
+        assert!(svg.contains("4096 B blocks, 1 node") && svg.contains("4096 B blocks, 2 nodes"), "a line each");
+        assert!(!charts.join("alloc.svg").exists(), "scaling rows are not the plain sweep's");
     }
 
     #[test]
