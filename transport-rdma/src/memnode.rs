@@ -541,13 +541,14 @@ impl Memnode {
                         if let Some(job) = self.control(p, request, &mut verifier, &mut clients, &mut warnings) {
                             // Only a node with a checkpointer queues jobs: its thread is there.
                             if let Err(mpsc::TrySendError::Full(mut job)) = jobs.try_send(job) {
-                                let reason =
-                                    format!("{MAX_QUEUED_CHECKPOINTS} checkpoint requests are waiting already");
-                                let ip = Some(job.peer.ip());
-                                warnings.warn_from(Warning::Refused, ip, 7, || {
-                                    format!("refused {}'s request: {reason}", job.peer)
+                                let refusal = Refusal::Busy(format!(
+                                    "{MAX_QUEUED_CHECKPOINTS} checkpoint requests are waiting already"
+                                ));
+                                let (ip, code) = (Some(job.peer.ip()), wire::refusal_code(&refusal));
+                                warnings.warn_from(Warning::Refused, ip, code, || {
+                                    format!("refused {}'s request: {refusal}", job.peer)
                                 });
-                                let _ = Answer::Refused(Refusal::Busy(reason)).write_to(&mut job.stream);
+                                let _ = Answer::Refused(refusal).write_to(&mut job.stream);
                             }
                         }
                     }
@@ -608,7 +609,7 @@ impl Memnode {
                 cm::DISCONNECTED | cm::CONNECT_ERROR | cm::UNREACHABLE | cm::REJECTED | cm::DEVICE_REMOVAL => {
                     if let Some(client) = clients.remove(event.id) {
                         if client.established {
-                            let now = self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1;
+                            let now = self.left(&client);
                             tracing::info!(
                                 "client {} left (client id {}: {}its queue pair destroyed; {now} connected)",
                                 client.peer,
@@ -684,6 +685,15 @@ impl Memnode {
         }
     }
 
+    /// Counts `client` out of the connected ones if it was established; how many are left.
+    fn left(&self, client: &Client) -> usize {
+        if client.established {
+            self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1
+        } else {
+            self.state.clients.load(Ordering::SeqCst)
+        }
+    }
+
     /// Checks a complete control request: answered at once (the newest snapshot, the tenant's
     /// clients, an eviction), a job for the checkpoint thread, or refused. A tenant's token
     /// lists and evicts that tenant's clients only.
@@ -706,21 +716,15 @@ impl Memnode {
                 verifier.verify_control(&r.auth, at, &r.op.to_bytes(), SystemTime::now()).map_err(Refusal::from)
             }) {
                 Err(refusal) => refusal,
-                Ok(v) if matches!(r.op, Op::Clients { .. }) => {
-                    let Op::Clients { after } = r.op else { unreachable!("matched above") };
-                    let list = clients.of_tenant(v.tenant, after);
-                    let _ = Answer::Clients(list).write_to(&mut p.stream);
-                    return None;
-                }
-                Ok(v) if matches!(r.op, Op::Evict { .. }) => {
-                    let Op::Evict { client } = r.op else { unreachable!("matched above") };
-                    match clients.evict(client, v.tenant) {
+                Ok(v) => match r.op {
+                    Op::Clients { after } => {
+                        let list = clients.of_tenant(v.tenant, after);
+                        let _ = Answer::Clients(list).write_to(&mut p.stream);
+                        return None;
+                    }
+                    Op::Evict { client } => match clients.evict(client, v.tenant) {
                         Some(gone) => {
-                            let now = if gone.established {
-                                self.state.clients.fetch_sub(1, Ordering::SeqCst) - 1
-                            } else {
-                                self.state.clients.load(Ordering::SeqCst)
-                            };
+                            let now = self.left(&gone);
                             tracing::info!(
                                 "evicted client {client} ({}) of tenant {} at {peer}'s request: {}its queue pair \
                                  destroyed; {now} connected",
@@ -736,16 +740,14 @@ impl Memnode {
                             "no client {client} of tenant {} is connected",
                             self.state.tenants[v.tenant].name
                         )),
+                    },
+                    _ if self.state.checkpointer.is_none() => {
+                        Refusal::Other("this memory node takes no checkpoints: start it with --checkpoint-dir".into())
                     }
-                }
-                Ok(_) if self.state.checkpointer.is_none() => {
-                    Refusal::Other("this memory node takes no checkpoints: start it with --checkpoint-dir".into())
-                }
-                Ok(v) if Some(v.tenant) != self.state.default_tenant => Refusal::Other(format!(
-                    "checkpoints are of the default tenant's pool only, not tenant {}'s",
-                    self.state.tenants[v.tenant].name
-                )),
-                Ok(_) => match r.op {
+                    _ if Some(v.tenant) != self.state.default_tenant => Refusal::Other(format!(
+                        "checkpoints are of the default tenant's pool only, not tenant {}'s",
+                        self.state.tenants[v.tenant].name
+                    )),
                     Op::Checkpoint { seq, full } => {
                         return Some(Job { stream: p.stream, peer, take: Take { seq, full } });
                     }
@@ -756,7 +758,6 @@ impl Memnode {
                         let _ = Answer::Newest { node_id: self.state.config.node_id, seq }.write_to(&mut p.stream);
                         return None;
                     }
-                    Op::Clients { .. } | Op::Evict { .. } => unreachable!("answered above"),
                 },
             },
         };

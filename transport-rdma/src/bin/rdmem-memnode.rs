@@ -119,7 +119,7 @@ enum Admin {
         #[command(flatten)]
         to: AdminTarget,
     },
-    /// Disconnect one of the tenant's clients and revoke its key at once.
+    /// Disconnect one of the tenant's clients, its memory window (and so its key) freed first.
     Evict {
         #[command(flatten)]
         to: AdminTarget,
