@@ -79,6 +79,9 @@ const BEHIND_BYTES: usize = 64 * 1024;
 const BEHIND_TAG: u64 = 1 << 63;
 /// Completions taken per `ibv_poll_cq` call.
 const POLL_BATCH: usize = 16;
+/// Empty polls a lone operation spins before it waits as a round does, checking every 4096
+/// for a stall ([`RdmaEndpoint::wait_single`]).
+const SINGLE_SPINS: u32 = 4096;
 /// A round whose completions have not all arrived after this long fails (the device reports a
 /// dead peer much sooner, through its retry counter; this only turns a lost completion into an
 /// error instead of a hang).
@@ -252,6 +255,8 @@ struct Connection {
     pool_base: u64,
     rkey: u32,
     qp: ExtendedQueuePair,
+    /// The queue pair's number, as completions carry it.
+    qpn: u32,
     limits: QpLimits,
     broken: bool,
     /// Write-behind requests posted and not yet confirmed (each holds a send queue slot; at
@@ -436,6 +441,7 @@ fn connect_one(shared: &Shared, cq: &GenericCompletionQueue, peer: &str) -> Resu
         peer: peer.to_owned(),
         pool_base: accept.base,
         rkey: accept.rkey,
+        qpn: qp.qp_number(),
         qp,
         limits,
         broken: false,
@@ -890,14 +896,11 @@ impl RdmaEndpoint {
     /// send queue full of write-behinds.
     #[inline]
     fn run_single(&mut self, op: &mut Op<'_>) -> Option<Result<()>> {
-        if let Err(e) = op.validate(&self.shared.nodes, MAX_TRANSFER) {
-            return Some(Err(e));
-        }
-        let c = self.conn_index(op.remote().node());
-        if let Err(e) = self.check_usable(c) {
-            return Some(Err(e));
-        }
+        let Some(c) = self.valid_conn(op) else { return self.refuse_single(op) };
         let conn = &self.conns[c];
+        if conn.failure.is_some() || conn.broken {
+            return Some(self.check_usable(c));
+        }
         let limits = conn.limits;
         let need = Self::staging_need(op, limits.max_inline);
         if op.is_empty() || need > self.staging.len() || conn.behind >= limits.send_depth {
@@ -908,10 +911,6 @@ impl RdmaEndpoint {
         if let (Op::Write { local, .. }, LocalSide::Staged { .. }) = (&*op, side) {
             self.staging.as_mut_slice()[..local.len()].copy_from_slice(local);
         }
-        // The books `wait_round` keeps, as `plan_round` leaves them for a round of this one.
-        self.round_counts.iter_mut().for_each(|n| *n = 0);
-        self.round_counts[c] = 1;
-        self.last_wr.iter_mut().for_each(|w| *w = None);
         let (mut wr, mut sge) = build_wr(op, side, 0, true, remote, (self.staging.addr(), self.staging.lkey()));
         wr.sg_list = &mut sge;
         let posted = if std::mem::take(&mut self.post_fault) {
@@ -925,14 +924,70 @@ impl RdmaEndpoint {
         if let Err((errno, _)) = posted {
             return Some(Err(Error::Post { op: op.kind(), addr: op.remote(), errno }));
         }
-        self.last_wr[c] = Some(0);
-        if let Err(e) = self.wait_round(std::slice::from_ref(op)) {
+        if let Err(e) = self.wait_single(c, op) {
             return Some(Err(e));
         }
         if let LocalSide::Staged { .. } = side {
             unstage(op, self.staging.as_slice());
         }
         Some(Ok(()))
+    }
+
+    /// The connection of `op`'s node when `op` is valid: what [`Op::validate`] checks, in one
+    /// pass over the connections (which hold the same nodes as `shared.nodes`). `None` when it
+    /// is not valid, or its node has no connection.
+    #[inline]
+    fn valid_conn(&self, op: &Op<'_>) -> Option<usize> {
+        let (addr, len) = (op.remote(), op.len());
+        let c = self.conns.iter().position(|c| c.node.id == addr.node())?;
+        let in_pool = addr.offset().checked_add(len).is_some_and(|end| end <= self.conns[c].node.pool_size);
+        let aligned = matches!(op, Op::Read { .. } | Op::Write { .. }) || addr.is_aligned(8);
+        (len <= MAX_TRANSFER && in_pool && aligned).then_some(c)
+    }
+
+    /// A lone operation [`RdmaEndpoint::valid_conn`] did not pass: its validation error (the
+    /// general path's, so every path refuses an input the same way).
+    #[cold]
+    fn refuse_single(&self, op: &Op<'_>) -> Option<Result<()>> {
+        match op.validate(&self.shared.nodes, MAX_TRANSFER) {
+            Err(e) => Some(Err(e)),
+            Ok(()) => None, // valid after all: the general path finds its connection
+        }
+    }
+
+    /// Waits for the lone request just posted on connection `c` (wr_id 0, signaled). The usual
+    /// case, its own successful completion alone in the poll, costs the poll and three
+    /// compares, and keeps no round books. Anything else (a failure, other completions, a
+    /// poll error, no completion within `SINGLE_SPINS` polls) goes to `wait_round` with the
+    /// books a round of one keeps, the completions already polled included.
+    #[inline]
+    fn wait_single(&mut self, c: usize, op: &Op<'_>) -> Result<()> {
+        let mut polled = 0;
+        if !self.poll_fault {
+            let qpn = self.conns[c].qpn;
+            // SAFETY: the pointer is used only here, while `self.cq` (an Arc) keeps the
+            // completion queue alive.
+            let cq = unsafe { self.cq.cq() };
+            for _ in 0..SINGLE_SPINS {
+                // SAFETY: `cq` is a live completion queue and `self.wcs` has room for
+                // POLL_BATCH completions, the most ibv_poll_cq writes.
+                polled = unsafe { ibv_poll_cq(cq.as_ptr(), POLL_BATCH as i32, self.wcs.as_mut_ptr()) };
+                if polled != 0 {
+                    break;
+                }
+            }
+            let wc = &self.wcs[0];
+            if polled == 1 && wc.qp_num == qpn && wc.wr_id == 0 && wc.status == WorkCompletionStatus::Success as u32 {
+                // Its completion confirms every write-behind posted before it.
+                self.conns[c].behind = 0;
+                return Ok(());
+            }
+        }
+        self.round_counts.iter_mut().for_each(|n| *n = 0);
+        self.round_counts[c] = 1;
+        self.last_wr.iter_mut().for_each(|w| *w = None);
+        self.last_wr[c] = Some(0);
+        self.wait_round_after(std::slice::from_ref(op), polled)
     }
 
     /// Posts one planned round (one doorbell per node), waits for it, copies results out.
@@ -1006,6 +1061,12 @@ impl RdmaEndpoint {
     /// Polls until every connection's last request of the round completed; reports the first
     /// failed request (a flush caused by an earlier failure is not the cause, so it ranks last).
     fn wait_round(&mut self, ops: &[Op<'_>]) -> Result<()> {
+        self.wait_round_after(ops, 0)
+    }
+
+    /// [`RdmaEndpoint::wait_round`], where `polled` is what a poll already made returned
+    /// (its completions in `self.wcs`; 0 for none).
+    fn wait_round_after(&mut self, ops: &[Op<'_>], mut polled: i32) -> Result<()> {
         let mut pending = self.last_wr.iter().filter(|w| w.is_some()).count();
         let mut failure: Option<Failed> = None;
         let mut spins = 0u32;
@@ -1014,7 +1075,9 @@ impl RdmaEndpoint {
         // completion queue alive.
         let cq = unsafe { self.cq.cq() };
         while pending > 0 {
-            let n = if std::mem::take(&mut self.poll_fault) {
+            let n = if polled != 0 {
+                std::mem::take(&mut polled)
+            } else if std::mem::take(&mut self.poll_fault) {
                 -5 // EIO
             } else {
                 // SAFETY: `cq` is a live completion queue (above) and `self.wcs` has room for
@@ -1048,7 +1111,7 @@ impl RdmaEndpoint {
     /// connection is found by QP number. Completions of queue pairs not in this round are stale
     /// (flushes of an abandoned round) and ignored.
     fn complete(&mut self, wc: &ibv_wc, ops: &[Op<'_>], failure: &mut Option<Failed>) -> bool {
-        let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) else { return false };
+        let Some(c) = self.conns.iter().position(|c| c.qpn == wc.qp_num) else { return false };
         let failed = wc.status != WorkCompletionStatus::Success as u32;
         let in_round = self.round_counts[c] > 0;
         if wc.wr_id & BEHIND_TAG == 0 && wc.wr_id & aio::ASYNC_TAG != 0 {
@@ -1135,7 +1198,7 @@ impl RdmaEndpoint {
 
 /// Copies a finished staged operation's result out of `staged` (its staging bytes): a READ's
 /// data, or an atomic's old value.
-#[inline]
+#[inline(always)]
 fn unstage(op: &mut Op<'_>, staged: &[u8]) {
     match op {
         Op::Read { local, .. } => local.copy_from_slice(&staged[..local.len()]),

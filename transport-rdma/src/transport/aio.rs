@@ -19,7 +19,6 @@ use rdmem_core::{Error, GlobalAddr, LocalBuffer, OpKind, Result, WcStatus};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue, WorkCompletionStatus};
-use sideway::ibverbs::queue_pair::QueuePair;
 
 use super::{BEHIND_TAG, MAX_TRANSFER, POLL_BATCH, RdmaBuffer, RdmaEndpoint};
 use crate::error::RdmaError;
@@ -540,7 +539,7 @@ impl RdmaEndpoint {
         for k in 0..n.max(0) as usize {
             let wc = self.wcs[k];
             if wc.wr_id & BEHIND_TAG != 0 {
-                if let Some(c) = self.conns.iter().position(|c| c.qp.qp_number() == wc.qp_num) {
+                if let Some(c) = self.conns.iter().position(|c| c.qpn == wc.qp_num) {
                     self.write_behind_failed(c, &wc, false, &mut None);
                 }
             } else if wc.wr_id & ASYNC_TAG != 0 {
