@@ -706,18 +706,7 @@ impl Endpoint for RdmaEndpoint {
                 return done;
             }
         }
-        // Refuse the whole batch before posting anything: bad arguments, or a broken node.
-        for op in ops.iter() {
-            op.validate(&self.shared.nodes, MAX_TRANSFER)?;
-            self.check_usable(self.conn_index(op.remote().node()))?;
-        }
-        let mut start = 0;
-        while start < ops.len() {
-            let end = self.plan_round(ops, start)?;
-            self.run_round(&mut ops[start..end])?;
-            start = end;
-        }
-        Ok(())
+        self.run_rounds(ops)
     }
 
     fn post_write(&mut self, dst: GlobalAddr, src: &[u8]) -> Result<()> {
@@ -885,6 +874,24 @@ impl RdmaEndpoint {
         }
         if conn.broken {
             return Err(Error::Broken { node: conn.node.id });
+        }
+        Ok(())
+    }
+
+    /// A batch in rounds (each fits the staging memory and every send queue), refused whole
+    /// before anything is posted when an operation is bad or its node broken. Out of line, so
+    /// a lone operation's path stays small.
+    #[inline(never)]
+    fn run_rounds(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
+        for op in ops.iter() {
+            op.validate(&self.shared.nodes, MAX_TRANSFER)?;
+            self.check_usable(self.conn_index(op.remote().node()))?;
+        }
+        let mut start = 0;
+        while start < ops.len() {
+            let end = self.plan_round(ops, start)?;
+            self.run_round(&mut ops[start..end])?;
+            start = end;
         }
         Ok(())
     }
