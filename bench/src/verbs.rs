@@ -32,7 +32,7 @@ use crate::tsc::Tsc;
 #[derive(Args, Debug)]
 pub(crate) struct VerbsArgs {
     /// Memory node `host:port` (repeatable; default: RDMEM_MEMNODES or the config file, else a
-    /// memory node started in this process on the same device).
+    /// `rdmem-memnode` process it starts on this machine, on the same device).
     #[arg(long = "memnode")]
     memnodes: Vec<String>,
     /// Operations to measure.

@@ -629,6 +629,7 @@ impl RdmaEndpoint {
     }
 
     /// Staging bytes operation `op` needs (8-aligned), given the queue pair's inline limit.
+    #[inline]
     fn staging_need(op: &Op<'_>, max_inline: u32) -> usize {
         match op {
             Op::Read { key: None, local, .. } => local.len().next_multiple_of(8),
@@ -700,6 +701,9 @@ impl Endpoint for RdmaEndpoint {
         &self.shared.nodes
     }
 
+    // Inline (across crates too): in `faa`, `read_into` and the like the operation's kind is
+    // known, so the lone operation's path loses its matches on it.
+    #[inline]
     fn execute(&mut self, ops: &mut [Op<'_>]) -> Result<()> {
         if let [op] = ops {
             if let Some(done) = self.run_single(op) {
@@ -867,6 +871,7 @@ impl Connection {
 impl RdmaEndpoint {
     /// Fails if connection `c` cannot take operations: a write-behind failure not reported yet
     /// (reported once), or a broken queue pair.
+    #[inline]
     fn check_usable(&mut self, c: usize) -> Result<()> {
         let conn = &mut self.conns[c];
         if conn.failure.is_some() {
@@ -1226,6 +1231,7 @@ struct RemoteKey {
 /// The work request and scatter entry of `op` (its local side at `side`), numbered `wr_id`;
 /// signaled when `signaled`. `staging` is the staging memory's address and key. The list
 /// links (`next`, `sg_list`) are set by [`WrList::link`].
+#[inline]
 fn build_wr(
     op: &Op<'_>,
     side: LocalSide,
