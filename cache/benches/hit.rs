@@ -4,6 +4,8 @@
 //! lookup plus the same copy, at 1 and 2 threads. With 2 threads each does the iterations
 //! (time per iteration per thread: equal to 1 thread's means perfect scaling). The threads
 //! share the hot pages, except in `own_shards`, where each reads pages of shards of its own.
+//! Last, it prints the 2-thread scaling of the own-shards read next to the map's, from paired
+//! rounds (criterion's separate runs drift with the host too much to divide).
 //!
 //! `cargo bench -p rdmem-cache --bench hit`
 #![allow(missing_docs, reason = "criterion's macros generate undocumented functions")]
@@ -128,6 +130,47 @@ fn hits(c: &mut Criterion) {
         });
     }
     group.finish();
+    print_scaling(&cache, &map);
+}
+
+/// Two threads' throughput over one thread's, measured in paired rounds (1 thread, then 2,
+/// 15 times, the cache and the map alternating), so that the host's drift between criterion's
+/// separate runs does not decide the figure: this machine's second core comes and goes. Prints
+/// the median and range of the rounds' ratios for the cache (each thread on its own shards)
+/// and for the map (each thread on its own pages).
+fn print_scaling(cache: &PageCache<LoopbackBuffer>, map: &HashMap<u64, Box<[u8; PAGE_SIZE]>>) {
+    const ITERS: u64 = 2_000_000;
+    let own: Vec<Vec<u64>> =
+        (0..2).map(|t| (0..PAGES).filter(|&p| cache.shard_of(p) % 2 == t).take(16).collect()).collect();
+    let cache_op = |t: usize, i: u64| {
+        let mut word = [0u8; 8];
+        let page = own[t][(i as usize * 7) & 15];
+        assert!(cache.read_if_cached(page * PAGE_SIZE as u64 + 8, &mut word));
+        black_box(word);
+    };
+    let map_op = |t: usize, i: u64| {
+        let mut word = [0u8; 8];
+        let page = map.get(&own[t][(i as usize * 7) & 15]).unwrap();
+        word.copy_from_slice(&page[8..16]);
+        black_box(word);
+    };
+    let ratio = |op: &(dyn Fn(usize, u64) + Sync)| {
+        let one = on_threads(1, ITERS, op);
+        let two = on_threads(2, ITERS, op);
+        2.0 * one.as_secs_f64() / two.as_secs_f64()
+    };
+    let (mut cached, mut mapped) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        cached.push(ratio(&cache_op));
+        mapped.push(ratio(&map_op));
+    }
+    for (name, mut ratios) in [("cache_read_if_cached_own_shards", cached), ("hashmap_own_pages", mapped)] {
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "scaling {name}: 2 threads / 1 thread throughput, median {:.2} (range {:.2}-{:.2}) over 15 paired rounds",
+            ratios[7], ratios[0], ratios[14]
+        );
+    }
 }
 
 criterion_group!(benches, hits);
