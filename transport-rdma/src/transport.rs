@@ -16,6 +16,12 @@
 //!    that queue pair completed too.
 //! 5. Copy staged READ data and atomics' old values out.
 //!
+//! A lone operation (a batch of one: `read`, `faa`, `cas`, ...) skips the rounds: it is
+//! validated in the same pass that finds its connection, its request is built on the stack,
+//! and its completion is checked where it is polled (its own success, alone in the poll). Any
+//! other poll (a failure, completions of other requests, a long wait) goes to the round's wait
+//! with what was polled, so failures are handled the same way.
+//!
 //! # Write-behind ([`Endpoint::post_write`])
 //! One unsignaled WRITE, posted at once and not waited for: inline when it fits, else copied
 //! into a write-behind area of its own. It still holds a send queue slot (and its bytes their
