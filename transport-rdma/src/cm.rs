@@ -1,11 +1,11 @@
 //! RDMA-CM (librdmacm, through `rdma-mummy-sys`): the connection manager that sets up every
 //! queue pair between a client and a memory node, with private data ([`crate::cm_auth`]).
 //!
-//! The queue pairs stay ours (created with [`crate::queue_pair::create`] on our own protection
+//! The queue pairs stay ours (created with `queue_pair::create` on our own protection
 //! domain); the CM only carries the exchange: the connect request names our queue pair number,
 //! and the attributes it negotiated (the peer's queue pair, both starting packet sequence
 //! numbers, which the kernel picks at random, and the path) come back from `rdma_init_qp_attr`
-//! as a [`Negotiated`], which [`crate::queue_pair::connect`] applies. That is librdmacm's
+//! as a [`Negotiated`], which `queue_pair::connect` applies. That is librdmacm's
 //! "queue pair not on the id" mode: the active side gets `CONNECT_RESPONSE` and answers with
 //! `rdma_establish`.
 //!
@@ -218,7 +218,7 @@ unsafe impl Send for CmId {}
 // SAFETY: as above: shared references only read.
 unsafe impl Sync for CmId {}
 
-/// What connection setup negotiated, for [`crate::queue_pair::connect`].
+/// What connection setup negotiated, for `queue_pair::connect`.
 #[derive(Debug, Clone, Copy)]
 pub struct Negotiated {
     /// The peer's queue pair and starting PSN, its LID and GID.
