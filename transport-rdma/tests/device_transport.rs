@@ -39,6 +39,10 @@ fn one_node() -> (MemnodeChild, RdmaTransport, rdmem_transport_rdma::RdmaEndpoin
     (node, transport, ep)
 }
 
+fn at(base: GlobalAddr, offset: u64) -> GlobalAddr {
+    base.checked_add(offset).expect("in the pool")
+}
+
 fn scratch(node: u16) -> GlobalAddr {
     GlobalAddr::new(NodeId(node), 1 << 20).unwrap()
 }
@@ -223,6 +227,47 @@ fn a_refused_access_is_a_completion_error_with_its_status() {
     );
     assert!(matches!(ep.read_u64(scratch(0)), Err(Error::Broken { .. })), "the connection is broken after it");
     assert_eq!(transport.endpoint().expect("endpoint").read_u64(scratch(0)).expect("read"), 0);
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run with soft-roce-setup/vm-run --device-tests"]
+fn a_failed_write_behind_is_reported_by_the_next_operation_to_its_node_even_a_lone_one() {
+    // A lone operation checks the completion it polls for its own success; a write-behind's
+    // failure in that poll (on its connection or another) must still be reported, naming the
+    // write, by the next operation to the write's node, and by no operation to another node.
+    let (a, b) = (memnode(0), memnode(1));
+    let transport = RdmaTransport::connect(options(&[a.addr(), b.addr()], TOKEN)).expect("connect");
+    for round in 0..10u64 {
+        // Same node: the lone FAA behind the failed write reports the write.
+        let mut ep = transport.endpoint().expect("endpoint");
+        ep.inject_wrong_rkey(NodeId(0));
+        ep.post_write_u64(scratch(0), round).expect("posted");
+        let e = ep.faa(at(scratch(0), 8), 1).expect_err("the write failed");
+        assert!(
+            matches!(e, Error::Completion { op: OpKind::Write, status: WcStatus::RemoteAccess, addr, .. } if addr == scratch(0)),
+            "round {round}: {e:?}"
+        );
+        assert!(matches!(ep.read_u64(scratch(0)), Err(Error::Broken { node: NodeId(0) })), "round {round}");
+        assert_eq!(ep.faa(scratch(1), 1).expect("node 1 is untouched"), 2 * round, "round {round}");
+
+        // Other node: lone operations on node 1 succeed while node 0's write fails; the next
+        // operation to node 0 reports it, once.
+        let mut ep = transport.endpoint().expect("endpoint");
+        ep.inject_wrong_rkey(NodeId(0));
+        ep.post_write_u64(scratch(0), round).expect("posted");
+        for _ in 0..3 {
+            ep.read_u64(scratch(1)).expect("node 1 reads");
+        }
+        assert_eq!(ep.faa(scratch(1), 1).expect("node 1 is untouched"), 2 * round + 1, "round {round}");
+        let e = ep.read_u64(at(scratch(0), 8)).expect_err("the write failed");
+        assert!(
+            matches!(e, Error::Completion { op: OpKind::Write, status: WcStatus::RemoteAccess, addr, .. } if addr == scratch(0)),
+            "round {round}: {e:?}"
+        );
+        assert!(matches!(ep.read_u64(scratch(0)), Err(Error::Broken { node: NodeId(0) })), "round {round}");
+    }
+    let mut ep = transport.endpoint().expect("endpoint");
+    assert_eq!(ep.read_u64(scratch(0)).expect("read"), 0, "no failed write landed");
 }
 
 #[test]
