@@ -130,7 +130,10 @@ fn hits(c: &mut Criterion) {
         });
     }
     group.finish();
-    print_scaling(&cache, &map);
+    // Only under `cargo bench`: `cargo test --benches` runs each bench once, as a test.
+    if std::env::args().any(|a| a == "--bench") {
+        print_scaling(&cache, &map);
+    }
 }
 
 /// Two threads' throughput over one thread's, measured in paired rounds (1 thread, then 2,

@@ -85,8 +85,9 @@ const BEHIND_BYTES: usize = 64 * 1024;
 const BEHIND_TAG: u64 = 1 << 63;
 /// Completions taken per `ibv_poll_cq` call.
 const POLL_BATCH: usize = 16;
-/// Empty polls a lone operation spins before it waits as a round does, checking every 4096
-/// for a stall ([`RdmaEndpoint::wait_single`]).
+/// Empty polls a lone operation spins before it waits as a round does
+/// ([`RdmaEndpoint::wait_single`]); the round's wait then looks for a stall at once, and every
+/// 4096 empty polls after.
 const SINGLE_SPINS: u32 = 4096;
 /// A round whose completions have not all arrived after this long fails (the device reports a
 /// dead peer much sooner, through its retry counter; this only turns a lost completion into an
@@ -974,13 +975,13 @@ impl RdmaEndpoint {
     }
 
     /// Waits for the lone request just posted on connection `c` (wr_id 0, signaled). The usual
-    /// case, its own successful completion alone in the poll, costs the poll and three
+    /// case, its own successful completion alone in the poll, costs the poll and four
     /// compares, and keeps no round books. Anything else (a failure, other completions, a
     /// poll error, no completion within `SINGLE_SPINS` polls) goes to `wait_round` with the
     /// books a round of one keeps, the completions already polled included.
     #[inline]
     fn wait_single(&mut self, c: usize, op: &Op<'_>) -> Result<()> {
-        let mut polled = 0;
+        let (mut polled, mut spun) = (0, 0);
         if !self.poll_fault {
             let qpn = self.conns[c].qpn;
             // SAFETY: the pointer is used only here, while `self.cq` (an Arc) keeps the
@@ -993,6 +994,7 @@ impl RdmaEndpoint {
                 if polled != 0 {
                     break;
                 }
+                spun += 1;
             }
             let wc = &self.wcs[0];
             if polled == 1 && wc.qp_num == qpn && wc.wr_id == 0 && wc.status == WorkCompletionStatus::Success as u32 {
@@ -1005,7 +1007,7 @@ impl RdmaEndpoint {
         self.round_counts[c] = 1;
         self.last_wr.iter_mut().for_each(|w| *w = None);
         self.last_wr[c] = Some(0);
-        self.wait_round_after(std::slice::from_ref(op), polled)
+        self.wait_round_after(std::slice::from_ref(op), polled, spun)
     }
 
     /// Posts one planned round (one doorbell per node), waits for it, copies results out.
@@ -1079,16 +1081,20 @@ impl RdmaEndpoint {
     /// Polls until every connection's last request of the round completed; reports the first
     /// failed request (a flush caused by an earlier failure is not the cause, so it ranks last).
     fn wait_round(&mut self, ops: &[Op<'_>]) -> Result<()> {
-        self.wait_round_after(ops, 0)
+        self.wait_round_after(ops, 0, 0)
     }
 
     /// [`RdmaEndpoint::wait_round`], where `polled` is what a poll already made returned
-    /// (its completions in `self.wcs`; 0 for none).
-    fn wait_round_after(&mut self, ops: &[Op<'_>], mut polled: i32) -> Result<()> {
+    /// (its completions in `self.wcs`; 0 for none) after `spun` empty polls, which count
+    /// towards the next stall check.
+    fn wait_round_after(&mut self, ops: &[Op<'_>], mut polled: i32, spun: u32) -> Result<()> {
         let mut pending = self.last_wr.iter().filter(|w| w.is_some()).count();
         let mut failure: Option<Failed> = None;
-        let mut spins = 0u32;
+        let mut spins = spun;
         let mut deadline: Option<Instant> = None;
+        if polled == 0 && spun > 0 && spun % 4096 == 0 {
+            self.check_stalled(ops, &mut deadline)?;
+        }
         // SAFETY: the pointer is used only in this function, while `self.cq` (an Arc) keeps the
         // completion queue alive.
         let cq = unsafe { self.cq.cq() };
